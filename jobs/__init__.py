@@ -1,0 +1,1 @@
+"""Entry points, one per job: `python -m jobs.NAME --help`."""
