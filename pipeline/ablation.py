@@ -1,0 +1,331 @@
+"""Inactive neurons and the noise ablation (paper, Table 1): census, noise, evaluation sums.
+
+Pure compute, no I/O and no Ray; `jobs.ablate` shards it. The pieces:
+
+    census = Census(num_channels)             # per channel: max, positive count, images
+    census.update(acts)                       # acts: (N, C, H, W) outputs of e.g. pool1
+    census.merge(other); census.inactive()    # channels whose output is 0 everywhere
+
+    plan = make_plan("inactive-random", seed=1, inactive=[3, 7], num_channels=64,
+                     fraction=0.5, eval_batch=64)
+    sums = EvalSums(eval_batch=64)
+    logits = evaluate(model, layer, x, indices, plan)   # noise injected through a Trace edit
+    sums.update(logits, labels, indices, plan.mask(indices, 64))
+    sums.merge(other_shard_sums); sums.totals()         # images, loss (float64), top1, top5
+
+Determinism (so that numbers do not depend on sharding, worker count or batch size):
+- Noise for image `i` under seed `s` is `relu(torch.randn((C, H, W), generator=g))` with
+  `g = torch.Generator("cpu").manual_seed(derive_seed("noise", s, i))`, drawn on the CPU and
+  then moved to the model's device; a plan masks it to the channels it noises, so every
+  condition with the same seed sees the same noise values on a given (image, channel, y, x).
+- `derive_seed(*parts)` = the first 8 bytes (little-endian) of SHA-256 over the parts joined
+  by "/" (e.g. b"noise/1/4711"), with the top bit cleared: stable across Python processes
+  (unlike `hash()`), platforms and library versions.
+- `inactive-random` draws a fresh subset for every minibatch of the GLOBAL image order,
+  m = image_index // eval_batch: each inactive channel is kept iff
+  `torch.rand(len(inactive), generator=manual_seed(derive_seed("subset", s, m))) < fraction`.
+- `control-active` noises `len(inactive)` channels drawn once per seed from the active ones:
+  the first k of `torch.randperm(len(active), generator=manual_seed(derive_seed("control", s)))`.
+- Loss and top-k counts are kept per minibatch; totals add the per-minibatch float64 sums with
+  `math.fsum` (exactly rounded, so independent of merge order).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .hooks import Trace
+from .layers import Layer
+
+__all__ = ["CONDITIONS", "NEAR_DEAD_FRACTION", "derive_seed", "image_noise", "random_subset",
+           "control_channels", "Plan", "make_plan", "noise_edit", "evaluate", "per_image_scores",
+           "EvalSums", "Census", "CENSUS_SCHEMA"]
+
+CONDITIONS = ("clean", "inactive-all", "inactive-random", "control-active")
+NEAR_DEAD_FRACTION = 1e-3   # "near dead": positive on fewer than 0.1 % of positions
+CLEAN_SEED = -1             # clean is deterministic: evaluated once, seed column -1
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from `parts`: SHA-256 of "/".join(parts), first 8 bytes little-endian."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _generator(*parts: int | str) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(derive_seed(*parts))
+
+
+def image_noise(seed: int, image_index: int, shape: Sequence[int]) -> Tensor:
+    """ReLU(N(0, 1)) noise of `shape` (C, H, W) for one image: a function of (seed, image_index)."""
+    return torch.randn(tuple(shape), generator=_generator("noise", seed, image_index)).clamp_min_(0)
+
+
+def random_subset(seed: int, minibatch: int, channels: Sequence[int], fraction: float) -> list[int]:
+    """The channels of `channels` kept (each with probability `fraction`) in minibatch `minibatch`."""
+    if not channels:
+        return []
+    keep = torch.rand(len(channels), generator=_generator("subset", seed, minibatch)) < fraction
+    return [int(c) for c, k in zip(channels, keep.tolist()) if k]
+
+
+def control_channels(seed: int, active: Sequence[int], count: int) -> list[int]:
+    """`count` channels drawn without replacement from `active` (fixed per seed), sorted."""
+    count = min(count, len(active))
+    if count == 0:
+        return []
+    perm = torch.randperm(len(active), generator=_generator("control", seed))[:count]
+    return sorted(int(active[i]) for i in perm.tolist())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which channels one (condition, seed) evaluation noises, image by image."""
+
+    condition: str
+    seed: int
+    channels: tuple[int, ...]    # the noised set; for inactive-random the pool it draws from
+    fraction: float = 1.0        # inactive-random: probability of keeping each pool channel
+    eval_batch: int = 64         # inactive-random: minibatch m = image_index // eval_batch
+
+    @property
+    def noisy(self) -> bool:
+        return self.condition != "clean" and bool(self.channels)
+
+    def channels_for(self, image_index: int) -> list[int]:
+        if not self.noisy:
+            return []
+        if self.condition == "inactive-random":
+            return random_subset(self.seed, image_index // self.eval_batch, self.channels,
+                                 self.fraction)
+        return list(self.channels)
+
+    def mask(self, indices: Sequence[int] | np.ndarray, num_channels: int) -> Tensor:
+        """Boolean (N, C): True where image n's channel c gets noise."""
+        out = torch.zeros(len(indices), num_channels, dtype=torch.bool)
+        cache: dict[int, list[int]] = {}   # one subset per minibatch, not per image
+        for n, idx in enumerate(np.asarray(indices, dtype=np.int64).tolist()):
+            key = idx // self.eval_batch if self.condition == "inactive-random" else 0
+            if key not in cache:
+                cache[key] = self.channels_for(idx)
+            out[n, cache[key]] = True
+        return out
+
+
+def make_plan(condition: str, seed: int, inactive: Sequence[int], num_channels: int,
+              fraction: float = 0.5, eval_batch: int = 64) -> Plan:
+    """The plan of `condition`; ValueError on an unknown condition or out-of-range channels."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; allowed: {', '.join(CONDITIONS)}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    if eval_batch < 1:
+        raise ValueError(f"eval_batch must be a positive integer, got {eval_batch}")
+    inactive = sorted({int(c) for c in inactive})
+    bad = [c for c in inactive if not 0 <= c < num_channels]
+    if bad:
+        raise ValueError(f"inactive channel {bad[0]} outside 0..{num_channels - 1}")
+    if condition == "clean":
+        return Plan("clean", CLEAN_SEED, ())
+    if condition == "inactive-all":
+        return Plan(condition, seed, tuple(inactive))
+    if condition == "inactive-random":
+        return Plan(condition, seed, tuple(inactive), fraction=fraction, eval_batch=eval_batch)
+    active = [c for c in range(num_channels) if c not in set(inactive)]
+    return Plan(condition, seed, tuple(control_channels(seed, active, len(inactive))))
+
+
+def noise_edit(seed: int, indices: Sequence[int] | np.ndarray,
+               mask: Tensor) -> Callable[[Tensor], Tensor]:
+    """A `Trace` edit adding each image's noise on the channels `mask` (N, C) selects."""
+    indices = np.asarray(indices, dtype=np.int64).tolist()
+
+    def edit(out: Tensor) -> Tensor:
+        if out.shape[0] != len(indices) or out.shape[1] != mask.shape[1]:
+            raise ValueError(f"edit built for {len(indices)} images x {mask.shape[1]} channels, "
+                             f"layer output is {tuple(out.shape)}")
+        noise = torch.zeros(out.shape, dtype=torch.float32)
+        for n, idx in enumerate(indices):
+            if mask[n].any():
+                noise[n] = image_noise(seed, idx, out.shape[1:])
+        noise *= mask[:, :, None, None]
+        return out + noise.to(device=out.device, dtype=out.dtype)
+    return edit
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, layer: Layer, x: Tensor, indices: Sequence[int] | np.ndarray,
+             plan: Plan) -> Tensor:
+    """Logits of `x` with the plan's noise added to `layer`'s output (a plain forward if clean)."""
+    if not plan.noisy:
+        return model(x)
+    mask = plan.mask(indices, layer.channels)
+    with Trace(model, [layer], edit={layer.name: noise_edit(plan.seed, indices, mask)},
+               stop=False) as tr:
+        return tr.run(x)
+
+
+def per_image_scores(logits: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: cross-entropy (float64), top-1 hit, top-5 hit (top-k with k = min(5, classes))."""
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    hit = topk == labels[:, None]
+    return (loss.double().cpu().numpy(), hit[:, 0].cpu().numpy(), hit.any(1).cpu().numpy())
+
+
+@dataclass
+class EvalSums:
+    """Mergeable evaluation sums, kept per minibatch m = image_index // eval_batch."""
+
+    eval_batch: int
+    # minibatch -> [images, loss sum (float64), top1, top5, noised channel-images]
+    rows: dict[int, list[float]] = field(default_factory=dict)
+
+    def update(self, logits: Tensor, labels: Tensor | np.ndarray,
+               indices: Sequence[int] | np.ndarray, mask: Tensor | None = None) -> "EvalSums":
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        loss, top1, top5 = per_image_scores(logits, labels)
+        idx = np.asarray(indices, dtype=np.int64)
+        noised = (mask.sum(1).numpy() if mask is not None else np.zeros(len(idx), np.int64))
+        for m in np.unique(idx // self.eval_batch).tolist():
+            sel = idx // self.eval_batch == m
+            row = self.rows.setdefault(int(m), [0, 0.0, 0, 0, 0])
+            row[0] += int(sel.sum())
+            row[1] = math.fsum([row[1], *loss[sel].tolist()])
+            row[2] += int(top1[sel].sum())
+            row[3] += int(top5[sel].sum())
+            row[4] += int(noised[sel].sum())
+        return self
+
+    def merge(self, other: "EvalSums") -> "EvalSums":
+        if other.eval_batch != self.eval_batch:
+            raise ValueError(f"cannot merge sums of eval_batch {other.eval_batch} into "
+                             f"{self.eval_batch}")
+        for m, o in other.rows.items():
+            if m in self.rows:
+                # a minibatch split across two partials: never happens when shards are cut on
+                # minibatch boundaries, and the sum is still right (only rounding may differ)
+                r = self.rows[m]
+                self.rows[m] = [r[0] + o[0], math.fsum([r[1], o[1]]), r[2] + o[2], r[3] + o[3],
+                                r[4] + o[4]]
+            else:
+                self.rows[m] = list(o)
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {"eval_batch": self.eval_batch,
+                "rows": [[m, *r] for m, r in sorted(self.rows.items())]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "EvalSums":
+        out = cls(int(state["eval_batch"]))
+        for m, images, loss, top1, top5, noised in state["rows"]:
+            out.rows[int(m)] = [int(images), float(loss), int(top1), int(top5), int(noised)]
+        return out
+
+    def totals(self) -> dict[str, float]:
+        """images, loss (mean cross-entropy), top1/top5 (accuracy), counts and noised per image."""
+        rows = list(self.rows.values())
+        images = sum(int(r[0]) for r in rows)
+        loss_sum = math.fsum(r[1] for r in rows)
+        top1 = sum(int(r[2]) for r in rows)
+        top5 = sum(int(r[3]) for r in rows)
+        noised = sum(int(r[4]) for r in rows)
+        n = max(images, 1)
+        return {"images": images, "loss_sum": loss_sum, "top1_count": top1, "top5_count": top5,
+                "loss": loss_sum / n if images else math.nan,
+                "top1": top1 / n if images else math.nan, "top5": top5 / n if images else math.nan,
+                "noised_per_image": noised / n if images else math.nan}
+
+
+CENSUS_SCHEMA = pa.schema([
+    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
+    ("images", pa.int64()), ("max", pa.float32()), ("positive_fraction", pa.float64()),
+    ("inactive", pa.bool_()), ("near_dead", pa.bool_()),
+])
+
+
+class Census:
+    """Per channel of one layer: images seen, max activation, positive positions (mergeable).
+
+    A channel is inactive when it never exceeds 0 (its max is <= 0 over all images and
+    positions, i.e. exactly 0 after a ReLU); near dead when it is positive on fewer than
+    `NEAR_DEAD_FRACTION` of all positions (this includes the inactive ones).
+    """
+
+    def __init__(self, num_channels: int):
+        self.num_channels = num_channels
+        self.images = 0
+        self.positions = 0   # per channel: images x H x W
+        self.max = np.full(num_channels, -np.inf, dtype=np.float64)
+        self.positive = np.zeros(num_channels, dtype=np.int64)
+
+    def update(self, acts: Tensor) -> "Census":
+        if acts.ndim != 4 or acts.shape[1] != self.num_channels:
+            raise ValueError(f"expected (N, {self.num_channels}, H, W) activations, "
+                             f"got {tuple(acts.shape)}")
+        a = acts.detach().transpose(0, 1).reshape(self.num_channels, -1)
+        if a.shape[1]:
+            self.max = np.maximum(self.max, a.max(1).values.double().cpu().numpy())
+        self.positive += (a > 0).sum(1).cpu().numpy().astype(np.int64)
+        self.images += acts.shape[0]
+        self.positions += acts.shape[0] * acts.shape[2] * acts.shape[3]
+        return self
+
+    def merge(self, other: "Census") -> "Census":
+        if other.num_channels != self.num_channels:
+            raise ValueError(f"cannot merge a {other.num_channels}-channel census into "
+                             f"{self.num_channels}")
+        self.images += other.images
+        self.positions += other.positions
+        self.max = np.maximum(self.max, other.max)
+        self.positive += other.positive
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {"num_channels": self.num_channels, "images": self.images,
+                "positions": self.positions,
+                "max": [None if math.isinf(v) else float(v) for v in self.max],
+                "positive": self.positive.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Census":
+        out = cls(int(state["num_channels"]))
+        out.images = int(state["images"])
+        out.positions = int(state["positions"])
+        out.max = np.array([-np.inf if v is None else v for v in state["max"]], dtype=np.float64)
+        out.positive = np.asarray(state["positive"], dtype=np.int64)
+        return out
+
+    def positive_fraction(self) -> np.ndarray:
+        return self.positive / self.positions if self.positions else np.full(self.num_channels,
+                                                                             np.nan)
+
+    def inactive(self) -> list[int]:
+        if not self.images:
+            raise ValueError("census saw no image: cannot tell inactive channels")
+        return [int(c) for c in np.flatnonzero(self.max <= 0)]
+
+    def to_table(self, model: str, layer: str) -> pa.Table:
+        frac = self.positive_fraction()
+        inactive = set(self.inactive())
+        return pa.table({
+            "model": [model] * self.num_channels,
+            "layer": [layer] * self.num_channels,
+            "channel": list(range(self.num_channels)),
+            "images": [self.images] * self.num_channels,
+            "max": self.max.astype(np.float32),
+            "positive_fraction": frac,
+            "inactive": [c in inactive for c in range(self.num_channels)],
+            "near_dead": (frac < NEAR_DEAD_FRACTION).tolist(),
+        }, schema=CENSUS_SCHEMA)

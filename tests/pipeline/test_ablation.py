@@ -1,0 +1,211 @@
+"""pipeline.ablation against brute force: noise, subsets, plans, evaluation sums, census."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.ablation import (CONDITIONS, Census, EvalSums, control_channels, derive_seed,
+                               evaluate, image_noise, make_plan, noise_edit, random_subset)
+from pipeline.hooks import capture
+from pipeline.layers import catalogue
+from pipeline.models import build_model
+
+DEAD = [1, 4, 6]
+
+
+def tiny_model(dead=(), name="resnet18", classes=10):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=classes, width=8).eval()
+    with torch.no_grad():
+        for c in dead:  # a very negative BN bias: conv1's ReLU, hence pool1, is 0 everywhere
+            model.bn1.bias[c] = -1e4
+    return model
+
+
+def images(n=12, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def forward_with_pool1_noise(model, x, noise):
+    """The model's forward written out by hand, with `noise` added to pool1's output."""
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x)))) + noise
+    h = model.layer4(model.layer3(model.layer2(model.layer1(h))))
+    return model.fc(torch.flatten(model.avgpool(h), 1))
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert derive_seed("noise", 0, 5) == derive_seed("noise", 0, 5)
+    seeds = {derive_seed("noise", s, i) for s in range(3) for i in range(50)}
+    assert len(seeds) == 150 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_image_noise_is_relu_normal_and_a_function_of_seed_and_index():
+    a = image_noise(3, 17, (8, 16, 16))
+    assert a.shape == (8, 16, 16) and (a >= 0).all()
+    assert torch.equal(a, image_noise(3, 17, (8, 16, 16)))
+    assert not torch.equal(a, image_noise(3, 18, (8, 16, 16)))
+    assert not torch.equal(a, image_noise(4, 17, (8, 16, 16)))
+    big = image_noise(0, 0, (64, 64, 64)).double()
+    # ReLU(N(0,1)): P(>0) = 1/2, E = 1/sqrt(2*pi)
+    assert abs((big > 0).double().mean().item() - 0.5) < 0.01
+    assert abs(big.mean().item() - 1 / math.sqrt(2 * math.pi)) < 0.01
+
+
+def test_random_subset_keeps_each_channel_with_probability_fraction():
+    pool = [2, 5, 9, 11]
+    assert random_subset(0, 3, pool, 0.0) == []
+    assert random_subset(0, 3, pool, 1.0) == pool
+    assert random_subset(7, 3, pool, 0.5) == random_subset(7, 3, pool, 0.5)
+    draws = [random_subset(7, m, pool, 0.25) for m in range(2000)]
+    assert all(set(d) <= set(pool) for d in draws)
+    assert abs(np.mean([len(d) for d in draws]) / len(pool) - 0.25) < 0.03
+    assert len({tuple(d) for d in draws}) > 8   # drawn anew per minibatch
+
+
+def test_control_channels_are_active_and_fixed_per_seed():
+    active = [0, 2, 3, 5, 8, 10, 12]
+    c = control_channels(4, active, 3)
+    assert len(c) == 3 == len(set(c)) and set(c) <= set(active)
+    assert c == control_channels(4, active, 3)
+    assert len({tuple(control_channels(s, active, 3)) for s in range(20)}) > 1
+    assert control_channels(0, active, 99) == active
+
+
+def test_plans_select_the_right_channels():
+    inactive, C, B = [1, 4, 6], 8, 4
+    idx = np.arange(20)
+    assert not make_plan("clean", 0, inactive, C).mask(idx, C).any()
+    assert make_plan("clean", 0, inactive, C).seed == -1
+    m = make_plan("inactive-all", 0, inactive, C).mask(idx, C)
+    assert (m[:, inactive].all() and not m[:, [0, 2, 3, 5, 7]].any())
+    control = make_plan("control-active", 2, inactive, C)
+    assert len(control.channels) == 3 and not set(control.channels) & set(inactive)
+    rnd = make_plan("inactive-random", 5, inactive, C, fraction=0.5, eval_batch=B)
+    m = rnd.mask(idx, C)
+    for i in idx:   # per image: the subset of its minibatch of the global order
+        want = torch.zeros(C, dtype=torch.bool)
+        want[random_subset(5, i // B, inactive, 0.5)] = True
+        assert torch.equal(m[i], want)
+    assert torch.equal(rnd.mask(idx[7:13], C), m[7:13])   # independent of how a batch is cut
+    with pytest.raises(ValueError, match="allowed: clean"):
+        make_plan("noise", 0, inactive, C)
+    with pytest.raises(ValueError, match="outside"):
+        make_plan("inactive-all", 0, [8], C)
+    assert set(CONDITIONS) == {"clean", "inactive-all", "inactive-random", "control-active"}
+
+
+def test_evaluate_clean_is_the_plain_forward_and_noise_matches_a_hand_written_forward():
+    model = tiny_model(DEAD)
+    pool1 = catalogue(model)["pool1"]
+    x, idx = images(6), np.arange(30, 36)
+    with torch.no_grad():
+        assert torch.equal(evaluate(model, pool1, x, idx, make_plan("clean", 0, DEAD, 8)), model(x))
+        for cond in ("inactive-all", "inactive-random", "control-active"):
+            plan = make_plan(cond, 3, DEAD, 8, fraction=0.5, eval_batch=4)
+            shape = capture(model, x, [pool1])["pool1"].shape
+            noise = torch.stack([image_noise(3, int(i), shape[1:]) for i in idx])
+            noise = noise * plan.mask(idx, 8)[:, :, None, None]
+            want = forward_with_pool1_noise(model, x, noise)
+            got = evaluate(model, pool1, x, idx, plan)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            # the noise only ever lands on the planned channels
+            seen = capture(model, x, [pool1], edit={"pool1": noise_edit(3, idx, plan.mask(idx, 8))})
+            moved = (seen["pool1"] != capture(model, x, [pool1])["pool1"]).any(3).any(2).any(0)
+            assert set(torch.nonzero(moved).flatten().tolist()) <= set(plan.channels)
+
+
+def test_noise_on_inactive_channels_moves_the_loss():
+    model = tiny_model(DEAD)
+    pool1 = catalogue(model)["pool1"]
+    x, idx = images(8), np.arange(8)
+    labels = torch.arange(8) % 10
+    losses = {}
+    for cond in CONDITIONS:
+        plan = make_plan(cond, 0, DEAD, 8)
+        losses[cond] = EvalSums(4).update(evaluate(model, pool1, x, idx, plan), labels, idx,
+                                          plan.mask(idx, 8)).totals()
+    assert losses["inactive-all"]["loss"] != pytest.approx(losses["clean"]["loss"], abs=1e-4)
+    assert losses["control-active"]["loss"] != pytest.approx(losses["clean"]["loss"], abs=1e-4)
+    assert losses["inactive-all"]["noised_per_image"] == 3
+    assert losses["clean"]["noised_per_image"] == 0
+    # a plan with nothing to noise is the clean forward
+    empty = make_plan("inactive-all", 0, [], 8)
+    assert not empty.noisy
+    assert torch.equal(evaluate(model, pool1, x, idx, empty), model(x))
+
+
+def test_eval_sums_equal_direct_cross_entropy_and_topk():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 10, generator=g)
+    labels = torch.randint(0, 10, (37,), generator=g)
+    idx = np.arange(100, 137)
+    t = EvalSums(8).update(logits, labels, idx).totals()
+    assert t["images"] == 37
+    assert t["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    top5 = logits.topk(5, 1).indices
+    assert t["top1_count"] == int((logits.argmax(1) == labels).sum())
+    assert t["top5_count"] == int((top5 == labels[:, None]).any(1).sum())
+    # fewer than five classes: top-5 is every class
+    t3 = EvalSums(8).update(logits[:, :3], labels % 3, idx).totals()
+    assert t3["top5"] == 1.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 36), max_size=4, unique=True), st.integers(1, 9))
+def test_eval_sums_merge_of_minibatch_aligned_splits_equals_one_pass(cuts, batch):
+    g = torch.Generator().manual_seed(batch)
+    logits = torch.randn(37, 10, generator=g) * 3
+    labels = torch.randint(0, 10, (37,), generator=g)
+    idx = np.arange(37)
+    whole = EvalSums(batch)
+    for s in range(0, 37, batch):
+        whole.update(logits[s:s + batch], labels[s:s + batch], idx[s:s + batch])
+    bounds = sorted({0, 37, *[min(37, c * batch) for c in cuts]})
+    merged = EvalSums(batch)
+    for a, b in reversed(list(zip(bounds, bounds[1:]))):   # any order
+        part = EvalSums(batch)
+        for s in range(a, b, batch):
+            part.update(logits[s:min(s + batch, b)], labels[s:min(s + batch, b)],
+                        idx[s:min(s + batch, b)])
+        merged.merge(EvalSums.from_state(part.state()))
+    assert merged.totals() == whole.totals()
+
+
+def test_census_equals_brute_force_and_merges():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.relu(torch.randn(10, 6, 20, 20, generator=g) - 1.5)
+    acts[:, 2] = 0
+    acts[:, 4] = 0
+    acts[3, 4, 1, 1] = 0.25    # positive at 1 of 4000 positions: near dead, not inactive
+    whole = Census(6).update(acts)
+    merged = Census(6).update(acts[:3]).merge(Census.from_state(Census(6).update(acts[3:]).state()))
+    for c in (whole, merged):
+        assert c.images == 10 and c.positions == 4000
+        np.testing.assert_array_equal(c.max, acts.amax((0, 2, 3)).double().numpy())
+        np.testing.assert_array_equal(c.positive, (acts > 0).sum((0, 2, 3)).numpy())
+        assert c.inactive() == [2]
+    table = whole.to_table("m", "pool1").to_pylist()
+    assert [r["channel"] for r in table if r["near_dead"]] == [2, 4]
+    assert table[4]["max"] == pytest.approx(0.25)
+    assert table[4]["positive_fraction"] == pytest.approx(1 / 4000)
+    with pytest.raises(ValueError, match="no image"):
+        Census(3).inactive()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "plainnet18"])
+def test_census_finds_forced_dead_pool1_channels(name):
+    model = tiny_model(DEAD, name=name)
+    pool1 = catalogue(model)["pool1"]
+    census = Census(8)
+    x = images(12)
+    for s in range(0, 12, 5):
+        census.update(capture(model, x[s:s + 5], [pool1])["pool1"])
+    brute = [c for c in range(8) if (capture(model, x, [pool1])["pool1"][:, c] == 0).all()]
+    assert census.inactive() == brute == DEAD
