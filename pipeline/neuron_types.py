@@ -1,0 +1,248 @@
+"""Neuron-type census: orientation and colour measures of a preferred pattern, and its type.
+
+A *pattern* is what a channel prefers, as an RGB array `(3, s, s)`: a first-conv filter mapped
+to RGB (`filter_to_rgb`), a mean preferred stimulus, or an activation-maximization image. NaN
+pixels (never inside the image) are masked out. Pure numpy: no files, no Ray.
+
+    m = measure(pattern, neutral=(0.485, 0.456, 0.406))    # one pattern -> Measures
+    cols = measure_batch(patterns, neutral)                # (n, 3, s, s) -> column arrays
+    kind = classify(m, Thresholds())                       # 'orientation-selective', ...
+
+Definitions (also in docs/neuron_types.md):
+
+Opponent colour space. A fixed orthonormal transform of RGB,
+    L  = (R + G + B) / √3,   RG = (R − G) / √2,   BY = (2B − R − G) / √6,
+so energies add up (‖x‖² = L² + RG² + BY²) and the split does not depend on whether the pattern
+is a stimulus or a filter (an orthonormal M gives M⁻ᵀ = M: a filter's sensitivity to each
+opponent axis is the same transform of its weights).
+
+Colour. All colour measures are taken on d = x − neutral, the pattern relative to a neutral
+colour: the colour a pattern would have with nothing preferred (0 for filters, the data mean for
+mean stimuli and activation maximization, whose zero image is that mean). Then
+    chromatic_fraction = Σ (RG² + BY²) / Σ ‖d‖²   (0 for any gray pattern on a gray neutral; 0/0 = 0)
+    opponent_axis      = 'red-green' if Σ RG² ≥ Σ BY² else 'blue-yellow' ('none' if no chroma)
+    double_opponent_score = 2 · min(P, N) / (P + N),  P = Σ max(c, 0), N = Σ max(−c, 0)
+where c is the dominant opponent channel with values under 10 % of its peak |c| set to 0 (a dead
+zone, so that a faint wide background offset does not count as an opposite sign): 1 when both chromatic signs carry equal mass (red
+centre / green surround, blue | yellow edge), 0 when one sign holds throughout (a red blob on
+the neutral gray: single-opponent).
+
+Orientation. Luminance l = L(x) with NaN pixels given weight 0, the window-weighted mean removed
+(so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so no
+pixel is discarded), zero-padded to n = max(64, 2s) and Fourier transformed; P(f) = |F(f)|².
+Over the disc 0 < |f| ≤ ½ cycle/pixel (the disc, not the square, so that the corner bins do not
+favour diagonals),
+    Z   = Σ P(f) e^{2iα(f)} / Σ P(f),   α(f) = angle of the frequency vector,
+    osi = |Z| ∈ [0, 1]  (1 − circular variance of doubled orientation),
+    orientation_deg = (arg Z / 2 + 90°) mod 180°,
+the orientation of the *stripes / edge* (perpendicular to the frequency vector), in degrees
+counter-clockwise on screen: 0° = horizontal stripes (varying along rows), 90° = vertical
+stripes, 45° = stripes running from bottom-left to top-right ("/").
+
+Types, by priority: 'double-opponent' (chromatic_fraction ≥ t.chromatic and
+double_opponent_score ≥ t.double_opponent), else 'orientation-selective' (osi ≥ t.osi), else
+'single-opponent' (chromatic_fraction ≥ t.chromatic), else 'other'; 'empty' when the pattern
+has no valid pixel or no energy at all (a dead filter, a channel that never fired).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["OPPONENT", "TYPES", "Thresholds", "Measures", "opponent", "orientation", "colour",
+           "measure", "measure_batch", "classify", "classify_batch", "filter_to_rgb"]
+
+# Rows: luminance, red-green, blue-yellow. Orthonormal (see module docstring).
+OPPONENT = np.array([[1.0, 1.0, 1.0] / np.sqrt(3.0),
+                     [1.0, -1.0, 0.0] / np.sqrt(2.0),
+                     [-1.0, -1.0, 2.0] / np.sqrt(6.0)])
+
+DEAD_ZONE = 0.1   # chromatic values under this fraction of the peak count as neutral
+TYPES = ("double-opponent", "orientation-selective", "single-opponent", "other", "empty")
+AXES = ("red-green", "blue-yellow", "none")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Type thresholds, the same for every model, layer and source."""
+
+    osi: float = 0.5              # orientation-selective when osi >= this (7x7 noise: 95% < 0.5)
+    chromatic: float = 1 / 3      # colour when chromatic energy share >= this (random RGB: 2/3)
+    double_opponent: float = 0.5  # minority chromatic sign >= 1/3 of the majority's mass
+
+    def __post_init__(self) -> None:
+        for name in ("osi", "chromatic", "double_opponent"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0 and math.isfinite(v)):
+                raise ValueError(f"{name} threshold must be a number in [0, 1], got {v!r}")
+
+
+@dataclass(frozen=True)
+class Measures:
+    osi: float                    # NaN when the luminance has no contrast
+    orientation_deg: float        # [0, 180); NaN when osi is NaN or ~0 (isotropic)
+    chromatic_fraction: float     # [0, 1]; 0 when there is no energy at all
+    opponent_axis: str            # 'red-green' | 'blue-yellow' | 'none'
+    double_opponent_score: float  # [0, 1]
+    energy: float                 # Σ ‖x − neutral‖² over valid pixels (0: empty)
+
+
+def _as_batch(patterns: np.ndarray) -> np.ndarray:
+    x = np.asarray(patterns, dtype=np.float64)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"patterns must be (3, h, w) or (n, 3, h, w) RGB, got shape {x.shape}")
+    return x
+
+
+def opponent(patterns: np.ndarray) -> np.ndarray:
+    """RGB (…, 3, h, w) -> (…, 3, h, w) in (L, RG, BY)."""
+    x = np.asarray(patterns, dtype=np.float64)
+    return np.einsum("oc,...chw->...ohw", OPPONENT, x)
+
+
+def _hann(n: int) -> np.ndarray:
+    # A length n + 2 Hann window without its two zero end-points: every pixel keeps some weight,
+    # which matters for 7x7 filters (the plain window would throw away a third of them).
+    return np.hanning(n + 2)[1:-1]
+
+
+def orientation(luminance: np.ndarray, valid: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(osi, orientation_deg) per luminance map (n, h, w); NaN where there is no contrast."""
+    lum = np.asarray(luminance, dtype=np.float64)
+    if lum.ndim == 2:
+        lum = lum[None]
+    n, h, w = lum.shape
+    if valid is None:
+        valid = np.isfinite(lum)
+    window = _hann(h)[:, None] * _hann(w)[None, :] * valid
+    lum = np.where(valid, lum, 0.0)
+    wsum = window.sum(axis=(1, 2))
+    mean = (window * lum).sum(axis=(1, 2)) / np.where(wsum > 0, wsum, 1.0)
+    # Removing the window-weighted mean makes the windowed signal's DC exactly zero.
+    signal = (lum - mean[:, None, None]) * window
+    size = max(64, 2 * max(h, w))
+    power = np.abs(np.fft.fft2(signal, s=(size, size))) ** 2
+    fy = np.fft.fftfreq(size)[:, None]   # cycles per pixel along rows (downwards)
+    fx = np.fft.fftfreq(size)[None, :]
+    radius = np.hypot(fy, fx)
+    disc = (radius > 0) & (radius <= 0.5)
+    # Angle in screen coordinates (y up), so positive angles turn counter-clockwise on screen.
+    doubled = np.exp(2j * np.arctan2(-fy, fx))
+    p = power * disc
+    total = p.sum(axis=(1, 2))
+    z = (p * doubled).sum(axis=(1, 2))
+    scale = np.abs(signal).max(axis=(1, 2)) if signal.size else np.zeros(n)
+    ok = (total > 0) & (scale > 1e-12)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        osi = np.where(ok, np.abs(z) / np.where(ok, total, 1.0), np.nan)
+        # An isotropic pattern has Z = 0 up to round-off: its angle means nothing.
+        deg = np.where(ok & (osi > 1e-9), (np.degrees(np.angle(z)) / 2 + 90.0) % 180.0, np.nan)
+    return osi, deg
+
+
+def colour(patterns: np.ndarray, neutral: Sequence[float] | None = None, valid: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(chromatic_fraction, axis index 0 RG / 1 BY / 2 none, double_opponent_score, energy)."""
+    x = _as_batch(patterns)
+    if valid is None:
+        valid = np.isfinite(x).all(axis=1)
+    ref = np.zeros(3) if neutral is None else np.asarray(neutral, dtype=np.float64)
+    d = np.where(valid[:, None], x - ref[None, :, None, None], 0.0)
+    opp = opponent(d)
+    energy = (d ** 2).sum(axis=(1, 2, 3))
+    e_rg = (opp[:, 1] ** 2).sum(axis=(1, 2))
+    e_by = (opp[:, 2] ** 2).sum(axis=(1, 2))
+    chroma = e_rg + e_by
+    # Below this, what is left is float round-off of a gray pattern, not colour.
+    tiny = 1e-12 * np.maximum(energy, 1e-300)
+    has = energy > 0
+    fraction = np.where(chroma > tiny, chroma, 0.0) / np.where(has, energy, 1.0)
+    axis = np.where(chroma > tiny, np.where(e_rg >= e_by, 0, 1), 2)
+    dominant = np.where((axis == 0)[:, None, None], opp[:, 1], opp[:, 2])
+    # A dead zone around the neutral colour: a faint, wide offset of the background (the
+    # neutral colour not quite matching the data's mean) must not read as an opposite sign.
+    peak = np.abs(dominant).max(axis=(1, 2), initial=0.0)
+    dominant = np.where(np.abs(dominant) >= DEAD_ZONE * peak[:, None, None], dominant, 0.0)
+    pos = np.clip(dominant, 0, None).sum(axis=(1, 2))
+    neg = np.clip(-dominant, 0, None).sum(axis=(1, 2))
+    mass = pos + neg
+    score = np.where((axis < 2) & (mass > 0), 2 * np.minimum(pos, neg) / np.where(mass > 0, mass, 1),
+                     0.0)
+    return fraction, axis, score, energy
+
+
+def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | None = None,
+                  thresholds: "Thresholds | None" = None) -> dict[str, np.ndarray]:
+    """Column arrays for patterns (n, 3, h, w): the Measures fields, the two flags and `type`."""
+    x = _as_batch(patterns)
+    valid = np.isfinite(x).all(axis=1)
+    lum = opponent(np.where(valid[:, None], x, 0.0))[:, 0]
+    osi, deg = orientation(lum, valid)
+    fraction, axis, score, energy = colour(x, neutral, valid)
+    cols = {
+        "osi": osi,
+        "orientation_deg": deg,
+        "chromatic_fraction": fraction,
+        "opponent_axis": np.array([AXES[a] for a in axis], dtype=object),
+        "double_opponent_score": score,
+        "energy": energy,
+    }
+    cols.update(classify_batch(cols, thresholds or Thresholds()))
+    return cols
+
+
+def classify_batch(cols: dict[str, np.ndarray], t: Thresholds) -> dict[str, np.ndarray]:
+    """`orientation_selective`, `double_opponent` (bools) and `type` from measure columns."""
+    osi = np.nan_to_num(np.asarray(cols["osi"], dtype=np.float64), nan=-1.0)
+    frac = np.nan_to_num(np.asarray(cols["chromatic_fraction"], dtype=np.float64), nan=-1.0)
+    score = np.asarray(cols["double_opponent_score"], dtype=np.float64)
+    empty = ~(np.asarray(cols["energy"], dtype=np.float64) > 0)
+    oriented = (osi >= t.osi) & ~empty
+    chromatic = (frac >= t.chromatic) & ~empty
+    double = chromatic & (score >= t.double_opponent)
+    kind = np.select([empty, double, oriented, chromatic],
+                     ["empty", "double-opponent", "orientation-selective", "single-opponent"],
+                     "other").astype(object)
+    return {"orientation_selective": oriented, "double_opponent": double, "type": kind}
+
+
+def measure(pattern: np.ndarray, neutral: Sequence[float] | None = None) -> Measures:
+    """The measures of one pattern (3, h, w); `neutral` defaults to 0 (black, or a filter's zero)."""
+    cols = measure_batch(pattern, neutral)
+    return Measures(float(cols["osi"][0]), float(cols["orientation_deg"][0]),
+                    float(cols["chromatic_fraction"][0]), str(cols["opponent_axis"][0]),
+                    float(cols["double_opponent_score"][0]), float(cols["energy"][0]))
+
+
+def classify(m: Measures, t: Thresholds | None = None) -> str:
+    cols = {k: np.array([getattr(m, k)]) for k in
+            ("osi", "chromatic_fraction", "double_opponent_score", "energy")}
+    return str(classify_batch(cols, t or Thresholds())["type"][0])
+
+
+def filter_to_rgb(weight: np.ndarray, preprocess_state: dict) -> np.ndarray:
+    """First-conv weights (C, 3, h, w) acting on preprocessed input -> weights acting on RGB.
+
+    Preprocessing is affine per pixel, p = A (x − μ): ZCA has A = its matrix, mean/std has
+    A = diag(1/std), identity A = I. Then w·p = (Aᵀw)·x − const, so the RGB filter is Aᵀw
+    applied at every tap; the constant only shifts the bias.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"first-conv weight must be (C, 3, h, w), got shape {w.shape}")
+    kind = preprocess_state.get("kind")
+    if kind == "zca":
+        a = np.asarray(preprocess_state["matrix"], dtype=np.float64)
+    elif kind == "normalize":
+        a = np.diag(1.0 / np.asarray(preprocess_state["std"], dtype=np.float64))
+    elif kind == "identity":
+        a = np.eye(3)
+    else:
+        raise ValueError(f"unknown preprocessing {kind!r}; allowed: zca, normalize, identity")
+    return np.einsum("ji,njhw->nihw", a, w)
