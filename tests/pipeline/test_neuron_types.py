@@ -1,0 +1,242 @@
+"""Orientation and colour measures on synthetic patterns with known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.neuron_types import (OPPONENT, Measures, Thresholds, classify, colour, filter_to_rgb,
+                                   measure, measure_batch, orientation)
+from pipeline.preprocess import IMAGENET, WhiteningStats
+
+GRAY = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+def grid(s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Screen coordinates: x to the right, y up, origin at the pattern centre."""
+    r, c = np.mgrid[0:s, 0:s] - (s - 1) / 2
+    return c, -r
+
+
+def gabor(s: int, deg: float, period: float, sigma: float, phase: float = 0.0) -> np.ndarray:
+    """Gray Gabor whose stripes run at `deg` counter-clockwise from horizontal on screen."""
+    x, y = grid(s)
+    t = np.radians(deg)
+    across = -np.sin(t) * x + np.cos(t) * y          # distance across the stripes
+    g = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2)) * np.cos(2 * np.pi * across / period + phase)
+    return np.repeat((0.5 + 0.4 * g)[None], 3, axis=0)
+
+
+def paint(base: np.ndarray, mask: np.ndarray, rgb) -> np.ndarray:
+    out = base.copy()
+    out[:, mask] = np.asarray(rgb, dtype=np.float64)[:, None]
+    return out
+
+
+def disc_radius(s: int) -> np.ndarray:
+    x, y = grid(s)
+    return np.hypot(x, y)
+
+
+RED, GREEN = (0.9, 0.1, 0.1), (0.1, 0.9, 0.1)
+BLUE, YELLOW = (0.1, 0.1, 0.9), (0.9, 0.9, 0.1)
+
+
+def angle_diff(a: float, b: float) -> float:
+    d = abs(a - b) % 180.0
+    return min(d, 180.0 - d)
+
+
+@pytest.mark.parametrize("s,period,sigma", [(32, 8.0, 6.0), (11, 4.0, 2.5), (7, 3.5, 1.8)])
+@pytest.mark.parametrize("deg", [0, 30, 45, 90, 135])
+def test_gabor_orientation_and_high_index(s, period, sigma, deg):
+    for phase in (0.0, np.pi / 2):   # even and odd (edge-like) Gabors
+        m = measure(gabor(s, deg, period, sigma, phase), GRAY)
+        assert angle_diff(m.orientation_deg, deg) < 5.0, (m.orientation_deg, deg)
+        assert m.osi > 0.6
+        assert m.chromatic_fraction == 0.0
+        assert classify(m) == "orientation-selective"
+
+
+def test_orientation_convention_on_plain_gratings():
+    r, c = np.mgrid[0:24, 0:24].astype(float)
+    cases = {0.0: np.sin(r), 90.0: np.sin(c), 45.0: np.sin(r + c), 135.0: np.sin(r - c)}
+    for deg, lum in cases.items():
+        osi, got = orientation(lum[None])
+        assert angle_diff(got[0], deg) < 1.0, (deg, got[0])
+        assert osi[0] > 0.8
+
+
+def test_isotropic_blob_has_low_index_and_no_orientation():
+    for s in (7, 27):
+        blob = np.exp(-disc_radius(s) ** 2 / (2 * (s / 6) ** 2))
+        m = measure(np.repeat((0.5 + 0.4 * blob)[None], 3, axis=0), GRAY)
+        assert m.osi < 0.05
+        assert np.isnan(m.orientation_deg)
+        assert classify(m) == "other"
+
+
+def test_rotation_and_transpose_move_the_orientation_as_they_should():
+    rng = np.random.default_rng(1)
+    lum = rng.normal(size=(20, 15, 15))
+    osi, deg = orientation(lum)
+    osi_r, deg_r = orientation(np.rot90(lum, axes=(1, 2)))      # counter-clockwise on screen
+    osi_t, deg_t = orientation(np.swapaxes(lum, 1, 2))          # mirror on the "\" diagonal
+    np.testing.assert_allclose(osi_r, osi, atol=1e-9)
+    np.testing.assert_allclose(osi_t, osi, atol=1e-9)
+    for a, b, c in zip(deg, deg_r, deg_t):
+        assert angle_diff(b, a + 90.0) < 1e-6
+        assert angle_diff(c, 90.0 - a) < 1e-6
+
+
+def test_osi_equals_brute_force_dtft():
+    rng = np.random.default_rng(2)
+    s, n = 5, 64
+    lum = rng.normal(size=(s, s))
+    window = np.hanning(s + 2)[1:-1]
+    window = window[:, None] * window[None, :]
+    sig = (lum - (window * lum).sum() / window.sum()) * window
+    rows, cols = np.mgrid[0:s, 0:s]
+    z = total = 0.0
+    for ky in range(n):
+        for kx in range(n):
+            fy, fx = (ky if ky < n // 2 else ky - n) / n, (kx if kx < n // 2 else kx - n) / n
+            rad = np.hypot(fy, fx)
+            if rad == 0 or rad > 0.5:
+                continue
+            p = abs((sig * np.exp(-2j * np.pi * (fy * rows + fx * cols))).sum()) ** 2
+            total += p
+            z += p * np.exp(2j * np.arctan2(-fy, fx))
+    osi, deg = orientation(lum[None])
+    assert osi[0] == pytest.approx(abs(z) / total, rel=1e-9)
+    assert deg[0] == pytest.approx((np.degrees(np.angle(z)) / 2 + 90) % 180, abs=1e-6)
+
+
+def test_red_centre_green_surround_is_double_opponent():
+    s = 33
+    rad = disc_radius(s)
+    # Surround ring of the same area as the centre: balanced, as in V1 double-opponent cells.
+    pattern = paint(paint(np.full((3, s, s), 0.5), rad < 10 * np.sqrt(2), GREEN), rad < 10, RED)
+    for neutral in (GRAY, IMAGENET_MEAN):
+        m = measure(pattern, neutral)
+        assert m.opponent_axis == "red-green"
+        assert m.chromatic_fraction > 0.8
+        assert m.double_opponent_score > 0.8
+        assert classify(m) == "double-opponent"
+
+
+def test_blue_yellow_oriented_edge_is_double_opponent_and_oriented():
+    s = 32
+    x, _ = grid(s)
+    pattern = paint(paint(np.full((3, s, s), 0.5), x < 0, BLUE), x >= 0, YELLOW)
+    m = measure(pattern, GRAY)
+    assert m.opponent_axis == "blue-yellow"
+    assert m.double_opponent_score == pytest.approx(1.0)
+    assert angle_diff(m.orientation_deg, 90.0) < 5.0      # a vertical edge
+    assert m.osi > 0.5
+    assert classify(m) == "double-opponent"                # colour outranks orientation
+
+
+def test_uniform_red_blob_is_single_opponent():
+    s = 32
+    pattern = paint(np.full((3, s, s), 0.5), disc_radius(s) < 7, RED)
+    # The ImageNet mean as neutral leaves the gray background faintly green-blue: the dead zone
+    # keeps that offset from counting as an opposite sign.
+    for neutral in (GRAY, IMAGENET_MEAN):
+        m = measure(pattern, neutral)
+        assert m.opponent_axis == "red-green"
+        assert m.double_opponent_score < 0.05
+        assert classify(m) == "single-opponent"
+
+
+def test_gray_patterns_have_no_chromatic_energy():
+    s = 16
+    x, y = grid(s)
+    patterns = [np.full((3, s, s), 0.5), np.full((3, s, s), 0.8),
+                np.repeat((0.5 + 0.3 * np.sin(x + y))[None], 3, axis=0)]
+    for p in patterns:
+        for neutral in (None, GRAY, (0.2, 0.2, 0.2)):
+            m = measure(p, neutral)
+            assert m.chromatic_fraction == 0.0
+            assert m.opponent_axis == "none"
+            assert m.double_opponent_score == 0.0
+
+
+def test_chromatic_fraction_equals_energy_off_the_gray_axis():
+    rng = np.random.default_rng(3)
+    patterns = rng.random((6, 3, 9, 9))
+    neutral = np.array([0.3, 0.4, 0.5])
+    fraction, _, _, energy = colour(patterns, neutral)
+    d = patterns - neutral[None, :, None, None]
+    gray = np.ones(3) / np.sqrt(3)
+    along = np.einsum("c,nchw->nhw", gray, d)
+    off = d - along[:, None] * gray[None, :, None, None]
+    np.testing.assert_allclose(energy, (d ** 2).sum(axis=(1, 2, 3)))
+    np.testing.assert_allclose(fraction, (off ** 2).sum(axis=(1, 2, 3)) / energy)
+    np.testing.assert_allclose(OPPONENT @ OPPONENT.T, np.eye(3), atol=1e-12)
+
+
+def test_nan_pixels_are_masked():
+    s = 24
+    pattern = paint(np.full((3, s, s), 0.5), disc_radius(s) < 6, RED)
+    holed = pattern.copy()
+    holed[:, :5, :] = np.nan             # rows that were never inside the image
+    a, b = measure(pattern, GRAY), measure(holed, GRAY)
+    assert b.chromatic_fraction == pytest.approx(a.chromatic_fraction)
+    assert b.double_opponent_score == pytest.approx(a.double_opponent_score)
+    assert b.energy == pytest.approx(a.energy)
+    g = gabor(s, 30, 6.0, 5.0)
+    g[:, :, :4] = np.nan
+    m = measure(g, GRAY)
+    assert angle_diff(m.orientation_deg, 30) < 5 and m.osi > 0.6
+    empty = measure(np.full((3, s, s), np.nan), GRAY)
+    assert empty.energy == 0.0 and classify(empty) == "empty"
+
+
+def test_batch_equals_single_patterns():
+    rng = np.random.default_rng(4)
+    patterns = rng.random((5, 3, 10, 10))
+    cols = measure_batch(patterns, GRAY)
+    for i in range(5):
+        m = measure(patterns[i], GRAY)
+        assert cols["osi"][i] == pytest.approx(m.osi)
+        assert cols["chromatic_fraction"][i] == pytest.approx(m.chromatic_fraction)
+        assert cols["type"][i] == classify(m)
+
+
+def test_classification_priority_and_thresholds():
+    def m(osi, frac, score):
+        return Measures(osi, 0.0, frac, "red-green", score, 1.0)
+
+    t = Thresholds(osi=0.5, chromatic=0.3, double_opponent=0.5)
+    assert classify(m(0.9, 0.9, 0.9), t) == "double-opponent"
+    assert classify(m(0.9, 0.9, 0.1), t) == "orientation-selective"
+    assert classify(m(0.1, 0.9, 0.1), t) == "single-opponent"
+    assert classify(m(0.9, 0.1, 0.9), t) == "orientation-selective"
+    assert classify(m(0.1, 0.1, 0.9), t) == "other"
+    assert classify(m(float("nan"), 0.9, 0.9), t) == "double-opponent"
+    assert classify(m(0.45, 0.1, 0.0), Thresholds(osi=0.4)) == "orientation-selective"
+    for bad in ({"osi": 1.5}, {"chromatic": -0.1}, {"double_opponent": float("nan")}):
+        with pytest.raises(ValueError):
+            Thresholds(**bad)
+
+
+@pytest.mark.parametrize("kind", ["zca", "normalize"])
+def test_filter_to_rgb_acts_on_rgb_like_the_filter_on_preprocessed_input(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 12, 12, generator=g, dtype=torch.float64)
+    if kind == "zca":
+        mix = torch.tensor([[1.0, 0.6, 0.2], [0.1, 1.0, 0.5], [0.3, 0.2, 1.0]], dtype=torch.float64)
+        pre = WhiteningStats().update(torch.einsum("ij,njhw->nihw", mix, x)).fit()
+    else:
+        pre = IMAGENET
+    w = torch.randn(4, 3, 7, 7, generator=g, dtype=torch.float64)
+    w_rgb = torch.from_numpy(filter_to_rgb(w.numpy(), pre.state()))
+    diff = F.conv2d(pre(x), w) - F.conv2d(x, w_rgb)
+    # The difference is a per-channel constant (the bias shift −Σ w_rgb·μ), nothing spatial.
+    const = -(w_rgb.sum(dim=(2, 3)) * torch.tensor(pre.mean, dtype=torch.float64)).sum(1)
+    torch.testing.assert_close(diff, const.view(1, 4, 1, 1).expand_as(diff))
+    with pytest.raises(ValueError):
+        filter_to_rgb(w.numpy(), {"kind": "bogus"})
