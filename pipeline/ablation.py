@@ -2,9 +2,9 @@
 
 Pure compute, no I/O and no Ray; `jobs.ablate` shards it. The pieces:
 
-    census = Census(num_channels)             # per channel: max, positive count, images
-    census.update(acts)                       # acts: (N, C, H, W) outputs of e.g. pool1
-    census.merge(other); census.inactive()    # channels whose output is 0 everywhere
+    stats = ChannelStats(C).update(acts)      # pipeline.accumulators; acts: pool1 outputs
+    census = census_table(stats.to_table(model, "pool1"), model, "pool1", C)  # + near_dead
+    inactive = inactive_channels(census)      # channels whose output is 0 everywhere
 
     plan = make_plan("inactive-random", seed=1, inactive=[3, 7], num_channels=64,
                      fraction=0.5, eval_batch=64)
@@ -47,7 +47,7 @@ from .layers import Layer
 
 __all__ = ["CONDITIONS", "NEAR_DEAD_FRACTION", "derive_seed", "image_noise", "random_subset",
            "control_channels", "Plan", "make_plan", "noise_edit", "evaluate", "per_image_scores",
-           "EvalSums", "Census", "CENSUS_SCHEMA"]
+           "EvalSums", "CENSUS_SCHEMA", "census_table", "inactive_channels"]
 
 CONDITIONS = ("clean", "inactive-all", "inactive-random", "control-active")
 NEAR_DEAD_FRACTION = 1e-3   # "near dead": positive on fewer than 0.1 % of positions
@@ -255,77 +255,37 @@ CENSUS_SCHEMA = pa.schema([
 ])
 
 
-class Census:
-    """Per channel of one layer: images seen, max activation, positive positions (mergeable).
+def census_table(channels: pa.Table, model: str, layer: str, num_channels: int) -> pa.Table:
+    """The census of one layer from channel statistics (`stimuli/channels.parquet` rows, or
+    `pipeline.accumulators.ChannelStats.to_table`): model, layer, channel, images, max,
+    positive_fraction, inactive (max == 0: output 0 on every image and position), near_dead
+    (positive on fewer than `NEAR_DEAD_FRACTION` of positions; includes the inactive ones).
 
-    A channel is inactive when it never exceeds 0 (its max is <= 0 over all images and
-    positions, i.e. exactly 0 after a ReLU); near dead when it is positive on fewer than
-    `NEAR_DEAD_FRACTION` of all positions (this includes the inactive ones).
+    ValueError when the table lacks a column, has no rows for (model, layer) or does not hold
+    exactly channels 0..num_channels-1 once each.
     """
+    need = ("model", "layer", "channel", "images", "max", "positive_fraction", "inactive")
+    missing = [c for c in need if c not in channels.column_names]
+    if missing:
+        raise ValueError(f"channel statistics lack column(s) {', '.join(missing)}")
+    rows = [r for r in channels.select(list(need)).to_pylist()
+            if r["model"] == model and r["layer"] == layer]
+    if not rows:
+        have = sorted({(r["model"], r["layer"]) for r in
+                       channels.select(["model", "layer"]).to_pylist()})
+        raise ValueError(f"channel statistics hold no rows for model {model!r}, layer {layer!r}; "
+                         f"they hold: {', '.join(f'{m}/{l}' for m, l in have) or 'nothing'}")
+    rows.sort(key=lambda r: r["channel"])
+    if [r["channel"] for r in rows] != list(range(num_channels)):
+        raise ValueError(f"channel statistics of {model}/{layer} hold channels "
+                         f"{rows[0]['channel']}..{rows[-1]['channel']} ({len(rows)} rows), but "
+                         f"the model's {layer} has {num_channels}: not the same model?")
+    for r in rows:
+        r["near_dead"] = bool(r["positive_fraction"] < NEAR_DEAD_FRACTION)
+    return pa.Table.from_pylist(rows, schema=CENSUS_SCHEMA)
 
-    def __init__(self, num_channels: int):
-        self.num_channels = num_channels
-        self.images = 0
-        self.positions = 0   # per channel: images x H x W
-        self.max = np.full(num_channels, -np.inf, dtype=np.float64)
-        self.positive = np.zeros(num_channels, dtype=np.int64)
 
-    def update(self, acts: Tensor) -> "Census":
-        if acts.ndim != 4 or acts.shape[1] != self.num_channels:
-            raise ValueError(f"expected (N, {self.num_channels}, H, W) activations, "
-                             f"got {tuple(acts.shape)}")
-        a = acts.detach().transpose(0, 1).reshape(self.num_channels, -1)
-        if a.shape[1]:
-            self.max = np.maximum(self.max, a.max(1).values.double().cpu().numpy())
-        self.positive += (a > 0).sum(1).cpu().numpy().astype(np.int64)
-        self.images += acts.shape[0]
-        self.positions += acts.shape[0] * acts.shape[2] * acts.shape[3]
-        return self
-
-    def merge(self, other: "Census") -> "Census":
-        if other.num_channels != self.num_channels:
-            raise ValueError(f"cannot merge a {other.num_channels}-channel census into "
-                             f"{self.num_channels}")
-        self.images += other.images
-        self.positions += other.positions
-        self.max = np.maximum(self.max, other.max)
-        self.positive += other.positive
-        return self
-
-    def state(self) -> dict[str, Any]:
-        return {"num_channels": self.num_channels, "images": self.images,
-                "positions": self.positions,
-                "max": [None if math.isinf(v) else float(v) for v in self.max],
-                "positive": self.positive.tolist()}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Census":
-        out = cls(int(state["num_channels"]))
-        out.images = int(state["images"])
-        out.positions = int(state["positions"])
-        out.max = np.array([-np.inf if v is None else v for v in state["max"]], dtype=np.float64)
-        out.positive = np.asarray(state["positive"], dtype=np.int64)
-        return out
-
-    def positive_fraction(self) -> np.ndarray:
-        return self.positive / self.positions if self.positions else np.full(self.num_channels,
-                                                                             np.nan)
-
-    def inactive(self) -> list[int]:
-        if not self.images:
-            raise ValueError("census saw no image: cannot tell inactive channels")
-        return [int(c) for c in np.flatnonzero(self.max <= 0)]
-
-    def to_table(self, model: str, layer: str) -> pa.Table:
-        frac = self.positive_fraction()
-        inactive = set(self.inactive())
-        return pa.table({
-            "model": [model] * self.num_channels,
-            "layer": [layer] * self.num_channels,
-            "channel": list(range(self.num_channels)),
-            "images": [self.images] * self.num_channels,
-            "max": self.max.astype(np.float32),
-            "positive_fraction": frac,
-            "inactive": [c in inactive for c in range(self.num_channels)],
-            "near_dead": (frac < NEAR_DEAD_FRACTION).tolist(),
-        }, schema=CENSUS_SCHEMA)
+def inactive_channels(census: pa.Table) -> list[int]:
+    """Sorted channels flagged inactive in a `census_table`."""
+    return sorted(int(r["channel"]) for r in census.select(["channel", "inactive"]).to_pylist()
+                  if r["inactive"])

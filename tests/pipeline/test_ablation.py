@@ -4,14 +4,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ablation import (CONDITIONS, Census, EvalSums, control_channels, derive_seed,
-                               evaluate, image_noise, make_plan, noise_edit, random_subset)
+from pipeline.ablation import (CONDITIONS, EvalSums, census_table, control_channels,
+                               derive_seed, evaluate, image_noise, inactive_channels, make_plan,
+                               noise_edit, random_subset)
+from pipeline.accumulators import ChannelStats
 from pipeline.hooks import capture
 from pipeline.layers import catalogue
 from pipeline.models import build_model
@@ -178,34 +181,41 @@ def test_eval_sums_merge_of_minibatch_aligned_splits_equals_one_pass(cuts, batch
     assert merged.totals() == whole.totals()
 
 
-def test_census_equals_brute_force_and_merges():
+def test_census_table_flags_inactive_and_near_dead_channels():
     g = torch.Generator().manual_seed(0)
     acts = torch.relu(torch.randn(10, 6, 20, 20, generator=g) - 1.5)
     acts[:, 2] = 0
     acts[:, 4] = 0
     acts[3, 4, 1, 1] = 0.25    # positive at 1 of 4000 positions: near dead, not inactive
-    whole = Census(6).update(acts)
-    merged = Census(6).update(acts[:3]).merge(Census.from_state(Census(6).update(acts[3:]).state()))
-    for c in (whole, merged):
-        assert c.images == 10 and c.positions == 4000
-        np.testing.assert_array_equal(c.max, acts.amax((0, 2, 3)).double().numpy())
-        np.testing.assert_array_equal(c.positive, (acts > 0).sum((0, 2, 3)).numpy())
-        assert c.inactive() == [2]
-    table = whole.to_table("m", "pool1").to_pylist()
-    assert [r["channel"] for r in table if r["near_dead"]] == [2, 4]
-    assert table[4]["max"] == pytest.approx(0.25)
-    assert table[4]["positive_fraction"] == pytest.approx(1 / 4000)
-    with pytest.raises(ValueError, match="no image"):
-        Census(3).inactive()
+    stats = ChannelStats(6).update(acts[:4]).merge(ChannelStats(6).update(acts[4:]))
+    other = ChannelStats(6).update(acts).to_table("other", "pool1")
+    channels = pa.concat_tables([other, stats.to_table("m", "pool1")])
+    census = census_table(channels, "m", "pool1", 6)
+    rows = census.to_pylist()
+    assert [r["channel"] for r in rows] == list(range(6)) and {r["model"] for r in rows} == {"m"}
+    assert inactive_channels(census) == [2]
+    assert [r["channel"] for r in rows if r["near_dead"]] == [2, 4]
+    frac = (acts > 0).double().mean((0, 2, 3))
+    for r in rows:
+        assert r["max"] == pytest.approx(acts[:, r["channel"]].max().item())
+        assert r["positive_fraction"] == pytest.approx(frac[r["channel"]].item())
+        assert r["images"] == 10
+    with pytest.raises(ValueError, match="no rows for model 'x'.*m/pool1"):
+        census_table(channels, "x", "pool1", 6)
+    with pytest.raises(ValueError, match="has 8"):
+        census_table(channels, "m", "pool1", 8)
+    with pytest.raises(ValueError, match="lack column"):
+        census_table(channels.drop(["inactive"]), "m", "pool1", 6)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "plainnet18"])
 def test_census_finds_forced_dead_pool1_channels(name):
     model = tiny_model(DEAD, name=name)
     pool1 = catalogue(model)["pool1"]
-    census = Census(8)
+    stats = ChannelStats(8)
     x = images(12)
     for s in range(0, 12, 5):
-        census.update(capture(model, x[s:s + 5], [pool1])["pool1"])
+        stats.update(capture(model, x[s:s + 5], [pool1])["pool1"])
+    census = census_table(stats.to_table(name, "pool1"), name, "pool1", 8)
     brute = [c for c in range(8) if (capture(model, x, [pool1])["pool1"][:, c] == 0).all()]
-    assert census.inactive() == brute == DEAD
+    assert inactive_channels(census) == brute == DEAD
