@@ -57,19 +57,21 @@ CHANNELS_SCHEMA = pa.schema([
 ])
 
 
-def rf_box(y: int, x: int, size: int, jump: int, offset: int) -> tuple[int, int]:
-    """(top, left) of the RF of neuron (y, x): DESIGN.md's o + j*y - (r-1)/2."""
-    half = (size - 1) // 2
-    return offset + jump * y - half, offset + jump * x - half
+def rf_box(y: int, x: int, jump: int, first: int) -> tuple[int, int]:
+    """(top, left) of the RF of neuron (y, x), `first` being the top (= left) of neuron 0's RF.
+
+    With DESIGN.md's geometry, first = offset - (size-1)/2 (`pipeline.geometry.RF.boxes`).
+    """
+    return first + jump * y, first + jump * x
 
 
-def rf_padding(in_size: int, feature_size: int, size: int, jump: int, offset: int) -> tuple[int, int]:
+def rf_padding(in_size: int, feature_size: int, size: int, jump: int, first: int) -> tuple[int, int]:
     """(before, after) padding of an input side so that neuron y's RF starts at row j*y.
 
     Negative values crop. The padded side is exactly size + jump*(feature_size-1) long, the
     shape a stride-`jump` correlation with a `size` kernel needs to yield `feature_size` outputs.
     """
-    before = (size - 1) // 2 - offset
+    before = -first
     total = size + jump * (feature_size - 1)
     return before, total - in_size - before
 
@@ -199,10 +201,10 @@ class PositiveMean:
     # float32 partial sums stay exact while they stay below 2**24 (integers in uint8 units).
     _EXACT_F32 = 2 ** 24
 
-    def __init__(self, channels: int, size: int, jump: int, offset: int, neuron: str = "center"):
+    def __init__(self, channels: int, size: int, jump: int, first: int, neuron: str = "center"):
         if neuron not in MEAN_NEURONS:
             raise ValueError(f"unknown neuron {neuron!r}; allowed: {', '.join(MEAN_NEURONS)}")
-        self.channels, self.size, self.jump, self.offset = int(channels), int(size), int(jump), int(offset)
+        self.channels, self.size, self.jump, self.first = int(channels), int(size), int(jump), int(first)
         self.neuron = neuron
         self.images = 0
         self.count = torch.zeros(channels, dtype=torch.int64)
@@ -211,8 +213,8 @@ class PositiveMean:
 
     def _padded(self, images: Tensor, h: int, w: int) -> Tensor:
         """Images padded (zeros) or cropped so that neuron (y, x)'s RF starts at (j*y, j*x)."""
-        top, bottom = rf_padding(images.shape[2], h, self.size, self.jump, self.offset)
-        left, right = rf_padding(images.shape[3], w, self.size, self.jump, self.offset)
+        top, bottom = rf_padding(images.shape[2], h, self.size, self.jump, self.first)
+        left, right = rf_padding(images.shape[3], w, self.size, self.jump, self.first)
         return F.pad(images, (left, right, top, bottom))
 
     def update(self, acts: Tensor, images: Tensor) -> "PositiveMean":
@@ -270,13 +272,13 @@ class PositiveMean:
 
     def state(self) -> dict[str, Any]:
         return {"kind": "mean", "channels": self.channels, "size": self.size, "jump": self.jump,
-                "offset": self.offset, "neuron": self.neuron, "images": self.images,
+                "first": self.first, "neuron": self.neuron, "images": self.images,
                 "count": self.count.numpy().copy(), "sum": self.sum.numpy().copy(),
                 "weight": self.weight.numpy().copy()}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "PositiveMean":
-        acc = cls(s["channels"], s["size"], s["jump"], s["offset"], s["neuron"])
+        acc = cls(s["channels"], s["size"], s["jump"], s["first"], s["neuron"])
         acc.images = int(s["images"])
         acc.count = torch.from_numpy(np.array(s["count"], dtype=np.int64))
         acc.sum = torch.from_numpy(np.array(s["sum"], dtype=np.float64))

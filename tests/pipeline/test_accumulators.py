@@ -69,15 +69,15 @@ def _patch(image, top, left, s):
     return patch, mask
 
 
-GEOMS = [(5, 2, 1), (3, 1, 0), (7, 2, 0), (4, 3, 2), (9, 1, 0)]  # (size, jump, offset) incl. RF past the edges
+GEOMS = [(5, 2, -1), (3, 1, -1), (7, 2, -3), (4, 3, 1), (9, 1, -4)]  # (size, jump, first) incl. RFs past the edges
 
 
-@pytest.mark.parametrize("size,jump,offset", GEOMS)
+@pytest.mark.parametrize("size,jump,first", GEOMS)
 @pytest.mark.parametrize("neuron", ["center", "all"])
-def test_positive_mean_equals_brute_force(size, jump, offset, neuron):
+def test_positive_mean_equals_brute_force(size, jump, first, neuron):
     acts, _, images = _batches(seed=size + jump, levels=2)
     n, c, h, w = acts.shape
-    acc = PositiveMean(c, size, jump, offset, neuron)
+    acc = PositiveMean(c, size, jump, first, neuron)
     for i in range(0, n, 4):
         acc.update(acts[i:i + 4], images[i:i + 4])
     want_sum = np.zeros((c, 3, size, size)); want_w = np.zeros((c, size, size)); want_n = np.zeros(c)
@@ -86,7 +86,7 @@ def test_positive_mean_equals_brute_force(size, jump, offset, neuron):
         for ch in range(c):
             for y, x in positions:
                 if acts[i, ch, y, x] > 0:
-                    top, left = rf_box(y, x, size, jump, offset)
+                    top, left = rf_box(y, x, jump, first)
                     p, m = _patch(images[i], top, left, size)
                     want_sum[ch] += p; want_w[ch] += m; want_n[ch] += 1
     assert np.array_equal(acc.sum.numpy(), want_sum)
@@ -97,7 +97,7 @@ def test_positive_mean_equals_brute_force(size, jump, offset, neuron):
     with np.errstate(invalid="ignore", divide="ignore"):
         want_mean = np.where(wb > 0, want_sum / 255.0 / wb, np.nan)
     np.testing.assert_allclose(mean, want_mean, rtol=1e-12, equal_nan=True)
-    if (size, jump, offset) == (9, 1, 0):  # centre RF rows -2..6 of a 9-row image
+    if (size, jump, first) == (9, 1, -4):  # centre RF rows -2..6 of a 9-row image
         assert np.isnan(mean).any(), "the RF sticks out of the image: those pixels must be NaN"
 
 
@@ -118,8 +118,8 @@ def test_channel_stats_equals_brute_force():
 
 
 def _all_accs(c=3):
-    return [TopK(c, 5, "any"), TopK(c, 5, "center"), PositiveMean(c, 5, 2, 1, "center"),
-            PositiveMean(c, 4, 3, 2, "all"), ChannelStats(c)]
+    return [TopK(c, 5, "any"), TopK(c, 5, "center"), PositiveMean(c, 5, 2, -1, "center"),
+            PositiveMean(c, 4, 3, 1, "all"), ChannelStats(c)]
 
 
 def _feed(accs, batch):

@@ -1,0 +1,254 @@
+"""Per-shard stimulus analysis: a model, its layers and image batches -> mergeable accumulators.
+
+Pure compute, no Ray and no file I/O: `jobs.analyze` (and `jobs.bench`) feed it batches and
+ship its state around.
+
+    specs = layer_specs(model, resolve_layers(model, "pool1,conv3,conv7"), input_size=224)
+    runner = ShardRunner(model, preprocess, specs, AnalysisOptions(top_k=16), device="cpu",
+                         batch_size=64)
+    result = runner.new_result()
+    for batch in batches:                      # uint8 (N, 3, 224, 224) RGB, image_index (N,)
+        runner.step(result, batch.images, batch.indices)
+    result.merge(other_result)                 # results of other shards, any order
+    tables = result.tables("resnet34")         # {"topk", "mean", "channels"}: pyarrow Tables
+
+Per layer a `LayerResult` holds TopK (neuron `any` and `center`), PositiveMean (`center`, and
+`all` when asked for) and ChannelStats. Every forward pass runs with the same batch shape (a
+short last batch is padded with black images whose outputs are dropped): CPU kernels may round
+differently for other batch sizes, and the tables must be bit-identical for any sharding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor, nn
+
+from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, PositiveMean,
+                           TopK)
+from .geometry import receptive_fields
+from .hooks import Trace
+from .layers import Layer
+from .preprocess import Preprocess
+
+__all__ = ["LayerSpec", "AnalysisOptions", "LayerResult", "AnalysisResult", "ShardRunner",
+           "layer_specs", "TOPK_GEOMETRY_SCHEMA", "state_nbytes"]
+
+# topk.parquet before the PNG patches are added: accumulator columns plus the RF box.
+TOPK_GEOMETRY_SCHEMA = pa.schema(list(TOPK_SCHEMA) + [
+    ("top", pa.int32()), ("left", pa.int32()), ("size", pa.int32())])
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the accumulators of one layer need to know: channels and RF geometry."""
+
+    name: str
+    channels: int
+    size: int          # RF side in input pixels
+    jump: int          # input pixels between neighbouring neurons
+    first: int         # top (= left) input row of neuron 0's RF; may be negative
+    feature_size: int  # H = W of the feature map for the analysed input size
+
+    def box(self, y: int, x: int) -> tuple[int, int]:
+        return self.first + self.jump * y, self.first + self.jump * x
+
+
+def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[LayerSpec]:
+    """Geometry of `layers` for a square `input_size` crop (via pipeline.geometry)."""
+    rfs = receptive_fields(model, input_size)
+    specs = []
+    for layer in layers:
+        rf = rfs[layer.name]
+        if layer.name == "fc":
+            raise ValueError("layer fc has no spatial map to analyse; allowed: conv1, pool1, conv2 ...")
+        first = int(rf.boxes(torch.zeros(1), torch.zeros(1))[0][0])
+        specs.append(LayerSpec(layer.name, layer.channels, rf.size, rf.jump, first, rf.feature_size))
+    return specs
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    top_k: int = 16                                   # stimuli kept per (layer, channel, neuron)
+    topk_neurons: tuple[str, ...] = ("any", "center")
+    mean_neurons: tuple[str, ...] = ("center",)       # add "all" for the channel-wide mean
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top-k must be a positive integer, got {self.top_k}")
+        for n in self.topk_neurons:
+            if n not in ("any", "center"):
+                raise ValueError(f"unknown top-k neuron {n!r}; allowed: any, center")
+        for n in self.mean_neurons:
+            if n not in ("center", "all"):
+                raise ValueError(f"unknown mean neuron {n!r}; allowed: center, all")
+
+
+class LayerResult:
+    """All accumulators of one layer."""
+
+    def __init__(self, spec: LayerSpec, options: AnalysisOptions):
+        self.spec = spec
+        c = spec.channels
+        self.topk = {n: TopK(c, options.top_k, n) for n in options.topk_neurons}
+        self.mean = {n: PositiveMean(c, spec.size, spec.jump, spec.first, n)
+                     for n in options.mean_neurons}
+        self.channels = ChannelStats(c)
+
+    def update(self, acts: Tensor, images: Tensor, indices: Tensor) -> None:
+        for acc in self.topk.values():
+            acc.update(acts, indices)
+        for acc in self.mean.values():
+            acc.update(acts, images)
+        self.channels.update(acts)
+
+    def merge(self, other: "LayerResult") -> None:
+        if other.spec != self.spec or other.topk.keys() != self.topk.keys() \
+                or other.mean.keys() != self.mean.keys():
+            raise ValueError(f"cannot merge results of different configurations ({self.spec.name})")
+        for n, acc in self.topk.items():
+            acc.merge(other.topk[n])
+        for n, acc in self.mean.items():
+            acc.merge(other.mean[n])
+        self.channels.merge(other.channels)
+
+    def state(self) -> dict[str, Any]:
+        return {"spec": self.spec.__dict__.copy(),
+                "topk": {n: a.state() for n, a in self.topk.items()},
+                "mean": {n: a.state() for n, a in self.mean.items()},
+                "channels": self.channels.state()}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "LayerResult":
+        r = cls.__new__(cls)
+        r.spec = LayerSpec(**s["spec"])
+        r.topk = {n: TopK.from_state(v) for n, v in s["topk"].items()}
+        r.mean = {n: PositiveMean.from_state(v) for n, v in s["mean"].items()}
+        r.channels = ChannelStats.from_state(s["channels"])
+        return r
+
+
+class AnalysisResult:
+    """Accumulators of every analysed layer; merge / state / from_state / tables."""
+
+    def __init__(self, specs: list[LayerSpec], options: AnalysisOptions):
+        self.layers = {s.name: LayerResult(s, options) for s in specs}
+
+    @property
+    def images(self) -> int:
+        return next(iter(self.layers.values())).channels.images if self.layers else 0
+
+    def update(self, acts: dict[str, Tensor], images: Tensor, indices: Tensor) -> None:
+        for name, layer in self.layers.items():
+            layer.update(acts[name], images, indices)
+
+    def merge(self, other: "AnalysisResult") -> "AnalysisResult":
+        if other.layers.keys() != self.layers.keys():
+            raise ValueError("cannot merge results over different layers")
+        for name, layer in self.layers.items():
+            layer.merge(other.layers[name])
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {"layers": {n: r.state() for n, r in self.layers.items()}}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "AnalysisResult":
+        r = cls.__new__(cls)
+        r.layers = {n: LayerResult.from_state(v) for n, v in s["layers"].items()}
+        return r
+
+    def tables(self, model: str) -> dict[str, pa.Table]:
+        """`topk` (without patches, with top/left/size), `mean` and `channels` tables."""
+        topk, mean, chans = [], [], []
+        for name, layer in self.layers.items():
+            for acc in layer.topk.values():
+                t = acc.to_table(model, name)
+                sp = layer.spec
+                top = pc.add(pc.multiply(t["y"], sp.jump), sp.first).cast(pa.int32())
+                left = pc.add(pc.multiply(t["x"], sp.jump), sp.first).cast(pa.int32())
+                t = t.append_column("top", top).append_column("left", left)
+                t = t.append_column("size", pa.array(np.full(t.num_rows, sp.size, np.int32)))
+                topk.append(t)
+            mean += [acc.to_table(model, name) for acc in layer.mean.values()]
+            chans.append(layer.channels.to_table(model, name))
+
+        def cat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
+            return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+
+        return {"topk": cat(topk, TOPK_GEOMETRY_SCHEMA), "mean": cat(mean, MEAN_SCHEMA),
+                "channels": cat(chans, CHANNELS_SCHEMA)}
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes held by the numpy arrays of a state (the worker-memory figure)."""
+    if isinstance(state, np.ndarray):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    return 0
+
+
+class ShardRunner:
+    """Holds a model on its device and turns uint8 batches into accumulator updates.
+
+    One forward per batch through `pipeline.hooks.Trace`, stopped after the deepest requested
+    layer. On CUDA: inference mode, channels_last, one non-blocking host-to-device copy of the
+    uint8 batch (4x smaller than float), statistics reduced on the device in float32/float64.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, specs: list[LayerSpec],
+                 options: AnalysisOptions, device: str = "cpu", batch_size: int = 64,
+                 layers: list[Layer] | None = None):
+        from .layers import catalogue
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.model = model.eval().to(self.device)
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.preprocess = preprocess
+        self.specs = specs
+        self.options = options
+        self.batch_size = int(batch_size)
+        cat = catalogue(model)
+        self.layers = layers or [cat[s.name] for s in specs]
+
+    def new_result(self) -> AnalysisResult:
+        return AnalysisResult(self.specs, self.options)
+
+    def activations(self, images: Tensor) -> dict[str, Tensor]:
+        """Post-ReLU activations of the layers for a uint8 (N, 3, H, W) batch, on the device."""
+        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        x = self.preprocess(x)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), Trace(self.model, self.layers) as tr:
+            tr.run(x)
+        return tr.outputs
+
+    def step(self, result: AnalysisResult, images: Tensor, indices: np.ndarray | Tensor) -> None:
+        n = images.shape[0]
+        if n == 0:
+            return
+        if n < self.batch_size:  # same batch shape for every forward: bitwise-stable kernels
+            pad = images.new_zeros((self.batch_size - n, *images.shape[1:]))
+            images_in = torch.cat([images, pad])
+        else:
+            images_in = images
+        acts = self.activations(images_in)
+        acts = {k: v[:n] for k, v in acts.items()}
+        # no_grad, not inference_mode: accumulator state must stay updatable outside it (merge).
+        with torch.no_grad():
+            result.update(acts, images.to(self.device, non_blocking=True),
+                          torch.as_tensor(np.asarray(indices), dtype=torch.int64))
+
+    def run(self, batches: Iterable[tuple[Tensor, np.ndarray]]) -> AnalysisResult:
+        result = self.new_result()
+        for images, indices in batches:
+            self.step(result, images, indices)
+        return result
