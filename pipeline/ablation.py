@@ -47,7 +47,8 @@ from .layers import Layer
 
 __all__ = ["CONDITIONS", "NEAR_DEAD_FRACTION", "derive_seed", "image_noise", "random_subset",
            "control_channels", "Plan", "make_plan", "noise_edit", "evaluate", "per_image_scores",
-           "EvalSums", "CENSUS_SCHEMA", "census_table", "inactive_channels"]
+           "EvalSums", "CENSUS_SCHEMA", "census_table", "inactive_channels", "ABLATION_SCHEMA",
+           "TABLE1_SCHEMA", "ablation_table", "table1", "format_table1", "no_inactive_note"]
 
 CONDITIONS = ("clean", "inactive-all", "inactive-random", "control-active")
 NEAR_DEAD_FRACTION = 1e-3   # "near dead": positive on fewer than 0.1 % of positions
@@ -289,3 +290,139 @@ def inactive_channels(census: pa.Table) -> list[int]:
     """Sorted channels flagged inactive in a `census_table`."""
     return sorted(int(r["channel"]) for r in census.select(["channel", "inactive"]).to_pylist()
                   if r["inactive"])
+
+
+ABLATION_SCHEMA = pa.schema([
+    ("model", pa.string()), ("layer", pa.string()), ("condition", pa.string()),
+    ("seed", pa.int64()), ("images", pa.int64()), ("loss", pa.float64()),
+    ("top1", pa.float64()), ("top5", pa.float64()),
+    ("top1_count", pa.int64()), ("top5_count", pa.int64()), ("loss_sum", pa.float64()),
+    ("delta_loss", pa.float64()), ("inactive_channels", pa.list_(pa.int32())),
+    ("noised_channels", pa.list_(pa.int32())), ("noised_per_image", pa.float64()),
+    ("fraction", pa.float64()), ("note", pa.string()),
+])
+
+TABLE1_SCHEMA = pa.schema([
+    ("model", pa.string()), ("layer", pa.string()), ("images", pa.int64()),
+    ("channels", pa.int32()), ("inactive", pa.int32()), ("near_dead", pa.int32()),
+    ("inactive_channels", pa.list_(pa.int32())), ("seeds", pa.int32()),
+    ("fraction", pa.float64()), ("clean_loss", pa.float64()), ("clean_top1", pa.float64()),
+    ("delta_loss_mean", pa.float64()), ("delta_loss_std", pa.float64()),
+    ("delta_loss_rnd_mean", pa.float64()), ("delta_loss_rnd_std", pa.float64()),
+    ("control_delta_loss_mean", pa.float64()), ("control_delta_loss_std", pa.float64()),
+    ("note", pa.string()),
+])
+
+
+def no_inactive_note(layer: str) -> str:
+    return f"no inactive channel in {layer}: nothing to noise, noise conditions not evaluated"
+
+
+def ablation_table(model: str, layer: str, inactive: Sequence[int], fraction: float,
+                   results: Sequence[tuple[Plan, dict[str, float]]], seeds: Sequence[int]) -> pa.Table:
+    """`ablation.parquet` rows from (plan, EvalSums.totals()) pairs; one must be the clean one.
+
+    Without inactive channels, the noise conditions get one row per seed with null numbers
+    and a note saying so (noising no channel would only repeat the clean evaluation).
+    """
+    clean = [t for p, t in results if p.condition == "clean"]
+    if len(clean) != 1:
+        raise ValueError("exactly one clean evaluation is needed")
+    clean_loss = clean[0]["loss"]
+    inactive = sorted(int(c) for c in inactive)
+    rows = []
+    for plan, t in results:
+        note = ""
+        if plan.condition == "control-active" and len(plan.channels) < len(inactive):
+            note = (f"only {len(plan.channels)} active channels for {len(inactive)} inactive ones: "
+                    f"all active channels noised")
+        rows.append({
+            "model": model, "layer": layer, "condition": plan.condition, "seed": plan.seed,
+            "images": t["images"], "loss": t["loss"], "top1": t["top1"], "top5": t["top5"],
+            "top1_count": t["top1_count"], "top5_count": t["top5_count"],
+            "loss_sum": t["loss_sum"], "delta_loss": t["loss"] - clean_loss,
+            "inactive_channels": inactive, "noised_channels": list(plan.channels),
+            "noised_per_image": t["noised_per_image"],
+            "fraction": plan.fraction if plan.condition == "inactive-random" else None,
+            "note": note,
+        })
+    if not inactive:
+        for cond in CONDITIONS[1:]:
+            for seed in seeds:
+                rows.append({"model": model, "layer": layer, "condition": cond, "seed": seed,
+                             "images": 0, "inactive_channels": [], "noised_channels": [],
+                             "fraction": fraction if cond == "inactive-random" else None,
+                             "note": no_inactive_note(layer)})
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    rows.sort(key=lambda r: (order[r["condition"]], r["seed"]))
+    return pa.Table.from_pylist(rows, schema=ABLATION_SCHEMA)
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; null with fewer than two values)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def table1(ablation: pa.Table, census: pa.Table) -> pa.Table:
+    """The paper's Table 1 layout, one row per (model, layer): inactive count, ΔL, ΔL_rnd and
+    the control's ΔL, each mean ± std over seeds."""
+    rows = []
+    abl = ablation.to_pylist()
+    cen = census.to_pylist()
+    for model, layer in dict.fromkeys((r["model"], r["layer"]) for r in abl):
+        mine = [r for r in abl if r["model"] == model and r["layer"] == layer]
+        chans = [r for r in cen if r["model"] == model and r["layer"] == layer]
+        clean = next(r for r in mine if r["condition"] == "clean")
+        stats = {}
+        for cond, key in (("inactive-all", "delta_loss"), ("inactive-random", "delta_loss_rnd"),
+                          ("control-active", "control_delta_loss")):
+            mean, std = _mean_std([r["delta_loss"] for r in mine if r["condition"] == cond])
+            stats[f"{key}_mean"], stats[f"{key}_std"] = mean, std
+        inactive = sorted(r["channel"] for r in chans if r["inactive"])
+        seeds = sorted({r["seed"] for r in mine if r["condition"] != "clean"})
+        fractions = [r["fraction"] for r in mine if r["condition"] == "inactive-random"]
+        notes = sorted({r["note"] for r in mine if r["note"]})
+        rows.append({"model": model, "layer": layer, "images": clean["images"],
+                     "channels": len(chans), "inactive": len(inactive),
+                     "near_dead": sum(1 for r in chans if r["near_dead"]),
+                     "inactive_channels": inactive, "seeds": len(seeds),
+                     "fraction": fractions[0] if fractions else None,
+                     "clean_loss": clean["loss"], "clean_top1": clean["top1"], **stats,
+                     "note": "; ".join(notes)})
+    return pa.Table.from_pylist(rows, schema=TABLE1_SCHEMA)
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:+.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def format_table1(t1: pa.Table, census: pa.Table | None = None) -> str:
+    """Table 1 as text; with a census, the near-dead channels of each model and their max."""
+    head = f"{'model':<14}{'layer':<7}{'inactive':>9}  {'ΔL':<20}{'ΔL_rnd':<20}{'control ΔL':<20}"
+    lines = ["Table 1: validation loss change from ReLU(N(0,1)) noise, mean ± std over seeds",
+             head, "-" * len(head)]
+    for r in t1.to_pylist():
+        lines.append(f"{r['model']:<14}{r['layer']:<7}{r['inactive']:>5}/{r['channels']:<3}  "
+                     f"{_pm(r['delta_loss_mean'], r['delta_loss_std']):<20}"
+                     f"{_pm(r['delta_loss_rnd_mean'], r['delta_loss_rnd_std']):<20}"
+                     f"{_pm(r['control_delta_loss_mean'], r['control_delta_loss_std']):<20}")
+    for r in t1.to_pylist():
+        lines.append(f"{r['model']}: clean loss {r['clean_loss']:.4f}, top-1 "
+                     f"{r['clean_top1']:.4f} on {r['images']} images, {r['seeds']} seed(s)"
+                     + (f"; {r['note']}" if r["note"] else ""))
+        if census is not None:
+            dead = [c for c in census.to_pylist() if c["model"] == r["model"]
+                    and c["layer"] == r["layer"] and c["near_dead"]]
+            shown = ", ".join(f"{c['channel']} (max {c['max']:.3g}, positive "
+                              f"{100 * c['positive_fraction']:.3g}%)" for c in dead)
+            lines.append(f"  near-dead channels (positive on < {100 * NEAR_DEAD_FRACTION:g}% of "
+                         f"positions): {shown or 'none'}")
+    return "\n".join(lines)

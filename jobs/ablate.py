@@ -1,0 +1,432 @@
+"""Inactive neurons and the noise ablation (the paper's Table 1) as parallel Ray tasks.
+
+1. Census: the inactive channels of --layer (output 0 on every image) come from an analysis
+   output's stimuli/channels.parquet (--from), or from a first parallel pass over the data.
+2. Evaluation: one Ray task per (condition, seed, shard) runs its shard through the model with
+   ReLU(N(0,1)) noise added to the chosen channels of --layer: clean (once), inactive-all,
+   inactive-random (a subset per minibatch), control-active (as many active channels).
+3. Merge as sums; write census.parquet, ablation.parquet, table1.parquet, run.json; print Table 1.
+
+    python -m jobs.ablate --out ./results/ablation                       # demo data, untrained
+    python -m jobs.ablate --data s3://b/imagenet/val --checkpoint s3://b/ckpt/resnet34.pt \\
+        --seeds 3 --shards 64 --out s3://b/results/ablation/resnet34
+
+Shards are cut on --eval-batch boundaries and noise is a function of (seed, image_index), so the
+numbers do not depend on --shards or on the number of workers. Per-task partials under
+<out>/_partials/ make a rerun resume.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, init_ray,
+                         job_parser, log, package_versions, resolve_device)
+
+PROG = "python -m jobs.ablate"
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    out: str                          # output folder (local or s3://)
+    data: str | None = None           # validation source; None: the embedded demo data
+    checkpoint: str | None = None     # None: randomly initialised --model (untrained)
+    model: str | None = None          # architecture; None: the checkpoint's, else resnet34
+    layer: str = "pool1"              # layer whose channels are counted and noised
+    seeds: int = 3                    # noise seeds 0 .. seeds-1
+    fraction: float = 0.5             # inactive-random: each inactive channel kept with this p
+    shards: int = 8                   # evaluation shards (cut on --eval-batch boundaries)
+    eval_batch: int = 256             # minibatch of the global image order (the paper's 256)
+    from_analysis: str | None = None  # analysis output holding stimuli/channels.parquet
+    resize: int | None = None         # None: 256, or the demo's 72 on demo data
+    crop: int | None = None           # None: 224, or the demo's 64 on demo data
+    device: str = "auto"              # auto | cpu | cuda, resolved on each worker
+    gpus_per_task: float | None = None  # None: 1 when the cluster has GPUs and device != cpu
+    cpus_per_task: float = 1.0        # Ray CPUs per task (decoding threads live inside)
+
+    def __post_init__(self) -> None:
+        from pipeline.models import model_names
+
+        if not self.out.strip():
+            raise BadInput("--out is empty; give a local folder or an s3:// URL")
+        if self.model is not None and self.model not in model_names():
+            raise BadInput(f"unknown --model {self.model!r}; allowed: {', '.join(model_names())}")
+        if self.seeds < 1:
+            raise BadInput(f"--seeds must be >= 1, got {self.seeds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise BadInput(f"--fraction must lie in (0, 1], got {self.fraction}")
+        if self.shards < 1:
+            raise BadInput(f"--shards must be >= 1, got {self.shards}")
+        if self.eval_batch < 1:
+            raise BadInput(f"--eval-batch must be >= 1, got {self.eval_batch}")
+        for name, v in (("--resize", self.resize), ("--crop", self.crop)):
+            if v is not None and v < 1:
+                raise BadInput(f"{name} must be a positive integer, got {v}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise BadInput(f"invalid --device {self.device!r}; allowed: auto, cpu, cuda")
+        if self.gpus_per_task is not None and self.gpus_per_task < 0:
+            raise BadInput(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
+        if self.cpus_per_task <= 0:
+            raise BadInput(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "AblateConfig":
+        return cls(out=args.out, data=args.data, checkpoint=args.checkpoint, model=args.model,
+                   layer=args.layer, seeds=args.seeds, fraction=args.fraction,
+                   shards=args.shards, eval_batch=args.eval_batch, from_analysis=args.from_,
+                   resize=args.resize, crop=args.crop, device=args.device,
+                   gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = job_parser("ablate", __doc__)
+    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    p.add_argument("--data", default=None,
+                   help="validation images (folder, s3:// URL or .parquet manifest) with labels; "
+                        "default: the embedded demo data's val/")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint URL (ours or a torchvision state_dict); default: a randomly "
+                        "initialised --model at demo width (untrained: for trying things out)")
+    p.add_argument("--model", default=None,
+                   help="architecture (resnet18/34, plainnet18/34); default: the checkpoint's, "
+                        "else resnet34")
+    p.add_argument("--layer", default="pool1", help="layer whose inactive channels are noised")
+    p.add_argument("--seeds", type=int, default=3, help="number of noise seeds (0 .. N-1)")
+    p.add_argument("--fraction", type=float, default=0.5,
+                   help="inactive-random: probability of keeping each inactive channel, drawn "
+                        "anew per minibatch")
+    p.add_argument("--shards", type=int, default=8,
+                   help="shards of the validation set (cut on --eval-batch boundaries)")
+    p.add_argument("--eval-batch", type=int, default=256,
+                   help="minibatch size of the global image order (inactive-random redraws its "
+                        "subset per minibatch; also the forward batch)")
+    p.add_argument("--from", dest="from_", default=None, metavar="ANALYSIS_OUT",
+                   help="analysis output (jobs.analyze --out) whose stimuli/channels.parquet "
+                        "gives the census; default: a census pass of this job")
+    p.add_argument("--resize", type=int, default=None,
+                   help="shorter side resized to this (default 256; demo data: 72)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="centre crop side (default 224; demo data: 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (resolved on each worker)")
+    p.add_argument("--gpus-per-task", type=float, default=None,
+                   help="GPUs per Ray task (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per Ray task")
+    return p
+
+
+# ---------------------------------------------------------------------------- model spec
+
+def default_model(name: str):
+    """The untrained stand-in used without --checkpoint (as in the other jobs): `name` at the
+    demo width with the demo's class count, initialised under torch.manual_seed(0)."""
+    import torch
+
+    from pipeline.demo import DEMO_CLASSES, DEMO_WIDTH
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(name, num_classes=len(DEMO_CLASSES), width=DEMO_WIDTH).eval()
+
+
+def model_spec(model, preprocess) -> dict[str, Any]:
+    """What a worker needs to rebuild the model: name, width, classes, weights, preprocessing."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    h = hashlib.sha256()
+    for k in sorted(sd):   # a fingerprint of the weights: partials of other weights don't match
+        h.update(k.encode())
+        h.update(sd[k].contiguous().numpy().tobytes())
+    return {"name": model.name, "width": model.width, "num_classes": model.fc.out_features,
+            "preprocess": preprocess.state(), "state_dict": sd, "fingerprint": h.hexdigest()}
+
+
+def _rebuild(spec: dict[str, Any], device: str):
+    from pipeline.models import build_model
+    from pipeline.preprocess import preprocess_from_state
+
+    model = build_model(spec["name"], num_classes=spec["num_classes"], width=spec["width"])
+    model.load_state_dict(spec["state_dict"])
+    return model.eval().to(device), preprocess_from_state(spec["preprocess"])
+
+
+# ---------------------------------------------------------------------------- Ray tasks
+
+def census_task(spec: dict[str, Any], manifest, layer_name: str, start: int, stop: int,
+                eval_batch: int, transform, device: str, partial_url: str) -> dict[str, Any]:
+    """ChannelStats of `layer_name` over images [start, stop); persisted to `partial_url`."""
+    import torch
+
+    from pipeline.accumulators import ChannelStats
+    from pipeline.hooks import capture
+    from pipeline.layers import catalogue
+    from pipeline.sources import iter_batches
+    from pipeline.tables import write_bytes
+
+    device = resolve_device(device)
+    model, preprocess = _rebuild(spec, device)
+    layer = catalogue(model)[layer_name]
+    stats, skipped = ChannelStats(layer.channels), []
+    with torch.no_grad():
+        for batch in iter_batches(manifest, start, stop, eval_batch, transform):
+            skipped += batch.skipped
+            if len(batch):
+                stats.update(capture(model, preprocess(batch.as_float(device)), [layer])[layer.name])
+    state = {"stats": _jsonable(stats.state()), "skipped": skipped, "range": [start, stop]}
+    write_bytes(partial_url, json.dumps(state).encode())
+    return state
+
+
+def eval_task(spec: dict[str, Any], manifest, layer_name: str, plan, start: int, stop: int,
+              eval_batch: int, transform, device: str, partial_url: str) -> dict[str, Any]:
+    """EvalSums of one (condition, seed) plan over images [start, stop); persisted."""
+    import torch
+
+    from pipeline.ablation import EvalSums, evaluate
+    from pipeline.layers import catalogue
+    from pipeline.sources import iter_batches
+    from pipeline.tables import write_bytes
+
+    device = resolve_device(device)
+    model, preprocess = _rebuild(spec, device)
+    layer = catalogue(model)[layer_name]
+    sums, skipped, t0 = EvalSums(eval_batch), [], time.perf_counter()
+    with torch.no_grad():
+        for batch in iter_batches(manifest, start, stop, eval_batch, transform):
+            skipped += batch.skipped
+            if not len(batch):
+                continue
+            x = preprocess(batch.as_float(device))
+            logits = evaluate(model, layer, x, batch.indices, plan)
+            sums.update(logits, batch.labels, batch.indices,
+                        plan.mask(batch.indices, layer.channels) if plan.noisy else None)
+    state = {"sums": sums.state(), "skipped": skipped, "range": [start, stop],
+             "seconds": time.perf_counter() - t0}
+    write_bytes(partial_url, json.dumps(state).encode())
+    return state
+
+
+def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+
+
+def _run_tasks(jobs: list[tuple[str, Any, tuple]], what: str) -> dict[str, dict[str, Any]]:
+    """Run `(partial_url, remote_fn, args)` jobs, reusing partials that exist; {url: state}."""
+    import ray
+
+    from pipeline.tables import exists, read_json
+
+    out: dict[str, dict[str, Any]] = {}
+    pending = {}
+    for url, fn, args in jobs:
+        if exists(url):
+            out[url] = read_json(url)
+        else:
+            pending[fn.remote(*args, url)] = url
+    if len(out):
+        log(f"{what}: {len(out)} of {len(jobs)} tasks resumed from partials")
+    step = max(1, len(jobs) // 10)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            out[pending.pop(ref)] = ray.get(ref)
+            if len(out) % step == 0 or not pending:
+                log(f"{what}: {len(out)}/{len(jobs)} tasks done")
+    return out
+
+
+# ---------------------------------------------------------------------------- driver
+
+def _load(cfg: AblateConfig):
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.preprocess import IMAGENET
+
+    if cfg.checkpoint:
+        loaded = load_checkpoint(cfg.checkpoint, cfg.model)
+        return loaded.model.eval(), loaded.model_name, loaded.preprocess, False
+    name = cfg.model or "resnet34"
+    return default_model(name), name, IMAGENET, True
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before any Ray work starts."""
+
+    cfg: AblateConfig
+    model: Any
+    model_name: str
+    preprocess: Any
+    untrained: bool
+    layer: Any                 # pipeline.layers.Layer
+    data: str
+    transform: Any             # pipeline.sources.EvalTransform
+    manifest: Any              # pipeline.sources.Manifest
+    census: Any = None         # census table from --from, else None (computed by a pass)
+    setup_seconds: float = 0.0
+
+
+def prepare(cfg: AblateConfig) -> Prepared:
+    """Load model, data and (with --from) the census; BadInput/ValueError on bad input."""
+    from pipeline.ablation import census_table
+    from pipeline.demo import demo_transform, ensure_demo_data
+    from pipeline.layers import resolve_layers
+    from pipeline.sources import EvalTransform, build_manifest
+    from pipeline.tables import exists, join, read_table
+
+    t0 = time.perf_counter()
+    check_writable(cfg.out)
+    model, model_name, preprocess, untrained = _load(cfg)
+    if untrained:
+        log(f"WARNING: no --checkpoint: {model_name} is randomly initialised (untrained, "
+            f"width {model.width}); its numbers say nothing about the paper")
+    layers = resolve_layers(model, cfg.layer)
+    if len(layers) != 1 or layers[0].name == "fc":
+        raise BadInput(f"--layer must name one layer with channel maps (conv1, pool1, "
+                       f"conv2 ...), got {cfg.layer!r}")
+    layer = layers[0]
+    demo = cfg.data is None
+    data = join(ensure_demo_data(), "val") if demo else cfg.data
+    base = demo_transform() if demo else EvalTransform()
+    transform = EvalTransform(resize=cfg.resize or base.resize, crop=cfg.crop or base.crop)
+    manifest = build_manifest(data, require_labels=True)
+    labels = manifest.labels
+    classes = model.fc.out_features
+    if int(labels.max()) >= classes or int(labels.min()) < 0:
+        raise BadInput(f"labels of {data} run 0..{int(labels.max())} but {model_name} has "
+                       f"{classes} classes: the model does not cover this data set")
+    census = None
+    if cfg.from_analysis:
+        url = join(cfg.from_analysis, "stimuli", "channels.parquet")
+        if not exists(url):
+            raise BadInput(f"--from {cfg.from_analysis}: {url} does not exist (run "
+                           f"jobs.analyze with --layers {layer.name} first)")
+        census = census_table(read_table(url), model_name, layer.name, layer.channels)
+    return Prepared(cfg, model, model_name, preprocess, untrained, layer, data, transform,
+                    manifest, census, time.perf_counter() - t0)
+
+
+def run(prep: Prepared) -> dict[str, Any]:
+    """Census (unless given), evaluation tasks, merge, tables; returns run.json's content."""
+    import ray
+
+    from pipeline.ablation import (CONDITIONS, EvalSums, ablation_table, census_table,
+                                   format_table1, inactive_channels, make_plan,
+                                   no_inactive_note, table1)
+    from pipeline.accumulators import ChannelStats
+    from pipeline.sources import shard_ranges, write_manifest
+    from pipeline.tables import join, write_json, write_table
+
+    cfg, model, model_name, layer = prep.cfg, prep.model, prep.model_name, prep.layer
+    manifest, transform, data, census = prep.manifest, prep.transform, prep.data, prep.census
+    sw, t_start = Stopwatch(), time.time()
+    n, B = len(manifest), cfg.eval_batch
+    minibatches = math.ceil(n / B)
+    ranges = [(a * B, min(b * B, n)) for a, b in shard_ranges(minibatches, shards=cfg.shards)]
+    spec = model_spec(model, prep.preprocess)
+    key = _key(spec["fingerprint"], model_name, data, n, layer.name, B, ranges, asdict(transform))
+    partials = join(cfg.out, "_partials", f"ablate-{key}")
+    log(f"{model_name} {layer.name}: {n} images from {data}, {len(ranges)} shard(s) of "
+        f"{B}-image minibatches, partials in {partials}")
+
+    init_ray()
+    gpus = cfg.gpus_per_task
+    if gpus is None:
+        gpus = 1.0 if cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    opts = dict(num_cpus=cfg.cpus_per_task, num_gpus=gpus, max_retries=2, retry_exceptions=True)
+    spec_ref, manifest_ref = ray.put(spec), ray.put(manifest)
+    skipped: dict[int, tuple] = {}
+
+    with sw("census"):
+        if census is None:
+            fn = ray.remote(census_task).options(**opts)
+            jobs = [(join(partials, "census", f"shard-{i:05d}.json"), fn,
+                     (spec_ref, manifest_ref, layer.name, a, b, B, transform, cfg.device))
+                    for i, (a, b) in enumerate(ranges)]
+            states = _run_tasks(jobs, "census")
+            stats = ChannelStats(layer.channels)
+            for url, *_ in jobs:
+                stats.merge(ChannelStats.from_state(states[url]["stats"]))
+                skipped.update({s[0]: tuple(s) for s in states[url]["skipped"]})
+            census = census_table(stats.to_table(model_name, layer.name), model_name,
+                                  layer.name, layer.channels)
+            census_source = "census pass"
+        else:
+            census_source = f"{cfg.from_analysis}/stimuli/channels.parquet"
+    inactive = inactive_channels(census)
+    log(f"{layer.name}: {len(inactive)} of {layer.channels} channels inactive "
+        f"({census_source}): {inactive}")
+
+    seeds = list(range(cfg.seeds))
+    plans = [make_plan("clean", 0, inactive, layer.channels)]
+    if inactive:
+        plans += [make_plan(c, s, inactive, layer.channels, cfg.fraction, B)
+                  for c in CONDITIONS[1:] for s in seeds]
+    else:
+        log(no_inactive_note(layer.name))
+    with sw("evaluate"):
+        fn = ray.remote(eval_task).options(**opts)
+        ekey = _key(inactive, cfg.fraction)
+        jobs, owner = [], {}
+        for plan in plans:
+            for i, (a, b) in enumerate(ranges):
+                url = join(partials, f"eval-{ekey}", f"{plan.condition}_seed{plan.seed}",
+                           f"shard-{i:05d}.json")
+                jobs.append((url, fn, (spec_ref, manifest_ref, layer.name, plan, a, b, B,
+                                       transform, cfg.device)))
+                owner[url] = plan
+        states = _run_tasks(jobs, "evaluate")
+    merged = {plan: EvalSums(B) for plan in plans}
+    for url, *_ in jobs:
+        merged[owner[url]].merge(EvalSums.from_state(states[url]["sums"]))
+        skipped.update({s[0]: tuple(s) for s in states[url]["skipped"]})
+    results = [(plan, merged[plan].totals()) for plan in plans]
+
+    with sw("write"):
+        ablation = ablation_table(model_name, layer.name, inactive, cfg.fraction, results, seeds)
+        t1 = table1(ablation, census)
+        write_manifest(manifest, join(cfg.out, "manifest.parquet"))
+        write_table(census, join(cfg.out, "census.parquet"))
+        write_table(ablation, join(cfg.out, "ablation.parquet"))
+        write_table(t1, join(cfg.out, "table1.parquet"))
+        evaluated = sum(t["images"] for _, t in results)
+        eval_s = sw.seconds.get("evaluate", 0.0)
+        run_info = {
+            "job": "ablate", "config": asdict(cfg), "versions": package_versions(),
+            "model": model_name, "untrained": prep.untrained, "data": data,
+            "transform": asdict(transform), "layer": layer.name,
+            "counts": {"images": n, "images_read": n - len(skipped),
+                       "images_skipped": len(skipped), "shards": len(ranges),
+                       "minibatches": minibatches, "evaluations": len(plans),
+                       "tasks": len(jobs) + (len(ranges) if census_source == "census pass" else 0)},
+            "skipped": [list(s) for s in sorted(skipped.values())][:1000],
+            "census_source": census_source, "inactive_channels": inactive,
+            "seconds": {"setup": prep.setup_seconds, **sw.seconds,
+                        "total": prep.setup_seconds + time.time() - t_start},
+            "throughput": {"evaluate_images_per_s": evaluated / eval_s if eval_s else None},
+        }
+        write_json(join(cfg.out, "run.json"), run_info)
+    print(format_table1(t1, census), flush=True)
+    log(f"wrote census.parquet, ablation.parquet, table1.parquet, run.json to {cfg.out}")
+    return run_info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with bad_input_exits(PROG):
+        prep = prepare(AblateConfig.from_args(args))
+    run(prep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
