@@ -1,0 +1,581 @@
+"""Neuron-type census: orientation-selective, double-opponent, single-opponent or other, per channel.
+
+For every channel and every available pattern — the first-conv filter (from a checkpoint), the
+mean preferred stimulus of each analysed layer (stimuli/mean.parquet) and the activation-
+maximization image (actmax.parquet) — measures orientation selectivity and opponent colour
+(`pipeline.neuron_types`) and assigns a type; the same thresholds for every model.
+
+    python -m jobs.neuron_types --from ./results/analysis/resnet34 --from ./results/analysis/plainnet34 \
+        --actmax ./results/actmax --checkpoint ./results/train/resnet34/model.pt --out ./results/neuron_types
+    python -m jobs.neuron_types --from ./results --out ./results/neuron_types   # a jobs.reproduce root
+
+--from is an analysis output (stimuli/mean.parquet at its top) or a jobs.reproduce root
+(analysis/<model>/stimuli/mean.parquet; there actmax/actmax.parquet and train/<model>/model.pt
+are found too unless --actmax / --checkpoint are given). Writes <out>/neuron_types.parquet,
+<out>/summary.parquet and <out>/run.json, and prints the summary. Patterns are measured in Ray
+tasks of at most --chunk patterns each, every task reading only its own rows.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, init_ray, job_parser,
+                         log, package_versions)
+
+PROG = "python -m jobs.neuron_types"
+SOURCES = ("filter", "mean", "actmax")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+NEUTRALS = {"gray": (0.5, 0.5, 0.5), "imagenet": IMAGENET_MEAN}
+# Patterns per task when --chunk is 0: keeps one task's padded FFT near 2**23 complex values.
+_FFT_BUDGET = 2 ** 23
+
+OUT_SCHEMA = pa.schema([
+    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
+    ("source", pa.string()), ("size", pa.int32()),
+    ("osi", pa.float64()), ("orientation_deg", pa.float64()),
+    ("chromatic_fraction", pa.float64()), ("opponent_axis", pa.string()),
+    ("double_opponent_score", pa.float64()), ("double_opponent", pa.bool_()),
+    ("orientation_selective", pa.bool_()), ("energy", pa.float64()),
+    ("neutral", pa.list_(pa.float32())), ("type", pa.string()),
+])
+SUMMARY_SCHEMA = pa.schema([
+    ("model", pa.string()), ("layer", pa.string()), ("source", pa.string()),
+    ("type", pa.string()), ("count", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class NeuronTypesConfig:
+    out: str                                   # output folder (local or s3://)
+    sources_from: tuple[str, ...] = ()         # analysis outputs or reproduce roots (--from)
+    actmax: tuple[str, ...] = ()               # actmax outputs (folder with actmax.parquet)
+    checkpoints: tuple[str, ...] = ()          # checkpoint URLs, optionally MODEL=URL
+    sources: tuple[str, ...] | None = None     # None: every source that has inputs
+    osi_threshold: float = 0.5                 # orientation-selective when osi >= this
+    chromatic_threshold: float = 1 / 3         # colour when chromatic energy share >= this
+    double_opponent_threshold: float = 0.5     # double-opponent when the score >= this
+    neuron: str = "center"                     # which mean stimulus: 'center' | 'all'
+    neutral: str = "auto"                      # auto | gray | imagenet | R,G,B
+    chunk: int = 0                             # patterns per Ray task (0: by FFT size)
+
+    def __post_init__(self) -> None:
+        if not self.out.strip():
+            raise BadInput("--out is empty; give a local folder or an s3:// URL")
+        if self.sources is not None:
+            if not self.sources:
+                raise BadInput(f"--sources is empty; allowed: {', '.join(SOURCES)}")
+            for s in self.sources:
+                if s not in SOURCES:
+                    raise BadInput(f"unknown source {s!r} in --sources; allowed: {', '.join(SOURCES)}")
+        wants_mean = self.sources is None or "mean" in self.sources
+        if wants_mean and not self.sources_from:
+            raise BadInput("--from is required for the 'mean' source; give an analysis output folder")
+        if self.sources is not None and "actmax" in self.sources and not (self.actmax or self.sources_from):
+            raise BadInput("--sources has 'actmax' but no --actmax folder was given")
+        if self.sources is not None and "filter" in self.sources and not (self.checkpoints or self.sources_from):
+            raise BadInput("--sources has 'filter' but no --checkpoint was given")
+        if self.neuron not in ("center", "all"):
+            raise BadInput(f"invalid --neuron {self.neuron!r}; allowed: center, all")
+        parse_neutral(self.neutral)
+        if self.chunk < 0:
+            raise BadInput(f"--chunk must be >= 0 (0: automatic), got {self.chunk}")
+        try:
+            self.thresholds()
+        except ValueError as e:
+            raise BadInput(f"{e} (flags --osi-threshold, --chromatic-threshold, "
+                           "--double-opponent-threshold)") from None
+
+    def thresholds(self):
+        from pipeline.neuron_types import Thresholds
+
+        return Thresholds(osi=self.osi_threshold, chromatic=self.chromatic_threshold,
+                          double_opponent=self.double_opponent_threshold)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "NeuronTypesConfig":
+        sources = None
+        if args.sources is not None:
+            sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+        return cls(out=args.out, sources_from=tuple(args.sources_from or ()),
+                   actmax=tuple(args.actmax or ()), checkpoints=tuple(args.checkpoint or ()),
+                   sources=sources, osi_threshold=args.osi_threshold,
+                   chromatic_threshold=args.chromatic_threshold,
+                   double_opponent_threshold=args.double_opponent_threshold,
+                   neuron=args.neuron, neutral=args.neutral, chunk=args.chunk)
+
+
+def parse_neutral(spec: str) -> tuple[float, float, float] | None:
+    """'auto' -> None (decided per source and model); 'gray' | 'imagenet' | 'R,G,B' -> RGB."""
+    if spec == "auto":
+        return None
+    if spec in NEUTRALS:
+        return NEUTRALS[spec]
+    try:
+        rgb = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0.0 <= v <= 1.0 for v in rgb):
+        raise BadInput(f"invalid --neutral {spec!r}; allowed: auto, gray, imagenet or R,G,B "
+                       "with each value in [0, 1]")
+    return rgb  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = job_parser("neuron_types", __doc__)
+    p.add_argument("--from", dest="sources_from", action="append", metavar="URL",
+                   help="analysis output (stimuli/mean.parquet) or jobs.reproduce root; repeatable")
+    p.add_argument("--actmax", action="append", metavar="URL",
+                   help="activation-maximization output folder (actmax.parquet); repeatable")
+    p.add_argument("--checkpoint", action="append", metavar="[MODEL=]URL",
+                   help="checkpoint whose first-conv filters to measure, one per model; "
+                        "MODEL=URL names the architecture of a plain torchvision state_dict")
+    p.add_argument("--sources", default=None,
+                   help="comma list of filter, mean, actmax; unset: every source that has inputs")
+    p.add_argument("--osi-threshold", type=float, default=0.5,
+                   help="orientation-selective when the orientation selectivity index is >= this")
+    p.add_argument("--chromatic-threshold", type=float, default=1 / 3,
+                   help="a colour pattern when its chromatic share of the energy is >= this")
+    p.add_argument("--double-opponent-threshold", type=float, default=0.5,
+                   help="double-opponent (if a colour pattern) when the double-opponent score is >= this")
+    p.add_argument("--neuron", default="center",
+                   help="which mean preferred stimulus of stimuli/mean.parquet: center or all")
+    p.add_argument("--neutral", default="auto",
+                   help="colour with nothing preferred, the origin of the colour measures of mean "
+                        "and actmax patterns: auto (the checkpoint's preprocessing mean, else the "
+                        "ImageNet mean; actmax PNGs: their border colour), gray, imagenet or R,G,B")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="patterns per Ray task (0: as many as fit a fixed FFT memory budget)")
+    p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    return p
+
+
+# ----------------------------------------------------------------------------- input discovery
+@dataclass
+class Inputs:
+    mean: list[str] = field(default_factory=list)          # mean.parquet URLs
+    actmax: list[str] = field(default_factory=list)        # actmax.parquet URLs
+    checkpoints: list[tuple[str | None, str]] = field(default_factory=list)   # (model, url)
+
+
+def _subdirs(url: str) -> list[str]:
+    from pipeline.tables import fs_path
+
+    fs, path = fs_path(url)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
+                  if fs.isdir(p))
+
+
+def _checkpoint_arg(spec: str) -> tuple[str | None, str]:
+    from pipeline.models import model_names
+
+    m = re.match(r"^([a-z]+\d+)=(.+)$", spec)
+    if m and m.group(1) in model_names():
+        return m.group(1), m.group(2)
+    return None, spec
+
+
+def discover(cfg: NeuronTypesConfig) -> Inputs:
+    """Resolve --from / --actmax / --checkpoint into table and checkpoint URLs (BadInput if absent)."""
+    from pipeline.tables import exists, join
+
+    found = Inputs()
+    reproduce_roots = []
+    for url in cfg.sources_from:
+        if exists(join(url, "stimuli", "mean.parquet")):
+            found.mean.append(join(url, "stimuli", "mean.parquet"))
+            continue
+        models = [m for m in _subdirs(join(url, "analysis"))
+                  if exists(join(url, "analysis", m, "stimuli", "mean.parquet"))]
+        if models:
+            found.mean += [join(url, "analysis", m, "stimuli", "mean.parquet") for m in models]
+            reproduce_roots.append(url)
+        elif cfg.sources is None or "mean" in cfg.sources:
+            raise BadInput(f"no mean table under --from {url}: expected {join(url, 'stimuli', 'mean.parquet')} "
+                           f"or {join(url, 'analysis')}/<model>/stimuli/mean.parquet")
+        else:
+            reproduce_roots.append(url)
+    for url in cfg.actmax:
+        if exists(join(url, "actmax.parquet")):
+            found.actmax.append(join(url, "actmax.parquet"))
+        elif url.endswith(".parquet") and exists(url):
+            found.actmax.append(url)
+        else:
+            raise BadInput(f"no actmax table at --actmax {url}: expected {join(url, 'actmax.parquet')}")
+    for spec in cfg.checkpoints:
+        model, url = _checkpoint_arg(spec)
+        if not exists(url):
+            raise BadInput(f"checkpoint not found: --checkpoint {url}")
+        found.checkpoints.append((model, url))
+    # A reproduce root also holds the other inputs; explicit flags win.
+    for root in reproduce_roots:
+        if not cfg.actmax and exists(join(root, "actmax", "actmax.parquet")):
+            found.actmax.append(join(root, "actmax", "actmax.parquet"))
+        if not cfg.checkpoints:
+            for m in _subdirs(join(root, "train")):
+                if exists(join(root, "train", m, "model.pt")):
+                    found.checkpoints.append((m, join(root, "train", m, "model.pt")))
+    return found
+
+
+# ----------------------------------------------------------------------------- the work units
+@dataclass(frozen=True)
+class Task:
+    """One chunk of patterns of one (source, model, layer); the worker reads its own rows."""
+
+    source: str                                  # 'mean' | 'actmax'
+    url: str                                     # the Parquet table
+    model: str
+    layer: str
+    channels: tuple[int, int]                    # [lo, hi)
+    neuron: str | None                           # mean: 'center' | 'all'
+    neutral: tuple[float, float, float] | None   # None (actmax PNG): the image's border colour
+    preprocess: dict | None                      # actmax: invert `input` with it when present
+    thresholds: tuple[float, float, float]       # osi, chromatic, double_opponent
+
+
+def _read_rows(url: str, columns: list[str], filters: list[tuple]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from pipeline.tables import fs_path
+
+    fs, path = fs_path(url)
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters or None)
+
+
+def _columns(url: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from pipeline.tables import fs_path
+
+    fs, path = fs_path(url)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+def _border_colour(rgb: np.ndarray) -> tuple[float, float, float]:
+    # The paper's zero-start optimisation leaves every pixel outside the centre neuron's RF at
+    # its start value, the data's mean colour: the outermost ring of the image shows it.
+    ring = np.concatenate([rgb[:, 0, :], rgb[:, -1, :], rgb[:, :, 0], rgb[:, :, -1]], axis=1)
+    return tuple(float(v) for v in np.median(ring, axis=1))  # type: ignore[return-value]
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return np.asarray(img, dtype=np.float64).transpose(2, 0, 1) / 255.0
+
+
+def _patterns(task: Task) -> tuple[np.ndarray, list[np.ndarray], list[tuple | None]]:
+    """(channels, patterns (3, s, s) each, neutral per pattern) of one task."""
+    lo, hi = task.channels
+    filters = [("model", "=", task.model), ("layer", "=", task.layer),
+               ("channel", ">=", lo), ("channel", "<", hi)]
+    if task.source == "mean":
+        t = _read_rows(task.url, ["channel", "size", "mean"], filters + [("neuron", "=", task.neuron)])
+        channels = t.column("channel").to_numpy()
+        sizes = t.column("size").to_numpy()
+        pats = []
+        for ch, s, values in zip(channels, sizes, t.column("mean").to_pylist()):
+            arr = np.asarray(values if values is not None else [], dtype=np.float64)
+            if arr.size != 3 * int(s) * int(s):
+                raise BadInput(f"{task.url}: mean of {task.model} {task.layer} channel {ch} has "
+                               f"{arr.size} values, expected 3*size*size = {3 * int(s) * int(s)}")
+            pats.append(arr.reshape(3, int(s), int(s)))
+        return channels, pats, [task.neutral] * len(pats)
+    names = set(_columns(task.url))
+    use_input = "input" in names and task.preprocess is not None
+    cols = ["channel", "input" if use_input else "image"]
+    t = _read_rows(task.url, cols, filters)
+    channels = t.column("channel").to_numpy()
+    pats, neutrals = [], []
+    if use_input:
+        import torch
+
+        from pipeline.preprocess import preprocess_from_state
+
+        pre = preprocess_from_state(task.preprocess)
+        for ch, values in zip(channels, t.column("input").to_pylist()):
+            arr = np.asarray(values, dtype=np.float32)
+            side = int(round(np.sqrt(arr.size / 3)))
+            if 3 * side * side != arr.size:
+                raise BadInput(f"{task.url}: input of {task.model} {task.layer} channel {ch} "
+                               f"has {arr.size} values, not 3*H*H")
+            x = torch.from_numpy(arr.reshape(1, 3, side, side)).double()
+            pats.append(pre.inverse(x)[0].numpy())
+            zero = pre.inverse(torch.zeros(1, 3, 1, 1, dtype=torch.float64))[0, :, 0, 0]
+            neutrals.append(task.neutral or tuple(float(v) for v in zero))
+    else:
+        for data in t.column("image").to_pylist():
+            rgb = _decode_png(data)
+            pats.append(rgb)
+            neutrals.append(task.neutral or _border_colour(rgb))
+    return channels, pats, neutrals
+
+
+def measure_rows(model: str, layer: str, source: str, channels: Sequence[int],
+                 patterns: Sequence[np.ndarray], neutrals: Sequence[tuple | None],
+                 thresholds) -> pa.Table:
+    """Measure patterns (same-size runs batched together) into rows of OUT_SCHEMA."""
+    from pipeline.neuron_types import measure_batch
+
+    n = len(patterns)
+    cols: dict[str, list] = {k: [None] * n for k in OUT_SCHEMA.names}
+    # Batch patterns that share size and neutral: one vectorised FFT per group.
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, nt) in enumerate(zip(patterns, neutrals)):
+        groups.setdefault((p.shape, nt), []).append(i)
+    for (shape, nt), idx in groups.items():
+        res = measure_batch(np.stack([patterns[i] for i in idx]), nt, thresholds)
+        for j, i in enumerate(idx):
+            for k in ("osi", "orientation_deg", "chromatic_fraction", "opponent_axis",
+                      "double_opponent_score", "double_opponent", "orientation_selective",
+                      "energy", "type"):
+                v = res[k][j]
+                cols[k][i] = v.item() if hasattr(v, "item") else v
+            cols["size"][i] = int(shape[-1])
+            cols["neutral"][i] = [0.0, 0.0, 0.0] if nt is None else [float(v) for v in nt]
+    cols["model"] = [model] * n
+    cols["layer"] = [layer] * n
+    cols["source"] = [source] * n
+    cols["channel"] = [int(c) for c in channels]
+    for k in ("osi", "orientation_deg", "chromatic_fraction", "double_opponent_score", "energy"):
+        cols[k] = [None if v is None or not np.isfinite(v) else v for v in cols[k]]
+    return pa.table(cols, schema=OUT_SCHEMA)
+
+
+def run_task(task: Task) -> pa.Table:
+    """The unit of work: read one chunk, measure it, return its rows."""
+    from pipeline.neuron_types import Thresholds
+
+    channels, pats, neutrals = _patterns(task)
+    t = Thresholds(*task.thresholds)
+    return measure_rows(task.model, task.layer, task.source, channels, pats, neutrals, t)
+
+
+# ----------------------------------------------------------------------------- the driver
+def _chunk_for(size: int, chunk: int) -> int:
+    if chunk > 0:
+        return chunk
+    pad = max(64, 2 * size)
+    return int(min(512, max(1, _FFT_BUDGET // (pad * pad))))
+
+
+def _layer_key(layer: str) -> tuple[int, str]:
+    if layer == "conv1":
+        return (0, layer)
+    if layer == "pool1":
+        return (1, layer)
+    m = re.match(r"^conv(\d+)$", layer)
+    return (int(m.group(1)), layer) if m else (10 ** 6, layer)
+
+
+def _model_key(model: str) -> tuple[str, int]:
+    m = re.match(r"^([a-z]+)(\d+)$", model)
+    # resnet before plainnet: the paper's order.
+    return ((0 if m.group(1) == "resnet" else 1, int(m.group(2)), model) if m else (2, 0, model))  # type: ignore[return-value]
+
+
+def load_filters(inputs: Inputs) -> tuple[dict[str, dict], list[tuple[str, np.ndarray, dict]]]:
+    """Preprocessing state per model and (model, RGB filters, preprocessing) per checkpoint."""
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.neuron_types import filter_to_rgb
+
+    prep: dict[str, dict] = {}
+    filters = []
+    for model, url in inputs.checkpoints:
+        try:
+            loaded = load_checkpoint(url, model)
+        except CheckpointError as e:
+            raise BadInput(str(e)) from None
+        if loaded.model_name in prep:
+            raise BadInput(f"two checkpoints for {loaded.model_name}; give one --checkpoint per model")
+        state = loaded.preprocess.state()
+        prep[loaded.model_name] = state
+        w = loaded.model.conv1.weight.detach().double().numpy()
+        filters.append((loaded.model_name, filter_to_rgb(w, state), state))
+    return prep, filters
+
+
+def plan(cfg: NeuronTypesConfig, inputs: Inputs, prep: dict[str, dict]) -> list[Task]:
+    """Cut the mean and actmax tables into tasks; the driver reads only their key columns."""
+    import pyarrow.compute as pc
+
+    fixed = parse_neutral(cfg.neutral)
+    th = (cfg.osi_threshold, cfg.chromatic_threshold, cfg.double_opponent_threshold)
+    tasks: list[Task] = []
+    wants = set(cfg.sources) if cfg.sources is not None else set(SOURCES)
+    seen: dict[tuple[str, str, str], str] = {}
+
+    def claim(source: str, model: str, layer: str, url: str) -> None:
+        key = (source, model, layer)
+        if key in seen and seen[key] != url:
+            raise BadInput(f"{model} {layer} ({source}) appears in both {seen[key]} and {url}; "
+                           "give each model's output once")
+        seen[key] = url
+
+    if "mean" in wants:
+        for url in inputs.mean:
+            names = _columns(url)
+            missing = {"model", "layer", "channel", "neuron", "size", "mean"} - set(names)
+            if missing:
+                raise BadInput(f"{url} is not a mean table: lacks column(s) {', '.join(sorted(missing))}")
+            keys = _read_rows(url, ["model", "layer", "channel", "neuron", "size"], [])
+            present = sorted(set(keys.column("neuron").to_pylist()))
+            keys = keys.filter(pc.equal(keys.column("neuron"), cfg.neuron))
+            if keys.num_rows == 0:
+                raise BadInput(f"{url} has no rows for --neuron {cfg.neuron}; it holds: "
+                               f"{', '.join(present) or 'no rows'}")
+            tasks += _split(keys, "mean", url, cfg, th, prep, fixed, claim)
+    if "actmax" in wants:
+        for url in inputs.actmax:
+            names = _columns(url)
+            missing = {"model", "layer", "channel", "image"} - set(names)
+            if missing:
+                raise BadInput(f"{url} is not an actmax table: lacks column(s) {', '.join(sorted(missing))}")
+            keys = _read_rows(url, ["model", "layer", "channel"], [])
+            tasks += _split(keys, "actmax", url, cfg, th, prep, fixed, claim)
+    return tasks
+
+
+def _split(keys: pa.Table, source: str, url: str, cfg: NeuronTypesConfig, th, prep, fixed, claim
+           ) -> list[Task]:
+    df = keys.to_pandas()
+    tasks = []
+    for (model, layer), g in df.groupby(["model", "layer"], sort=False):
+        claim(source, model, layer, url)
+        size = int(g["size"].max()) if "size" in g else 224
+        if source == "mean":
+            neutral = fixed or tuple(prep.get(model, {}).get("mean", IMAGENET_MEAN))
+            pre = None
+        else:
+            pre = prep.get(model)
+            # Exact path (input + preprocessing): the neutral is the preprocessing's zero; the
+            # PNG path (display-stretched) takes the image's border colour unless one is given.
+            neutral = fixed
+        chans = np.sort(g["channel"].to_numpy())
+        step = _chunk_for(size, cfg.chunk)
+        for i in range(0, len(chans), step):
+            part = chans[i:i + step]
+            tasks.append(Task(source, url, model, layer, (int(part[0]), int(part[-1]) + 1),
+                              cfg.neuron if source == "mean" else None, neutral, pre, th))
+    return tasks
+
+
+def summarise(rows: pa.Table) -> pa.Table:
+    """Count of each type per (model, layer, source), zero counts included."""
+    from pipeline.neuron_types import TYPES
+
+    df = rows.select(["model", "layer", "source", "type"]).to_pandas()
+    out = []
+    for (model, layer, source), g in df.groupby(["model", "layer", "source"], sort=False):
+        counts = g["type"].value_counts()
+        for kind in TYPES:
+            out.append((model, layer, source, kind, int(counts.get(kind, 0))))
+    out.sort(key=lambda r: (SOURCES.index(r[2]), _layer_key(r[1]), _model_key(r[0]), TYPES.index(r[3])))
+    cols = list(zip(*out)) if out else [[], [], [], [], []]
+    return pa.table(dict(zip(SUMMARY_SCHEMA.names, map(list, cols))), schema=SUMMARY_SCHEMA)
+
+
+def format_summary(summary: pa.Table) -> str:
+    """A printable table: one line per (source, layer, model), one column per type."""
+    from pipeline.neuron_types import TYPES
+
+    df = summary.to_pandas()
+    if df.empty:
+        return "(no patterns)"
+    piv = df.pivot_table(index=["source", "layer", "model"], columns="type", values="count",
+                         aggfunc="sum", fill_value=0)
+    piv = piv.reindex(columns=[t for t in TYPES if t in piv.columns])
+    piv["total"] = piv.sum(axis=1)
+    order = sorted(piv.index, key=lambda k: (SOURCES.index(k[0]), _layer_key(k[1]), _model_key(k[2])))
+    return piv.loc[order].to_string()
+
+
+def run(cfg: NeuronTypesConfig) -> dict:
+    import ray
+
+    from pipeline.tables import join, write_json, write_table
+
+    sw = Stopwatch()
+    t0 = time.time()
+    with sw("discover"):
+        inputs = discover(cfg)
+        wants = set(cfg.sources) if cfg.sources is not None else set(SOURCES)
+        if cfg.sources is not None:
+            if "actmax" in wants and not inputs.actmax:
+                raise BadInput("--sources has 'actmax' but no actmax table was found; give --actmax")
+            if "filter" in wants and not inputs.checkpoints:
+                raise BadInput("--sources has 'filter' but no checkpoint was found; give --checkpoint")
+        prep, filters = load_filters(inputs)
+        tasks = plan(cfg, inputs, prep)
+    check_writable(cfg.out)
+    for source, have in (("filter", bool(filters)), ("actmax", bool(inputs.actmax))):
+        if source in wants and not have:
+            log(f"neuron_types: no {source} input, skipping the '{source}' source")
+    parts: list[pa.Table] = []
+    with sw("filter"):
+        if "filter" in wants:
+            th = cfg.thresholds()
+            for model, w_rgb, _ in filters:
+                # A filter's neutral is zero: equal weights on R, G, B are already achromatic.
+                parts.append(measure_rows(model, "conv1", "filter", range(len(w_rgb)), list(w_rgb),
+                                          [None] * len(w_rgb), th))
+    with sw("measure"):
+        if tasks:
+            init_ray()
+            remote = ray.remote(num_cpus=1, max_retries=2)(run_task)
+            refs = [remote.remote(t) for t in tasks]
+            log(f"neuron_types: {len(tasks)} task(s) over {len({(t.source, t.model, t.layer) for t in tasks})} "
+                f"(source, model, layer) group(s)")
+            try:
+                parts += ray.get(refs)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
+                if isinstance(cause, BadInput):
+                    raise cause from None
+                raise
+    rows = pa.concat_tables(parts) if parts else OUT_SCHEMA.empty_table()
+    keys = list(zip(*(rows.column(c).to_pylist() for c in ("source", "model", "layer", "channel"))))
+    order = sorted(range(rows.num_rows), key=lambda i: (
+        SOURCES.index(keys[i][0]), _model_key(keys[i][1]), _layer_key(keys[i][2]), keys[i][3]))
+    rows = rows.take(pa.array(order, type=pa.int64()))
+    summary = summarise(rows)
+    with sw("write"):
+        write_table(rows, join(cfg.out, "neuron_types.parquet"), OUT_SCHEMA)
+        write_table(summary, join(cfg.out, "summary.parquet"), SUMMARY_SCHEMA)
+        info = {
+            "job": "neuron_types",
+            "config": asdict(cfg),
+            "inputs": {"mean": inputs.mean, "actmax": inputs.actmax,
+                       "checkpoints": [u for _, u in inputs.checkpoints]},
+            "counts": {"patterns": rows.num_rows, "tasks": len(tasks)},
+            "versions": package_versions(),
+            "wall_s": time.time() - t0,
+            "stages_s": sw.seconds,
+        }
+        write_json(join(cfg.out, "run.json"), info)
+    print(format_summary(summary), flush=True)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with bad_input_exits(PROG):
+        cfg = NeuronTypesConfig.from_args(args)
+        run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""jobs.neuron_types end to end: tables in the DESIGN schema, a real checkpoint, local Ray, S3."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from jobs import neuron_types as job
+from pipeline.accumulators import MEAN_SCHEMA
+from pipeline.actmax import display_images, png_bytes
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.models import build_model
+from pipeline.neuron_types import TYPES, filter_to_rgb, measure_batch
+from pipeline.preprocess import WhiteningStats
+from pipeline.tables import exists, read_json, read_table, write_table
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+EXPECTED = ["orientation-selective", "double-opponent", "single-opponent", "other", "empty"]
+SIZES = {"pool1": 11, "conv3": 27}   # resnet18 receptive fields
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    # The S3 server's AWS_* variables must be set before Ray starts, so its workers inherit them.
+    import ray
+
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=200 * 1024 ** 2)
+    yield
+    ray.shutdown()
+
+
+def grid(s: int):
+    r, c = np.mgrid[0:s, 0:s] - (s - 1) / 2
+    return c, -r
+
+
+def patterns(s: int, neutral) -> list[np.ndarray]:
+    """Known answers, in EXPECTED's order, drawn on a background of the neutral colour."""
+    x, y = grid(s)
+    rad = np.hypot(x, y)
+    n = np.asarray(neutral, dtype=np.float64)[:, None, None]
+    base = np.repeat(n, s, 1).repeat(s, 2)
+    t = np.radians(30)
+    sigma, period = max(s / 5, 1.8), max(s / 3, 3.5)
+    gab = np.exp(-rad ** 2 / (2 * sigma ** 2)) * np.cos(2 * np.pi * (-np.sin(t) * x + np.cos(t) * y) / period)
+    red_green = np.array([0.3, -0.3, 0.0])[:, None, None]
+    centre, ring = rad < s / 6, (rad >= s / 6) & (rad < s / 6 * np.sqrt(2))
+    return [
+        base + 0.3 * gab[None],
+        base + red_green * centre - red_green * ring,
+        base + red_green * (rad < s / 5),
+        base + 0.3 * np.exp(-rad ** 2 / (2 * (s / 6) ** 2))[None],
+        np.full((3, s, s), np.nan),          # a channel that never fired
+    ]
+
+
+def mean_table(model: str, neutral) -> pa.Table:
+    rows = {k: [] for k in MEAN_SCHEMA.names}
+    for layer, s in SIZES.items():
+        for neuron in ("center", "all"):
+            pats = patterns(s, neutral)
+            if neuron == "all":      # different answers, so that --neuron is seen to select
+                pats = pats[::-1]
+            for ch, p in enumerate(pats):
+                seen = np.isfinite(p)
+                rows["model"].append(model)
+                rows["layer"].append(layer)
+                rows["channel"].append(ch)
+                rows["neuron"].append(neuron)
+                rows["count"].append(0 if not seen.any() else 40)
+                rows["images"].append(40)
+                rows["size"].append(s)
+                rows["mean"].append(p.astype(np.float32).ravel().tolist())
+                rows["weight"].append(np.where(seen, 40.0, 0.0).ravel().tolist())
+                rows["sum"].append(np.where(seen, 40.0 * p, 0.0).ravel().tolist())
+    return pa.table(rows, schema=MEAN_SCHEMA)
+
+
+def embed(p: np.ndarray, neutral, size: int = 64) -> np.ndarray:
+    """A pattern at the centre of a size x size image of the neutral colour (NaN -> neutral)."""
+    out = np.repeat(np.asarray(neutral, dtype=np.float64)[:, None, None], size, 1).repeat(size, 2)
+    s = p.shape[-1]
+    lo = size // 2 - s // 2
+    out[:, lo:lo + s, lo:lo + s] = np.where(np.isfinite(p), p, out[:, lo:lo + s, lo:lo + s])
+    return out
+
+
+def actmax_table(items) -> pa.Table:
+    """items: (model, preprocess, neutral). PNG image stretched for display, as jobs.actmax does."""
+    rows = {k: [] for k in ("model", "layer", "channel", "steps", "objective_start",
+                            "objective_end", "image", "input")}
+    for model, pre, neutral in items:
+        rgb = torch.from_numpy(np.stack([embed(p, neutral) for p in patterns(27, neutral)]))
+        inp = pre(rgb)
+        images = display_images(inp, pre)
+        for ch in range(len(rgb)):
+            rows["model"].append(model)
+            rows["layer"].append("conv3")
+            rows["channel"].append(ch)
+            rows["steps"].append(31)
+            rows["objective_start"].append(0.0)
+            rows["objective_end"].append(1.0)
+            rows["image"].append(png_bytes(images[ch]))
+            rows["input"].append(inp[ch].float().numpy().ravel().tolist())
+    return pa.table(rows, schema=pa.schema([
+        ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
+        ("steps", pa.int32()), ("objective_start", pa.float32()), ("objective_end", pa.float32()),
+        ("image", pa.binary()), ("input", pa.list_(pa.float32()))]))
+
+
+def zca_checkpoint(url: str) -> tuple:
+    """resnet18 (width 8) whose first filters, mapped to RGB through the ZCA, are known patterns."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[1.0, 0.5, 0.2], [0.2, 1.0, 0.4], [0.1, 0.3, 1.0]], dtype=torch.float64)
+    pix = torch.einsum("ij,njhw->nihw", mix, torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64))
+    pre = WhiteningStats().update(pix * 0.4 + 0.2).fit()
+    model = build_model("resnet18", num_classes=4, width=8)
+    w_rgb = np.stack(patterns(7, (0.0, 0.0, 0.0))[:4] + [np.zeros((3, 7, 7))]
+                     + [np.random.default_rng(1).normal(size=(3, 7, 7)) for _ in range(3)])
+    a = np.asarray(pre.matrix)
+    w = np.einsum("ij,njhw->nihw", np.linalg.inv(a).T, w_rgb)   # so that Aᵀ w = w_rgb
+    with torch.no_grad():
+        model.conv1.weight.copy_(torch.from_numpy(w).float())
+    save_checkpoint(url, model, pre)
+    return pre, w_rgb
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, ray_cluster):
+    """A jobs.reproduce-style root: analysis/<model>/, actmax/, train/resnet18/model.pt."""
+    root = str(tmp_path_factory.mktemp("reproduce"))
+    pre, w_rgb = zca_checkpoint(f"{root}/train/resnet18/model.pt")
+    from pipeline.preprocess import IMAGENET
+
+    write_table(mean_table("resnet18", pre.mean), f"{root}/analysis/resnet18/stimuli/mean.parquet")
+    write_table(mean_table("plainnet18", IMAGENET_MEAN), f"{root}/analysis/plainnet18/stimuli/mean.parquet")
+    # plainnet18 has no checkpoint: its actmax goes the PNG path (border colour = neutral).
+    write_table(actmax_table([("resnet18", pre, pre.mean), ("plainnet18", IMAGENET, IMAGENET_MEAN)]),
+                f"{root}/actmax/actmax.parquet")
+    out = f"{root}/neuron_types"
+    assert job.main(["--from", root, "--out", out]) == 0
+    return root, out, pre, w_rgb
+
+
+def test_types_match_the_known_answers(results, capsys):
+    root, out, pre, w_rgb = results
+    rows = read_table(f"{out}/neuron_types.parquet").to_pandas()
+    for model in ("resnet18", "plainnet18"):
+        for layer in ("pool1", "conv3"):
+            got = rows[(rows.model == model) & (rows.layer == layer) & (rows.source == "mean")]
+            assert got.sort_values("channel")["type"].tolist() == EXPECTED, (model, layer)
+            gabor = got[got.channel == 0].iloc[0]
+            assert abs(gabor.orientation_deg - 30) < 5 and gabor.osi > 0.6
+        got = rows[(rows.model == model) & (rows.source == "actmax")].sort_values("channel")
+        assert got["type"].tolist() == EXPECTED, model
+    do = rows[(rows.source == "mean") & (rows.channel == 1)]
+    assert (do.opponent_axis == "red-green").all() and do.double_opponent.all()
+    # The neutral of the mean stimuli: the checkpoint's ZCA mean, else the ImageNet mean.
+    neutral = {m: np.stack(rows[(rows.model == m) & (rows.source == "mean")].neutral.tolist())
+               for m in ("resnet18", "plainnet18")}
+    np.testing.assert_allclose(neutral["resnet18"], np.broadcast_to(pre.mean, neutral["resnet18"].shape), atol=1e-6)
+    np.testing.assert_allclose(neutral["plainnet18"], np.broadcast_to(IMAGENET_MEAN, neutral["plainnet18"].shape), atol=1e-6)
+
+
+def test_filters_are_measured_in_rgb_through_the_zca(results):
+    root, out, pre, w_rgb = results
+    rows = read_table(f"{out}/neuron_types.parquet").to_pandas()
+    filt = rows[rows.source == "filter"].sort_values("channel")
+    assert filt.model.unique().tolist() == ["resnet18"] and filt.layer.unique().tolist() == ["conv1"]
+    assert filt["type"].tolist()[:5] == EXPECTED
+    # Every row equals the pure measure of the checkpoint's filters mapped to RGB.
+    loaded = load_checkpoint(f"{root}/train/resnet18/model.pt")
+    ref = measure_batch(filter_to_rgb(loaded.model.conv1.weight.detach().numpy(),
+                                      loaded.preprocess.state()), None)
+    np.testing.assert_allclose(filt.chromatic_fraction.to_numpy(), ref["chromatic_fraction"], rtol=1e-5)
+    np.testing.assert_allclose(filt.osi.to_numpy()[:4], ref["osi"][:4], rtol=1e-5)
+    assert filt["type"].tolist() == list(ref["type"])
+
+
+def test_summary_counts_and_printed_table(results):
+    root, out, _, _ = results
+    rows = read_table(f"{out}/neuron_types.parquet").to_pandas()
+    summary = read_table(f"{out}/summary.parquet").to_pandas()
+    assert list(summary.columns) == ["model", "layer", "source", "type", "count"]
+    brute = rows.groupby(["model", "layer", "source", "type"]).size()
+    for r in summary.itertuples():
+        assert r.count == brute.get((r.model, r.layer, r.source, r.type), 0)
+    groups = summary.groupby(["model", "layer", "source"]).size()
+    assert (groups == len(TYPES)).all() and len(groups) == 2 * 2 + 2 + 1
+    info = read_json(f"{out}/run.json")
+    assert info["counts"]["patterns"] == len(rows) == 2 * 2 * 5 + 2 * 5 + 8
+    text = job.format_summary(read_table(f"{out}/summary.parquet"))
+    assert "double-opponent" in text and "resnet18" in text and "plainnet18" in text
+
+
+def test_s3_multiple_from_and_small_chunks_give_the_same_rows(results, s3_bucket):
+    root, out, _, _ = results
+    from pipeline.tables import read_bytes, write_bytes
+
+    base = f"s3://{s3_bucket}"
+    for m in ("resnet18", "plainnet18"):
+        write_bytes(f"{base}/{m}/stimuli/mean.parquet",
+                    read_bytes(f"{root}/analysis/{m}/stimuli/mean.parquet"))
+    write_bytes(f"{base}/ckpt.pt", read_bytes(f"{root}/train/resnet18/model.pt"))
+    assert job.main(["--from", f"{base}/resnet18", "--from", f"{base}/plainnet18",
+                     "--checkpoint", f"{base}/ckpt.pt", "--sources", "mean,filter",
+                     "--chunk", "2", "--out", f"{base}/types"]) == 0
+    s3 = read_table(f"{base}/types/neuron_types.parquet").to_pandas()
+    local = read_table(f"{out}/neuron_types.parquet").to_pandas()
+    local = local[local.source != "actmax"].reset_index(drop=True)
+    assert len(s3) == len(local)
+    for col in ("model", "layer", "channel", "source", "type", "opponent_axis"):
+        assert s3[col].tolist() == local[col].tolist()
+    for col in ("osi", "chromatic_fraction", "double_opponent_score"):
+        np.testing.assert_allclose(s3[col].to_numpy(float), local[col].to_numpy(float), equal_nan=True)
+
+
+def test_thresholds_change_the_types(results, tmp_path):
+    root, _, _, _ = results
+    out = str(tmp_path / "strict")
+    assert job.main(["--from", root, "--sources", "mean", "--osi-threshold", "1",
+                     "--chromatic-threshold", "1", "--out", out]) == 0
+    kinds = set(read_table(f"{out}/neuron_types.parquet").column("type").to_pylist())
+    assert kinds == {"other", "empty"}
+
+
+def run_bad(argv, capsys, out):
+    with pytest.raises(SystemExit) as e:
+        job.main(argv + ["--out", out])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert not exists(f"{out}/neuron_types.parquet") and not exists(f"{out}/summary.parquet")
+    return err[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = run_bad(["--from", str(empty)], capsys, out)
+    assert "no mean table" in msg and str(empty) in msg
+    msg = run_bad(["--from", str(empty), "--sources", "mean,colour"], capsys, out)
+    assert "unknown source 'colour'" in msg and "filter, mean, actmax" in msg
+    msg = run_bad(["--from", str(empty), "--osi-threshold", "2"], capsys, out)
+    assert "osi threshold" in msg
+    msg = run_bad(["--from", str(empty), "--neutral", "pink"], capsys, out)
+    assert "--neutral" in msg
+    msg = run_bad(["--sources", "filter", "--checkpoint", str(tmp_path / "nope.pt")], capsys, out)
+    assert "checkpoint not found" in msg
