@@ -44,6 +44,7 @@ DEMO_CLASSES = ("astronaut", "chelsea", "coffee", "colorwheel", "hubble_deep_fie
 
 _MARKER = "_DEMO_COMPLETE.json"
 _SPLITS = ("train", "val")
+_MAX_SOURCE_SIDE = 512   # photographs are first shrunk to this shorter side (crops stay >= 72 px)
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,13 @@ def _photo(name: str) -> np.ndarray:
 def _crops(photo: np.ndarray, n: int, rng: np.random.Generator, spec: DemoSpec) -> list[bytes]:
     from PIL import Image
 
-    h, w = photo.shape[:2]
-    short = min(h, w)
     pil = Image.fromarray(photo)
+    if min(pil.size) > _MAX_SOURCE_SIDE:
+        # Antialiased resampling costs grow with the scale factor: shrink big photographs once.
+        f = _MAX_SOURCE_SIDE / min(pil.size)
+        pil = pil.resize((round(pil.width * f), round(pil.height * f)), Image.Resampling.LANCZOS)
+    w, h = pil.size
+    short = min(h, w)
     out = []
     for _ in range(n):
         side = max(8, int(round(short * rng.uniform(spec.min_scale, spec.max_scale))))
