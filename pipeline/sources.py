@@ -114,6 +114,10 @@ class Manifest:
             self.__dict__["_path_cache"] = cached
         return cached[1]
 
+    def __getstate__(self) -> dict:
+        # Ray pickles manifests to every worker: the path list is rebuilt there on first use.
+        return {k: v for k, v in self.__dict__.items() if k != "_path_cache"}
+
     @property
     def labels(self) -> np.ndarray:
         """int64 labels in image_index order, -1 where unknown."""
@@ -206,10 +210,14 @@ def build_manifest(url: str, require_labels: bool = False) -> Manifest:
     rel = sorted(p[len(base) + 1:] for p in files if p.startswith(base + "/"))
     images = [p for p in rel if _is_image_name(p)]
     top = [p for p in images if "/" not in p]
+    nested = [p for p in images if "/" in p]
+    if top and nested:
+        raise SourceError(
+            f"{url} mixes layouts: {len(top)} images at the top (flat) and {len(nested)} in "
+            f"subfolders (one folder per class); point at one layout or write a .parquet manifest")
     if top:
         table, classes = _flat(fs, base, root, top, set(rel))
     else:
-        nested = [p for p in images if "/" in p]
         if not nested:
             raise EmptySourceError(
                 f"no images found under {url}: expected ILSVRC2012_val_*.JPEG with a ground-truth "
@@ -469,32 +477,33 @@ def _reason(e: BaseException) -> str:
 
 def read_many(urls: Sequence[str]) -> list[bytes | BaseException]:
     """Fetch whole files; async filesystems (S3) concurrently. Failures come back as exceptions."""
-    out: list[bytes | BaseException] = [b""] * len(urls)
-    groups: dict[tuple[int, str], list[int]] = {}
-    fss: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
-    paths: list[str] = [""] * len(urls)
+    out = _prefetch_async(urls)
+    for i, d in enumerate(out):
+        if d is None:
+            try:
+                fs, path = _fs(urls[i])
+                out[i] = _read_small(fs, path)
+            except Exception as e:  # noqa: BLE001
+                out[i] = e
+    return out  # type: ignore[return-value]
+
+
+def _prefetch_async(urls: Sequence[str]) -> list[bytes | BaseException | None]:
+    """Bytes (or the exception) for URLs on async filesystems, fetched concurrently; None elsewhere."""
+    out: list[bytes | BaseException | None] = [None] * len(urls)
+    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
     for i, u in enumerate(urls):
         try:
             fs, p = _fs(u)
         except Exception as e:  # noqa: BLE001
             out[i] = e
             continue
-        key = (id(fs), type(fs).__name__)
-        fss[key] = fs
-        groups.setdefault(key, []).append(i)
-        paths[i] = p
-    for key, members in groups.items():
-        fs = fss[key]
         if getattr(fs, "async_impl", False):
-            got = _cat_async(fs, [paths[i] for i in members])
-        else:
-            got = []
-            for i in members:
-                try:
-                    got.append(_read_small(fs, paths[i]))
-                except Exception as e:  # noqa: BLE001
-                    got.append(e)
-        for i, v in zip(members, got):
+            g = groups.setdefault(id(fs), (fs, [], []))
+            g[1].append(i)
+            g[2].append(p)
+    for fs, members, paths in groups.values():
+        for i, v in zip(members, _cat_async(fs, paths)):
             out[i] = v
     return out
 
@@ -526,10 +535,16 @@ def load_batch(manifest: Manifest, indices: list[int] | np.ndarray, transform: E
         raise IndexError(f"image_index out of range 0..{n - 1}")
     paths = manifest._paths()
     urls = [_resolve(manifest.root, paths[i]) for i in idx]
-    data = read_many(urls)
+    data = _prefetch_async(urls)
 
     def work(k: int) -> torch.Tensor | str:
         d = data[k]
+        if d is None:       # a synchronous filesystem (local disk, NFS): read in this thread
+            try:
+                fs, path = _fs(urls[k])
+                d = _read_small(fs, path)
+            except Exception as e:  # noqa: BLE001
+                d = e
         if isinstance(d, BaseException):
             return "read failed: " + _reason(d)
         if not d:

@@ -205,6 +205,13 @@ def test_empty_missing_and_unlabelled_sources(tmp_path):
     assert build_manifest(str(tmp_path / "plain")).labels.tolist() == [-1]
     with pytest.raises(MissingLabelsError, match="labels required but"):
         build_manifest(str(tmp_path / "plain"), require_labels=True)
+    _write(tmp_path / "mixed" / "top.jpg", _jpeg(_rgb(1)))
+    _write(tmp_path / "mixed" / "cls" / "a.jpg", _jpeg(_rgb(2)))
+    with pytest.raises(SourceError, match="mixes layouts: 1 images at the top"):
+        build_manifest(str(tmp_path / "mixed"))
+    _write(tmp_path / "afile.jpg", _jpeg(_rgb(1)))
+    with pytest.raises(SourceError, match="is a file"):
+        build_manifest(str(tmp_path / "afile.jpg"))
     for err in (SourceError, EmptySourceError, MissingLabelsError):
         assert issubclass(err, ValueError)
 
@@ -358,3 +365,9 @@ def test_manifest_dataclass_contract():
     m = Manifest(root="s3://bucket/root", table=t, classes=["x", "y", "z"])
     assert len(m) == 2 and m.url(0) == "s3://bucket/root/a.jpg" and m.url(1) == "s3://b/c.jpg"
     assert m.labels.dtype == np.int64 and m.labels.tolist() == [2, -1]
+    # Ray ships manifests by pickle: the cached path list stays behind and is rebuilt.
+    import pickle
+
+    back = pickle.loads(pickle.dumps(m))
+    assert "_path_cache" not in back.__dict__ and back.url(1) == "s3://b/c.jpg"
+    assert back.table.equals(t) and back.root == m.root and back.classes == m.classes
