@@ -1,0 +1,355 @@
+"""jobs.report end to end: a schema-exact fake reproduce output -> HTML report, checked on disk,
+in real headless Chromium (every image loads) and written to a real S3 server (moto).
+
+The fake results are random, but every patch / mean / actmax image is a known colour, so the
+report's figures can be checked pixel by pixel where they are placed.
+"""
+from __future__ import annotations
+
+import html.parser
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import report as job
+from pipeline.checkpoint import save_checkpoint
+from pipeline.models import build_model
+from pipeline.preprocess import IMAGENET
+from pipeline.report import SHEET_CHANNELS, decode_png
+from pipeline.tables import write_json, write_table
+
+MODELS = ("resnet34", "plainnet34")
+# layer -> (rf_size, jump, offset, feature_size, channels): a 64x64 input, width-8 nets
+LAYERS = {"pool1": (11, 4, 0, 16, 8), "conv3": (27, 4, 0, 16, 8), "conv7": (59, 4, 0, 16, 20)}
+K = 16
+
+
+def _png(rgb: tuple[int, int, int], size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def patch_colour(model: str, layer: str, channel: int, rank: int) -> tuple[int, int, int]:
+    return (10 + 12 * rank, 7 * channel % 256, 100 + 60 * MODELS.index(model)
+            + 20 * list(LAYERS).index(layer))
+
+
+def make_results(root: Path, with_train: bool = True, rng_seed: int = 0) -> Path:
+    """Write a fake-but-schema-exact `jobs.reproduce` output under root; returns root."""
+    rng = np.random.default_rng(rng_seed)
+    root = Path(root)
+    census = []
+    for model in MODELS:
+        rf_rows, topk, mean, chan = [], [], [], []
+        for li, (layer, (rf, jump, off, feat, C)) in enumerate(LAYERS.items()):
+            rf_rows.append(dict(model=model, layer=layer, module=f"mod.{layer}", channels=C,
+                                rf_size=rf, jump=jump, offset=off, feature_size=feat))
+            for c in range(C):
+                inactive = layer == "pool1" and c in ((1, 5) if model == "resnet34" else (2,))
+                for neuron in ("any", "center"):
+                    acts = np.sort(rng.random(K))[::-1]
+                    for r in range(K):
+                        topk.append(dict(model=model, layer=layer, channel=c, neuron=neuron,
+                                         rank=r, activation=float(acts[r]),
+                                         image_index=int(rng.integers(100)), y=1, x=2, top=-3,
+                                         left=5, size=rf,
+                                         patch=_png(patch_colour(model, layer, c, r), rf)))
+                for neuron in ("center", "all"):
+                    m = rng.random((3, rf, rf)).astype(np.float32)
+                    m[:, 0, :] = np.nan                     # a row never inside the image
+                    mean.append(dict(model=model, layer=layer, channel=c, neuron=neuron,
+                                     count=0 if inactive else 40, images=100, size=rf,
+                                     mean=m.ravel().tolist()))
+                chan.append(dict(model=model, layer=layer, channel=c, images=100,
+                                 max=0.0 if inactive else float(rng.random() + 0.5),
+                                 mean=float(rng.random()), positive_fraction=float(rng.random()),
+                                 inactive=inactive))
+                if layer == "pool1":
+                    census.append({k: v for k, v in chan[-1].items() if k != "mean"}
+                                  | {"near_dead": inactive or c == 0})
+        d = root / "analysis" / model
+        write_table(pa.Table.from_pylist(rf_rows), str(d / "receptive_fields.parquet"))
+        write_table(pa.Table.from_pylist(topk), str(d / "stimuli" / "topk.parquet"))
+        write_table(pa.Table.from_pylist(mean, schema=pa.schema([
+            ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
+            ("neuron", pa.string()), ("count", pa.int64()), ("images", pa.int64()),
+            ("size", pa.int32()), ("mean", pa.list_(pa.float32()))])),
+            str(d / "stimuli" / "mean.parquet"))
+        write_table(pa.Table.from_pylist(chan), str(d / "stimuli" / "channels.parquet"))
+        write_table(pa.Table.from_pylist([dict(image_index=i, path=f"x/{i}.JPEG", label=i % 3)
+                                          for i in range(100)]), str(d / "manifest.parquet"))
+        write_json(str(d / "run.json"), {"model": model, "images": 100})
+        if with_train:
+            net = build_model(model, num_classes=3, width=8)
+            save_checkpoint(str(root / "train" / model / "model.pt"), net, IMAGENET)
+            write_table(pa.Table.from_pylist([dict(epoch=e, train_loss=2.0 - e / 10,
+                                                   val_loss=2.1 - e / 10, val_top1=0.3 + e / 20)
+                                              for e in range(4)]),
+                        str(root / "train" / model / "metrics.parquet"))
+    abl, t1 = [], []
+    for model in MODELS:
+        for cond in ("clean", "inactive-all", "inactive-random", "control-active"):
+            for seed in range(3):
+                abl.append(dict(model=model, condition=cond, seed=seed, images=100,
+                                loss=float(2 + rng.random()), top1=0.5, top5=0.8,
+                                delta_loss=0.0 if cond == "clean" else float(rng.random())))
+        t1.append(dict(model=model, inactive=2 if model == "resnet34" else 1,
+                       delta_loss_mean=1.27, delta_loss_std=0.05, delta_loss_rnd_mean=0.024,
+                       delta_loss_rnd_std=0.003, control_mean=0.01, control_std=0.002))
+    write_table(pa.Table.from_pylist(abl), str(root / "ablation" / "ablation.parquet"))
+    write_table(pa.Table.from_pylist(t1), str(root / "ablation" / "table1.parquet"))
+    write_table(pa.Table.from_pylist(census), str(root / "ablation" / "census.parquet"))
+    am = []
+    for model in MODELS:
+        for layer in LAYERS:
+            for c in range(3):
+                am.append(dict(model=model, layer=layer, channel=c, steps=31, lr=0.1,
+                               weight_decay=1e-6, objective_start=0.0, objective_end=3.5,
+                               image=_png((200, 30 * c, 90), 64), input=64))
+    write_table(pa.Table.from_pylist(am), str(root / "actmax" / "actmax.parquet"))
+    write_table(pa.Table.from_pylist(
+        [dict(model=m, layer=l, source="mean", type=t, count=int(rng.integers(10)))
+         for m in MODELS for l in LAYERS for t in ("colour", "orientation", "other")]),
+        str(root / "neuron_types" / "summary.parquet"))
+    return root
+
+
+class _Imgs(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict[str, str]] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "a" and a.get("href", "").endswith(".html"):
+            self.links.append(a["href"])
+
+
+def _parse(path: Path) -> _Imgs:
+    p = _Imgs()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = make_results(tmp_path_factory.mktemp("results"))
+    assert job.main(["--out", str(out), "--figure-channels", "4"]) == 0
+    return out / "report"
+
+
+def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
+    index = _parse(built / "index.html")
+    pages = sorted(set(index.links))
+    assert pages == sorted(f"atlas_{m}_{l}.html" for m in MODELS for l in LAYERS)
+    n_imgs = 0
+    for page in ["index.html", *pages]:
+        for tag in _parse(built / page).imgs:
+            img = decode_png((built / tag["src"]).read_bytes())
+            n_imgs += 1
+            if "object-position" not in tag.get("style", ""):
+                assert (img.shape[1], img.shape[0]) == (int(tag["width"]), int(tag["height"]))
+    # 2 models x (3 top-k + conv1 filters + 3 means + 3 actmax) figures on the index
+    assert len(index.imgs) == 2 * (3 + 1 + 3 + 3)
+    assert n_imgs > len(index.imgs)
+    text = (built / "index.html").read_text()
+    assert "Not available" not in text
+    for needle in ("1.27 ± 0.05", "0.024 ± 0.003", "Receptive fields", "mod.conv7", "colour"):
+        assert needle in text
+
+
+def test_topk_figure_places_each_patch_of_each_channel(built: Path):
+    """Channel c, rank r of the figure has exactly the colour written into that patch."""
+    from pipeline.report import cell_size
+
+    for model in MODELS:
+        fig = decode_png((built / "img" / f"topk_{model}_conv3_any.png").read_bytes())
+        cell = cell_size(27)
+        block = 1 + 4 * (cell + 1)         # topk_grid: pad 1
+        for c in range(4):                 # --figure-channels 4, 4 blocks per row
+            by, bx = 6 + 14, 6 + c * (block + 6)
+            for r in range(K):
+                gy, gx = divmod(r, 4)
+                y, x = by + 1 + gy * (cell + 1), bx + 1 + gx * (cell + 1)
+                tile = fig[y:y + cell, x:x + cell]
+                assert (tile == patch_colour(model, "conv3", c, r)).all(), (model, c, r)
+
+
+def test_atlas_rows_show_their_channel(built: Path):
+    """Each channel row's slice of its sheet holds that channel's top-k colours in rank order."""
+    page = _parse(built / "atlas_resnet34_conv7.html")
+    assert len(page.imgs) == LAYERS["conv7"][4]
+    sheets = {t["src"] for t in page.imgs}
+    assert len(sheets) == -(-LAYERS["conv7"][4] // SHEET_CHANNELS)
+    for c, tag in enumerate(page.imgs):
+        sheet = decode_png((built / tag["src"]).read_bytes())
+        y0 = -int(re.search(r"object-position:0 -(\d+)px", tag["style"]).group(1))
+        w, h = int(tag["width"]), int(tag["height"])
+        assert w == sheet.shape[1] and -y0 + h <= sheet.shape[0]
+        row = sheet[-y0:-y0 + h]
+        cell = h - 4
+        for r in range(K):                 # columns: mean, actmax, then the top-k
+            x = 2 + (2 + r) * (cell + 2)
+            assert (row[2:2 + cell, x:x + cell] == patch_colour("resnet34", "conv7", c, r)).all()
+
+
+def test_missing_parts_say_not_available(tmp_path: Path):
+    out = make_results(tmp_path / "r", with_train=False)
+    shutil.rmtree(out / "ablation")
+    shutil.rmtree(out / "actmax")
+    assert job.main(["--out", str(out), "--report", str(tmp_path / "rep"), "--no-atlas"]) == 0
+    text = (tmp_path / "rep" / "index.html").read_text()
+    assert "Not available: ablation/table1.parquet" in text
+    assert "Not available: actmax/actmax.parquet" in text
+    assert "Not available: train/&lt;model&gt;/metrics.parquet" in text
+    assert "First-conv filters: not available" in text and "Not available: the atlas (disabled)" in text
+    for tag in _parse(tmp_path / "rep" / "index.html").imgs:
+        assert (tmp_path / "rep" / tag["src"]).is_file()
+
+
+def test_table1_falls_back_to_ablation_rows(tmp_path: Path):
+    out = make_results(tmp_path / "r", with_train=False)
+    (out / "ablation" / "table1.parquet").unlink()
+    assert job.main(["--out", str(out), "--no-atlas"]) == 0
+    text = (out / "report" / "index.html").read_text()
+    abl = pq.read_table(out / "ablation" / "ablation.parquet").to_pandas()
+    g = abl[(abl.model == "plainnet34") & (abl.condition == "inactive-random")]["delta_loss"]
+    assert f"{g.mean():.4g} ± {g.std(ddof=1):.4g}" in text
+    assert "ΔL inactive-random (n=3)" in text
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--out", "{tmp}/nope"], "does not exist"),
+    (["--out", "{tmp}/empty"], "no results under"),
+    (["--out", "{tmp}/empty", "--figure-channels", "0"], "--figure-channels must be >= 1"),
+    (["--out", "{tmp}/empty", "--topk-neuron", "left"], "invalid choice"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, argv, needle):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        job.main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+def test_unreadable_table_is_named(tmp_path: Path, capsys):
+    out = make_results(tmp_path / "r", with_train=False)
+    (out / "actmax" / "actmax.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SystemExit) as e:
+        job.main(["--out", str(out)])
+    assert e.value.code == 2
+    assert "actmax.parquet is not a readable Parquet table" in capsys.readouterr().err
+    assert not (out / "report" / "index.html").exists()
+
+
+def test_reads_and_writes_s3(built: Path, s3_bucket: str):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for part in ("analysis", "ablation", "actmax", "neuron_types"):
+        fs.put(str(built.parent / part) + "/", f"{s3_bucket}/run/{part}", recursive=True)
+    url = f"s3://{s3_bucket}/run"
+    assert job.main(["--out", url, "--no-atlas", "--figure-channels", "2"]) == 0
+    fs.invalidate_cache()
+    index = fs.cat(f"{s3_bucket}/run/report/index.html").decode()
+    p = _Imgs()
+    p.feed(index)
+    assert len(p.imgs) == 2 * 3 * 3     # top-k, mean and actmax figures; no checkpoints here
+    for tag in p.imgs:
+        decode_png(fs.cat(f"{s3_bucket}/run/report/{tag['src']}"))
+    assert "Not available: actmax" not in index and "1.27 ± 0.05" in index
+    assert not [f for f in fs.find(f"{s3_bucket}/run/report") if ".tmp-" in f]
+
+
+# --- real browser ------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp}",
+           "--virtual-time-budget=10000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _body_attrs(dom: str) -> dict[str, str]:
+    m = re.search(r"<body([^>]*)>", dom)
+    assert m, dom[:500]
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', m.group(1)))
+
+
+HARNESS = """<!DOCTYPE html><html><body>%s<script>
+window.addEventListener('load', function () {
+  var out = [];
+  document.querySelectorAll('iframe').forEach(function (f) {
+    var b = f.contentDocument.body;
+    out.push([f.getAttribute('src'), b.getAttribute('data-images-total'),
+              b.getAttribute('data-images-broken'), b.getAttribute('data-broken-src')].join(','));
+  });
+  document.body.setAttribute('data-result', out.join(';'));
+});
+</script></body></html>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_every_image_loads_in_headless_chromium(built: Path, tmp_path: Path, request):
+    pages = ["index.html", *sorted(set(_parse(built / "index.html").links))]
+    # A control page with one missing image shows that the check can fail.
+    control = built / "broken-control.html"
+    control.write_text((built / "index.html").read_text().replace(
+        "<h1>", "<img src='img/missing.png'><h1>", 1))
+    request.addfinalizer(control.unlink)
+    expected = {(built / p).as_uri(): len(_parse(built / p).imgs) for p in pages}
+    expected[control.as_uri()] = expected[(built / "index.html").as_uri()] + 1
+
+    # The page exactly as a user opens it from disk.
+    res = _chromium(["--dump-dom", (built / "index.html").as_uri()], tmp_path / "profile")
+    assert res.returncode == 0, res.stderr[-2000:]
+    attrs = _body_attrs(res.stdout)
+    assert (attrs["data-images-total"], attrs["data-images-broken"]) == (
+        str(expected[(built / "index.html").as_uri()]), "0")
+
+    # Every page at once: a harness page reads each framed page's verdict (one browser start;
+    # file:// frames are readable from a file:// page with --allow-file-access-from-files).
+    harness = tmp_path / "harness.html"
+    harness.write_text(HARNESS % "".join(f"<iframe src='{u}'></iframe>" for u in expected))
+    res = _chromium(["--allow-file-access-from-files", "--dump-dom", harness.as_uri()],
+                    tmp_path / "profile")
+    assert res.returncode == 0, res.stderr[-2000:]
+    verdicts = {}
+    for item in _body_attrs(res.stdout)["data-result"].split(";"):
+        src, total, broken, broken_src = item.split(",", 3)
+        verdicts[src] = (int(total), int(broken), broken_src)
+    assert set(verdicts) == set(expected)
+    for src, (total, broken, broken_src) in verdicts.items():
+        assert total == expected[src] > 0, src
+        if src == control.as_uri():
+            assert (broken, broken_src) == (1, "img/missing.png")
+        else:
+            assert broken == 0, (src, broken_src)
+
+    shot = tmp_path / "index.png"
+    res = _chromium([f"--screenshot={shot}", "--window-size=1400,2400",
+                     (built / "index.html").as_uri()], tmp_path / "profile")
+    assert res.returncode == 0 and shot.is_file()
+    img = decode_png(shot.read_bytes())
+    assert img.shape[:2] == (2400, 1400) and img.std() > 10   # a page was drawn, not blank
+    if os.environ.get("REPORT_SCREENSHOT_DIR"):                 # for a human to look at
+        shutil.copy(shot, os.environ["REPORT_SCREENSHOT_DIR"])
