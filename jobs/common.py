@@ -38,9 +38,19 @@ class _Parser(argparse.ArgumentParser):
         fail(self.prog, f"{message} (see --help)")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's line breaks and shows defaults that say something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 def job_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    return _Parser(prog=f"python -m jobs.{name}", description=doc,
-                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(prog=f"python -m jobs.{name}", description=doc, formatter_class=_Formatter)
 
 
 @contextlib.contextmanager
