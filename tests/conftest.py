@@ -3,6 +3,10 @@
     def test_x(s3_bucket):                     # a fresh, empty bucket on the session's server
         url = f"s3://{s3_bucket}/data"          # s3fs/boto3 find the server through AWS_* env vars
 
+`demo_root` is the embedded demo data set (pipeline.demo), generated at most once per session in a
+session temporary folder: PREFERRED_STIMULI_DATA points there for the whole session, so tests
+(and jobs they run in-process) never write into ~/.cache.
+
 `s3_server` starts one moto ThreadedMotoServer on 127.0.0.1 (a free port) per test session and
 points the standard AWS environment variables at it, so code under test configures nothing.
 """
@@ -20,6 +24,29 @@ _S3_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",   # never probe 169.254.169.254 for credentials
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_cache(tmp_path_factory) -> Iterator[str]:
+    """Point ensure_demo_data's default cache at a session temporary folder."""
+    path = str(tmp_path_factory.mktemp("demo-cache"))
+    saved = os.environ.get("PREFERRED_STIMULI_DATA")
+    os.environ["PREFERRED_STIMULI_DATA"] = path
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("PREFERRED_STIMULI_DATA", None)
+        else:
+            os.environ["PREFERRED_STIMULI_DATA"] = saved
+
+
+@pytest.fixture(scope="session")
+def demo_root(_demo_cache: str) -> str:
+    """Root (local folder with train/ and val/) of the default demo data, seed 0."""
+    from pipeline.demo import ensure_demo_data
+
+    return ensure_demo_data()
 
 
 @pytest.fixture(scope="session")

@@ -50,14 +50,22 @@ def test_layout_decodes_as_class_folders(tmp_path):
     assert demo_transform() == EvalTransform(resize=DEMO_RESIZE, crop=DEMO_CROP)
 
 
-def test_ensure_demo_data_generates_once_and_classes_are_learnable(tmp_path, monkeypatch):
+def test_default_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PREFERRED_STIMULI_DATA", str(tmp_path / "cache"))
     assert default_demo_root(5) == str(tmp_path / "cache" / "demo-v1-seed5")
-    root = ensure_demo_data(seed=5)
-    assert root == default_demo_root(5) and sorted(os.listdir(root)) == ["_DEMO_COMPLETE.json", "train", "val"]
-    assert [p for p in os.listdir(tmp_path / "cache") if p != "demo-v1-seed5"] == []   # no temp left
+    monkeypatch.delenv("PREFERRED_STIMULI_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_demo_root() == str(tmp_path / "home" / ".cache" / "preferred-stimuli" / "demo-v1-seed0")
+
+
+def test_ensure_demo_data_generates_once_and_classes_are_learnable(demo_root, _demo_cache):
+    # conftest's session cache: generated there once, atomically (no temporary folder left).
+    root = demo_root
+    assert root == default_demo_root(0) and os.path.dirname(root) == _demo_cache
+    assert sorted(os.listdir(root)) == ["_DEMO_COMPLETE.json", "train", "val"]
+    assert [p for p in os.listdir(_demo_cache) if p.startswith(".")] == []
     marker = os.stat(os.path.join(root, "_DEMO_COMPLETE.json"))
-    assert ensure_demo_data(seed=5) == root
+    assert ensure_demo_data() == root
     assert os.stat(os.path.join(root, "_DEMO_COMPLETE.json")).st_mtime_ns == marker.st_mtime_ns
 
     train = build_manifest(root + "/train", require_labels=True)
@@ -65,13 +73,13 @@ def test_ensure_demo_data_generates_once_and_classes_are_learnable(tmp_path, mon
     assert len(train) == 300 * 8 and len(val) == 50 * 8
 
     # Nearest class mean of the mean colour: far above chance (1/8), far from perfect.
-    def features(m):
-        b = load_batch(m, range(len(m)), demo_transform())
+    def features(m, step):
+        b = load_batch(m, range(0, len(m), step), demo_transform())
         assert b.skipped == []
         return b.as_float().mean((2, 3)).numpy(), b.labels
 
-    xt, yt = features(train)
-    xv, yv = features(val)
+    xt, yt = features(train, 2)
+    xv, yv = features(val, 1)
     centres = np.stack([xt[yt == k].mean(0) for k in range(8)])
     acc = (((xv[:, None] - centres[None]) ** 2).sum(-1).argmin(1) == yv).mean()
     assert 0.35 < acc < 0.9
