@@ -51,12 +51,8 @@ class AblateConfig:
     cpus_per_task: float = 1.0        # Ray CPUs per task (decoding threads live inside)
 
     def __post_init__(self) -> None:
-        from pipeline.models import model_names
-
         if not self.out.strip():
             raise BadInput("--out is empty; give a local folder or an s3:// URL")
-        if self.model is not None and self.model not in model_names():
-            raise BadInput(f"unknown --model {self.model!r}; allowed: {', '.join(model_names())}")
         if self.seeds < 1:
             raise BadInput(f"--seeds must be >= 1, got {self.seeds}")
         if not 0.0 < self.fraction <= 1.0:
@@ -74,6 +70,12 @@ class AblateConfig:
             raise BadInput(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
         if self.cpus_per_task <= 0:
             raise BadInput(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
+        if self.model is not None:
+            from pipeline.models import model_names   # imports torch: after the cheap checks
+
+            if self.model not in model_names():
+                raise BadInput(f"unknown --model {self.model!r}; allowed: "
+                               f"{', '.join(model_names())}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AblateConfig":

@@ -1,0 +1,246 @@
+"""jobs.ablate end to end on a real local Ray cluster and real JPEG files.
+
+A tiny resnet18 (width 8, 3 classes) has three conv1 channels forced dead (very negative BN
+bias), so pool1 has exactly those inactive channels; its numbers are checked against a plain
+evaluation and a brute-force census, and across shard counts, reruns and --from.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from jobs.ablate import main
+from pipeline.ablation import evaluate, make_plan
+from pipeline.accumulators import ChannelStats
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.hooks import capture
+from pipeline.layers import catalogue
+from pipeline.models import build_model
+from pipeline.preprocess import IMAGENET
+from pipeline.sources import EvalTransform, build_manifest, load_batch
+
+DEAD = [1, 4, 6]
+CLASSES = ("ant", "bee", "cat")
+PER_CLASS = 7          # 21 images: 6 minibatches of 4, the last one short
+COMMON = ["--resize", "32", "--crop", "32", "--eval-batch", "4", "--seeds", "2",
+          "--fraction", "0.5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    # after s3_server: workers inherit the AWS_* variables that point at it
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=200 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+def _model(dead, classes=len(CLASSES)):
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=classes, width=8).eval()
+    with torch.no_grad():
+        for c in dead:
+            model.bn1.bias[c] = -1e4
+        model.fc.weight.mul_(20)   # confident logits: noise that reaches them moves the loss
+    return model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(CLASSES):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            base = np.zeros((40, 40, 3)) + rng.uniform(0, 255, 3) * (k + 1) / 3
+            img = np.clip(base + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / "val" / name / f"{i:03d}.JPEG", quality=90)
+    for name, dead, classes in (("dead", DEAD, 3), ("alive", [], 3), ("two", DEAD, 2)):
+        save_checkpoint(str(root / f"{name}.pt"), _model(dead, classes), IMAGENET)
+    return root
+
+
+def _run(args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(a) for a in args]) == 0
+    return out.getvalue()
+
+
+def _read(path):
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def runs(world, ray_cluster):
+    data, ckpt = world / "val", world / "dead.pt"
+    base = ["--data", data, "--checkpoint", ckpt, *COMMON]
+    printed = _run([*base, "--shards", "1", "--out", world / "a"])
+    # --from: an analysis output's channels.parquet, here written from a brute-force census
+    loaded, transform = load_checkpoint(str(ckpt)), EvalTransform(32, 32)
+    batch = load_batch(build_manifest(str(data)), np.arange(len(CLASSES) * PER_CLASS), transform)
+    pool1 = catalogue(loaded.model)["pool1"]
+    acts = capture(loaded.model, loaded.preprocess(batch.as_float()), [pool1])["pool1"]
+    (world / "analysis" / "stimuli").mkdir(parents=True)
+    pq.write_table(ChannelStats(8).update(acts).to_table("resnet18", "pool1"),
+                   world / "analysis" / "stimuli" / "channels.parquet")
+    # a rerun with the same seeds, on 3 shards, taking its census from --from
+    _run([*base, "--shards", "3", "--from", world / "analysis", "--out", world / "c"])
+    return {"a": world / "a", "c": world / "c", "printed": printed,
+            "model": loaded.model, "preprocess": loaded.preprocess, "batch": batch,
+            "pool1_acts": acts}
+
+
+def test_clean_loss_equals_a_plain_evaluation(runs):
+    clean = next(r for r in _read(runs["a"] / "ablation.parquet") if r["condition"] == "clean")
+    b = runs["batch"]
+    with torch.no_grad():
+        logits = runs["model"](runs["preprocess"](b.as_float()))
+    labels = torch.as_tensor(b.labels)
+    assert clean["seed"] == -1 and clean["images"] == len(CLASSES) * PER_CLASS
+    assert clean["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert clean["top1_count"] == int((logits.argmax(1) == labels).sum())
+    assert clean["top5_count"] == len(labels)   # three classes: top-5 holds every class
+    assert clean["delta_loss"] == 0.0
+
+
+def test_inactive_set_equals_a_brute_force_census(runs):
+    census = _read(runs["a"] / "census.parquet")
+    acts = runs["pool1_acts"]
+    brute = [c for c in range(8) if (acts[:, c] == 0).all()]
+    assert [r["channel"] for r in census if r["inactive"]] == brute == DEAD
+    for r in census:
+        assert r["max"] == pytest.approx(acts[:, r["channel"]].max().item(), rel=1e-5)
+        assert r["near_dead"] == (r["channel"] in DEAD)
+    assert all(r["inactive_channels"] == DEAD for r in _read(runs["a"] / "ablation.parquet"))
+    assert _read(runs["c"] / "census.parquet") == census
+
+
+def test_identical_numbers_for_any_shard_count_and_a_rerun(runs):
+    a = _read(runs["a"] / "ablation.parquet")
+    assert len(a) == 1 + 3 * 2
+    assert _read(runs["c"] / "ablation.parquet") == a   # rerun, 3 shards, census from --from
+    assert _read(runs["c"] / "table1.parquet") == _read(runs["a"] / "table1.parquet")
+
+
+def test_noise_is_applied_and_the_control_uses_active_channels_only(runs):
+    rows = _read(runs["a"] / "ablation.parquet")
+    b, model = runs["batch"], runs["model"]
+    x = runs["preprocess"](b.as_float())
+    pool1 = catalogue(model)["pool1"]
+    for r in rows:
+        if r["condition"] == "clean":
+            continue
+        assert abs(r["delta_loss"]) > 1e-3, r   # the noise reached the logits
+        plan = make_plan(r["condition"], r["seed"], DEAD, 8, fraction=0.5, eval_batch=4)
+        want = F.cross_entropy(evaluate(model, pool1, x, b.indices, plan),
+                               torch.as_tensor(b.labels)).item()
+        assert r["loss"] == pytest.approx(want, rel=1e-5)   # one batch == the sharded job
+        if r["condition"] == "control-active":
+            assert len(r["noised_channels"]) == len(DEAD)
+            assert not set(r["noised_channels"]) & set(DEAD)
+        elif r["condition"] == "inactive-all":
+            assert r["noised_channels"] == DEAD and r["noised_per_image"] == len(DEAD)
+        else:
+            assert 0 < r["noised_per_image"] < len(DEAD) and r["fraction"] == 0.5
+
+
+def test_table1_summarises_the_seeds(runs):
+    rows = _read(runs["a"] / "ablation.parquet")
+    (t1,) = _read(runs["a"] / "table1.parquet")
+    assert (t1["model"], t1["inactive"], t1["inactive_channels"], t1["seeds"]) == \
+        ("resnet18", 3, DEAD, 2)
+    for cond, key in (("inactive-all", "delta_loss"), ("inactive-random", "delta_loss_rnd"),
+                      ("control-active", "control_delta_loss")):
+        d = [r["delta_loss"] for r in rows if r["condition"] == cond]
+        assert t1[f"{key}_mean"] == pytest.approx(statistics.mean(d))
+        assert t1[f"{key}_std"] == pytest.approx(statistics.stdev(d))
+    printed = runs["printed"]
+    assert "Table 1" in printed and "3/8" in printed
+    assert f"{t1['delta_loss_mean']:+.4f} ± {t1['delta_loss_std']:.4f}" in printed
+    assert "near-dead channels" in printed and "1 (max 0" in printed
+
+
+def test_a_model_without_inactive_channels_says_so(world, ray_cluster):
+    out = world / "alive-out"
+    printed = _run(["--data", world / "val", "--checkpoint", world / "alive.pt", *COMMON,
+                    "--shards", "2", "--out", out])
+    (t1,) = _read(out / "table1.parquet")
+    assert t1["inactive"] == 0 and "no inactive channel in pool1" in t1["note"]
+    assert t1["delta_loss_mean"] is None and t1["control_delta_loss_mean"] is None
+    rows = _read(out / "ablation.parquet")
+    assert [r["condition"] for r in rows if r["loss"] is not None] == ["clean"]
+    assert all("no inactive channel" in r["note"] for r in rows if r["condition"] != "clean")
+    assert "no inactive channel in pool1" in printed and "n/a" in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fraction", "1.5"], "--fraction must lie in (0, 1]"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--layer", "fc"], "--layer must name one layer with channel maps"),
+    (["--layer", "conv99"], "unknown layer 'conv99'; allowed"),
+    (["--model", "vgg16"], "unknown --model 'vgg16'; allowed"),
+    (["--checkpoint", "{root}/two.pt"], "has 2 classes"),
+    (["--from", "{root}/nowhere"], "channels.parquet does not exist"),
+    (["--data", "{root}/missing"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(world, capsys, args, message):
+    out = world / "bad-out"
+    args = [a.replace("{root}", str(world)) for a in args]
+    base = {"--data": str(world / "val"), "--checkpoint": str(world / "dead.pt")}
+    for flag in ("--data", "--checkpoint"):
+        if flag not in args:
+            args = [flag, base[flag], *args]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not any((out / f).exists() for f in ("ablation.parquet", "table1.parquet"))
+
+
+def test_s3_data_and_output_match_the_local_run_and_a_rerun_resumes(world, runs, s3_bucket,
+                                                                    capsys):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(world / "val"), f"{s3_bucket}/val", recursive=True)
+    out = f"s3://{s3_bucket}/ablation"
+    args = ["--data", f"s3://{s3_bucket}/val", "--checkpoint", world / "dead.pt", *COMMON,
+            "--seeds", "1", "--shards", "2", "--out", out]
+    _run(args)
+    local = [r for r in _read(runs["a"] / "ablation.parquet") if r["seed"] in (-1, 0)]
+    with fs.open(f"{s3_bucket}/ablation/ablation.parquet", "rb") as f:
+        assert pq.read_table(f).to_pylist() == local
+    with fs.open(f"{s3_bucket}/ablation/table1.parquet", "rb") as f:
+        t1 = pq.read_table(f).to_pylist()
+    fs.rm(f"{s3_bucket}/ablation/table1.parquet")
+    capsys.readouterr()
+    _run(args)
+    err = capsys.readouterr().err
+    assert "census: 2 of 2 tasks resumed" in err and "evaluate: 8 of 8 tasks resumed" in err
+    with fs.open(f"{s3_bucket}/ablation/table1.parquet", "rb") as f:
+        assert pq.read_table(f).to_pylist() == t1
+
+
+def test_exit_code_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.ablate", "--seeds", "0", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "python -m jobs.ablate: error: --seeds must be >= 1, got 0"
