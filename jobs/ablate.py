@@ -44,6 +44,7 @@ class AblateConfig:
     shards: int = 8                   # evaluation shards (cut on --eval-batch boundaries)
     eval_batch: int = 256             # minibatch of the global image order (the paper's 256)
     from_analysis: str | None = None  # analysis output holding stimuli/channels.parquet
+    limit: int | None = None          # only the first N images of the manifest
     resize: int | None = None         # None: 256, or the demo's 72 on demo data
     crop: int | None = None           # None: 224, or the demo's 64 on demo data
     device: str = "auto"              # auto | cpu | cuda, resolved on each worker
@@ -68,6 +69,8 @@ class AblateConfig:
             raise BadInput(f"invalid --device {self.device!r}; allowed: auto, cpu, cuda")
         if self.gpus_per_task is not None and self.gpus_per_task < 0:
             raise BadInput(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
+        if self.limit is not None and self.limit < 1:
+            raise BadInput(f"--limit must be >= 1, got {self.limit}")
         if self.cpus_per_task <= 0:
             raise BadInput(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
         if self.model is not None:
@@ -82,6 +85,7 @@ class AblateConfig:
         return cls(out=args.out, data=args.data, checkpoint=args.checkpoint, model=args.model,
                    layer=args.layer, seeds=args.seeds, fraction=args.fraction,
                    shards=args.shards, eval_batch=args.eval_batch, from_analysis=args.from_,
+                   limit=args.limit,
                    resize=args.resize, crop=args.crop, device=args.device,
                    gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task)
 
@@ -111,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", default=None, metavar="ANALYSIS_OUT",
                    help="analysis output (jobs.analyze --out) whose stimuli/channels.parquet "
                         "gives the census; default: a census pass of this job")
+    p.add_argument("--limit", type=int, default=None,
+                   help="ablate only the first N images of the manifest (as jobs.analyze --limit)")
     p.add_argument("--resize", type=int, default=None,
                    help="shorter side resized to this (default 256; demo data: 72)")
     p.add_argument("--crop", type=int, default=None,
@@ -124,16 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- model spec
 
-def default_model(name: str):
-    """The untrained stand-in used without --checkpoint (as in the other jobs): `name` at the
-    demo width with the demo's class count, initialised under torch.manual_seed(0)."""
+def default_model(name: str, num_classes: int, width: int):
+    """The untrained stand-in used without --checkpoint, built exactly as jobs.analyze builds
+    it (torch.manual_seed(0), then `build_model`), so that `--from` an untrained analysis
+    names the same channels: on demo data the demo width and class count, else width 64 and
+    1000 classes."""
     import torch
 
-    from pipeline.demo import DEMO_CLASSES, DEMO_WIDTH
     from pipeline.models import build_model
 
     torch.manual_seed(0)
-    return build_model(name, num_classes=len(DEMO_CLASSES), width=DEMO_WIDTH).eval()
+    return build_model(name, num_classes=num_classes, width=width).eval()
 
 
 def model_spec(model, preprocess) -> dict[str, Any]:
@@ -245,15 +252,21 @@ def _run_tasks(jobs: list[tuple[str, Any, tuple]], what: str) -> dict[str, dict[
 
 # ---------------------------------------------------------------------------- driver
 
-def _load(cfg: AblateConfig):
-    from pipeline.checkpoint import load_checkpoint
+def _load(cfg: AblateConfig, num_classes: int, width: int):
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
     from pipeline.preprocess import IMAGENET
 
     if cfg.checkpoint:
-        loaded = load_checkpoint(cfg.checkpoint, cfg.model)
+        try:
+            loaded = load_checkpoint(cfg.checkpoint, cfg.model)
+        except CheckpointError as e:
+            if cfg.model is None and "plain state_dict" in str(e):
+                loaded = load_checkpoint(cfg.checkpoint, "resnet34")   # as jobs.analyze does
+            else:
+                raise
         return loaded.model.eval(), loaded.model_name, loaded.preprocess, False
     name = cfg.model or "resnet34"
-    return default_model(name), name, IMAGENET, True
+    return default_model(name, num_classes, width), name, IMAGENET, True
 
 
 def _key(*parts: Any) -> str:
@@ -280,27 +293,31 @@ class Prepared:
 def prepare(cfg: AblateConfig) -> Prepared:
     """Load model, data and (with --from) the census; BadInput/ValueError on bad input."""
     from pipeline.ablation import census_table
-    from pipeline.demo import demo_transform, ensure_demo_data
+    from pipeline.demo import DEMO_WIDTH, demo_transform, ensure_demo_data
     from pipeline.layers import resolve_layers
-    from pipeline.sources import EvalTransform, build_manifest
+    from pipeline.sources import EvalTransform, Manifest, build_manifest
     from pipeline.tables import exists, join, read_table
 
     t0 = time.perf_counter()
     check_writable(cfg.out)
-    model, model_name, preprocess, untrained = _load(cfg)
-    if untrained:
-        log(f"WARNING: no --checkpoint: {model_name} is randomly initialised (untrained, "
-            f"width {model.width}); its numbers say nothing about the paper")
-    layers = resolve_layers(model, cfg.layer)
-    if len(layers) != 1 or layers[0].name == "fc":
-        raise BadInput(f"--layer must name one layer with channel maps (conv1, pool1, "
-                       f"conv2 ...), got {cfg.layer!r}")
-    layer = layers[0]
     demo = cfg.data is None
     data = join(ensure_demo_data(), "val") if demo else cfg.data
     base = demo_transform() if demo else EvalTransform()
     transform = EvalTransform(resize=cfg.resize or base.resize, crop=cfg.crop or base.crop)
     manifest = build_manifest(data, require_labels=True)
+    if cfg.limit is not None and cfg.limit < len(manifest):
+        manifest = Manifest(root=manifest.root, table=manifest.table.slice(0, cfg.limit),
+                            classes=manifest.classes)
+    model, model_name, preprocess, untrained = _load(
+        cfg, *((max(1, len(manifest.classes)), DEMO_WIDTH) if demo else (1000, 64)))
+    if untrained:
+        log(f"WARNING: no --checkpoint: {model_name} is randomly initialised (untrained, "
+            f"width {model.width}, seed 0); its numbers say nothing about the paper")
+    layers = resolve_layers(model, cfg.layer)
+    if len(layers) != 1 or layers[0].name == "fc":
+        raise BadInput(f"--layer must name one layer with channel maps (conv1, pool1, "
+                       f"conv2 ...), got {cfg.layer!r}")
+    layer = layers[0]
     labels = manifest.labels
     classes = model.fc.out_features
     if int(labels.max()) >= classes or int(labels.min()) < 0:
