@@ -199,7 +199,7 @@ def build_manifest(url: str, require_labels: bool = False) -> Manifest:
             raise SourceError(f"data source {url} does not exist")
         if fs.isfile(base):
             raise SourceError(f"data source {url} is a file; give a folder of images or a .parquet manifest")
-        files = [p for p in fs.find(base, detail=False)]
+        files = _list_files(fs, base)
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line
@@ -226,6 +226,16 @@ def build_manifest(url: str, require_labels: bool = False) -> Manifest:
     manifest = Manifest(root=root, table=table, classes=classes)
     _check_labels(manifest, url, require_labels)
     return manifest
+
+
+def _list_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        # Follow symlinked folders (ImageNet trees are often assembled from links), as ImageFolder.
+        return [os.path.join(d, f).replace(os.sep, "/")
+                for d, _, names in os.walk(base, followlinks=True) for f in names]
+    return list(fs.find(base, detail=False))
 
 
 def _is_image_name(rel: str) -> bool:

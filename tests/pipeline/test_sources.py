@@ -160,6 +160,19 @@ def test_class_folders_match_torchvision_image_folder(data):
     assert paths == sorted(paths) and len(paths) == 5      # .txt and hidden files left out
 
 
+def test_symlinked_class_folders_are_followed(data, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    (tmp_path / "linked").mkdir()
+    for c in ("ant", "zebra"):
+        os.symlink(data / "classes" / c, tmp_path / "linked" / c)
+    m = build_manifest(str(tmp_path / "linked"), require_labels=True)
+    ref = ImageFolder(str(tmp_path / "linked"))
+    assert m.classes == ref.classes and len(m) == len(ref.samples) == 4
+    assert {(os.path.join(m.root, p), lab) for p, lab in
+            zip(m.table.column("path").to_pylist(), m.labels.tolist())} == set(ref.samples)
+
+
 def test_parquet_manifest_round_trip_and_foreign_manifest(data, tmp_path):
     m = build_manifest(str(data / "classes"))
     write_manifest(m, str(tmp_path / "out" / "manifest.parquet"))
