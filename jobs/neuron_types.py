@@ -63,7 +63,7 @@ class NeuronTypesConfig:
     chromatic_threshold: float = 1 / 3         # colour when chromatic energy share >= this
     double_opponent_threshold: float = 0.5     # double-opponent when the score >= this
     neuron: str = "center"                     # which mean stimulus: 'center' | 'all'
-    neutral: str = "auto"                      # auto | gray | imagenet | R,G,B
+    neutral: str = "auto"                      # auto | checkpoint | gray | imagenet | R,G,B
     chunk: int = 0                             # patterns per Ray task (0: by FFT size)
 
     def __post_init__(self) -> None:
@@ -113,8 +113,8 @@ class NeuronTypesConfig:
 
 
 def parse_neutral(spec: str) -> tuple[float, float, float] | None:
-    """'auto' -> None (decided per source and model); 'gray' | 'imagenet' | 'R,G,B' -> RGB."""
-    if spec == "auto":
+    """'auto' | 'checkpoint' -> None (decided per source and model); 'gray' | 'imagenet' | 'R,G,B' -> RGB."""
+    if spec in ("auto", "checkpoint"):
         return None
     if spec in NEUTRALS:
         return NEUTRALS[spec]
@@ -123,7 +123,7 @@ def parse_neutral(spec: str) -> tuple[float, float, float] | None:
     except ValueError:
         rgb = ()
     if len(rgb) != 3 or not all(0.0 <= v <= 1.0 for v in rgb):
-        raise BadInput(f"invalid --neutral {spec!r}; allowed: auto, gray, imagenet or R,G,B "
+        raise BadInput(f"invalid --neutral {spec!r}; allowed: auto, checkpoint, gray, imagenet or R,G,B "
                        "with each value in [0, 1]")
     return rgb  # type: ignore[return-value]
 
@@ -149,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which mean preferred stimulus of stimuli/mean.parquet: center or all")
     p.add_argument("--neutral", default="auto",
                    help="colour with nothing preferred, the origin of the colour measures of mean "
-                        "and actmax patterns: auto (the checkpoint's preprocessing mean, else the "
-                        "ImageNet mean; actmax PNGs: their border colour), gray, imagenet or R,G,B")
+                        "and actmax patterns: auto (mean stimuli: the data's mean colour estimated "
+                        "from them; actmax: the preprocessing's zero, or a PNG's border colour), "
+                        "checkpoint (mean stimuli: the checkpoint's preprocessing mean, else the "
+                        "ImageNet mean), gray, imagenet or R,G,B in [0, 1]")
     p.add_argument("--chunk", type=int, default=0,
                    help="patterns per Ray task (0: as many as fit a fixed FFT memory budget)")
     p.add_argument("--out", required=True, help="output folder (local path or s3://...)")
@@ -408,26 +410,30 @@ def load_filters(inputs: Inputs) -> tuple[dict[str, dict], list[tuple[str, np.nd
 
 
 def plan(cfg: NeuronTypesConfig, inputs: Inputs, prep: dict[str, dict]) -> list[Task]:
-    """Cut the mean and actmax tables into tasks; the driver reads only their key columns."""
+    """Cut the mean and actmax tables into tasks; the driver reads their key columns (and, for
+    the `auto` neutral, the mean stimuli one layer at a time)."""
     import pyarrow.compute as pc
 
     fixed = parse_neutral(cfg.neutral)
     th = (cfg.osi_threshold, cfg.chromatic_threshold, cfg.double_opponent_threshold)
-    tasks: list[Task] = []
     wants = set(cfg.sources) if cfg.sources is not None else set(SOURCES)
     seen: dict[tuple[str, str, str], str] = {}
+    groups: list[tuple[str, str, str, str, int, np.ndarray]] = []   # source, url, model, layer, size, channels
 
-    def claim(source: str, model: str, layer: str, url: str) -> None:
-        key = (source, model, layer)
-        if key in seen and seen[key] != url:
-            raise BadInput(f"{model} {layer} ({source}) appears in both {seen[key]} and {url}; "
-                           "give each model's output once")
-        seen[key] = url
+    def add(source: str, url: str, keys: pa.Table) -> None:
+        df = keys.to_pandas()
+        for (model, layer), g in df.groupby(["model", "layer"], sort=False):
+            key = (source, model, layer)
+            if key in seen and seen[key] != url:
+                raise BadInput(f"{model} {layer} ({source}) appears in both {seen[key]} and {url}; "
+                               "give each model's output once")
+            seen[key] = url
+            size = int(g["size"].max()) if "size" in g else 224
+            groups.append((source, url, model, layer, size, np.sort(g["channel"].to_numpy())))
 
     if "mean" in wants:
         for url in inputs.mean:
-            names = _columns(url)
-            missing = {"model", "layer", "channel", "neuron", "size", "mean"} - set(names)
+            missing = {"model", "layer", "channel", "neuron", "size", "mean"} - set(_columns(url))
             if missing:
                 raise BadInput(f"{url} is not a mean table: lacks column(s) {', '.join(sorted(missing))}")
             keys = _read_rows(url, ["model", "layer", "channel", "neuron", "size"], [])
@@ -436,40 +442,63 @@ def plan(cfg: NeuronTypesConfig, inputs: Inputs, prep: dict[str, dict]) -> list[
             if keys.num_rows == 0:
                 raise BadInput(f"{url} has no rows for --neuron {cfg.neuron}; it holds: "
                                f"{', '.join(present) or 'no rows'}")
-            tasks += _split(keys, "mean", url, cfg, th, prep, fixed, claim)
+            add("mean", url, keys)
     if "actmax" in wants:
         for url in inputs.actmax:
-            names = _columns(url)
-            missing = {"model", "layer", "channel", "image"} - set(names)
+            missing = {"model", "layer", "channel", "image"} - set(_columns(url))
             if missing:
                 raise BadInput(f"{url} is not an actmax table: lacks column(s) {', '.join(sorted(missing))}")
-            keys = _read_rows(url, ["model", "layer", "channel"], [])
-            tasks += _split(keys, "actmax", url, cfg, th, prep, fixed, claim)
-    return tasks
+            add("actmax", url, _read_rows(url, ["model", "layer", "channel"], []))
 
-
-def _split(keys: pa.Table, source: str, url: str, cfg: NeuronTypesConfig, th, prep, fixed, claim
-           ) -> list[Task]:
-    df = keys.to_pandas()
-    tasks = []
-    for (model, layer), g in df.groupby(["model", "layer"], sort=False):
-        claim(source, model, layer, url)
-        size = int(g["size"].max()) if "size" in g else 224
-        if source == "mean":
-            neutral = fixed or tuple(prep.get(model, {}).get("mean", IMAGENET_MEAN))
-            pre = None
+    mean_neutral: dict[str, tuple[float, float, float]] = {}
+    for model in sorted({g[2] for g in groups if g[0] == "mean"}):
+        if fixed is not None:
+            mean_neutral[model] = fixed
+        elif cfg.neutral == "checkpoint":
+            mean_neutral[model] = tuple(prep.get(model, {}).get("mean", IMAGENET_MEAN))  # type: ignore[assignment]
         else:
-            pre = prep.get(model)
-            # Exact path (input + preprocessing): the neutral is the preprocessing's zero; the
-            # PNG path (display-stretched) takes the image's border colour unless one is given.
-            neutral = fixed
-        chans = np.sort(g["channel"].to_numpy())
+            mean_neutral[model] = data_neutral(
+                [(g[1], g[3]) for g in groups if g[0] == "mean" and g[2] == model], model, cfg.neuron)
+
+    tasks = []
+    for source, url, model, layer, size, chans in groups:
+        if source == "mean":
+            neutral, pre = mean_neutral[model], None
+        else:
+            # With `input` and the model's preprocessing the neutral is the preprocessing's zero
+            # (exact); the display-stretched PNG takes its border colour, unless one is given.
+            neutral, pre = fixed, prep.get(model)
         step = _chunk_for(size, cfg.chunk)
         for i in range(0, len(chans), step):
             part = chans[i:i + step]
             tasks.append(Task(source, url, model, layer, (int(part[0]), int(part[-1]) + 1),
                               cfg.neuron if source == "mean" else None, neutral, pre, th))
     return tasks
+
+
+def data_neutral(parts: list[tuple[str, str]], model: str, neuron: str) -> tuple[float, float, float]:
+    """The analysed data's mean colour, estimated from the mean stimuli themselves: the median
+    over channels (all given layers) of each channel's average colour over its valid pixels.
+
+    A mean stimulus averages image patches, so a channel without colour preference shows the
+    data's mean colour; the median keeps colour-preferring channels from pulling the estimate.
+    Read one layer at a time, so memory stays bounded by the largest layer.
+    """
+    colours = []
+    for url, layer in parts:
+        t = _read_rows(url, ["size", "mean"], [("model", "=", model), ("layer", "=", layer),
+                                                ("neuron", "=", neuron)])
+        for s, values in zip(t.column("size").to_pylist(), t.column("mean").to_pylist()):
+            arr = np.asarray(values if values is not None else [], dtype=np.float64)
+            if arr.size != 3 * s * s:
+                continue   # reported by the task that measures it
+            arr = arr.reshape(3, -1)
+            ok = np.isfinite(arr).all(axis=0)
+            if ok.any():
+                colours.append(arr[:, ok].mean(axis=1))
+    if not colours:
+        return IMAGENET_MEAN
+    return tuple(float(v) for v in np.median(np.stack(colours), axis=0))  # type: ignore[return-value]
 
 
 def summarise(rows: pa.Table) -> pa.Table:

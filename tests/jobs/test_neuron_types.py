@@ -160,11 +160,27 @@ def test_types_match_the_known_answers(results, capsys):
         assert got["type"].tolist() == EXPECTED, model
     do = rows[(rows.source == "mean") & (rows.channel == 1)]
     assert (do.opponent_axis == "red-green").all() and do.double_opponent.all()
-    # The neutral of the mean stimuli: the checkpoint's ZCA mean, else the ImageNet mean.
-    neutral = {m: np.stack(rows[(rows.model == m) & (rows.source == "mean")].neutral.tolist())
-               for m in ("resnet18", "plainnet18")}
-    np.testing.assert_allclose(neutral["resnet18"], np.broadcast_to(pre.mean, neutral["resnet18"].shape), atol=1e-6)
-    np.testing.assert_allclose(neutral["plainnet18"], np.broadcast_to(IMAGENET_MEAN, neutral["plainnet18"].shape), atol=1e-6)
+    # auto neutral of the mean stimuli: the median over channels of each channel's mean colour.
+    for model in ("resnet18", "plainnet18"):
+        table = read_table(f"{root}/analysis/{model}/stimuli/mean.parquet").to_pandas()
+        table = table[table.neuron == "center"]
+        colours = [np.nanmean(np.asarray(m, dtype=np.float64).reshape(3, -1), axis=1)
+                   for m in table["mean"] if np.isfinite(m).any()]
+        got = np.stack(rows[(rows.model == model) & (rows.source == "mean")].neutral.tolist())
+        np.testing.assert_allclose(got, np.broadcast_to(np.median(colours, axis=0), got.shape), atol=1e-6)
+
+
+def test_checkpoint_neutral_is_the_preprocessing_mean(results, tmp_path):
+    root, _, pre, _ = results
+    out = str(tmp_path / "ckpt")
+    assert job.main(["--from", root, "--sources", "mean", "--neutral", "checkpoint", "--out", out]) == 0
+    rows = read_table(f"{out}/neuron_types.parquet").to_pandas()
+    for model, mean in (("resnet18", pre.mean), ("plainnet18", IMAGENET_MEAN)):
+        got = rows[rows.model == model]
+        np.testing.assert_allclose(np.stack(got.neutral.tolist()),
+                                   np.broadcast_to(mean, (len(got), 3)), atol=1e-6)
+        for layer in SIZES:    # the patterns were drawn on exactly this neutral
+            assert got[got.layer == layer].sort_values("channel")["type"].tolist() == EXPECTED
 
 
 def test_filters_are_measured_in_rgb_through_the_zca(results):
