@@ -147,6 +147,23 @@ def test_kaggle_csv(tmp_path, mapping):
     assert m.labels.tolist() == [classes.index(synset_of[n]) for n in sorted(synset_of)]
 
 
+def test_kaggle_own_layout_finds_the_csv_four_levels_up(tmp_path):
+    synset_of = _kaggle(tmp_path, mapping=True)
+    val = tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    val.mkdir(parents=True)
+    for n in synset_of:
+        os.rename(tmp_path / f"ILSVRC2012_val_{n:08d}.JPEG", val / f"ILSVRC2012_val_{n:08d}.JPEG")
+    m = build_manifest(str(val), require_labels=True)
+    assert len(m.classes) == 4 and [m.classes[k] for k in m.labels] == [synset_of[n] for n in sorted(synset_of)]
+
+
+def test_ground_truth_naming_no_class_is_an_error(tmp_path):
+    _flat(tmp_path)
+    _write(tmp_path / "ILSVRC2012_validation_ground_truth.txt", b"1\n2\n5\n")   # 5: not a leaf
+    with pytest.raises(SourceError, match="line 3 holds '5'"):
+        build_manifest(str(tmp_path))
+
+
 def test_class_folders_match_torchvision_image_folder(data):
     from torchvision.datasets import ImageFolder
 
