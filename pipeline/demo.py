@@ -157,6 +157,8 @@ def ensure_demo_data(root: str | None = None, seed: int = 0) -> str:
     if os.path.exists(marker):
         return root
     if os.path.exists(root):
+        if os.path.exists(marker):      # another process renamed its copy in since the check
+            return root
         raise ValueError(f"{root} exists but holds no complete demo data ({_MARKER} missing); "
                          f"remove it or pass another root")
     parent = os.path.dirname(root)
