@@ -1,0 +1,93 @@
+"""The receptive_fields job: printed table, Parquet output, one-line errors with exit code 2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.receptive_fields import main
+from pipeline.geometry import RF_SCHEMA, receptive_fields
+from pipeline.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+DESIGN_COLUMNS = ["model", "layer", "module", "channels", "rf_size", "jump", "offset",
+                  "feature_size"]
+
+
+def test_subprocess_prints_and_writes_both_models(tmp_path):
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.receptive_fields",
+                           "--model", "resnet34,plainnet34", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == DESIGN_COLUMNS
+    rows = {(ln.split()[0], ln.split()[1]): ln.split() for ln in lines[1:]}
+    assert len(rows) == 70  # 35 layers (conv1, pool1, conv2..conv33, fc) per model
+    for model in ("resnet34", "plainnet34"):
+        assert rows[(model, "pool1")][4] == "11"
+        assert rows[(model, "conv3")][2:5] == ["layer1.0.conv2", "64", "27"]
+        assert rows[(model, "conv7")][4:] == ["59", "4", "0", "56"]
+
+    table = pq.read_table(out / "receptive_fields.parquet")
+    assert table.schema.names[:8] == DESIGN_COLUMNS
+    assert table.schema == RF_SCHEMA
+    res = table.filter(pc.equal(table["model"], "resnet34"))
+    plain = table.filter(pc.equal(table["model"], "plainnet34"))
+    assert res.drop_columns(["model"]).equals(plain.drop_columns(["model"]))
+    # the written values are those of the library on a real (not meta) model
+    rfs = receptive_fields(build_model("resnet34", width=8), 224)
+    got = {r["layer"]: (r["rf_size"], r["jump"], r["offset"], r["feature_size"])
+           for r in res.to_pylist()}
+    assert got == {k: (v.size, v.jump, v.offset, v.feature_size) for k, v in rfs.items()}
+    assert list(tmp_path.iterdir()) == [out]  # nothing else written
+
+
+def test_file_out_and_input_size(tmp_path, capsys):
+    path = tmp_path / "sub" / "rf18.parquet"
+    assert main(["--model", "plainnet18", "--input-size", "97", "--out", str(path)]) == 0
+    table = pq.read_table(path)
+    assert set(table.column("model").to_pylist()) == {"plainnet18"}
+    assert set(table.column("input_size").to_pylist()) == {97}
+    assert table.column("feature_size").to_pylist()[:3] == [49, 25, 25]
+    assert "plainnet18" in capsys.readouterr().out
+    assert sorted(os.listdir(path.parent)) == ["rf18.parquet"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet99"], "unknown model 'resnet99'; allowed: plainnet18, plainnet34, "
+                              "resnet18, resnet34"),
+    (["--model", "resnet34,vgg16"], "unknown model 'vgg16'"),
+    (["--model", ","], "--model is empty"),
+    (["--input-size", "0"], "--input-size must be a positive integer, got 0"),
+    (["--input-size", "-5"], "--input-size must be a positive integer, got -5"),
+    (["--input-size", "2.5"], "invalid int value: '2.5'"),
+    (["--colour", "red"], "unrecognized arguments: --colour red"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out.parquet"
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(out)])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m jobs.receptive_fields: error: ")
+    assert message in err[0]
+    assert captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(blocker / "rf.parquet")])
+    assert exc.value.code == 2
+    assert "is not writable" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
