@@ -155,10 +155,10 @@ def ensure_demo_data(root: str | None = None, seed: int = 0) -> str:
     root = os.path.abspath(os.path.expanduser(root)) if root else default_demo_root(seed)
     marker = os.path.join(root, _MARKER)
     if os.path.exists(marker):
-        return root
+        return _checked(root, marker, spec)
     if os.path.exists(root):
         if os.path.exists(marker):      # another process renamed its copy in since the check
-            return root
+            return _checked(root, marker, spec)
         raise ValueError(f"{root} exists but holds no complete demo data ({_MARKER} missing); "
                          f"remove it or pass another root")
     parent = os.path.dirname(root)
@@ -177,4 +177,14 @@ def ensure_demo_data(root: str | None = None, seed: int = 0) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _checked(root, marker, spec)
+
+
+def _checked(root: str, marker: str, spec: DemoSpec) -> str:
+    with open(marker) as f:
+        made = json.load(f)
+    if made.get("version") != DEMO_VERSION or made.get("spec") != spec.__dict__:
+        raise ValueError(f"{root} holds demo data made with {made.get('spec')} (version "
+                         f"{made.get('version')}), not seed {spec.seed} of version {DEMO_VERSION}; "
+                         f"pass another root")
     return root

@@ -67,6 +67,9 @@ def test_ensure_demo_data_generates_once_and_classes_are_learnable(demo_root, _d
     marker = os.stat(os.path.join(root, "_DEMO_COMPLETE.json"))
     assert ensure_demo_data() == root
     assert os.stat(os.path.join(root, "_DEMO_COMPLETE.json")).st_mtime_ns == marker.st_mtime_ns
+    assert ensure_demo_data(root) == root
+    with pytest.raises(ValueError, match="not seed 1"):
+        ensure_demo_data(root, seed=1)
 
     train = build_manifest(root + "/train", require_labels=True)
     val = build_manifest(root + "/val", require_labels=True)
