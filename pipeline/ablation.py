@@ -46,7 +46,7 @@ from .hooks import Trace
 from .layers import Layer
 
 __all__ = ["CONDITIONS", "NEAR_DEAD_FRACTION", "derive_seed", "image_noise", "random_subset",
-           "control_channels", "Plan", "make_plan", "noise_edit", "evaluate", "per_image_scores",
+           "control_channels", "Plan", "make_plan", "batch_noise", "noise_edit", "evaluate", "per_image_scores",
            "EvalSums", "CENSUS_SCHEMA", "census_table", "inactive_channels", "ABLATION_SCHEMA",
            "TABLE1_SCHEMA", "ablation_table", "table1", "format_table1", "no_inactive_note"]
 
@@ -144,32 +144,42 @@ def make_plan(condition: str, seed: int, inactive: Sequence[int], num_channels: 
     return Plan(condition, seed, tuple(control_channels(seed, active, len(inactive))))
 
 
-def noise_edit(seed: int, indices: Sequence[int] | np.ndarray,
-               mask: Tensor) -> Callable[[Tensor], Tensor]:
-    """A `Trace` edit adding each image's noise on the channels `mask` (N, C) selects."""
-    indices = np.asarray(indices, dtype=np.int64).tolist()
+def batch_noise(seed: int, indices: Sequence[int] | np.ndarray, shape: Sequence[int]) -> Tensor:
+    """(N, C, H, W): `image_noise` of every image in `indices`."""
+    return torch.stack([image_noise(seed, int(i), shape)
+                        for i in np.asarray(indices, dtype=np.int64).tolist()])
 
+
+def noise_edit(seed: int, indices: Sequence[int] | np.ndarray, mask: Tensor,
+               cache: dict[int, Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+    """A `Trace` edit adding each image's noise on the channels `mask` (N, C) selects.
+
+    `cache` (one dict per batch) keeps the batch's noise per seed, so several plans with the
+    same seed evaluated on one batch draw it once.
+    """
     def edit(out: Tensor) -> Tensor:
         if out.shape[0] != len(indices) or out.shape[1] != mask.shape[1]:
             raise ValueError(f"edit built for {len(indices)} images x {mask.shape[1]} channels, "
                              f"layer output is {tuple(out.shape)}")
-        noise = torch.zeros(out.shape, dtype=torch.float32)
-        for n, idx in enumerate(indices):
-            if mask[n].any():
-                noise[n] = image_noise(seed, idx, out.shape[1:])
-        noise *= mask[:, :, None, None]
+        noise = cache.get(seed) if cache is not None else None
+        if noise is None or noise.shape != out.shape:
+            noise = batch_noise(seed, indices, out.shape[1:])
+            if cache is not None:
+                cache[seed] = noise
+        noise = noise * mask[:, :, None, None]
         return out + noise.to(device=out.device, dtype=out.dtype)
     return edit
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, layer: Layer, x: Tensor, indices: Sequence[int] | np.ndarray,
-             plan: Plan) -> Tensor:
-    """Logits of `x` with the plan's noise added to `layer`'s output (a plain forward if clean)."""
+             plan: Plan, cache: dict[int, Tensor] | None = None) -> Tensor:
+    """Logits of `x` with the plan's noise added to `layer`'s output (a plain forward if clean);
+    `cache`: see `noise_edit`."""
     if not plan.noisy:
         return model(x)
     mask = plan.mask(indices, layer.channels)
-    with Trace(model, [layer], edit={layer.name: noise_edit(plan.seed, indices, mask)},
+    with Trace(model, [layer], edit={layer.name: noise_edit(plan.seed, indices, mask, cache)},
                stop=False) as tr:
         return tr.run(x)
 

@@ -100,8 +100,9 @@ def runs(world, ray_cluster):
     (world / "analysis" / "stimuli").mkdir(parents=True)
     pq.write_table(ChannelStats(8).update(acts).to_table("resnet18", "pool1"),
                    world / "analysis" / "stimuli" / "channels.parquet")
-    # a rerun with the same seeds, on 3 shards, taking its census from --from
-    _run([*base, "--shards", "3", "--from", world / "analysis", "--out", world / "c"])
+    # a rerun with the same seeds, on 3 shards, census from --from, one task per shard
+    _run([*base, "--shards", "3", "--from", world / "analysis", "--task-per", "shard",
+          "--out", world / "c"])
     return {"a": world / "a", "c": world / "c", "printed": printed,
             "model": loaded.model, "preprocess": loaded.preprocess, "batch": batch,
             "pool1_acts": acts}
@@ -135,7 +136,7 @@ def test_inactive_set_equals_a_brute_force_census(runs):
 def test_identical_numbers_for_any_shard_count_and_a_rerun(runs):
     a = _read(runs["a"] / "ablation.parquet")
     assert len(a) == 1 + 3 * 2
-    assert _read(runs["c"] / "ablation.parquet") == a   # rerun, 3 shards, census from --from
+    assert _read(runs["c"] / "ablation.parquet") == a   # rerun: 3 shards, --from, per shard
     assert _read(runs["c"] / "table1.parquet") == _read(runs["a"] / "table1.parquet")
 
 
@@ -193,6 +194,7 @@ def test_a_model_without_inactive_channels_says_so(world, ray_cluster):
 @pytest.mark.parametrize("args, message", [
     (["--fraction", "1.5"], "--fraction must lie in (0, 1]"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--task-per", "seed"], "argument --task-per: invalid choice"),
     (["--layer", "fc"], "--layer must name one layer with channel maps"),
     (["--layer", "conv99"], "unknown layer 'conv99'; allowed"),
     (["--model", "vgg16"], "unknown --model 'vgg16'; allowed"),
@@ -234,7 +236,7 @@ def test_s3_data_and_output_match_the_local_run_and_a_rerun_resumes(world, runs,
     capsys.readouterr()
     _run(args)
     err = capsys.readouterr().err
-    assert "census: 2 of 2 tasks resumed" in err and "evaluate: 8 of 8 tasks resumed" in err
+    assert "census: 2 of 2 partials resumed" in err and "evaluate: 8 of 8 partials resumed" in err
     with fs.open(f"{s3_bucket}/ablation/table1.parquet", "rb") as f:
         assert pq.read_table(f).to_pylist() == t1
 

@@ -110,6 +110,7 @@ def test_evaluate_clean_is_the_plain_forward_and_noise_matches_a_hand_written_fo
     x, idx = images(6), np.arange(30, 36)
     with torch.no_grad():
         assert torch.equal(evaluate(model, pool1, x, idx, make_plan("clean", 0, DEAD, 8)), model(x))
+        cache = {}   # one batch's noise, shared by the plans of seed 3
         for cond in ("inactive-all", "inactive-random", "control-active"):
             plan = make_plan(cond, 3, DEAD, 8, fraction=0.5, eval_batch=4)
             shape = capture(model, x, [pool1])["pool1"].shape
@@ -118,6 +119,7 @@ def test_evaluate_clean_is_the_plain_forward_and_noise_matches_a_hand_written_fo
             want = forward_with_pool1_noise(model, x, noise)
             got = evaluate(model, pool1, x, idx, plan)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            assert torch.equal(evaluate(model, pool1, x, idx, plan, cache), got)
             # the noise only ever lands on the planned channels
             seen = capture(model, x, [pool1], edit={"pool1": noise_edit(3, idx, plan.mask(idx, 8))})
             moved = (seen["pool1"] != capture(model, x, [pool1])["pool1"]).any(3).any(2).any(0)
