@@ -250,9 +250,12 @@ def run_bad(argv, capsys, out):
         job.main(argv + ["--out", out])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
+    # Progress lines (timestamped log, Ray's start-up) may come first; the error is one line.
+    errors = [line for line in err if "error" in line.lower()]
+    assert len(errors) == 1 and err[-1] == errors[0]
+    assert errors[0].startswith("python -m jobs.neuron_types: error: ")
     assert not exists(f"{out}/neuron_types.parquet") and not exists(f"{out}/summary.parquet")
-    return err[0]
+    return errors[0]
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -269,3 +272,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "--neutral" in msg
     msg = run_bad(["--sources", "filter", "--checkpoint", str(tmp_path / "nope.pt")], capsys, out)
     assert "checkpoint not found" in msg
+
+
+def test_malformed_mean_found_inside_a_ray_task_is_one_line(ray_cluster, tmp_path, capsys):
+    table = mean_table("resnet18", IMAGENET_MEAN)
+    means = table.column("mean").to_pylist()
+    means[0] = means[0][:-1]                       # one value short of 3*size*size
+    table = table.set_column(table.schema.get_field_index("mean"), "mean",
+                             pa.array(means, pa.list_(pa.float32())))
+    write_table(table, str(tmp_path / "a" / "stimuli" / "mean.parquet"))
+    msg = run_bad(["--from", str(tmp_path / "a")], capsys, str(tmp_path / "out"))
+    assert "channel 0" in msg and "expected 3*size*size" in msg
