@@ -17,15 +17,15 @@ is a stimulus or a filter (an orthonormal M gives M⁻ᵀ = M: a filter's sensit
 opponent axis is the same transform of its weights).
 
 Colour. All colour measures are taken on d = x − neutral, the pattern relative to a neutral
-colour: the colour a pattern would have with nothing preferred (0 for filters, the data mean for
-mean stimuli and activation maximization, whose zero image is that mean). Then
+colour: the colour a pattern would have with nothing preferred (0 for filters; the data's mean
+colour for mean stimuli; the preprocessing's zero image for activation maximization). Then
     chromatic_fraction = Σ (RG² + BY²) / Σ ‖d‖²   (0 for any gray pattern on a gray neutral; 0/0 = 0)
     opponent_axis      = 'red-green' if Σ RG² ≥ Σ BY² else 'blue-yellow' ('none' if no chroma)
     double_opponent_score = 2 · min(P, N) / (P + N),  P = Σ max(c, 0), N = Σ max(−c, 0)
-where c is the dominant opponent channel with values under 10 % of its peak |c| set to 0 (a dead
-zone, so that a faint wide background offset does not count as an opposite sign): 1 when both chromatic signs carry equal mass (red
-centre / green surround, blue | yellow edge), 0 when one sign holds throughout (a red blob on
-the neutral gray: single-opponent).
+where c is the dominant opponent channel with values under 10 % of its peak |c| set to 0 (a
+dead zone, so that a faint wide background offset does not count as an opposite sign): 1 when
+both chromatic signs carry equal mass (red centre / green surround, blue | yellow edge), 0 when
+one sign holds throughout (a red blob on the neutral gray: single-opponent).
 
 Orientation. Luminance l = L(x) with NaN pixels given weight 0, the window-weighted mean removed
 (so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so no
