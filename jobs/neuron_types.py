@@ -10,8 +10,9 @@ maximization image (actmax.parquet) — measures orientation selectivity and opp
     python -m jobs.neuron_types --from ./results --out ./results/neuron_types   # a jobs.reproduce root
 
 --from is an analysis output (stimuli/mean.parquet at its top) or a jobs.reproduce root
-(analysis/<model>/stimuli/mean.parquet; there actmax/actmax.parquet and train/<model>/model.pt
-are found too unless --actmax / --checkpoint are given). Writes <out>/neuron_types.parquet,
+(analysis/<model>/stimuli/mean.parquet; there actmax/actmax.parquet, else actmax/<model>/
+actmax.parquet, and train/<model>/model.pt are found too unless --actmax / --checkpoint are
+given). Writes <out>/neuron_types.parquet,
 <out>/summary.parquet and <out>/run.json, and prints the summary. Patterns are measured in Ray
 tasks of at most --chunk patterns each, every task reading only its own rows.
 """
@@ -220,8 +221,13 @@ def discover(cfg: NeuronTypesConfig) -> Inputs:
         found.checkpoints.append((model, url))
     # A reproduce root also holds the other inputs; explicit flags win.
     for root in reproduce_roots:
-        if not cfg.actmax and exists(join(root, "actmax", "actmax.parquet")):
-            found.actmax.append(join(root, "actmax", "actmax.parquet"))
+        if not cfg.actmax:
+            if exists(join(root, "actmax", "actmax.parquet")):
+                found.actmax.append(join(root, "actmax", "actmax.parquet"))
+            else:   # the per-model tables, before jobs.reproduce concatenates them
+                found.actmax += [join(root, "actmax", m, "actmax.parquet")
+                                 for m in _subdirs(join(root, "actmax"))
+                                 if exists(join(root, "actmax", m, "actmax.parquet"))]
         if not cfg.checkpoints:
             for m in _subdirs(join(root, "train")):
                 if exists(join(root, "train", m, "model.pt")):
