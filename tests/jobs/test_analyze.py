@@ -1,0 +1,193 @@
+"""jobs.analyze end to end on a real local Ray cluster, real JPEG files and a real S3 server.
+
+One cluster per module. Checks: 1 shard / 1 worker and many shards / 2 workers (output on S3)
+give identical tables; patches are the RF squares of the decoded images; a run killed for real
+after some shards resumes from their markers and gives the same tables; bad inputs exit 2 with
+one line and write no final table.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs import analyze as job
+from pipeline.checkpoint import save_checkpoint
+from pipeline.geometry import cut_patch
+from pipeline.models import build_model
+from pipeline.preprocess import IMAGENET
+from pipeline.sources import EvalTransform, build_manifest, load_batch
+from pipeline.tables import read_json, read_table
+
+ROOT = Path(__file__).resolve().parents[2]
+N_GOOD = 18
+TABLES = ("topk", "mean", "channels")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    # s3_server first: the AWS_* variables must be in the environment Ray's workers inherit.
+    import ray
+
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=200 * 1024 ** 2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """Two class folders of real JPEGs (crops of scikit-image photos) plus one broken file,
+    and a checkpoint of a tiny resnet18."""
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("analyze")
+    rng = np.random.default_rng(0)
+    for cls, photo in (("a_astronaut", skimage.data.astronaut()), ("b_coffee", skimage.data.coffee())):
+        (root / "data" / cls).mkdir(parents=True)
+        for i in range(N_GOOD // 2):
+            y, x = rng.integers(0, 300, 2)
+            crop = Image.fromarray(photo[y:y + 150, x:x + 150]).resize((44, 40))
+            crop.save(root / "data" / cls / f"img{i:02d}.jpg", quality=90)
+    (root / "data" / "a_astronaut" / "img99_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    torch.manual_seed(0)
+    ckpt = str(root / "tiny.pt")
+    save_checkpoint(ckpt, build_model("resnet18", num_classes=2, width=8), IMAGENET)
+    return {"root": root, "data": str(root / "data"), "ckpt": ckpt}
+
+
+def _argv(data: dict, out: str, *extra: str) -> list[str]:
+    return ["--data", data["data"], "--checkpoint", data["ckpt"], "--layers", "pool1,conv3,conv7",
+            "--top-k", "3", "--resize", "36", "--crop", "32", "--batch-size", "4", "--out", out,
+            *extra]
+
+
+def _tables(out: str) -> dict:
+    return {t: read_table(f"{out}/stimuli/{t}.parquet") for t in TABLES}
+
+
+def _assert_same_tables(a: dict, b: dict) -> None:
+    assert a["topk"].equals(b["topk"])                               # patches included
+    assert a["mean"].drop(["mean"]).equals(b["mean"].drop(["mean"]))  # exact integer sums
+    ma, mb = (t["mean"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+              for t in (a["mean"], b["mean"]))
+    assert np.array_equal(ma, mb, equal_nan=True)                    # NaN: pixels never seen
+    ca, cb = a["channels"], b["channels"]
+    assert ca.drop(["mean", "sum"]).equals(cb.drop(["mean", "sum"]))
+    np.testing.assert_allclose(ca["sum"].to_numpy(), cb["sum"].to_numpy(), rtol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def single(ray_cluster, data) -> str:
+    out = str(data["root"] / "single")
+    assert job.main(_argv(data, out, "--shards", "1", "--workers", "1")) == 0
+    return out
+
+
+def test_one_shard_equals_many_shards_and_workers_on_s3(single, data, s3_bucket):
+    out = f"s3://{s3_bucket}/analysis"
+    assert job.main(_argv(data, out, "--shard-size", "3", "--workers", "2")) == 0
+    _assert_same_tables(_tables(single), _tables(out))
+    run = json.loads(Path(single, "run.json").read_text())
+    run_s3 = read_json(f"{out}/run.json")
+    assert run_s3["counts"]["shards"] == 7 and run["counts"]["shards"] == 1
+    for r in (run, run_s3):
+        assert r["counts"]["images_read"] == N_GOOD and r["counts"]["images_skipped"] == 1
+        assert r["skipped"][0]["path"].endswith("img99_broken.jpg")
+        assert {"setup", "analyze", "merge", "patches", "write"} <= set(r["seconds"])
+        assert r["versions"]["torch"] and r["config"]["top_k"] == 3 and not r["untrained"]
+
+
+def test_tables_hold_the_design_columns_and_true_patches(single, data):
+    t = _tables(single)
+    man = pq.read_table(f"{single}/manifest.parquet")
+    assert man.column_names[:3] == ["image_index", "path", "label"] and man.num_rows == N_GOOD + 1
+    rf = pq.read_table(f"{single}/receptive_fields.parquet").to_pylist()
+    sizes = {r["layer"]: r["rf_size"] for r in rf}
+    topk = t["topk"].to_pylist()
+    # 8 + 8 + 16 channels, 2 neurons, k = 3
+    assert len(topk) == (8 + 8 + 16) * 2 * 3
+    manifest = build_manifest(data["data"])
+    for row in topk[::7]:
+        batch = load_batch(manifest, [row["image_index"]], EvalTransform(36, 32))
+        want, _ = cut_patch(batch.images[0], row["top"], row["left"], row["size"])
+        got = np.asarray(Image.open(io.BytesIO(row["patch"])).convert("RGB")).transpose(2, 0, 1)
+        assert np.array_equal(got, want.numpy()) and row["size"] == sizes[row["layer"]]
+    ch = t["channels"].to_pylist()
+    assert all(r["images"] == N_GOOD for r in ch)
+    assert all(r["inactive"] == (r["max"] == 0) for r in ch)
+    mean = t["mean"].to_pylist()
+    assert {(r["layer"], r["neuron"]) for r in mean} == {(l, "center") for l in sizes if l in
+                                                         ("pool1", "conv3", "conv7")}
+    for r in mean:
+        assert len(r["mean"]) == 3 * r["size"] ** 2 and 0 <= r["count"] <= N_GOOD
+
+
+def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster):
+    out = str(data["root"] / "interrupted")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.analyze",
+                             *_argv(data, out, "--shards", "6", "--workers", "1",
+                                    "--test-sleep", "0.7")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        markers: list = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            markers = list(Path(out, "_partials").glob("*/*.done"))
+            if len(markers) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert 2 <= len(markers) < 6
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)   # the driver, for real (its actors die with it)
+        proc.wait()
+    assert not Path(out, "stimuli").exists() and not Path(out, "run.json").exists()
+    assert job.main(_argv(data, out, "--shards", "6", "--workers", "2")) == 0
+    run = json.loads(Path(out, "run.json").read_text())
+    assert run["counts"]["shards_resumed"] >= 2
+    assert run["counts"]["shards_computed"] == 6 - run["counts"]["shards_resumed"]
+    _assert_same_tables(_tables(single), _tables(out))
+
+
+def _bad(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        job.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys, tmp_path):
+    out = str(tmp_path / "out")
+    assert "unknown layer 'conv99'" in _bad(capsys, _argv(data, out) + ["--layers", "pool1,conv99"])
+    assert "fc" in _bad(capsys, _argv(data, out) + ["--layers", "fc"])
+    assert "unknown model 'resnet35'" in _bad(capsys, _argv(data, out) + ["--model", "resnet35"])
+    # a resnet18 state_dict does not fit plainnet18 (no projection shortcuts)
+    sd = str(tmp_path / "sd.pt")
+    torch.save(build_model("resnet18", num_classes=2, width=8).state_dict(), sd)
+    err = _bad(capsys, ["--data", data["data"], "--checkpoint", sd, "--model", "plainnet18",
+                        "--out", out])
+    assert "does not fit plainnet18" in err and "downsample" in err
+    (tmp_path / "empty").mkdir()
+    assert "no images" in _bad(capsys, _argv(data, out) + ["--data", str(tmp_path / "empty")])
+    Path(tmp_path / "file").write_text("x")
+    assert "not writable" in _bad(capsys, _argv(data, str(tmp_path / "file" / "out")))
+    assert "--top-k" in _bad(capsys, _argv(data, out) + ["--top-k", "0"])
+    assert "cuda" in _bad(capsys, _argv(data, out) + ["--device", "cuda"])
+    assert not Path(out, "stimuli").exists() and not Path(out, "run.json").exists()
