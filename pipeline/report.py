@@ -506,9 +506,13 @@ def render_report(inputs: ReportInputs, options: ReportOptions = ReportOptions()
         df = rf[cols].copy()
         df = df.iloc[sorted(range(len(df)), key=lambda i: (model_key(str(df["model"].iloc[i])),
                                                           layer_key(str(df["layer"].iloc[i]))))]
+        shown = df[df["layer"].isin(layers)] if layers else df
         body = ("<p class='note'>RF size, jump and centre offset in pixels of the analysed input "
-                "crop; the paper's pool1, conv3 and conv7 have RF 11, 27 and 59.</p>"
-                + _html_table(df))
+                "crop (neuron (y, x) sees rows offset + jump·y ± (size−1)/2); the paper's pool1, "
+                "conv3 and conv7 have RF 11, 27 and 59 on 224×224 ImageNet crops.</p>"
+                + _html_table(shown))
+        if len(shown) < len(df):
+            body += ("<details><summary>All layers</summary>" + _html_table(df) + "</details>")
     else:
         body = _na("receptive_fields.parquet", inputs.missing.get("analysis", ""))
     sections.append(("rf", "Receptive fields", body))
