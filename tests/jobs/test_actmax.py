@@ -1,0 +1,170 @@
+"""jobs.actmax end to end on a real local Ray cluster, plus its defaults and its bad inputs."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs import actmax as job
+from pipeline import actmax as am
+from pipeline.checkpoint import save_checkpoint
+from pipeline.layers import catalogue
+from pipeline.models import build_model
+from pipeline.preprocess import ZCA
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=200 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny resnet18 with BN statistics (a fresh one is dead at the zero start) and a ZCA
+    preprocessing, so that inverse preprocessing is not the ImageNet default."""
+    torch.manual_seed(0)
+    model = am.calibrate_bn(build_model("resnet18", num_classes=8, width=8), SIZE, images=8)
+    zca = ZCA([0.4, 0.5, 0.6], [[2.0, 0.1, 0.0], [0.1, 3.0, 0.2], [0.0, 0.2, 4.0]])
+    url = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    save_checkpoint(url, model, zca, input_size=SIZE)
+    return url, model, zca
+
+
+def _args(out, *extra):
+    return ["--out", str(out), "--workers", "2", *extra]
+
+
+def test_defaults_are_the_papers():
+    cfg = job.ActmaxConfig.from_args(job.build_parser().parse_args(["--out", "x"]))
+    assert (cfg.steps, cfg.lr, cfg.weight_decay) == (31, 0.1, 1e-6)
+    assert (cfg.param, cfg.jitter, cfg.scale, cfg.tv, cfg.l2) == ("pixel", 0, (), 0.0, 0.0)
+    assert cfg.channels == "all" and cfg.checkpoint is None and cfg.model == "resnet34"
+    assert cfg.settings() == am.Settings()
+
+
+def test_parse_channels():
+    assert job.parse_channels("all", "conv3", 4) == [0, 1, 2, 3]
+    assert job.parse_channels("0-2,7,1", "conv3", 8) == [0, 1, 2, 7]
+    assert job.parse_channels(" 5 ", "conv3", 8) == [5]
+    for bad in ("8", "0-8", "-1", "3-1", "a", "0,,1", ""):
+        with pytest.raises(job.BadInput, match="0-7"):
+            job.parse_channels(bad, "conv3", 8)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layers", "conv99"], "unknown layer 'conv99'"),
+    (["--layers", "conv3", "--channels", "0-8"], "channel 8 out of range for conv3 (8 channels)"),
+    (["--channels", "x"], "invalid channel spec"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--scale", "0.9,zero"], "invalid --scale"),
+    (["--param", "lbfgs"], "invalid choice"),
+    (["--model", "vgg16"], "invalid choice"),
+])
+def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, checkpoint, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        job.main(_args(out, "--checkpoint", checkpoint[0], "--model", "resnet18", *extra))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert err[0].startswith("python -m jobs.actmax: error:")
+    assert not out.exists()
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        job.main(_args(tmp_path / "out", "--checkpoint", str(tmp_path / "nope.pt")))
+    assert e.value.code == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_job_end_to_end(ray_cluster, checkpoint, tmp_path):
+    url, model, zca = checkpoint
+    out = tmp_path / "out"
+    assert job.main(_args(out, "--checkpoint", url, "--model", "resnet18",
+                          "--layers", "conv3,pool1", "--channels", "1-6", "--chunk", "4")) == 0
+    table = pq.read_table(out / "actmax.parquet")
+    assert table.schema.equals(job.SCHEMA)
+    assert table.num_rows == 12
+    rows = table.to_pylist()
+    # forward order: pool1 before conv3, channels ascending
+    assert [(r["layer"], r["channel"]) for r in rows] == \
+        [("pool1", c) for c in range(1, 7)] + [("conv3", c) for c in range(1, 7)]
+    cat = catalogue(model)
+    for lay in ("pool1", "conv3"):
+        # the job's chunks (4 + 2 channels over two Ray tasks) = one direct batched call
+        want = am.maximize_channels(model, cat[lay], range(1, 7), SIZE, zca)
+        got = [r for r in rows if r["layer"] == lay]
+        inputs = np.array([r["input"] for r in got], dtype=np.float32)
+        assert inputs.shape == (6, 3 * SIZE * SIZE)
+        np.testing.assert_allclose(inputs, want.input.reshape(6, -1).numpy(), atol=1e-3)
+        np.testing.assert_allclose([r["objective_end"] for r in got], want.end.numpy(),
+                                   rtol=1e-4)
+        pics = am.display_images(want.input, zca)
+        for r, pic in zip(got, pics):
+            assert r["objective_end"] > r["objective_start"]
+            assert (r["steps"], r["lr"], r["weight_decay"]) == (31, 0.1, 1e-6)
+            assert (r["model"], r["input_size"], r["param"]) == ("resnet18", SIZE, "pixel")
+            img = Image.open(io.BytesIO(r["image"]))
+            assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+            assert np.abs(np.asarray(img).astype(int) - pic.astype(int)).max() <= 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["steps"] == 31 and run["untrained"] is False
+    assert run["counts"] == {"layers": 2, "channels": 12, "tasks": 4, "channels_resumed": 0}
+    assert run["preprocess"]["kind"] == "zca" and "torch" in run["versions"]
+    assert list((out / "_partials").iterdir()) == []
+
+
+def test_job_resumes_from_partials(ray_cluster, checkpoint, tmp_path):
+    """A partial of the same configuration is reused, not recomputed (marker values survive)."""
+    url, model, zca = checkpoint
+    out = tmp_path / "out"
+    argv = _args(out, "--checkpoint", url, "--model", "resnet18", "--layers", "conv3",
+                 "--channels", "0-3", "--steps", "3")
+    cfg = job.ActmaxConfig.from_args(job.build_parser().parse_args(argv))
+    setup = job._setup(cfg)
+    part = job.chunk_table(model, "resnet18", zca, catalogue(model)["conv3"], [0, 1], SIZE,
+                           cfg.settings())
+    part = part.set_column(part.schema.get_field_index("objective_end"), "objective_end",
+                           pa.array([-123.0, -456.0], "float32"))
+    key = job._config_key(cfg, setup)
+    (out / "_partials" / f"actmax-{key}").mkdir(parents=True)
+    pq.write_table(part, out / "_partials" / f"actmax-{key}" / "conv3-00000-00001.parquet")
+    assert job.main(argv) == 0
+    table = pq.read_table(out / "actmax.parquet").to_pylist()
+    assert [r["channel"] for r in table] == [0, 1, 2, 3]
+    assert [r["objective_end"] for r in table[:2]] == [-123.0, -456.0]
+    assert all(r["objective_end"] > r["objective_start"] for r in table[2:])
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["channels_resumed"] == 2 and run["counts"]["tasks"] == 1
+
+
+def test_demo_default_model_and_lucent_flags(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert job.main(_args(out, "--model", "resnet18", "--layers", "conv3", "--channels", "0,1",
+                          "--steps", "4", "--param", "fft", "--jitter", "2",
+                          "--scale", "0.9,1.1", "--tv", "0.01", "--l2", "0.01")) == 0
+    assert "UNTRAINED" in capsys.readouterr().err
+    from pipeline.demo import DEMO_CROP
+
+    table = pq.read_table(out / "actmax.parquet").to_pylist()
+    assert [r["param"] for r in table] == ["fft", "fft"]
+    assert all(len(r["input"]) == 3 * DEMO_CROP**2 for r in table)
+    run = json.loads((out / "run.json").read_text())
+    assert run["untrained"] is True and run["input_size"] == DEMO_CROP
+    assert run["config"]["scale"] == [0.9, 1.1]
