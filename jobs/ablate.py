@@ -26,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, init_ray,
-                         job_parser, log, package_versions, resolve_device)
+from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, fail,
+                         init_ray, job_parser, log, package_versions, resolve_device)
 
 PROG = "python -m jobs.ablate"
 
@@ -380,9 +380,12 @@ def run(prep: Prepared) -> dict[str, Any]:
         f"{B}-image minibatches, partials in {partials}")
 
     init_ray()
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "cuda" and not cluster_gpus:
+        fail(PROG, "--device cuda asked for, but the Ray cluster has no GPU; use auto or cpu")
     gpus = cfg.gpus_per_task
     if gpus is None:
-        gpus = 1.0 if cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if cfg.device != "cpu" and cluster_gpus > 0 else 0.0
     opts = dict(num_cpus=cfg.cpus_per_task, num_gpus=gpus, max_retries=2, retry_exceptions=True)
     spec_ref, manifest_ref = ray.put(spec), ray.put(manifest)
     skipped: dict[int, tuple] = {}
@@ -439,6 +442,9 @@ def run(prep: Prepared) -> dict[str, Any]:
             merged[plan].merge(EvalSums.from_state(state["sums"]))
             skipped.update({s[0]: tuple(s) for s in state["skipped"]})
     results = [(plan, merged[plan].totals()) for plan in plans]
+    if results[0][1]["images"] == 0:
+        fail(PROG, f"none of the {n} images of {data} could be read ({len(skipped)} skipped, "
+                   f"first: {sorted(skipped.values())[0][1:] if skipped else '-'})")
     tasks_run = len(tasks) + (len(ranges) if census_source == "census pass" else 0)
 
     with sw("write"):
