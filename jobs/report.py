@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs.common import BadInput, bad_input_exits, check_writable, job_parser, log
 from pipeline.report import ReportInputs, ReportOptions, model_key, render_report
@@ -76,19 +77,24 @@ def _subdirs(url: str) -> list[str]:
     return sorted(names)
 
 
-def _read(url: str) -> pa.Table | None:
+def _read(url: str, drop: tuple[str, ...] = ()) -> pa.Table | None:
+    """The table at `url` without the columns in `drop`, None when there is no file."""
     if not exists(url):
         return None
     try:
-        return read_table(url)
+        columns = None
+        if drop:
+            fs, path = fs_path(url)
+            columns = [n for n in pq.read_schema(path, filesystem=fs).names if n not in drop]
+        return read_table(url, columns=columns)
     except Exception as e:  # noqa: BLE001 - name the file, whatever pyarrow/fsspec raised
         raise BadInput(f"{url} is not a readable Parquet table ({e.__class__.__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _first(*urls: str) -> pa.Table | None:
+def _first(*urls: str, drop: tuple[str, ...] = ()) -> pa.Table | None:
     for url in urls:
-        t = _read(url)
+        t = _read(url, drop)
         if t is not None:
             return t
     return None
@@ -125,7 +131,9 @@ def load_inputs(out: str) -> ReportInputs:
     if not analysis_dirs:
         inputs.missing["analysis"] = f"no {join(out, 'analysis')}/<model>/"
 
-    inputs.actmax = _first(join(out, "actmax", "actmax.parquet"), join(out, "actmax.parquet"))
+    # `input` holds each optimised model input as floats (MBs per row at 224 px): not needed.
+    inputs.actmax = _first(join(out, "actmax", "actmax.parquet"), join(out, "actmax.parquet"),
+                           drop=("input",))
     if inputs.actmax is None:
         inputs.missing["actmax"] = f"no {join(out, 'actmax', 'actmax.parquet')}"
     inputs.table1 = _first(join(out, "ablation", "table1.parquet"), join(out, "table1.parquet"))

@@ -255,7 +255,7 @@ def _frame(t: pa.Table | None) -> pd.DataFrame | None:
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
+    if v is None or v is pd.NA:
         return "—"
     if isinstance(v, (bool, np.bool_)):
         return "yes" if v else "no"
@@ -267,6 +267,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
         return f"{float(v):.{digits}g}"
     if isinstance(v, (bytes, bytearray)):
         return f"<{len(v)} bytes>"
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return ", ".join(_fmt(x) for x in v) if len(v) else "none"
     return str(v)
 
 
@@ -308,7 +310,8 @@ def table1_frame(table1: pa.Table | None, ablation: pa.Table | None,
     if table1 is not None and "model" in table1.column_names:
         df = table1.to_pandas()
         out = pd.DataFrame({"model": df["model"].astype(str)})
-        cols = list(df.columns)
+        cols = ([c for c in _TABLE1_FIRST if c in df.columns]
+                + [c for c in df.columns if c not in _TABLE1_FIRST])
         done = {"model"}
         for c in cols:
             if c in done:
@@ -362,8 +365,13 @@ def _census_html(census: pd.DataFrame) -> str:
     return "<h4>Inactive-neuron census</h4>" + _html_table(df)
 
 
-_LABELS = {"inactive": "inactive (pool1)", "delta_loss": "ΔL (all inactive)",
-           "delta_loss_rnd": "ΔL_rnd (random subset)", "control": "control ΔL"}
+_LABELS = {"inactive": "inactive", "delta_loss": "ΔL (all inactive)",
+           "delta_loss_rnd": "ΔL_rnd (random subset)", "control": "control ΔL",
+           "control_delta_loss": "control ΔL", "inactive_channels": "inactive channels",
+           "near_dead": "near-dead"}
+# Table 1's leading columns, in the paper's order; the others follow as they come.
+_TABLE1_FIRST = ("model", "layer", "inactive", "delta_loss_mean", "delta_loss_rnd_mean",
+                 "control_delta_loss_mean", "control_mean")
 
 
 def _label(name: str) -> str:
@@ -396,7 +404,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em
 padding:0 1em;color:#222}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 h3{margin:1.2em 0 .4em} table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
-td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right} th{background:#f3f3f3}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap} th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}
 .pair{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}
 .pair>div{flex:1 1 0;min-width:300px} .pair img{max-width:100%;height:auto;image-rendering:pixelated}

@@ -21,6 +21,8 @@ import pytest
 from PIL import Image
 
 from jobs import report as job
+from jobs.actmax import SCHEMA as ACTMAX_SCHEMA
+from pipeline import ablation
 from pipeline.checkpoint import save_checkpoint
 from pipeline.models import build_model
 from pipeline.preprocess import IMAGENET
@@ -96,32 +98,48 @@ def make_results(root: Path, with_train: bool = True, rng_seed: int = 0) -> Path
                                                    val_loss=2.1 - e / 10, val_top1=0.3 + e / 20)
                                               for e in range(4)]),
                         str(root / "train" / model / "metrics.parquet"))
-    abl, t1 = [], []
+    # Ablation tables through the ablation module's own schemas and Table 1 builder.
+    abl = []
     for model in MODELS:
+        inactive = [1, 5] if model == "resnet34" else [2]
         for cond in ("clean", "inactive-all", "inactive-random", "control-active"):
-            for seed in range(3):
-                abl.append(dict(model=model, condition=cond, seed=seed, images=100,
-                                loss=float(2 + rng.random()), top1=0.5, top5=0.8,
-                                delta_loss=0.0 if cond == "clean" else float(rng.random())))
-        t1.append(dict(model=model, inactive=2 if model == "resnet34" else 1,
-                       delta_loss_mean=1.27, delta_loss_std=0.05, delta_loss_rnd_mean=0.024,
-                       delta_loss_rnd_std=0.003, control_mean=0.01, control_std=0.002))
-    write_table(pa.Table.from_pylist(abl), str(root / "ablation" / "ablation.parquet"))
-    write_table(pa.Table.from_pylist(t1), str(root / "ablation" / "table1.parquet"))
-    write_table(pa.Table.from_pylist(census), str(root / "ablation" / "census.parquet"))
+            for seed in ([-1] if cond == "clean" else range(3)):
+                loss = float(2 + rng.random())
+                abl.append(dict(model=model, layer="pool1", condition=cond, seed=seed,
+                                images=100, loss=loss, top1=0.5, top5=0.8, top1_count=50,
+                                top5_count=80, loss_sum=100 * loss,
+                                delta_loss=0.0 if cond == "clean" else float(rng.random()),
+                                inactive_channels=inactive, noised_channels=inactive,
+                                noised_per_image=float(len(inactive)),
+                                fraction=0.5 if cond == "inactive-random" else None, note=""))
+    abl_t = pa.Table.from_pylist(abl, schema=ablation.ABLATION_SCHEMA)
+    census_t = pa.Table.from_pylist(census, schema=ablation.CENSUS_SCHEMA)
+    write_table(abl_t, str(root / "ablation" / "ablation.parquet"))
+    write_table(ablation.table1(abl_t, census_t), str(root / "ablation" / "table1.parquet"))
+    write_table(census_t, str(root / "ablation" / "census.parquet"))
     am = []
     for model in MODELS:
         for layer in LAYERS:
             for c in range(3):
                 am.append(dict(model=model, layer=layer, channel=c, steps=31, lr=0.1,
                                weight_decay=1e-6, objective_start=0.0, objective_end=3.5,
-                               image=_png((200, 30 * c, 90), 64), input=64))
-    write_table(pa.Table.from_pylist(am), str(root / "actmax" / "actmax.parquet"))
+                               image=_png((200, 30 * c, 90), 64),
+                               input=np.zeros(3 * 64 * 64, np.float32).tolist(), input_size=64,
+                               y=8, x=8, param="pixel"))
+    write_table(pa.Table.from_pylist(am, schema=ACTMAX_SCHEMA),
+                str(root / "actmax" / "actmax.parquet"))
     write_table(pa.Table.from_pylist(
         [dict(model=m, layer=l, source="mean", type=t, count=int(rng.integers(10)))
          for m in MODELS for l in LAYERS for t in ("colour", "orientation", "other")]),
         str(root / "neuron_types" / "summary.parquet"))
     return root
+
+
+def _pm(root: Path, model: str, condition: str) -> str:
+    """Mean ± sample std of delta_loss over seeds, as the report prints it (pandas' numbers)."""
+    df = pq.read_table(root / "ablation" / "ablation.parquet").to_pandas()
+    v = df[(df.model == model) & (df.condition == condition)]["delta_loss"]
+    return f"{v.mean():.4g} ± {v.std(ddof=1):.4g}"
 
 
 class _Imgs(html.parser.HTMLParser):
@@ -167,7 +185,9 @@ def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
     assert n_imgs > len(index.imgs)
     text = (built / "index.html").read_text()
     assert "Not available" not in text
-    for needle in ("1.27 ± 0.05", "0.024 ± 0.003", "Receptive fields", "mod.conv7", "colour"):
+    for needle in (_pm(built.parent, "resnet34", "inactive-all"), "ΔL_rnd (random subset)",
+                   _pm(built.parent, "plainnet34", "control-active"), "control ΔL",
+                   "Receptive fields", "mod.conv7", "colour", "1, 5"):
         assert needle in text
 
 
@@ -272,7 +292,8 @@ def test_reads_and_writes_s3(built: Path, s3_bucket: str):
     assert len(p.imgs) == 2 * 3 * 3     # top-k, mean and actmax figures; no checkpoints here
     for tag in p.imgs:
         decode_png(fs.cat(f"{s3_bucket}/run/report/{tag['src']}"))
-    assert "Not available: actmax" not in index and "1.27 ± 0.05" in index
+    assert "Not available: actmax" not in index
+    assert _pm(built.parent, "plainnet34", "inactive-random") in index
     assert not [f for f in fs.find(f"{s3_bucket}/run/report") if ".tmp-" in f]
 
 

@@ -99,7 +99,7 @@ def test_table1_pairs_mean_std_and_falls_back_to_ablation():
                    "delta_loss_mean": [0.001, 1.27], "delta_loss_std": [0.0005, 0.1],
                    "note": ["x", "y"]})
     df = table1_frame(t1, None)
-    assert list(df.columns) == ["model", "inactive (pool1)", "ΔL (all inactive)", "note"]
+    assert list(df.columns) == ["model", "inactive", "ΔL (all inactive)", "note"]
     assert df.iloc[0].tolist() == ["resnet34", "13", "1.27 ± 0.1", "y"]
 
     rng = np.random.default_rng(1)
