@@ -43,6 +43,7 @@ OUT_SCHEMA = pa.schema([
     ("source", pa.string()), ("size", pa.int32()),
     ("osi", pa.float64()), ("orientation_deg", pa.float64()),
     ("chromatic_fraction", pa.float64()), ("opponent_axis", pa.string()),
+    ("chromatic_balance", pa.float64()), ("chromatic_coherence", pa.float64()),
     ("double_opponent_score", pa.float64()), ("double_opponent", pa.bool_()),
     ("orientation_selective", pa.bool_()), ("energy", pa.float64()),
     ("neutral", pa.list_(pa.float32())), ("type", pa.string()),
@@ -347,8 +348,8 @@ def measure_rows(model: str, layer: str, source: str, channels: Sequence[int],
         res = measure_batch(np.stack([patterns[i] for i in idx]), nt, thresholds)
         for j, i in enumerate(idx):
             for k in ("osi", "orientation_deg", "chromatic_fraction", "opponent_axis",
-                      "double_opponent_score", "double_opponent", "orientation_selective",
-                      "energy", "type"):
+                      "chromatic_balance", "chromatic_coherence", "double_opponent_score",
+                      "double_opponent", "orientation_selective", "energy", "type"):
                 v = res[k][j]
                 cols[k][i] = v.item() if hasattr(v, "item") else v
             cols["size"][i] = int(shape[-1])
@@ -357,7 +358,8 @@ def measure_rows(model: str, layer: str, source: str, channels: Sequence[int],
     cols["layer"] = [layer] * n
     cols["source"] = [source] * n
     cols["channel"] = [int(c) for c in channels]
-    for k in ("osi", "orientation_deg", "chromatic_fraction", "double_opponent_score", "energy"):
+    for k in ("osi", "orientation_deg", "chromatic_fraction", "chromatic_balance",
+              "chromatic_coherence", "double_opponent_score", "energy"):
         cols[k] = [None if v is None or not np.isfinite(v) else v for v in cols[k]]
     return pa.table(cols, schema=OUT_SCHEMA)
 

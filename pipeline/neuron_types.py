@@ -21,11 +21,15 @@ colour: the colour a pattern would have with nothing preferred (0 for filters; t
 colour for mean stimuli; the preprocessing's zero image for activation maximization). Then
     chromatic_fraction = Σ (RG² + BY²) / Σ ‖d‖²   (0 for any gray pattern on a gray neutral; 0/0 = 0)
     opponent_axis      = 'red-green' if Σ RG² ≥ Σ BY² else 'blue-yellow' ('none' if no chroma)
-    double_opponent_score = 2 · min(P, N) / (P + N),  P = Σ max(c, 0), N = Σ max(−c, 0)
-where c is the dominant opponent channel with values under 10 % of its peak |c| set to 0 (a
-dead zone, so that a faint wide background offset does not count as an opposite sign): 1 when
-both chromatic signs carry equal mass (red centre / green surround, blue | yellow edge), 0 when
-one sign holds throughout (a red blob on the neutral gray: single-opponent).
+    double_opponent_score = balance · max(coherence, 0)
+    balance   = 2 · min(P, N) / (P + N),  P = Σ max(c, 0), N = Σ max(−c, 0)
+    coherence = Σ c_p c_q / Σ (c_p² + c_q²)/2   over adjacent pixel pairs (lag-1 autocorrelation)
+where c is the dominant opponent channel with values under 5 % of its peak |c| set to 0 (a
+dead zone, so that a faint wide background offset does not count as an opposite sign). The
+balance is 1 when both chromatic signs carry equal mass (red centre / green surround, blue |
+yellow edge) and 0 when one sign holds throughout (a red blob on the neutral gray:
+single-opponent); the coherence asks the two signs to form regions rather than alternate from
+pixel to pixel (chromatic white noise is balanced too, but its coherence is about 0).
 
 Orientation. Luminance l = L(x) with NaN pixels given weight 0, the window-weighted mean removed
 (so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so no
@@ -39,10 +43,11 @@ the orientation of the *stripes / edge* (perpendicular to the frequency vector),
 counter-clockwise on screen: 0° = horizontal stripes (varying along rows), 90° = vertical
 stripes, 45° = stripes running from bottom-left to top-right ("/").
 
-Types, by priority: 'double-opponent' (chromatic_fraction ≥ t.chromatic and
-double_opponent_score ≥ t.double_opponent), else 'orientation-selective' (osi ≥ t.osi), else
-'single-opponent' (chromatic_fraction ≥ t.chromatic), else 'other'; 'empty' when the pattern
-has no valid pixel or no energy at all (a dead filter, a channel that never fired).
+Types, by priority: 'empty' when the pattern has no valid pixel or no energy at all (a dead
+filter, a channel that never fired); 'double-opponent' (chromatic_fraction ≥ t.chromatic and
+double_opponent_score ≥ t.double_opponent); 'orientation-selective' (osi ≥ t.osi);
+'single-opponent' (chromatic_fraction ≥ t.chromatic and chromatic_balance < t.double_opponent:
+one sign holds); else 'other' (including balanced but incoherent colour, i.e. chromatic noise).
 """
 from __future__ import annotations
 
@@ -53,14 +58,14 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["OPPONENT", "TYPES", "Thresholds", "Measures", "opponent", "orientation", "colour",
-           "measure", "measure_batch", "classify", "classify_batch", "filter_to_rgb"]
+           "coherence", "measure", "measure_batch", "classify", "classify_batch", "filter_to_rgb"]
 
 # Rows: luminance, red-green, blue-yellow. Orthonormal (see module docstring).
 OPPONENT = np.array([[1.0, 1.0, 1.0] / np.sqrt(3.0),
                      [1.0, -1.0, 0.0] / np.sqrt(2.0),
                      [-1.0, -1.0, 2.0] / np.sqrt(6.0)])
 
-DEAD_ZONE = 0.1   # chromatic values under this fraction of the peak count as neutral
+DEAD_ZONE = 0.05  # chromatic values under this fraction of the peak count as neutral
 TYPES = ("double-opponent", "orientation-selective", "single-opponent", "other", "empty")
 AXES = ("red-green", "blue-yellow", "none")
 
@@ -86,8 +91,10 @@ class Measures:
     orientation_deg: float        # [0, 180); NaN when osi is NaN or ~0 (isotropic)
     chromatic_fraction: float     # [0, 1]; 0 when there is no energy at all
     opponent_axis: str            # 'red-green' | 'blue-yellow' | 'none'
-    double_opponent_score: float  # [0, 1]
+    double_opponent_score: float  # [0, 1]: chromatic_balance · max(chromatic_coherence, 0)
     energy: float                 # Σ ‖x − neutral‖² over valid pixels (0: empty)
+    chromatic_balance: float = 0.0    # [0, 1]: 1 both signs equal, 0 one sign throughout
+    chromatic_coherence: float = 0.0  # [−1, 1]: lag-1 autocorrelation of the dominant channel
 
 
 def _as_batch(patterns: np.ndarray) -> np.ndarray:
@@ -147,8 +154,9 @@ def orientation(luminance: np.ndarray, valid: np.ndarray | None = None
 
 
 def colour(patterns: np.ndarray, neutral: Sequence[float] | None = None, valid: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(chromatic_fraction, axis index 0 RG / 1 BY / 2 none, double_opponent_score, energy)."""
+           ) -> dict[str, np.ndarray]:
+    """Colour columns: chromatic_fraction, axis (0 RG / 1 BY / 2 none), chromatic_balance,
+    chromatic_coherence, double_opponent_score, energy."""
     x = _as_batch(patterns)
     if valid is None:
         valid = np.isfinite(x).all(axis=1)
@@ -172,9 +180,27 @@ def colour(patterns: np.ndarray, neutral: Sequence[float] | None = None, valid: 
     pos = np.clip(dominant, 0, None).sum(axis=(1, 2))
     neg = np.clip(-dominant, 0, None).sum(axis=(1, 2))
     mass = pos + neg
-    score = np.where((axis < 2) & (mass > 0), 2 * np.minimum(pos, neg) / np.where(mass > 0, mass, 1),
-                     0.0)
-    return fraction, axis, score, energy
+    balance = np.where((axis < 2) & (mass > 0),
+                       2 * np.minimum(pos, neg) / np.where(mass > 0, mass, 1), 0.0)
+    coh = np.where(axis < 2, coherence(dominant), 0.0)
+    return {"chromatic_fraction": fraction, "axis": axis, "chromatic_balance": balance,
+            "chromatic_coherence": coh, "double_opponent_score": balance * np.clip(coh, 0.0, None),
+            "energy": energy}
+
+
+def coherence(maps: np.ndarray) -> np.ndarray:
+    """Lag-1 spatial autocorrelation of each map (n, h, w), about 0 (not the mean), in [−1, 1].
+
+    Σ c_p c_q / Σ (c_p² + c_q²)/2 over horizontally and vertically adjacent pixel pairs: near 1
+    for regions a few pixels wide, about 0 for pixel noise (7x7 white noise: 95 % below 0.17),
+    negative for a checkerboard. 0 for an all-zero map.
+    """
+    c = np.asarray(maps, dtype=np.float64)
+    prod = (c[:, :, 1:] * c[:, :, :-1]).sum(axis=(1, 2)) + (c[:, 1:, :] * c[:, :-1, :]).sum(axis=(1, 2))
+    sq = c ** 2
+    norm = ((sq[:, :, 1:] + sq[:, :, :-1]).sum(axis=(1, 2))
+            + (sq[:, 1:, :] + sq[:, :-1, :]).sum(axis=(1, 2))) / 2
+    return np.where(norm > 0, prod / np.where(norm > 0, norm, 1.0), 0.0)
 
 
 def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | None = None,
@@ -184,14 +210,12 @@ def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | None = None,
     valid = np.isfinite(x).all(axis=1)
     lum = opponent(np.where(valid[:, None], x, 0.0))[:, 0]
     osi, deg = orientation(lum, valid)
-    fraction, axis, score, energy = colour(x, neutral, valid)
+    col = colour(x, neutral, valid)
     cols = {
         "osi": osi,
         "orientation_deg": deg,
-        "chromatic_fraction": fraction,
-        "opponent_axis": np.array([AXES[a] for a in axis], dtype=object),
-        "double_opponent_score": score,
-        "energy": energy,
+        "opponent_axis": np.array([AXES[a] for a in col.pop("axis")], dtype=object),
+        **col,
     }
     cols.update(classify_batch(cols, thresholds or Thresholds()))
     return cols
@@ -202,11 +226,15 @@ def classify_batch(cols: dict[str, np.ndarray], t: Thresholds) -> dict[str, np.n
     osi = np.nan_to_num(np.asarray(cols["osi"], dtype=np.float64), nan=-1.0)
     frac = np.nan_to_num(np.asarray(cols["chromatic_fraction"], dtype=np.float64), nan=-1.0)
     score = np.asarray(cols["double_opponent_score"], dtype=np.float64)
+    balance = np.asarray(cols["chromatic_balance"], dtype=np.float64)
     empty = ~(np.asarray(cols["energy"], dtype=np.float64) > 0)
     oriented = (osi >= t.osi) & ~empty
     chromatic = (frac >= t.chromatic) & ~empty
     double = chromatic & (score >= t.double_opponent)
-    kind = np.select([empty, double, oriented, chromatic],
+    # Single-opponent: one chromatic sign holds (balance below the same threshold). Balanced but
+    # incoherent colour — chromatic noise — is neither kind of opponent: 'other'.
+    single = chromatic & (balance < t.double_opponent)
+    kind = np.select([empty, double, oriented, single],
                      ["empty", "double-opponent", "orientation-selective", "single-opponent"],
                      "other").astype(object)
     return {"orientation_selective": oriented, "double_opponent": double, "type": kind}
@@ -217,12 +245,13 @@ def measure(pattern: np.ndarray, neutral: Sequence[float] | None = None) -> Meas
     cols = measure_batch(pattern, neutral)
     return Measures(float(cols["osi"][0]), float(cols["orientation_deg"][0]),
                     float(cols["chromatic_fraction"][0]), str(cols["opponent_axis"][0]),
-                    float(cols["double_opponent_score"][0]), float(cols["energy"][0]))
+                    float(cols["double_opponent_score"][0]), float(cols["energy"][0]),
+                    float(cols["chromatic_balance"][0]), float(cols["chromatic_coherence"][0]))
 
 
 def classify(m: Measures, t: Thresholds | None = None) -> str:
     cols = {k: np.array([getattr(m, k)]) for k in
-            ("osi", "chromatic_fraction", "double_opponent_score", "energy")}
+            ("osi", "chromatic_fraction", "double_opponent_score", "energy", "chromatic_balance")}
     return str(classify_batch(cols, t or Thresholds())["type"][0])
 
 

@@ -49,10 +49,13 @@ def patterns(s: int, neutral) -> list[np.ndarray]:
     sigma, period = max(s / 5, 1.8), max(s / 3, 3.5)
     gab = np.exp(-rad ** 2 / (2 * sigma ** 2)) * np.cos(2 * np.pi * (-np.sin(t) * x + np.cos(t) * y) / period)
     red_green = np.array([0.3, -0.3, 0.0])[:, None, None]
-    centre, ring = rad < s / 6, (rad >= s / 6) & (rad < s / 6 * np.sqrt(2))
+    # Red centre, green surround: a balanced colour difference of Gaussians.
+    sc = max(s / 8, 1.0)
+    g1, g2 = np.exp(-rad ** 2 / (2 * sc ** 2)), np.exp(-rad ** 2 / (2 * (2.5 * sc) ** 2))
+    dog = g1 / g1.sum() - g2 / g2.sum()
     return [
         base + 0.3 * gab[None],
-        base + red_green * centre - red_green * ring,
+        base + red_green * (dog / np.abs(dog).max())[None],
         base + red_green * (rad < s / 5),
         base + 0.3 * np.exp(-rad ** 2 / (2 * (s / 6) ** 2))[None],
         np.full((3, s, s), np.nan),          # a channel that never fired

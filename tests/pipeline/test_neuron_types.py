@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.neuron_types import (OPPONENT, Measures, Thresholds, classify, colour, filter_to_rgb,
-                                   measure, measure_batch, orientation)
+from pipeline.neuron_types import (OPPONENT, Measures, Thresholds, classify, coherence, colour,
+                                   filter_to_rgb, measure, measure_batch, orientation)
 from pipeline.preprocess import IMAGENET, WhiteningStats
 
 GRAY = (0.5, 0.5, 0.5)
@@ -123,7 +123,8 @@ def test_red_centre_green_surround_is_double_opponent():
         m = measure(pattern, neutral)
         assert m.opponent_axis == "red-green"
         assert m.chromatic_fraction > 0.8
-        assert m.double_opponent_score > 0.8
+        assert m.chromatic_balance > 0.9 and m.chromatic_coherence > 0.8
+        assert m.double_opponent_score > 0.75
         assert classify(m) == "double-opponent"
 
 
@@ -133,7 +134,8 @@ def test_blue_yellow_oriented_edge_is_double_opponent_and_oriented():
     pattern = paint(paint(np.full((3, s, s), 0.5), x < 0, BLUE), x >= 0, YELLOW)
     m = measure(pattern, GRAY)
     assert m.opponent_axis == "blue-yellow"
-    assert m.double_opponent_score == pytest.approx(1.0)
+    assert m.chromatic_balance == pytest.approx(1.0)
+    assert m.double_opponent_score > 0.9
     assert angle_diff(m.orientation_deg, 90.0) < 5.0      # a vertical edge
     assert m.osi > 0.5
     assert classify(m) == "double-opponent"                # colour outranks orientation
@@ -168,7 +170,8 @@ def test_chromatic_fraction_equals_energy_off_the_gray_axis():
     rng = np.random.default_rng(3)
     patterns = rng.random((6, 3, 9, 9))
     neutral = np.array([0.3, 0.4, 0.5])
-    fraction, _, _, energy = colour(patterns, neutral)
+    col = colour(patterns, neutral)
+    fraction, energy = col["chromatic_fraction"], col["energy"]
     d = patterns - neutral[None, :, None, None]
     gray = np.ones(3) / np.sqrt(3)
     along = np.einsum("c,nchw->nhw", gray, d)
@@ -207,17 +210,20 @@ def test_batch_equals_single_patterns():
 
 
 def test_classification_priority_and_thresholds():
-    def m(osi, frac, score):
-        return Measures(osi, 0.0, frac, "red-green", score, 1.0)
+    def m(osi, frac, score, balance=None):
+        balance = score if balance is None else balance
+        return Measures(osi, 0.0, frac, "red-green", score, 1.0, balance, 1.0)
 
     t = Thresholds(osi=0.5, chromatic=0.3, double_opponent=0.5)
     assert classify(m(0.9, 0.9, 0.9), t) == "double-opponent"
     assert classify(m(0.9, 0.9, 0.1), t) == "orientation-selective"
     assert classify(m(0.1, 0.9, 0.1), t) == "single-opponent"
+    assert classify(m(0.1, 0.9, 0.1, balance=0.9), t) == "other"      # balanced, incoherent
     assert classify(m(0.9, 0.1, 0.9), t) == "orientation-selective"
     assert classify(m(0.1, 0.1, 0.9), t) == "other"
     assert classify(m(float("nan"), 0.9, 0.9), t) == "double-opponent"
     assert classify(m(0.45, 0.1, 0.0), Thresholds(osi=0.4)) == "orientation-selective"
+    assert classify(Measures(0.9, 0.0, 0.9, "red-green", 0.9, 0.0, 0.9, 1.0), t) == "empty"
     for bad in ({"osi": 1.5}, {"chromatic": -0.1}, {"double_opponent": float("nan")}):
         with pytest.raises(ValueError):
             Thresholds(**bad)
@@ -240,3 +246,49 @@ def test_filter_to_rgb_acts_on_rgb_like_the_filter_on_preprocessed_input(kind):
     torch.testing.assert_close(diff, const.view(1, 4, 1, 1).expand_as(diff))
     with pytest.raises(ValueError):
         filter_to_rgb(w.numpy(), {"kind": "bogus"})
+
+
+def colour_dog(s: int, centre_sigma: float, axis=(1.0, -1.0, 0.0), amplitude: float = 0.4) -> np.ndarray:
+    """A balanced chromatic difference of Gaussians (centre of one colour, surround of its
+    opponent) on gray: the smooth double-opponent receptive field of V1 and of first-layer filters."""
+    rad = disc_radius(s)
+    g1, g2 = np.exp(-rad ** 2 / (2 * centre_sigma ** 2)), np.exp(-rad ** 2 / (2 * (2.5 * centre_sigma) ** 2))
+    dog = g1 / g1.sum() - g2 / g2.sum()
+    return 0.5 + amplitude * np.asarray(axis)[:, None, None] * (dog / np.abs(dog).max())[None]
+
+
+def test_smooth_colour_dog_filters_are_double_opponent():
+    for s, sigma in ((7, 1.0), (11, 1.5), (27, 3.0), (59, 5.0)):
+        for axis in ((1.0, -1.0, 0.0), (-0.5, -0.5, 1.0)):
+            m = measure(colour_dog(s, sigma, axis), GRAY)
+            assert m.chromatic_balance > 0.7 and m.chromatic_coherence > 0.6, (s, m)
+            assert classify(m) == "double-opponent"
+
+
+def test_chromatic_white_noise_is_not_double_opponent():
+    rng = np.random.default_rng(5)
+    for s in (7, 27):
+        cols = measure_batch(rng.random((200, 3, s, s)), GRAY)
+        assert np.median(cols["chromatic_balance"]) > 0.7          # both signs everywhere...
+        assert np.median(np.abs(cols["chromatic_coherence"])) < 0.1  # ...but no regions
+        assert (cols["type"] == "double-opponent").mean() < 0.02
+        assert (cols["type"] == "single-opponent").mean() < 0.05
+
+
+def test_coherence_equals_brute_force_neighbour_sums():
+    rng = np.random.default_rng(6)
+    maps = rng.normal(size=(3, 5, 6))
+    for c, got in zip(maps, coherence(maps)):
+        num = den = 0.0
+        for y in range(5):
+            for x in range(6):
+                for dy, dx in ((0, 1), (1, 0)):
+                    if y + dy < 5 and x + dx < 6:
+                        a, b = c[y, x], c[y + dy, x + dx]
+                        num += a * b
+                        den += (a * a + b * b) / 2
+        assert got == pytest.approx(num / den)
+    checker = np.indices((8, 8)).sum(0) % 2 * 2.0 - 1.0
+    assert coherence(checker[None])[0] == pytest.approx(-1.0)
+    assert coherence(np.ones((1, 4, 4)))[0] == pytest.approx(1.0)
+    assert coherence(np.zeros((1, 4, 4)))[0] == 0.0
