@@ -295,6 +295,22 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _check_analysis(cfg: AblateConfig) -> None:
+    """Warn when --from's run.json names another checkpoint or data set than this run: the
+    census would then describe other weights (channel counts alone cannot tell)."""
+    from pipeline.tables import exists, join, read_json
+
+    url = join(cfg.from_analysis, "run.json")
+    if not exists(url):
+        return
+    other = read_json(url).get("config", {})
+    for what, theirs, ours in (("checkpoint", other.get("checkpoint"), cfg.checkpoint),
+                               ("data", other.get("data"), cfg.data)):
+        if theirs != ours:
+            log(f"WARNING: --from {cfg.from_analysis} analysed {what} {theirs or 'default'}, "
+                f"this run uses {ours or 'default'}: make sure they are the same")
+
+
 @dataclass
 class Prepared:
     """Everything checked and loaded before any Ray work starts."""
@@ -352,6 +368,7 @@ def prepare(cfg: AblateConfig) -> Prepared:
             raise BadInput(f"--from {cfg.from_analysis}: {url} does not exist (run "
                            f"jobs.analyze with --layers {layer.name} first)")
         census = census_table(read_table(url), model_name, layer.name, layer.channels)
+        _check_analysis(cfg)
     return Prepared(cfg, model, model_name, preprocess, untrained, layer, data, transform,
                     manifest, census, time.perf_counter() - t0)
 
