@@ -209,7 +209,10 @@ class Chain:
         out = self.url("ablation", model)
         _, val = self.sources()
         argv = [*self.model_flags(model), "--out", out, "--seeds", str(self.cfg.seeds),
-                "--from", self.url("analysis", model), *val, *self.eval_flags(model)]
+                "--from", self.url("analysis", model), *val, *self.eval_flags(model),
+                "--task-per", "shard"]  # decode each batch once for all conditions and seeds
+        if self.cfg.limit:
+            argv += ["--limit", str(self.cfg.limit)]
         if self.cfg.preset == "demo":
             argv += ["--shards", "2", "--eval-batch", "64"]
         self.stage(f"ablate:{model}", lambda: tables.exists(tables.join(out, "table1.parquet")),
