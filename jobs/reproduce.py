@@ -230,6 +230,9 @@ class Chain:
     def neuron_types(self) -> None:
         out = self.url("neuron_types")
         argv = ["--from", self.cfg.out, "--out", out]
+        for model in MODELS:  # given checkpoints live outside --out: name them for the filters
+            if self.checkpoints.get(model) and not self.checkpoints[model].startswith(self.cfg.out):
+                argv += ["--checkpoint", f"{model}={self.checkpoints[model]}"]
         self.stage("neuron_types", lambda: tables.exists(tables.join(out, "summary.parquet")),
                    lambda: _run_job("neuron_types", argv))
 
