@@ -107,6 +107,35 @@ def test_runtime_env_is_accepted_by_ray_and_carries_no_credentials():
         assert not re.search(r"\bAKIA[0-9A-Z]{16}\b", text), path.name
 
 
+def test_working_dir_upload_is_small_and_holds_the_code(tmp_path: Path):
+    """What `ray job submit --working-dir . --runtime-env infra/runtime_env.yaml` uploads, for a
+    copy of the repository with a run's results, a checkpoint and a .git folder lying around."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pipeline", "jobs", "infra", "tests", "docs"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in (".gitignore", ".rayignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, repo / name)
+    for junk in ("results/analysis/resnet34/stimuli/topk.parquet", ".git/objects/ab/cdef",
+                 "model.pt", "jobs/__pycache__/x.cpython-311.pyc", ".ci/test.sh"):
+        (repo / junk).parent.mkdir(parents=True, exist_ok=True)
+        (repo / junk).write_bytes(b"x" * 1000)
+    zip_path = tmp_path / "pkg.zip"
+    create_package(str(repo), zip_path, include_gitignore=True,
+                   excludes=_load(INFRA / "runtime_env.yaml")["excludes"])
+    names = zipfile.ZipFile(zip_path).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {"pipeline", "jobs", "pyproject.toml"} <= tops
+    assert "pipeline/models.py" in names and "jobs/reproduce.py" in names
+    assert not tops & {".git", "results", "tests", "docs", ".ci"}, tops
+    assert not [n for n in names if n.endswith((".pt", ".parquet", ".pyc"))]
+    assert zip_path.stat().st_size < 2 * 2**20
+
+
 def _commands(text: str) -> list[list[str]]:
     """Every `python -m jobs.X …` command in a text (shell continuations and YAML folding)."""
     text = re.sub(r"\\\n[ \t]*#?[ \t]*", " ", text)   # continuations, also inside comments
