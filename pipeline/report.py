@@ -660,6 +660,8 @@ def render_report(inputs: ReportInputs, options: ReportOptions = ReportOptions()
         piv = nt.pivot_table(index=index, columns="type", values="count", aggfunc="sum",
                              fill_value=0).reset_index()
         piv.columns = [str(c) for c in piv.columns]
+        types = [str(t) for t in dict.fromkeys(nt["type"])]     # the writer's order of types
+        piv = piv[[*index, *[t for t in types if t in piv.columns]]]
         piv = piv.iloc[sorted(range(len(piv)), key=lambda i: (
             model_key(str(piv["model"].iloc[i])), layer_key(str(piv["layer"].iloc[i]))))]
         body = "<p class='note'>Channels per neuron type.</p>" + _html_table(piv)

@@ -22,9 +22,11 @@ from PIL import Image
 
 from jobs import report as job
 from jobs.actmax import SCHEMA as ACTMAX_SCHEMA
+from jobs.neuron_types import SUMMARY_SCHEMA
 from pipeline import ablation
 from pipeline.checkpoint import save_checkpoint
 from pipeline.models import build_model
+from pipeline.neuron_types import TYPES
 from pipeline.preprocess import IMAGENET
 from pipeline.report import SHEET_CHANNELS, decode_png
 from pipeline.tables import write_json, write_table
@@ -130,7 +132,7 @@ def make_results(root: Path, with_train: bool = True, rng_seed: int = 0) -> Path
                 str(root / "actmax" / "actmax.parquet"))
     write_table(pa.Table.from_pylist(
         [dict(model=m, layer=l, source="mean", type=t, count=int(rng.integers(10)))
-         for m in MODELS for l in LAYERS for t in ("colour", "orientation", "other")]),
+         for m in MODELS for l in LAYERS for t in TYPES], schema=SUMMARY_SCHEMA),
         str(root / "neuron_types" / "summary.parquet"))
     return root
 
@@ -187,7 +189,7 @@ def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
     assert "Not available" not in text
     for needle in (_pm(built.parent, "resnet34", "inactive-all"), "ΔL_rnd (random subset)",
                    _pm(built.parent, "plainnet34", "control-active"), "control ΔL",
-                   "Receptive fields", "mod.conv7", "colour", "1, 5"):
+                   "Receptive fields", "mod.conv7", *TYPES, "1, 5"):
         assert needle in text
 
 
