@@ -599,7 +599,10 @@ def render_report(inputs: ReportInputs, options: ReportOptions = ReportOptions()
             rows = []
             if model in filt_tiles:
                 tiles = filt_tiles[model]
-                cell = cell_size(tiles[0].shape[0], target=42)
+                # The same cell as the pool1 grid below, so that channel c sits above channel c.
+                pool1 = mean_tiles.get((model, "pool1"))
+                side = next(iter(pool1.values())).shape[0] if pool1 else tiles[0].shape[0]
+                cell = cell_size(side, target=42, cap=84)
                 fig = mosaic([fit_tile(t, cell) for t in tiles], cols=8)
                 rows.append(f"<h5>conv1 filters</h5>{_img(imgs.add(_slug('filters', model), fig), fig, model + ' conv1 filters')}")
             for layer in layers:
@@ -676,7 +679,7 @@ def render_report(inputs: ReportInputs, options: ReportOptions = ReportOptions()
         parts = []
         for model in sorted(inputs.metrics, key=model_key):
             df = inputs.metrics[model].to_pandas()
-            parts.append(f"<h4>{html.escape(model)} (last 5 of {len(df)} rows)</h4>"
+            parts.append(f"<h4>{html.escape(model)} (last {min(5, len(df))} of {len(df)} rows)</h4>"
                          + _html_table(df.tail(5)))
         body = "".join(parts)
     else:

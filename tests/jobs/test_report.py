@@ -182,6 +182,10 @@ def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
             n_imgs += 1
             if "object-position" not in tag.get("style", ""):
                 assert (img.shape[1], img.shape[0]) == (int(tag["width"]), int(tag["height"]))
+    for model in MODELS:   # conv1 filter c sits exactly above pool1 channel c
+        filters = decode_png((built / "img" / f"filters_{model}.png").read_bytes())
+        pool1 = decode_png((built / "img" / f"mean_{model}_pool1_center.png").read_bytes())
+        assert filters.shape == pool1.shape
     # 2 models x (3 top-k + conv1 filters + 3 means + 3 actmax) figures on the index
     assert len(index.imgs) == 2 * (3 + 1 + 3 + 3)
     assert n_imgs > len(index.imgs)
