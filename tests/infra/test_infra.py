@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 RAYJOBS = sorted(INFRA.glob("rayjob-*.yaml"))
 DOCS = [p for p in (ROOT / "docs" / "cluster.md", ROOT / "README.md") if p.is_file()]
+# The `ray` command of this Python (its console script, else the module behind it).
+RAY = [shutil.which("ray")] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _load(path: Path) -> dict:
@@ -230,7 +232,7 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        [*RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_listen}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
@@ -276,7 +278,7 @@ def test_ray_job_submit_runs_an_analysis_on_a_real_cluster(ray_head, tmp_path: P
     # The runtime env of the docs plus this machine's needs: 2 shared cores, no auth token.
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "OMP_NUM_THREADS": "1",
                                "RAY_AUTH_MODE": "disabled"}
-    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+    cmd = [*RAY, "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--submission-id",
            f"report-test-{os.getpid()}", "--",
            "python", "-m", "jobs.analyze", "--limit", "16", "--layers", "pool1,conv3",
