@@ -79,8 +79,9 @@ def test_batched_equals_one_at_a_time_with_lucent_options(resnet):
                                          ("conv6", 48), ("conv8", 64), ("conv11", 64)])
 def test_receptive_field_crop_equals_full_image(resnet, layer, size):
     lay = catalogue(resnet)[layer]
-    crop = am.maximize_channels(resnet, lay, [0, 2], size, IMAGENET)
-    full = am.maximize_channels(resnet, lay, [0, 2], size, IMAGENET, am.Settings(crop=False))
+    crop = am.maximize_channels(resnet, lay, [0, 2], size, IMAGENET, am.Settings(steps=10))
+    full = am.maximize_channels(resnet, lay, [0, 2], size, IMAGENET,
+                                am.Settings(steps=10, crop=False))
     assert crop.input.shape == full.input.shape == (2, 3, size, size)
     assert torch.allclose(crop.input, full.input, atol=1e-5)
     assert torch.allclose(crop.end, full.end, atol=1e-4, rtol=1e-4)
