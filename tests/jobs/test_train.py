@@ -1,15 +1,18 @@
-"""jobs.train end to end on a real two-node local Ray cluster with real JPEGs.
+"""jobs.train end to end on a real two-node local Ray cluster, real JPEGs and a real S3 server.
 
 One cluster per module (a head and a second node, one CPU each: the two DDP ranks run on
-different nodes). One 2-epoch run is shared by several checks: the training loss falls, metrics
-rows are right, `model.pt` reproduces the last epoch's validation metrics and is analysable by
-`jobs.analyze --checkpoint` alone. A rerun into the same --out asking for 3 epochs, with the
-rank-1 worker killed (os._exit) in the middle of epoch 3, trains only epoch 3, once more after
-the restart. Bad inputs exit 2 with one line before any output exists.
+different nodes). One 2-epoch run with --out on S3 (moto on loopback: Ray Train's checkpoints
+go through pyarrow's S3 filesystem, the rest through s3fs) is shared by several checks: the
+training loss falls, metrics rows are right, the parallel ZCA equals a single pass, `model.pt`
+reproduces the last epoch's validation metrics and is analysable by `jobs.analyze --checkpoint`
+alone. A rerun into the same --out asking for 3 epochs, with the rank-1 worker killed
+(os._exit) in the middle of epoch 3, trains only epoch 3 (again after the restart). Bad inputs
+exit 2 with one line before any output exists.
 """
 from __future__ import annotations
 
 import os
+import uuid
 
 import numpy as np
 import pytest
@@ -28,7 +31,8 @@ SMALL = ["--model", "resnet18", "--width", "8", "--batch-size", "16", "--workers
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
+    # s3_server first: Ray's nodes and workers inherit the AWS_* variables that point at it.
     import ray
     from ray.cluster_utils import Cluster
 
@@ -51,8 +55,12 @@ def tiny(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def first_run(cluster, tiny, tmp_path_factory) -> dict:
-    out = str(tmp_path_factory.mktemp("train") / "run")
+def first_run(cluster, s3_server, tiny) -> dict:
+    import boto3
+
+    bucket = f"train-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    out = f"s3://{bucket}/run"
     argv = ["--data", f"{tiny}/train", "--val", f"{tiny}/val", *SMALL, "--epochs", "2", "--out", out]
     assert job.main(argv) == 0
     return {"out": out, "argv": argv,
@@ -72,8 +80,9 @@ def test_two_epochs_on_two_workers_lower_the_training_loss(first_run):
     out = first_run["out"]
     run = tables.read_json(f"{out}/run.json")
     assert run["counts"]["epochs"] == 2 and run["counts"]["zca_images"] == 96
-    ckpts = [p for p in os.listdir(f"{out}/checkpoints")
-             if p.startswith("checkpoint_") and os.path.isdir(f"{out}/checkpoints/{p}")]
+    fs, path = tables.fs_path(f"{out}/checkpoints")
+    ckpts = [p for p in fs.ls(path, detail=True, refresh=True)
+             if p["name"].rsplit("/", 1)[-1].startswith("checkpoint_") and p["type"] == "directory"]
     assert len(ckpts) == 2                       # --keep-checkpoints 2
 
 
@@ -145,6 +154,11 @@ def test_rerun_for_three_epochs_trains_only_the_third_and_survives_a_killed_work
     assert rows[:2] == first_run["metrics"]      # finished epochs untouched, not recomputed
     assert rows[2]["train_images"] == 96 and rows[2]["lr"] == pytest.approx(0.05)
     assert load_checkpoint(f"{out}/model.pt").meta["epoch"] == 3
+    # Once more with the same epochs: nothing left to train, nothing rewritten (run.json holds
+    # the wall time of the run that wrote it).
+    before = tables.read_bytes(f"{out}/run.json")
+    assert job.main(argv) == 0
+    assert tables.read_bytes(f"{out}/run.json") == before
 
 
 def test_resnet34_model_pt_loads_into_torchvision(tmp_path):
