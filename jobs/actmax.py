@@ -52,7 +52,7 @@ SCHEMA = pa.schema([
 class ActmaxConfig:
     out: str                              # output URL (local path or s3://...)
     checkpoint: str | None = None         # None: untrained demo model (warned about)
-    model: str = "resnet34"               # architecture (checks a checkpoint's, names a state_dict's)
+    model: str | None = None              # None: the checkpoint's, resnet34 for a state_dict / demo
     layers: str = "conv3,conv7"           # paper layer names, comma separated, or "all"
     channels: str = "all"                 # "all", "0-63", "0,5,7", "0-3,8"
     steps: int = 31                       # paper
@@ -91,7 +91,7 @@ class ActmaxConfig:
     def validate(self) -> None:
         from pipeline.models import model_names
 
-        if self.model not in model_names():
+        if self.model is not None and self.model not in model_names():
             raise BadInput(f"unknown model {self.model!r}; allowed: {', '.join(model_names())}")
         if self.steps < 1:
             raise BadInput(f"--steps must be >= 1, got {self.steps}")
@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint URL (preferred-stimuli format or torchvision state_dict); "
                         "default: an untrained demo model")
-    p.add_argument("--model", default="resnet34", choices=model_names(),
-                   help="architecture; with a checkpoint it must match it")
+    p.add_argument("--model", default=None, choices=model_names(),
+                   help="architecture; default: the checkpoint's (resnet34 for a plain "
+                        "state_dict or without a checkpoint); with a checkpoint it must match")
     p.add_argument("--layers", default="conv3,conv7",
                    help="layers to visualise: paper names (pool1, conv1..convN, fc) comma "
                         "separated, or all")
@@ -213,25 +214,32 @@ def _setup(cfg: ActmaxConfig) -> _Setup:
     import torch
 
     from pipeline.actmax import calibrate_bn
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
     from pipeline.layers import resolve_layers
     from pipeline.models import build_model
     from pipeline.preprocess import IMAGENET
 
     if cfg.checkpoint:
-        loaded = load_checkpoint(cfg.checkpoint, cfg.model)
+        try:
+            loaded = load_checkpoint(cfg.checkpoint, cfg.model)
+        except CheckpointError as e:
+            if cfg.model is None and "plain state_dict" in str(e):
+                loaded = load_checkpoint(cfg.checkpoint, "resnet34")  # as jobs.analyze
+            else:
+                raise
         model, name, pre = loaded.model, loaded.model_name, loaded.preprocess
         size = cfg.input_size or int(loaded.meta.get("input_size", 224))
         untrained = False
     else:
-        from pipeline.demo import DEMO_CROP, DEMO_WIDTH
+        from pipeline.demo import DEMO_CLASSES, DEMO_CROP, DEMO_WIDTH
 
         size = cfg.input_size or DEMO_CROP
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, num_classes=8, width=DEMO_WIDTH)
+        name = cfg.model or "resnet34"
+        torch.manual_seed(cfg.seed)   # the same untrained model as jobs.analyze's default
+        model = build_model(name, num_classes=len(DEMO_CLASSES), width=DEMO_WIDTH)
         # untrained: BN statistics from noise, else the zero start is a dead fixed point
         calibrate_bn(model, size, seed=cfg.seed)
-        name, pre, untrained = cfg.model, IMAGENET, True
+        pre, untrained = IMAGENET, True
     layers = resolve_layers(model, cfg.layers)
     channels = {layer.name: parse_channels(cfg.channels, layer.name, layer.channels)
                 for layer in layers}

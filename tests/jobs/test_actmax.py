@@ -53,7 +53,7 @@ def test_defaults_are_the_papers():
     cfg = job.ActmaxConfig.from_args(job.build_parser().parse_args(["--out", "x"]))
     assert (cfg.steps, cfg.lr, cfg.weight_decay) == (31, 0.1, 1e-6)
     assert (cfg.param, cfg.jitter, cfg.scale, cfg.tv, cfg.l2) == ("pixel", 0, (), 0.0, 0.0)
-    assert cfg.channels == "all" and cfg.checkpoint is None and cfg.model == "resnet34"
+    assert cfg.channels == "all" and cfg.checkpoint is None and cfg.model is None
     assert cfg.settings() == am.Settings()
 
 
@@ -74,6 +74,7 @@ def test_parse_channels():
     (["--scale", "0.9,zero"], "invalid --scale"),
     (["--param", "lbfgs"], "invalid choice"),
     (["--model", "vgg16"], "invalid choice"),
+    (["--model", "plainnet18"], "checkpoint holds resnet18, not plainnet18"),
 ])
 def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, checkpoint, extra, message):
     out = tmp_path / "out"
@@ -96,7 +97,7 @@ def test_missing_checkpoint_exits_2(tmp_path, capsys):
 def test_job_end_to_end(ray_cluster, checkpoint, tmp_path):
     url, model, zca = checkpoint
     out = tmp_path / "out"
-    assert job.main(_args(out, "--checkpoint", url, "--model", "resnet18",
+    assert job.main(_args(out, "--checkpoint", url,   # no --model: the checkpoint's
                           "--layers", "conv3,pool1", "--channels", "1-6", "--chunk", "4")) == 0
     table = pq.read_table(out / "actmax.parquet")
     assert table.schema.equals(job.SCHEMA)
