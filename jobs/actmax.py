@@ -431,7 +431,8 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
            "batched_s": batched, "one_channel_full_s": one, "ratio": batched / one}
     if no_crop:
         t = time.perf_counter()
-        am.maximize_channels(net, lay, range(channels), size, IMAGENET, replace(settings, crop=False))
+        am.maximize_channels(net, lay, range(channels), size, IMAGENET,
+                             replace(settings, crop=False))
         out["batched_no_crop_s"] = time.perf_counter() - t
         out["ratio_no_crop"] = out["batched_no_crop_s"] / one
     return out

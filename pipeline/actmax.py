@@ -51,7 +51,8 @@ __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
            "pixel", "decorrelated", "fft", "PARAMS",
            "Transform", "jitter", "random_scale", "compose",
            "ActmaxResult", "optimize", "Window", "input_window",
-           "Settings", "maximize_channels", "calibrate_bn", "display_images", "png_bytes", "derive_seed"]
+           "Settings", "maximize_channels", "calibrate_bn", "display_images", "png_bytes",
+           "derive_seed"]
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -124,12 +125,13 @@ def neuron(layer: str, channels: int | Sequence[int], y: int | None = None,
     (y, x); None = the centre (H//2, W//2) of the feature map (the paper's objective)."""
     def fn(acts: dict[str, Tensor], _image: Tensor) -> Tensor:
         a = acts[layer]
+        rows = torch.arange(a.shape[0], device=a.device)
+        cols = _rows(channels, a.shape[0], a.device)
         if a.dim() == 2:  # fc: no spatial position
-            return a[torch.arange(a.shape[0], device=a.device), _rows(channels, a.shape[0], a.device)]
+            return a[rows, cols]
         yy = a.shape[2] // 2 if y is None else y
         xx = a.shape[3] // 2 if x is None else x
-        rows = torch.arange(a.shape[0], device=a.device)
-        return a[rows, _rows(channels, a.shape[0], a.device), yy, xx]
+        return a[rows, cols, yy, xx]
     return Objective(fn, [layer], f"neuron({layer}, {channels}, {y}, {x})")
 
 
