@@ -47,13 +47,11 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
+def make_data(root: Path) -> dict:
     """Two class folders of real JPEGs (crops of scikit-image photos) plus one broken file,
-    and a checkpoint of a tiny resnet18."""
+    and a checkpoint of a tiny resnet18 (shared with test_analyze_faults)."""
     import skimage.data
 
-    root = tmp_path_factory.mktemp("analyze")
     rng = np.random.default_rng(0)
     for cls, photo in (("a_astronaut", skimage.data.astronaut()), ("b_coffee", skimage.data.coffee())):
         (root / "data" / cls).mkdir(parents=True)
@@ -68,17 +66,22 @@ def data(tmp_path_factory) -> dict:
     return {"root": root, "data": str(root / "data"), "ckpt": ckpt}
 
 
-def _argv(data: dict, out: str, *extra: str) -> list[str]:
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    return make_data(tmp_path_factory.mktemp("analyze"))
+
+
+def argv_for(data: dict, out: str, *extra: str) -> list[str]:
     return ["--data", data["data"], "--checkpoint", data["ckpt"], "--layers", "pool1,conv3,conv7",
             "--top-k", "3", "--resize", "36", "--crop", "32", "--batch-size", "4", "--out", out,
             *extra]
 
 
-def _tables(out: str) -> dict:
+def tables_of(out: str) -> dict:
     return {t: read_table(f"{out}/stimuli/{t}.parquet") for t in TABLES}
 
 
-def _assert_same_tables(a: dict, b: dict) -> None:
+def assert_same_tables(a: dict, b: dict) -> None:
     assert a["topk"].equals(b["topk"])                               # patches included
     assert a["mean"].drop(["mean"]).equals(b["mean"].drop(["mean"]))  # exact integer sums
     ma, mb = (t["mean"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -92,14 +95,14 @@ def _assert_same_tables(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def single(ray_cluster, data) -> str:
     out = str(data["root"] / "single")
-    assert job.main(_argv(data, out, "--shards", "1", "--workers", "1")) == 0
+    assert job.main(argv_for(data, out, "--shards", "1", "--workers", "1")) == 0
     return out
 
 
 def test_one_shard_equals_many_shards_and_workers_on_s3(single, data, s3_bucket):
     out = f"s3://{s3_bucket}/analysis"
-    assert job.main(_argv(data, out, "--shard-size", "3", "--workers", "2")) == 0
-    _assert_same_tables(_tables(single), _tables(out))
+    assert job.main(argv_for(data, out, "--shard-size", "3", "--workers", "2")) == 0
+    assert_same_tables(tables_of(single), tables_of(out))
     run = json.loads(Path(single, "run.json").read_text())
     run_s3 = read_json(f"{out}/run.json")
     assert run_s3["counts"]["shards"] == 7 and run["counts"]["shards"] == 1
@@ -111,7 +114,7 @@ def test_one_shard_equals_many_shards_and_workers_on_s3(single, data, s3_bucket)
 
 
 def test_tables_hold_the_design_columns_and_true_patches(single, data):
-    t = _tables(single)
+    t = tables_of(single)
     man = pq.read_table(f"{single}/manifest.parquet")
     assert man.column_names[:3] == ["image_index", "path", "label"] and man.num_rows == N_GOOD + 1
     rf = pq.read_table(f"{single}/receptive_fields.parquet").to_pylist()
@@ -139,7 +142,7 @@ def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster
     out = str(data["root"] / "interrupted")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.analyze",
-                             *_argv(data, out, "--shards", "6", "--workers", "1",
+                             *argv_for(data, out, "--shards", "6", "--workers", "1",
                                     "--test-sleep", "0.7")],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -157,11 +160,11 @@ def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster
         os.killpg(proc.pid, signal.SIGKILL)   # the driver, for real (its actors die with it)
         proc.wait()
     assert not Path(out, "stimuli").exists() and not Path(out, "run.json").exists()
-    assert job.main(_argv(data, out, "--shards", "6", "--workers", "2")) == 0
+    assert job.main(argv_for(data, out, "--shards", "6", "--workers", "2")) == 0
     run = json.loads(Path(out, "run.json").read_text())
     assert run["counts"]["shards_resumed"] >= 2
     assert run["counts"]["shards_computed"] == 6 - run["counts"]["shards_resumed"]
-    _assert_same_tables(_tables(single), _tables(out))
+    assert_same_tables(tables_of(single), tables_of(out))
 
 
 def _bad(capsys, argv: list[str]) -> str:
@@ -175,9 +178,9 @@ def _bad(capsys, argv: list[str]) -> str:
 
 def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys, tmp_path):
     out = str(tmp_path / "out")
-    assert "unknown layer 'conv99'" in _bad(capsys, _argv(data, out) + ["--layers", "pool1,conv99"])
-    assert "fc" in _bad(capsys, _argv(data, out) + ["--layers", "fc"])
-    assert "unknown model 'resnet35'" in _bad(capsys, _argv(data, out) + ["--model", "resnet35"])
+    assert "unknown layer 'conv99'" in _bad(capsys, argv_for(data, out) + ["--layers", "pool1,conv99"])
+    assert "fc" in _bad(capsys, argv_for(data, out) + ["--layers", "fc"])
+    assert "unknown model 'resnet35'" in _bad(capsys, argv_for(data, out) + ["--model", "resnet35"])
     # a resnet18 state_dict does not fit plainnet18 (no projection shortcuts)
     sd = str(tmp_path / "sd.pt")
     torch.save(build_model("resnet18", num_classes=2, width=8).state_dict(), sd)
@@ -185,9 +188,9 @@ def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys
                         "--out", out])
     assert "does not fit plainnet18" in err and "downsample" in err
     (tmp_path / "empty").mkdir()
-    assert "no images" in _bad(capsys, _argv(data, out) + ["--data", str(tmp_path / "empty")])
+    assert "no images" in _bad(capsys, argv_for(data, out) + ["--data", str(tmp_path / "empty")])
     Path(tmp_path / "file").write_text("x")
-    assert "not writable" in _bad(capsys, _argv(data, str(tmp_path / "file" / "out")))
-    assert "--top-k" in _bad(capsys, _argv(data, out) + ["--top-k", "0"])
-    assert "cuda" in _bad(capsys, _argv(data, out) + ["--device", "cuda"])
+    assert "not writable" in _bad(capsys, argv_for(data, str(tmp_path / "file" / "out")))
+    assert "--top-k" in _bad(capsys, argv_for(data, out) + ["--top-k", "0"])
+    assert "cuda" in _bad(capsys, argv_for(data, out) + ["--device", "cuda"])
     assert not Path(out, "stimuli").exists() and not Path(out, "run.json").exists()
