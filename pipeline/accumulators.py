@@ -227,17 +227,22 @@ class PositiveMean:
             return self
         s = self.size
         if self.neuron == "center":
-            pad = self._padded(images, h, w)
-            top, left = self.jump * (h // 2), self.jump * (w // 2)
-            patches = pad[:, :, top:top + s, left:left + s].reshape(n, -1)
+            # The centre box is the same for every image: only its in-image part is cut (no
+            # padded copy of the batch); pixels outside stay 0 in the sum and 0 in the weight.
+            top, left = rf_box(h // 2, w // 2, self.jump, self.first)
+            y0, y1 = max(top, 0), min(top + s, images.shape[2])
+            x0, x1 = max(left, 0), min(left + s, images.shape[3])
             pos = (acts[:, :, h // 2, w // 2] > 0)
-            # Integers times 0/1 summed in float64: exact, hence independent of the order.
-            self.sum += (pos.T.to(torch.float64) @ patches.to(torch.float64)).view(c, 3, s, s).cpu()
             cnt = pos.sum(0).cpu()
-            inside = self._padded(torch.ones(1, 1, *images.shape[2:]), h, w)[
-                0, 0, top:top + s, left:left + s].to(torch.float64)
-            self.weight += cnt.to(torch.float64).view(c, 1, 1) * inside
             self.count += cnt
+            if y1 <= y0 or x1 <= x0:
+                return self
+            crop = images[:, :, y0:y1, x0:x1].reshape(n, -1)
+            # Integers times 0/1 summed in float64: exact, hence independent of the order.
+            part = (pos.T.to(torch.float64) @ crop.to(torch.float64)).view(c, 3, y1 - y0, x1 - x0)
+            self.sum[:, :, y0 - top:y1 - top, x0 - left:x1 - left] += part.cpu()
+            self.weight[:, y0 - top:y1 - top, x0 - left:x1 - left] += \
+                cnt.to(torch.float64).view(c, 1, 1)
             return self
         pos = (acts > 0)
         self.count += pos.sum((0, 2, 3)).cpu()
