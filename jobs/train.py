@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="base width (default: preset's; paper 64, demo 16)")
     p.add_argument("--input-size", type=int, default=None, help="side of the random-resized "
                    "training crop (default: preset's; paper 224, demo 64)")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (default: preset's; paper 90, demo 8)")
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (default: preset's; paper 90, demo 4)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch over all workers "
                    "(default: preset's; paper 256, demo 64)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (default: 1e-4)")
     p.add_argument("--step-epochs", type=int, default=None, help="divide lr by 10 every this many "
-                   "epochs (default: preset's; paper 30, demo 6)")
+                   "epochs (default: preset's; paper 30, demo 3)")
     p.add_argument("--zca-images", type=int, default=None, help="training images sampled to fit "
-                   "the ZCA matrix (default: preset's; paper 10000, demo 2000)")
+                   "the ZCA matrix (default: preset's; paper 10000, demo 512)")
     p.add_argument("--zca-shard", type=int, default=None, help="images per parallel ZCA task "
                    "(default: the sample split into two tasks per cluster CPU, at most 1024 each)")
     p.add_argument("--seed", type=int, default=None, help="seed for initialisation, sampling, augmentation")
