@@ -235,17 +235,16 @@ class ShardRunner:
         n = images.shape[0]
         if n == 0:
             return
+        images = images.to(self.device, non_blocking=True)   # the one host-to-device copy
         if n < self.batch_size:  # same batch shape for every forward: bitwise-stable kernels
             pad = images.new_zeros((self.batch_size - n, *images.shape[1:]))
-            images_in = torch.cat([images, pad])
+            acts = self.activations(torch.cat([images, pad]))
         else:
-            images_in = images
-        acts = self.activations(images_in)
+            acts = self.activations(images)
         acts = {k: v[:n] for k, v in acts.items()}
         # no_grad, not inference_mode: accumulator state must stay updatable outside it (merge).
         with torch.no_grad():
-            result.update(acts, images.to(self.device, non_blocking=True),
-                          torch.as_tensor(np.asarray(indices), dtype=torch.int64))
+            result.update(acts, images, torch.as_tensor(np.asarray(indices), dtype=torch.int64))
 
     def run(self, batches: Iterable[tuple[Tensor, np.ndarray]]) -> AnalysisResult:
         result = self.new_result()
