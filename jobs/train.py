@@ -521,6 +521,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     storage_path, storage_fs = _storage(cfg.out)
     cpus = 1 + cfg.loader_workers
+    have = ray.cluster_resources()
+    need = {"CPU": cfg.workers * cpus, **({"GPU": cfg.workers} if cfg.use_gpu else {})}
+    short = [f"{need[k]:g} {k}s (cluster has {have.get(k, 0):g})" for k in need
+             if have.get(k, 0) < need[k]]
+    if short:
+        # Not an error: an autoscaling cluster adds nodes; a fixed one would wait forever.
+        log(f"warning: training needs {', '.join(short)}; it waits until the cluster has them")
     loop_config = {
         "cfg": cfg, "train": ray.put(src.train), "val": ray.put(src.val),
         "classes": src.classes, "preprocess": preprocess.state(), "threads": cpus,
