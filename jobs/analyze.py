@@ -418,17 +418,23 @@ def tree_merge(urls: list[str], fan_in: int = 4) -> dict:
     return ray.get(level[0])
 
 
-def _render_group(manifest, transform, rows) -> dict:
+def _render_group(manifest, transform, rows, demo_root: str | None = None) -> dict:
     """Ray task body: decode one group of images once, cut and PNG-encode their patches."""
     from pipeline.sources import load_batch
     from pipeline.stimuli import render_rows
+
+    if demo_root is not None:  # this node may not hold the demo data yet
+        from pipeline.demo import ensure_demo_data
+
+        ensure_demo_data(demo_root)
 
     ids = sorted(set(rows.column("image_index").to_pylist()))
     batch = load_batch(manifest, ids, transform)
     return render_rows(rows, batch.images, batch.indices)
 
 
-def render_patches(topk, manifest, transform, parts: int) -> dict[int, bytes]:
+def render_patches(topk, manifest, transform, parts: int,
+                   demo_root: str | None = None) -> dict[int, bytes]:
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
@@ -440,7 +446,7 @@ def render_patches(topk, manifest, transform, parts: int) -> dict[int, bytes]:
     task = ray.remote(_render_group).options(num_cpus=1)
     man_ref = ray.put(manifest)
     refs = [task.remote(man_ref, transform, rows.filter(pc.is_in(rows["image_index"],
-                                                                  pa.array(g))))
+                                                                  pa.array(g))), demo_root)
             for g in image_groups(topk, parts)]
     out: dict[int, bytes] = {}
     for d in ray.get(refs):
@@ -542,7 +548,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         tables = result.tables(prep.model_name)
     with sw("patches"):
         pngs = render_patches(tables["topk"], prep.manifest, prep.transform,
-                              parts=max(1, int(cpus)) * 2)
+                              parts=max(1, int(cpus)) * 2, demo_root=prep.demo_root)
         topk = with_patches(tables["topk"], pngs)
     skipped = sorted((tuple(s) for i in infos.values() for s in i["skipped"]), key=lambda s: s[0])
     images_read = sum(i["images"] for i in infos.values())
