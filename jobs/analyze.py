@@ -578,8 +578,11 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     wall = time.time() - t_start
     summary["seconds"] = {**{k: round(v, 3) for k, v in sw.seconds.items()}, "total": round(wall, 3)}
     computed = sum(infos[r]["images"] for r in todo)
+    # per stage: images that stage handled per second of its wall time
+    handled = {"setup": n, "analyze": computed, "merge": images_read, "patches": images_read,
+               "write": images_read}
     summary["images_per_second"] = {
-        "analyze": round(computed / max(sw.seconds.get("analyze", 0.0), 1e-9), 2),
+        **{k: round(handled[k] / max(v, 1e-9), 2) for k, v in sw.seconds.items()},
         "total": round(images_read / max(wall, 1e-9), 2)}
     write_json(join(cfg.out, "run.json"), summary)
     log(f"done: {images_read} images ({len(skipped)} skipped) in {wall:.1f}s -> {cfg.out}")

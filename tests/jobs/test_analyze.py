@@ -110,6 +110,7 @@ def test_one_shard_equals_many_shards_and_workers_on_s3(single, data, s3_bucket)
         assert r["counts"]["images_read"] == N_GOOD and r["counts"]["images_skipped"] == 1
         assert r["skipped"][0]["path"].endswith("img99_broken.jpg")
         assert {"setup", "analyze", "merge", "patches", "write"} <= set(r["seconds"])
+        assert r["images_per_second"]["analyze"] > 0 and r["images_per_second"]["total"] > 0
         assert r["versions"]["torch"] and r["config"]["top_k"] == 3 and not r["untrained"]
 
 
@@ -186,7 +187,11 @@ def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys
     torch.save(build_model("resnet18", num_classes=2, width=8).state_dict(), sd)
     err = _bad(capsys, ["--data", data["data"], "--checkpoint", sd, "--model", "plainnet18",
                         "--out", out])
-    assert "does not fit plainnet18" in err and "downsample" in err
+    assert "does not fit plainnet18" in err and "unexpected keys" in err and "downsample" in err
+    torch.save(build_model("plainnet18", num_classes=2, width=8).state_dict(), sd)
+    err = _bad(capsys, ["--data", data["data"], "--checkpoint", sd, "--model", "resnet18",
+                        "--out", out])
+    assert "does not fit resnet18" in err and "missing keys" in err
     (tmp_path / "empty").mkdir()
     assert "no images" in _bad(capsys, argv_for(data, out) + ["--data", str(tmp_path / "empty")])
     Path(tmp_path / "file").write_text("x")
