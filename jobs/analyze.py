@@ -339,6 +339,9 @@ def run_shards(make_actor: Callable[[], Any], ranges: list[tuple[int, int]], wor
                 running[a.run.remote(*shard)] = (a, shard)
             refs = list(running) + list(starting)
             done, _ = ray.wait(refs, num_returns=1, timeout=30.0)
+            if not done and not running:
+                log(f"waiting for {len(starting)} actor(s) to be placed: does the cluster have "
+                    f"the CPUs/GPUs they ask for?")
             for ref in done:
                 if ref in starting:
                     a = starting.pop(ref)
