@@ -26,8 +26,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, fail,
-                         init_ray, job_parser, log, package_versions, resolve_device)
+from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable,
+                         default_model_shape, eval_transform, fail, init_ray, job_parser,
+                         load_job_model, log, package_versions, resolve_data, resolve_device)
 
 PROG = "python -m jobs.ablate"
 
@@ -137,19 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- model spec
-
-def default_model(name: str, num_classes: int, width: int):
-    """The untrained stand-in used without --checkpoint, built exactly as jobs.analyze builds
-    it (torch.manual_seed(0), then `build_model`), so that `--from` an untrained analysis
-    names the same channels: on demo data the demo width and class count, else width 64 and
-    1000 classes."""
-    import torch
-
-    from pipeline.models import build_model
-
-    torch.manual_seed(0)
-    return build_model(name, num_classes=num_classes, width=width).eval()
-
 
 def model_spec(model, preprocess) -> dict[str, Any]:
     """What a worker needs to rebuild the model: name, width, classes, weights, preprocessing."""
@@ -274,23 +262,6 @@ def _run_tasks(tasks: list[tuple[list[str], Any, tuple]], what: str) -> dict[str
 
 # ---------------------------------------------------------------------------- driver
 
-def _load(cfg: AblateConfig, num_classes: int, width: int):
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.preprocess import IMAGENET
-
-    if cfg.checkpoint:
-        try:
-            loaded = load_checkpoint(cfg.checkpoint, cfg.model)
-        except CheckpointError as e:
-            if cfg.model is None and "plain state_dict" in str(e):
-                loaded = load_checkpoint(cfg.checkpoint, "resnet34")   # as jobs.analyze does
-            else:
-                raise
-        return loaded.model.eval(), loaded.model_name, loaded.preprocess, False
-    name = cfg.model or "resnet34"
-    return default_model(name, num_classes, width), name, IMAGENET, True
-
-
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -331,26 +302,19 @@ class Prepared:
 def prepare(cfg: AblateConfig) -> Prepared:
     """Load model, data and (with --from) the census; BadInput/ValueError on bad input."""
     from pipeline.ablation import census_table
-    from pipeline.demo import DEMO_WIDTH, demo_transform, ensure_demo_data
     from pipeline.layers import resolve_layers
-    from pipeline.sources import EvalTransform, Manifest, build_manifest
     from pipeline.tables import exists, join, read_table
 
     t0 = time.perf_counter()
     check_writable(cfg.out)
-    demo = cfg.data is None
-    data = join(ensure_demo_data(), "val") if demo else cfg.data
-    base = demo_transform() if demo else EvalTransform()
-    transform = EvalTransform(resize=cfg.resize or base.resize, crop=cfg.crop or base.crop)
-    manifest = build_manifest(data, require_labels=True)
-    if cfg.limit is not None and cfg.limit < len(manifest):
-        manifest = Manifest(root=manifest.root, table=manifest.table.slice(0, cfg.limit),
-                            classes=manifest.classes)
-    model, model_name, preprocess, untrained = _load(
-        cfg, *((max(1, len(manifest.classes)), DEMO_WIDTH) if demo else (1000, 64)))
-    if untrained:
-        log(f"WARNING: no --checkpoint: {model_name} is randomly initialised (untrained, "
-            f"width {model.width}, seed 0); its numbers say nothing about the paper")
+    src = resolve_data(cfg.data, limit=cfg.limit, require_labels=True)
+    data, manifest = src.url, src.manifest
+    num_classes, width = default_model_shape(src)
+    jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=num_classes, width=width)
+    model, model_name, preprocess, untrained = jm.model, jm.name, jm.preprocess, jm.untrained
+    transform = eval_transform(cfg.resize, cfg.crop, demo=src.demo, meta=jm.meta)
+    if jm.warning:
+        log(f"WARNING: {jm.warning}")
     layers = resolve_layers(model, cfg.layer)
     if len(layers) != 1 or layers[0].name == "fc":
         raise BadInput(f"--layer must name one layer with channel maps (conv1, pool1, "

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, init_ray,
-                         job_parser, log, package_versions)
+                         job_parser, load_job_model, log, package_versions)
 
 __all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "build_parser", "main", "bench_actmax",
            "chunk_table"]
@@ -211,35 +211,20 @@ class _Setup:
 
 def _setup(cfg: ActmaxConfig) -> _Setup:
     """Load or build the model and resolve layers/channels: all bad input surfaces here."""
-    import torch
-
     from pipeline.actmax import calibrate_bn
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.demo import DEMO_CLASSES, DEMO_CROP, DEMO_WIDTH
     from pipeline.layers import resolve_layers
-    from pipeline.models import build_model
-    from pipeline.preprocess import IMAGENET
 
-    if cfg.checkpoint:
-        try:
-            loaded = load_checkpoint(cfg.checkpoint, cfg.model)
-        except CheckpointError as e:
-            if cfg.model is None and "plain state_dict" in str(e):
-                loaded = load_checkpoint(cfg.checkpoint, "resnet34")  # as jobs.analyze
-            else:
-                raise
-        model, name, pre = loaded.model, loaded.model_name, loaded.preprocess
-        size = cfg.input_size or int(loaded.meta.get("input_size", 224))
-        untrained = False
-    else:
-        from pipeline.demo import DEMO_CLASSES, DEMO_CROP, DEMO_WIDTH
-
+    jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=len(DEMO_CLASSES),
+                        width=DEMO_WIDTH, seed=cfg.seed)
+    model, name, pre, untrained = jm.model, jm.name, jm.preprocess, jm.untrained
+    if untrained:
         size = cfg.input_size or DEMO_CROP
-        name = cfg.model or "resnet34"
-        torch.manual_seed(cfg.seed)   # the same untrained model as jobs.analyze's default
-        model = build_model(name, num_classes=len(DEMO_CLASSES), width=DEMO_WIDTH)
         # untrained: BN statistics from noise, else the zero start is a dead fixed point
         calibrate_bn(model, size, seed=cfg.seed)
-        pre, untrained = IMAGENET, True
+    else:  # the input size the checkpoint was evaluated at (its recipe), else ImageNet's
+        recipe = jm.meta.get("recipe") or {}
+        size = cfg.input_size or int(recipe.get("eval_crop", jm.meta.get("input_size", 224)))
     layers = resolve_layers(model, cfg.layers)
     channels = {layer.name: parse_channels(cfg.channels, layer.name, layer.channels)
                 for layer in layers}

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import pickle
 import sys
 import time
@@ -29,8 +28,9 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, fail, init_ray,
-                         job_parser, log, package_versions)
+from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable,
+                         default_model_shape, eval_transform, fail, init_ray, job_parser,
+                         load_job_model, log, package_versions, resolve_data)
 
 PROG = "python -m jobs.analyze"
 PARTIAL_FORMAT = 1          # bump when the partial state layout changes: old partials are ignored
@@ -142,59 +142,22 @@ class Prepared:
     warnings: list[str] = field(default_factory=list)
 
 
-def _load_model(cfg: Config, num_classes: int, width: int):
-    import torch
-
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.models import build_model
-    from pipeline.preprocess import IMAGENET
-
-    if cfg.checkpoint:
-        try:
-            loaded = load_checkpoint(cfg.checkpoint, cfg.model)
-        except CheckpointError as e:
-            if cfg.model is None and "plain state_dict" in str(e):
-                loaded = load_checkpoint(cfg.checkpoint, "resnet34")   # the documented default
-            else:
-                raise
-        return loaded.model, loaded.model_name, loaded.preprocess, []
-    name = cfg.model or "resnet34"
-    torch.manual_seed(cfg.seed)
-    model = build_model(name, num_classes=num_classes, width=width)
-    warn = (f"no --checkpoint: analysing an UNTRAINED {name} (width {width}, seed {cfg.seed}); "
-            f"its stimuli say nothing about a trained network")
-    return model.eval(), name, IMAGENET, [warn]
-
-
 def prepare(cfg: Config) -> Prepared:
     """Validate everything that can be validated without Ray. Raises BadInput / ValueError."""
     from pipeline.analysis import AnalysisOptions, layer_specs
-    from pipeline.demo import DEMO_WIDTH, demo_transform, ensure_demo_data
     from pipeline.geometry import rf_table
     from pipeline.layers import resolve_layers
-    from pipeline.models import model_names
-    from pipeline.sources import EvalTransform, Manifest, build_manifest
 
-    if cfg.model is not None and cfg.model not in model_names():
-        raise BadInput(f"unknown model {cfg.model!r}; allowed: {', '.join(model_names())}")
     check_writable(cfg.out)
-    demo_root = None
-    if cfg.data is None:
-        demo_root = ensure_demo_data()
-        manifest = build_manifest(demo_root + "/val")
-        base = demo_transform()
-        width, classes = DEMO_WIDTH, max(1, len(manifest.classes))
-    else:
-        manifest = build_manifest(cfg.data)
-        base = EvalTransform()
-        width, classes = 64, 1000
-    if len(manifest) == 0:
-        raise BadInput(f"data source {cfg.data or 'demo'} holds no images")
-    if cfg.limit is not None and cfg.limit < len(manifest):
-        manifest = Manifest(root=manifest.root, table=manifest.table.slice(0, cfg.limit),
-                            classes=manifest.classes)
-    transform = EvalTransform(resize=cfg.resize or base.resize, crop=cfg.crop or base.crop)
-    model, name, preprocess, warnings = _load_model(cfg, classes, width)
+    data = resolve_data(cfg.data, limit=cfg.limit)
+    num_classes, width = default_model_shape(data)
+    jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=num_classes, width=width,
+                        seed=cfg.seed)
+    model, name, preprocess = jm.model, jm.name, jm.preprocess
+    warnings = [jm.warning] if jm.warning else []
+    manifest = data.manifest
+    demo_root = data.demo_root
+    transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo, meta=jm.meta)
     layers = resolve_layers(model, cfg.layers)
     if any(layer.name == "fc" for layer in layers):
         raise BadInput("layer fc has no receptive field map to analyse; allowed: conv1, pool1, "

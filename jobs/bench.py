@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from jobs.common import BadInput, bad_input_exits, job_parser, log, resolve_device
+from jobs.common import BadInput, bad_input_exits, job_parser, resolve_device
 
 PROG = "python -m jobs.bench"
 
@@ -113,7 +113,6 @@ def run(cfg: Config) -> dict:
 
     from pipeline.analysis import AnalysisOptions, ShardRunner, layer_specs, state_nbytes
     from pipeline.demo import DEMO_CROP, DEMO_RESIZE, DEMO_WIDTH
-    from pipeline.hooks import Trace
     from pipeline.layers import resolve_layers
     from pipeline.models import build_model
     from pipeline.preprocess import IMAGENET

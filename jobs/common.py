@@ -18,10 +18,12 @@ import platform
 import sys
 import time
 import uuid
-from typing import Iterator, NoReturn
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NoReturn
 
 __all__ = ["BadInput", "fail", "job_parser", "bad_input_exits", "init_ray", "resolve_device",
-           "check_writable", "package_versions", "Stopwatch", "log"]
+           "check_writable", "package_versions", "Stopwatch", "log", "JobModel", "load_job_model",
+           "JobData", "resolve_data", "default_model_shape", "eval_transform"]
 
 
 class BadInput(ValueError):
@@ -137,3 +139,105 @@ class Stopwatch:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# What analyze, ablate and actmax share: the model to study and the images to show it.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class JobModel:
+    model: Any                 # a pipeline.models.ResNet in eval mode
+    name: str                  # resnet34, plainnet34, ...
+    preprocess: Any            # pipeline.preprocess.Preprocess that maps [0, 1] crops in
+    untrained: bool            # True: the seeded stand-in built without --checkpoint
+    meta: dict = field(default_factory=dict)   # the checkpoint's extra entries (recipe, ...)
+
+    @property
+    def warning(self) -> str | None:
+        if not self.untrained:
+            return None
+        return (f"no --checkpoint: {self.name} is randomly initialised (UNTRAINED, width "
+                f"{self.model.width}); its numbers say nothing about a trained network")
+
+
+def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: int, width: int,
+                   seed: int = 0) -> JobModel:
+    """The checkpoint's model (a plain state_dict without --model is read as resnet34), or,
+    without a checkpoint, `model` (default resnet34) freshly built after torch.manual_seed(seed):
+    every job builds the same untrained stand-in, so their outputs describe the same weights."""
+    import torch
+
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.models import build_model, model_names
+    from pipeline.preprocess import IMAGENET
+
+    if model is not None and model not in model_names():
+        raise BadInput(f"unknown model {model!r}; allowed: {', '.join(model_names())}")
+    if checkpoint:
+        try:
+            loaded = load_checkpoint(checkpoint, model)
+        except CheckpointError as e:
+            if model is None and "plain state_dict" in str(e):
+                loaded = load_checkpoint(checkpoint, "resnet34")   # the documented default
+            else:
+                raise BadInput(str(e)) from None
+        return JobModel(loaded.model.eval(), loaded.model_name, loaded.preprocess, False,
+                        loaded.meta)
+    name = model or "resnet34"
+    torch.manual_seed(seed)
+    return JobModel(build_model(name, num_classes=num_classes, width=width).eval(), name,
+                    IMAGENET, True)
+
+
+@dataclass
+class JobData:
+    url: str                   # the source actually read (the demo's val/ without --data)
+    demo: bool                 # True: the embedded demo data
+    manifest: Any              # pipeline.sources.Manifest (cut to --limit)
+    demo_root: str | None = None   # the demo data's root (train/ and val/) when demo
+
+
+def resolve_data(data: str | None, *, limit: int | None = None,
+                 require_labels: bool = False) -> JobData:
+    """`--data`, or the embedded demo data's val/ split; cut to the first `limit` images."""
+    from pipeline.demo import ensure_demo_data
+    from pipeline.sources import Manifest, build_manifest
+
+    demo = data is None
+    root = ensure_demo_data().rstrip("/") if demo else None
+    url = f"{root}/val" if demo else data
+    manifest = build_manifest(url, require_labels=require_labels)
+    if len(manifest) == 0:
+        raise BadInput(f"data source {url} holds no images")
+    if limit is not None:
+        if limit < 1:
+            raise BadInput(f"--limit must be >= 1, got {limit}")
+        if limit < len(manifest):
+            manifest = Manifest(root=manifest.root, table=manifest.table.slice(0, limit),
+                                classes=manifest.classes)
+    return JobData(url, demo, manifest, root)
+
+
+def default_model_shape(data: JobData) -> tuple[int, int]:
+    """(num_classes, width) of the untrained stand-in: demo-sized on the demo data."""
+    from pipeline.demo import DEMO_WIDTH
+
+    return (max(1, len(data.manifest.classes)), DEMO_WIDTH) if data.demo else (1000, 64)
+
+
+def eval_transform(resize: int | None, crop: int | None, *, demo: bool, meta: dict | None = None):
+    """Flags first, then the checkpoint's own evaluation transform (its training recipe), then
+    the demo's (72 / 64) on demo data, else ImageNet's (256 / 224)."""
+    from pipeline.demo import demo_transform
+    from pipeline.sources import EvalTransform
+
+    recipe = (meta or {}).get("recipe") or {}
+    if "eval_resize" in recipe and "eval_crop" in recipe:
+        base = EvalTransform(int(recipe["eval_resize"]), int(recipe["eval_crop"]))
+    else:
+        base = demo_transform() if demo else EvalTransform()
+    for name, v in (("--resize", resize), ("--crop", crop)):
+        if v is not None and v < 1:
+            raise BadInput(f"{name} must be a positive number of pixels, got {v}")
+    return EvalTransform(resize=resize or base.resize, crop=crop or base.crop)

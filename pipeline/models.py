@@ -14,7 +14,6 @@ catalogue (`pipeline.layers`) is then a distinct module that a forward hook can 
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

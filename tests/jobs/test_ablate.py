@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import statistics
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch

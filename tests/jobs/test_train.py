@@ -21,10 +21,10 @@ import torchvision
 
 from jobs import train as job
 from pipeline import tables
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import load_checkpoint
 from pipeline.demo import DemoSpec, generate_demo_data
 from pipeline.models import build_model
-from pipeline.preprocess import IMAGENET, WhiteningStats, preprocess_from_state
+from pipeline.preprocess import WhiteningStats
 from pipeline.sources import build_manifest
 
 SMALL = ["--model", "resnet18", "--width", "8", "--batch-size", "16", "--workers", "2"]

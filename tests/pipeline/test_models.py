@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.hooks import Trace, capture
+from pipeline.hooks import capture
 from pipeline.layers import PAPER_LAYERS, catalogue, resolve_layers
 from pipeline.models import build_model, model_names
 

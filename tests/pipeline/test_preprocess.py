@@ -5,7 +5,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from hypothesis import given, settings, strategies as st
 
-from pipeline.preprocess import IMAGENET, ZCA, Normalize, WhiteningStats, preprocess_from_state
+from pipeline.preprocess import IMAGENET, WhiteningStats, preprocess_from_state
 
 
 def _correlated(n=6, seed=0):
