@@ -131,3 +131,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_given_checkpoints_skip_training(run, capsys, first):
+    if "log" not in first:
+        pytest.skip("the first run failed")
+    import fsspec
+
+    from pipeline.tables import read_json
+
+    ckpt = {m: f"{run['out']}/train/{m}/model.pt" for m in ("resnet34", "plainnet34")}
+    out = "s3://reproduce/given"
+    _reproduce({**run, "out": out}, capsys, "--checkpoint-resnet", ckpt["resnet34"],
+               "--checkpoint-plainnet", ckpt["plainnet34"], "--stages", "analyze")
+    fs = fsspec.filesystem("s3")
+    assert not fs.exists("reproduce/given/train")
+    assert fs.exists("reproduce/given/analysis/plainnet34/stimuli/topk.parquet")
+    assert read_json(f"{out}/run.json")["checkpoints"] == ckpt
+    analysed = read_json(f"{out}/analysis/resnet34/run.json")["config"]["checkpoint"]
+    assert analysed == ckpt["resnet34"]
