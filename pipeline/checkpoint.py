@@ -13,12 +13,12 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
 from torch import nn
 
 from .models import build_model
 from .preprocess import IMAGENET, Preprocess, preprocess_from_state
+from .tables import exists, read_bytes, write_bytes
 
 __all__ = ["FORMAT", "CheckpointError", "Loaded", "save_checkpoint", "load_checkpoint",
            "model_from_state_dict"]
@@ -50,22 +50,13 @@ def save_checkpoint(url: str, model: nn.Module, preprocess: Preprocess, **extra:
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, path)
+    write_bytes(url, buf.getvalue())   # atomic: a reader never sees half a checkpoint
 
 
 def _read(url: str) -> Any:
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
+    if not exists(url):
         raise CheckpointError(f"checkpoint not found: {url}")
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    data = read_bytes(url)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint

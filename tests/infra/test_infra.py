@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_ports
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,18 +190,6 @@ def test_docs_give_the_exact_submit_command_and_name_only_existing_files():
 
 # --- a real cluster ------------------------------------------------------------------------------
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     import urllib.request
 
@@ -225,7 +214,7 @@ def ray_head(tmp_path_factory):
     Started with `--block` in its own session so that the test stops exactly this cluster by
     signalling its process group (never `ray stop`, which would hit colleagues' clusters).
     """
-    gcs, dash, agent_listen, client, agent_grpc, metrics, runtime_env_agent = _free_ports(7)
+    gcs, dash, agent_listen, client, agent_grpc, metrics, runtime_env_agent = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="rayR", dir="/tmp")   # short: unix socket paths
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_ports
 
 from tests.jobs.test_analyze import (ROOT, argv_for, assert_same_tables, make_data, tables_of)
 
@@ -31,20 +32,8 @@ FAST_HEALTH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_th
                "RAY_health_check_initial_delay_ms": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _node_ports() -> list[str]:
-    p = _free_ports(6)
+    p = free_ports(6)
     return ["--object-store-memory=209715200", "--disable-usage-stats",
             "--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
             "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
@@ -73,7 +62,7 @@ def cluster():
     env = {**os.environ, **FAST_HEALTH, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     env.pop("RAY_ADDRESS", None)
-    gcs, client = _free_ports(2)
+    gcs, client = free_ports(2)
     address = f"127.0.0.1:{gcs}"
     procs = {"head": _start(["--head", f"--port={gcs}", "--num-cpus=0", "--include-dashboard=false",
                              "--node-ip-address=127.0.0.1", f"--ray-client-server-port={client}",
