@@ -19,7 +19,6 @@ tasks of at most --chunk patterns each, every task reading only its own rows.
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,27 +30,15 @@ import pyarrow as pa
 from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, init_ray, job_parser,
                          log, package_versions)
 
+from pipeline.neuron_patterns import (IMAGENET_MEAN, OUT_SCHEMA, SOURCES, SUMMARY_SCHEMA,
+                                     PatternError, actmax_input_patterns, actmax_png_patterns,
+                                     data_neutral, filter_patterns, format_summary, mean_colours,
+                                     mean_patterns, measure_rows, sort_rows, summarise)
+
 PROG = "python -m jobs.neuron_types"
-SOURCES = ("filter", "mean", "actmax")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
 NEUTRALS = {"gray": (0.5, 0.5, 0.5), "imagenet": IMAGENET_MEAN}
 # Patterns per task when --chunk is 0: keeps one task's padded FFT near 2**23 complex values.
 _FFT_BUDGET = 2 ** 23
-
-OUT_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("source", pa.string()), ("size", pa.int32()),
-    ("osi", pa.float64()), ("orientation_deg", pa.float64()),
-    ("chromatic_fraction", pa.float64()), ("opponent_axis", pa.string()),
-    ("chromatic_balance", pa.float64()), ("chromatic_coherence", pa.float64()),
-    ("double_opponent_score", pa.float64()), ("double_opponent", pa.bool_()),
-    ("orientation_selective", pa.bool_()), ("energy", pa.float64()),
-    ("neutral", pa.list_(pa.float32())), ("type", pa.string()),
-])
-SUMMARY_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("source", pa.string()),
-    ("type", pa.string()), ("count", pa.int64()),
-])
 
 
 @dataclass(frozen=True)
@@ -271,104 +258,37 @@ def _columns(url: str) -> list[str]:
         return pq.ParquetFile(f).schema_arrow.names
 
 
-def _border_colour(rgb: np.ndarray) -> tuple[float, float, float]:
-    # The paper's zero-start optimisation leaves every pixel outside the centre neuron's RF at
-    # its start value, the data's mean colour: the outermost ring of the image shows it.
-    ring = np.concatenate([rgb[:, 0, :], rgb[:, -1, :], rgb[:, :, 0], rgb[:, :, -1]], axis=1)
-    return tuple(float(v) for v in np.median(ring, axis=1))  # type: ignore[return-value]
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return np.asarray(img, dtype=np.float64).transpose(2, 0, 1) / 255.0
-
-
 def _patterns(task: Task) -> tuple[np.ndarray, list[np.ndarray], list[tuple | None]]:
-    """(channels, patterns (3, s, s) each, neutral per pattern) of one task."""
+    """(channels, patterns (3, s, s) each, neutral per pattern) of one task: read its rows here,
+    turn them into patterns in pipeline.neuron_patterns."""
     lo, hi = task.channels
     filters = [("model", "=", task.model), ("layer", "=", task.layer),
                ("channel", ">=", lo), ("channel", "<", hi)]
+    where = f"{task.url}: {task.model} {task.layer}"
     if task.source == "mean":
         t = _read_rows(task.url, ["channel", "size", "mean"], filters + [("neuron", "=", task.neuron)])
         channels = t.column("channel").to_numpy()
-        sizes = t.column("size").to_numpy()
-        pats = []
-        for ch, s, values in zip(channels, sizes, t.column("mean").to_pylist()):
-            arr = np.asarray(values if values is not None else [], dtype=np.float64)
-            if arr.size != 3 * int(s) * int(s):
-                raise BadInput(f"{task.url}: mean of {task.model} {task.layer} channel {ch} has "
-                               f"{arr.size} values, expected 3*size*size = {3 * int(s) * int(s)}")
-            pats.append(arr.reshape(3, int(s), int(s)))
+        pats = mean_patterns(channels, t.column("size").to_numpy(), t.column("mean").to_pylist(), where)
         return channels, pats, [task.neutral] * len(pats)
-    names = set(_columns(task.url))
-    use_input = "input" in names and task.preprocess is not None
-    cols = ["channel", "input" if use_input else "image"]
-    t = _read_rows(task.url, cols, filters)
-    channels = t.column("channel").to_numpy()
-    pats, neutrals = [], []
-    if use_input:
-        import torch
-
-        from pipeline.preprocess import preprocess_from_state
-
-        pre = preprocess_from_state(task.preprocess)
-        for ch, values in zip(channels, t.column("input").to_pylist()):
-            arr = np.asarray(values, dtype=np.float32)
-            side = int(round(np.sqrt(arr.size / 3)))
-            if 3 * side * side != arr.size:
-                raise BadInput(f"{task.url}: input of {task.model} {task.layer} channel {ch} "
-                               f"has {arr.size} values, not 3*H*H")
-            x = torch.from_numpy(arr.reshape(1, 3, side, side)).double()
-            pats.append(pre.inverse(x)[0].numpy())
-            zero = pre.inverse(torch.zeros(1, 3, 1, 1, dtype=torch.float64))[0, :, 0, 0]
-            neutrals.append(task.neutral or tuple(float(v) for v in zero))
-    else:
-        for data in t.column("image").to_pylist():
-            rgb = _decode_png(data)
-            pats.append(rgb)
-            neutrals.append(task.neutral or _border_colour(rgb))
-    return channels, pats, neutrals
-
-
-def measure_rows(model: str, layer: str, source: str, channels: Sequence[int],
-                 patterns: Sequence[np.ndarray], neutrals: Sequence[tuple | None],
-                 thresholds) -> pa.Table:
-    """Measure patterns (same-size runs batched together) into rows of OUT_SCHEMA."""
-    from pipeline.neuron_types import measure_batch
-
-    n = len(patterns)
-    cols: dict[str, list] = {k: [None] * n for k in OUT_SCHEMA.names}
-    # Batch patterns that share size and neutral: one vectorised FFT per group.
-    groups: dict[tuple, list[int]] = {}
-    for i, (p, nt) in enumerate(zip(patterns, neutrals)):
-        groups.setdefault((p.shape, nt), []).append(i)
-    for (shape, nt), idx in groups.items():
-        res = measure_batch(np.stack([patterns[i] for i in idx]), nt, thresholds)
-        for j, i in enumerate(idx):
-            for k in ("osi", "orientation_deg", "chromatic_fraction", "opponent_axis",
-                      "chromatic_balance", "chromatic_coherence", "double_opponent_score",
-                      "double_opponent", "orientation_selective", "energy", "type"):
-                v = res[k][j]
-                cols[k][i] = v.item() if hasattr(v, "item") else v
-            cols["size"][i] = int(shape[-1])
-            cols["neutral"][i] = [0.0, 0.0, 0.0] if nt is None else [float(v) for v in nt]
-    cols["model"] = [model] * n
-    cols["layer"] = [layer] * n
-    cols["source"] = [source] * n
-    cols["channel"] = [int(c) for c in channels]
-    for k in ("osi", "orientation_deg", "chromatic_fraction", "chromatic_balance",
-              "chromatic_coherence", "double_opponent_score", "energy"):
-        cols[k] = [None if v is None or not np.isfinite(v) else v for v in cols[k]]
-    return pa.table(cols, schema=OUT_SCHEMA)
+    if "input" in _columns(task.url) and task.preprocess is not None:
+        t = _read_rows(task.url, ["channel", "input"], filters)
+        channels = t.column("channel").to_numpy()
+        pats, neutrals = actmax_input_patterns(channels, t.column("input").to_pylist(),
+                                               task.preprocess, task.neutral, where)
+        return channels, pats, neutrals
+    t = _read_rows(task.url, ["channel", "image"], filters)
+    pats, neutrals = actmax_png_patterns(t.column("image").to_pylist(), task.neutral)
+    return t.column("channel").to_numpy(), pats, neutrals
 
 
 def run_task(task: Task) -> pa.Table:
     """The unit of work: read one chunk, measure it, return its rows."""
     from pipeline.neuron_types import Thresholds
 
-    channels, pats, neutrals = _patterns(task)
+    try:
+        channels, pats, neutrals = _patterns(task)
+    except PatternError as e:
+        raise BadInput(str(e)) from None
     t = Thresholds(*task.thresholds)
     return measure_rows(task.model, task.layer, task.source, channels, pats, neutrals, t)
 
@@ -381,25 +301,10 @@ def _chunk_for(size: int, chunk: int) -> int:
     return int(min(512, max(1, _FFT_BUDGET // (pad * pad))))
 
 
-def _layer_key(layer: str) -> tuple[int, str]:
-    if layer == "conv1":
-        return (0, layer)
-    if layer == "pool1":
-        return (1, layer)
-    m = re.match(r"^conv(\d+)$", layer)
-    return (int(m.group(1)), layer) if m else (10 ** 6, layer)
-
-
-def _model_key(model: str) -> tuple[str, int]:
-    m = re.match(r"^([a-z]+)(\d+)$", model)
-    # resnet before plainnet: the paper's order.
-    return ((0 if m.group(1) == "resnet" else 1, int(m.group(2)), model) if m else (2, 0, model))  # type: ignore[return-value]
-
-
 def load_filters(inputs: Inputs) -> tuple[dict[str, dict], list[tuple[str, np.ndarray, dict]]]:
-    """Preprocessing state per model and (model, RGB filters, preprocessing) per checkpoint."""
+    """Preprocessing state per model and (model, stimulus-space filters, preprocessing) per
+    checkpoint: each filter as its expected mean preferred stimulus S·Aᵀw (filter_patterns)."""
     from pipeline.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.neuron_types import filter_to_rgb
 
     prep: dict[str, dict] = {}
     filters = []
@@ -413,7 +318,7 @@ def load_filters(inputs: Inputs) -> tuple[dict[str, dict], list[tuple[str, np.nd
         state = loaded.preprocess.state()
         prep[loaded.model_name] = state
         w = loaded.model.conv1.weight.detach().double().numpy()
-        filters.append((loaded.model_name, filter_to_rgb(w, state), state))
+        filters.append((loaded.model_name, filter_patterns(w, state), state))
     return prep, filters
 
 
@@ -465,7 +370,7 @@ def plan(cfg: NeuronTypesConfig, inputs: Inputs, prep: dict[str, dict]) -> list[
         elif cfg.neutral == "checkpoint":
             mean_neutral[model] = tuple(prep.get(model, {}).get("mean", IMAGENET_MEAN))  # type: ignore[assignment]
         else:
-            mean_neutral[model] = data_neutral(
+            mean_neutral[model] = read_neutral(
                 [(g[1], g[3]) for g in groups if g[0] == "mean" and g[2] == model], model, cfg.neuron)
 
     tasks = []
@@ -484,59 +389,15 @@ def plan(cfg: NeuronTypesConfig, inputs: Inputs, prep: dict[str, dict]) -> list[
     return tasks
 
 
-def data_neutral(parts: list[tuple[str, str]], model: str, neuron: str) -> tuple[float, float, float]:
-    """The analysed data's mean colour, estimated from the mean stimuli themselves: the median
-    over channels (all given layers) of each channel's average colour over its valid pixels.
-
-    A mean stimulus averages image patches, so a channel without colour preference shows the
-    data's mean colour; the median keeps colour-preferring channels from pulling the estimate.
-    Read one layer at a time, so memory stays bounded by the largest layer.
-    """
+def read_neutral(parts: list[tuple[str, str]], model: str, neuron: str) -> tuple[float, float, float]:
+    """The analysed data's mean colour estimated from the mean stimuli (`data_neutral`), read
+    one layer at a time so that memory stays bounded by the largest layer."""
     colours = []
     for url, layer in parts:
         t = _read_rows(url, ["size", "mean"], [("model", "=", model), ("layer", "=", layer),
                                                 ("neuron", "=", neuron)])
-        for s, values in zip(t.column("size").to_pylist(), t.column("mean").to_pylist()):
-            arr = np.asarray(values if values is not None else [], dtype=np.float64)
-            if arr.size != 3 * s * s:
-                continue   # reported by the task that measures it
-            arr = arr.reshape(3, -1)
-            ok = np.isfinite(arr).all(axis=0)
-            if ok.any():
-                colours.append(arr[:, ok].mean(axis=1))
-    if not colours:
-        return IMAGENET_MEAN
-    return tuple(float(v) for v in np.median(np.stack(colours), axis=0))  # type: ignore[return-value]
-
-
-def summarise(rows: pa.Table) -> pa.Table:
-    """Count of each type per (model, layer, source), zero counts included."""
-    from pipeline.neuron_types import TYPES
-
-    df = rows.select(["model", "layer", "source", "type"]).to_pandas()
-    out = []
-    for (model, layer, source), g in df.groupby(["model", "layer", "source"], sort=False):
-        counts = g["type"].value_counts()
-        for kind in TYPES:
-            out.append((model, layer, source, kind, int(counts.get(kind, 0))))
-    out.sort(key=lambda r: (SOURCES.index(r[2]), _layer_key(r[1]), _model_key(r[0]), TYPES.index(r[3])))
-    cols = list(zip(*out)) if out else [[], [], [], [], []]
-    return pa.table(dict(zip(SUMMARY_SCHEMA.names, map(list, cols))), schema=SUMMARY_SCHEMA)
-
-
-def format_summary(summary: pa.Table) -> str:
-    """A printable table: one line per (source, layer, model), one column per type."""
-    from pipeline.neuron_types import TYPES
-
-    df = summary.to_pandas()
-    if df.empty:
-        return "(no patterns)"
-    piv = df.pivot_table(index=["source", "layer", "model"], columns="type", values="count",
-                         aggfunc="sum", fill_value=0)
-    piv = piv.reindex(columns=[t for t in TYPES if t in piv.columns])
-    piv["total"] = piv.sum(axis=1)
-    order = sorted(piv.index, key=lambda k: (SOURCES.index(k[0]), _layer_key(k[1]), _model_key(k[2])))
-    return piv.loc[order].to_string()
+        colours += mean_colours(t.column("size").to_pylist(), t.column("mean").to_pylist())
+    return data_neutral(colours)
 
 
 def run(cfg: NeuronTypesConfig) -> dict:
@@ -564,10 +425,10 @@ def run(cfg: NeuronTypesConfig) -> dict:
     with sw("filter"):
         if "filter" in wants:
             th = cfg.thresholds()
-            for model, w_rgb, _ in filters:
-                # A filter's neutral is zero: equal weights on R, G, B are already achromatic.
-                parts.append(measure_rows(model, "conv1", "filter", range(len(w_rgb)), list(w_rgb),
-                                          [None] * len(w_rgb), th))
+            for model, pats, _ in filters:
+                # A filter's stimulus is relative to the data's mean colour: its neutral is 0.
+                parts.append(measure_rows(model, "conv1", "filter", range(len(pats)), pats,
+                                          [None] * len(pats), th))
     with sw("measure"):
         if tasks:
             init_ray()
@@ -582,11 +443,7 @@ def run(cfg: NeuronTypesConfig) -> dict:
                 if isinstance(cause, BadInput):
                     raise cause from None
                 raise
-    rows = pa.concat_tables(parts) if parts else OUT_SCHEMA.empty_table()
-    keys = list(zip(*(rows.column(c).to_pylist() for c in ("source", "model", "layer", "channel"))))
-    order = sorted(range(rows.num_rows), key=lambda i: (
-        SOURCES.index(keys[i][0]), _model_key(keys[i][1]), _layer_key(keys[i][2]), keys[i][3]))
-    rows = rows.take(pa.array(order, type=pa.int64()))
+    rows = sort_rows(pa.concat_tables(parts) if parts else OUT_SCHEMA.empty_table())
     summary = summarise(rows)
     with sw("write"):
         write_table(rows, join(cfg.out, "neuron_types.parquet"), OUT_SCHEMA)

@@ -58,7 +58,9 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["OPPONENT", "TYPES", "Thresholds", "Measures", "opponent", "orientation", "colour",
-           "coherence", "measure", "measure_batch", "classify", "classify_batch", "filter_to_rgb"]
+           "coherence", "sign_balance", "measure", "measure_batch", "classify", "classify_batch",
+           "filter_to_rgb", "filter_to_stimulus", "stimulus_covariance", "preprocess_matrix",
+           "IMAGENET_COVARIANCE"]
 
 # Rows: luminance, red-green, blue-yellow. Orthonormal (see module docstring).
 OPPONENT = np.array([[1.0, 1.0, 1.0] / np.sqrt(3.0),
@@ -118,23 +120,32 @@ def _hann(n: int) -> np.ndarray:
     return np.hanning(n + 2)[1:-1]
 
 
-def orientation(luminance: np.ndarray, valid: np.ndarray | None = None
+def orientation(maps: np.ndarray, valid: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(osi, orientation_deg) per luminance map (n, h, w); NaN where there is no contrast."""
-    lum = np.asarray(luminance, dtype=np.float64)
-    if lum.ndim == 2:
-        lum = lum[None]
-    n, h, w = lum.shape
+    """(osi, orientation_deg) per pattern; NaN where no channel has contrast.
+
+    `maps` is (h, w), (n, h, w) (one channel, e.g. luminance) or (n, k, h, w) (k channels, e.g.
+    the opponent channels L, RG, BY): the power spectra of the channels are summed, so an
+    isoluminant colour edge is as oriented as a luminance edge. With an orthonormal colour
+    transform that sum is the same in RGB or opponent coordinates.
+    """
+    x = np.asarray(maps, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 3:
+        x = x[:, None]
+    n, k, h, w = x.shape
     if valid is None:
-        valid = np.isfinite(lum)
-    window = _hann(h)[:, None] * _hann(w)[None, :] * valid
-    lum = np.where(valid, lum, 0.0)
+        valid = np.isfinite(x).all(axis=1)
+    window = _hann(h)[:, None] * _hann(w)[None, :] * valid            # (n, h, w)
+    x = np.where(valid[:, None], x, 0.0)
     wsum = window.sum(axis=(1, 2))
-    mean = (window * lum).sum(axis=(1, 2)) / np.where(wsum > 0, wsum, 1.0)
-    # Removing the window-weighted mean makes the windowed signal's DC exactly zero.
-    signal = (lum - mean[:, None, None]) * window
+    mean = (window[:, None] * x).sum(axis=(2, 3)) / np.where(wsum > 0, wsum, 1.0)[:, None]
+    # Removing the window-weighted mean makes each windowed channel's DC exactly zero: a
+    # uniform colour or a luminance offset carries no orientation.
+    signal = (x - mean[:, :, None, None]) * window[:, None]
     size = max(64, 2 * max(h, w))
-    power = np.abs(np.fft.fft2(signal, s=(size, size))) ** 2
+    power = (np.abs(np.fft.fft2(signal, s=(size, size))) ** 2).sum(axis=1)
     fy = np.fft.fftfreq(size)[:, None]   # cycles per pixel along rows (downwards)
     fx = np.fft.fftfreq(size)[None, :]
     radius = np.hypot(fy, fx)
@@ -144,7 +155,7 @@ def orientation(luminance: np.ndarray, valid: np.ndarray | None = None
     p = power * disc
     total = p.sum(axis=(1, 2))
     z = (p * doubled).sum(axis=(1, 2))
-    scale = np.abs(signal).max(axis=(1, 2)) if signal.size else np.zeros(n)
+    scale = np.abs(signal).max(axis=(1, 2, 3)) if signal.size else np.zeros(n)
     ok = (total > 0) & (scale > 1e-12)
     with np.errstate(invalid="ignore", divide="ignore"):
         osi = np.where(ok, np.abs(z) / np.where(ok, total, 1.0), np.nan)
@@ -177,15 +188,33 @@ def colour(patterns: np.ndarray, neutral: Sequence[float] | None = None, valid: 
     # neutral colour not quite matching the data's mean) must not read as an opposite sign.
     peak = np.abs(dominant).max(axis=(1, 2), initial=0.0)
     dominant = np.where(np.abs(dominant) >= DEAD_ZONE * peak[:, None, None], dominant, 0.0)
-    pos = np.clip(dominant, 0, None).sum(axis=(1, 2))
-    neg = np.clip(-dominant, 0, None).sum(axis=(1, 2))
-    mass = pos + neg
-    balance = np.where((axis < 2) & (mass > 0),
-                       2 * np.minimum(pos, neg) / np.where(mass > 0, mass, 1), 0.0)
+    balance = np.where(axis < 2, sign_balance(dominant), 0.0)
     coh = np.where(axis < 2, coherence(dominant), 0.0)
     return {"chromatic_fraction": fraction, "axis": axis, "chromatic_balance": balance,
             "chromatic_coherence": coh, "double_opponent_score": balance * np.clip(coh, 0.0, None),
             "energy": energy}
+
+
+def _share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """2·min(a, b) / (a + b): 1 when equal, 0 when one is 0 (0/0 := 0)."""
+    tot = a + b
+    return np.where(tot > 0, 2 * np.minimum(a, b) / np.where(tot > 0, tot, 1.0), 0.0)
+
+
+def sign_balance(maps: np.ndarray) -> np.ndarray:
+    """How strongly both signs of each map (n, h, w) are present, in [0, 1]: the larger of
+    their balance in mass (Σ of each sign) and in peak (largest |value| of each sign).
+
+    A centre-surround pattern is opponent whatever the ratio of the areas: a strong surround
+    several times the centre's area has unequal masses but equal peaks; a weak, wide surround
+    that cancels the centre (a balanced difference of Gaussians) has unequal peaks but equal
+    masses. Either makes the minority sign a real subregion; one sign throughout gives 0.
+    """
+    c = np.asarray(maps, dtype=np.float64)
+    pos, neg = np.clip(c, 0, None), np.clip(-c, 0, None)
+    mass = _share(pos.sum(axis=(1, 2)), neg.sum(axis=(1, 2)))
+    peak = _share(pos.max(axis=(1, 2), initial=0.0), neg.max(axis=(1, 2), initial=0.0))
+    return np.maximum(mass, peak)
 
 
 def coherence(maps: np.ndarray) -> np.ndarray:
@@ -208,8 +237,8 @@ def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | None = None,
     """Column arrays for patterns (n, 3, h, w): the Measures fields, the two flags and `type`."""
     x = _as_batch(patterns)
     valid = np.isfinite(x).all(axis=1)
-    lum = opponent(np.where(valid[:, None], x, 0.0))[:, 0]
-    osi, deg = orientation(lum, valid)
+    # Orientation of the whole colour pattern: luminance and both chromatic channels.
+    osi, deg = orientation(opponent(np.where(valid[:, None], x, 0.0)), valid)
     col = colour(x, neutral, valid)
     cols = {
         "osi": osi,
@@ -260,18 +289,81 @@ def filter_to_rgb(weight: np.ndarray, preprocess_state: dict) -> np.ndarray:
 
     Preprocessing is affine per pixel, p = A (x − μ): ZCA has A = its matrix, mean/std has
     A = diag(1/std), identity A = I. Then w·p = (Aᵀw)·x − const, so the RGB filter is Aᵀw
-    applied at every tap; the constant only shifts the bias.
+    applied at every tap; the constant only shifts the bias. This is the filter's sensitivity
+    per unit RGB; to compare it with stimuli (mean preferred stimuli, drawings) use
+    `filter_to_stimulus`.
     """
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim != 4 or w.shape[1] != 3:
         raise ValueError(f"first-conv weight must be (C, 3, h, w), got shape {w.shape}")
+    a = preprocess_matrix(preprocess_state)
+    return np.einsum("ji,njhw->nihw", a, w)
+
+
+# ImageNet's RGB pixel covariance (pixels in [0, 1]) from the eigen-decomposition used for
+# AlexNet's PCA lighting noise (Krizhevsky et al. 2012; fb.resnet.torch's `pca`): columns of
+# IMAGENET_EIGVEC are the eigenvectors (luminance first), IMAGENET_EIGVAL the variances along them.
+# Only the shape of S matters to the census (every measure is a ratio): luminance variance 12×
+# and 48× the two chromatic ones.
+IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+IMAGENET_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                            [-0.5808, -0.0045, -0.8140],
+                            [-0.5836, -0.6948, 0.4203]])
+IMAGENET_COVARIANCE = IMAGENET_EIGVEC @ np.diag(IMAGENET_EIGVAL) @ IMAGENET_EIGVEC.T
+
+
+def preprocess_matrix(preprocess_state: dict) -> np.ndarray:
+    """A of the per-pixel affine preprocessing p = A (x − μ)."""
     kind = preprocess_state.get("kind")
     if kind == "zca":
-        a = np.asarray(preprocess_state["matrix"], dtype=np.float64)
-    elif kind == "normalize":
-        a = np.diag(1.0 / np.asarray(preprocess_state["std"], dtype=np.float64))
-    elif kind == "identity":
-        a = np.eye(3)
+        return np.asarray(preprocess_state["matrix"], dtype=np.float64)
+    if kind == "normalize":
+        return np.diag(1.0 / np.asarray(preprocess_state["std"], dtype=np.float64))
+    if kind == "identity":
+        return np.eye(3)
+    raise ValueError(f"unknown preprocessing {kind!r}; allowed: zca, normalize, identity")
+
+
+def stimulus_covariance(preprocess_state: dict) -> tuple[np.ndarray, str]:
+    """(S, where S comes from): the RGB colour covariance of the data a model was trained on.
+
+    ZCA whitens the training data, A S Aᵀ = I, so S = A⁻¹A⁻ᵀ is known exactly (up to the fit's
+    eps) from the checkpoint. Mean/std (and no) preprocessing says nothing about the colour
+    correlations: S is ImageNet's published RGB covariance (IMAGENET_COVARIANCE).
+    """
+    a = preprocess_matrix(preprocess_state)
+    if preprocess_state.get("kind") == "zca":
+        inv = np.linalg.inv(a)
+        return inv @ inv.T, "zca"
+    return IMAGENET_COVARIANCE.copy(), "imagenet"
+
+
+def filter_to_stimulus(weight: np.ndarray, preprocess_state: dict,
+                       covariance: np.ndarray | None = None) -> np.ndarray:
+    """First-conv weights (C, 3, h, w) on preprocessed input -> their expected mean preferred
+    stimulus in RGB (C, 3, h, w), relative to the data's mean colour: S·Aᵀw at every tap.
+
+    Why S·Aᵀw. The filter responds to RGB x as (Aᵀw)·x + const (`filter_to_rgb`). For inputs
+    with mean μ and colour covariance S (pixels otherwise independent), the inputs that excite
+    it have mean μ + k·S·Aᵀw, k > 0 (exact for Gaussian inputs, E[x | vᵀx > 0] = μ + √(2/π)·Sv /
+    √(vᵀSv); the spike-triggered average). That is the same kind of object as a mean preferred
+    stimulus, an average of stimuli. Along S's eigenvectors (variances λ) Aᵀw has components
+    w_i/√λ_i for a ZCA model and the stimulus w_i·√λ_i: Aᵀw inflates the chromatic part relative
+    to the luminance part by λ_lum/λ_chrom (12× and 48× on ImageNet) and reads nearly every
+    filter as colour-opponent. For ZCA (A S Aᵀ = I), S·Aᵀ = A⁻¹: the
+    stimulus is A⁻¹w, exact from the checkpoint alone. `covariance` overrides S (e.g. one
+    estimated from the analysed data); the default is `stimulus_covariance`. The scale k is
+    dropped: every census measure is a ratio.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"first-conv weight must be (C, 3, h, w), got shape {w.shape}")
+    a = preprocess_matrix(preprocess_state)
+    if covariance is None and preprocess_state.get("kind") == "zca":
+        m = np.linalg.inv(a)                               # S·Aᵀ = A⁻¹ A⁻ᵀ Aᵀ
     else:
-        raise ValueError(f"unknown preprocessing {kind!r}; allowed: zca, normalize, identity")
-    return np.einsum("ji,njhw->nihw", a, w)
+        s = stimulus_covariance(preprocess_state)[0] if covariance is None else np.asarray(covariance, float)
+        if s.shape != (3, 3):
+            raise ValueError(f"colour covariance must be 3x3, got shape {s.shape}")
+        m = s @ a.T
+    return np.einsum("ij,njhw->nihw", m, w)

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.neuron_types import (OPPONENT, Measures, Thresholds, classify, coherence, colour,
-                                   filter_to_rgb, measure, measure_batch, orientation)
+from pipeline.neuron_types import (IMAGENET_COVARIANCE, OPPONENT, Measures, Thresholds, classify,
+                                   coherence, colour, filter_to_rgb, filter_to_stimulus, measure,
+                                   measure_batch, orientation, sign_balance, stimulus_covariance)
 from pipeline.preprocess import IMAGENET, WhiteningStats
 
 GRAY = (0.5, 0.5, 0.5)
@@ -292,3 +293,172 @@ def test_coherence_equals_brute_force_neighbour_sums():
     assert coherence(checker[None])[0] == pytest.approx(-1.0)
     assert coherence(np.ones((1, 4, 4)))[0] == pytest.approx(1.0)
     assert coherence(np.zeros((1, 4, 4)))[0] == 0.0
+
+
+# ----------------------------------------------------------------------------- colour-vision known answers
+def centre_surround(s: int, centre_radius: float, area_ratio: float, surround_contrast: float = 1.0,
+                    centre=RED, surround=GREEN) -> np.ndarray:
+    """A centre disc on a surround ring `area_ratio` times its area, on gray; the surround's
+    colour at `surround_contrast` times the centre's distance from gray."""
+    rad = disc_radius(s)
+    ring = 0.5 + surround_contrast * (np.asarray(surround) - 0.5)
+    out = paint(np.full((3, s, s), 0.5), rad < centre_radius * np.sqrt(1 + area_ratio), ring)
+    return paint(out, rad < centre_radius, centre)
+
+
+def blur(pattern: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of each colour plane, edges extended (smooth like a real filter)."""
+    if sigma == 0:
+        return pattern
+    t = np.arange(-3, 4)
+    g = np.exp(-t ** 2 / (2 * sigma ** 2))
+    g /= g.sum()
+    out = np.pad(pattern, ((0, 0), (3, 3), (3, 3)), mode="edge")
+    out = np.apply_along_axis(lambda v: np.convolve(v, g, mode="valid"), 1, out)
+    return np.apply_along_axis(lambda v: np.convolve(v, g, mode="valid"), 2, out)
+
+
+@pytest.mark.parametrize("area_ratio,contrast", [(1, 1.0), (3, 1.0), (8, 1.0), (3, 0.5), (8, 1 / 8)])
+@pytest.mark.parametrize("s,radius,sigma", [(33, 5.0, 0.0), (21, 3.0, 0.0), (21, 3.0, 0.8)])
+def test_centre_surround_is_double_opponent_whatever_the_area_ratio(area_ratio, contrast, s, radius, sigma):
+    # (8, 1/8): a weak, wide surround of the centre's mass (a balanced receptive field).
+    m = measure(blur(centre_surround(s, radius, area_ratio, contrast), sigma), GRAY)
+    assert m.opponent_axis == "red-green" and m.chromatic_fraction > 0.5
+    assert m.chromatic_balance >= 0.5 and m.chromatic_coherence > 0.5, m
+    assert classify(m) == "double-opponent"
+
+
+def test_isoluminant_red_green_edge_is_double_opponent_and_oriented():
+    s = 21
+    x, y = grid(s)
+    for deg, left in ((90.0, x < 0), (0.0, y < 0), (45.0, y > x)):
+        pattern = paint(paint(np.full((3, s, s), 0.5), left, RED), ~left, GREEN)
+        lum = opponent_l(pattern)
+        assert np.ptp(lum) < 1e-12                       # no luminance contrast at all
+        cols = measure_batch(pattern, GRAY)
+        assert cols["type"][0] == "double-opponent"
+        assert cols["orientation_selective"][0] and cols["osi"][0] > 0.5
+        assert angle_diff(cols["orientation_deg"][0], deg) < 5.0
+
+
+def opponent_l(pattern: np.ndarray) -> np.ndarray:
+    return np.einsum("c,chw->hw", OPPONENT[0], pattern)
+
+
+@pytest.mark.parametrize("rgb", [RED, GREEN, BLUE, YELLOW])
+def test_uniform_sign_colour_blob_is_single_opponent(rgb):
+    for s, r in ((33, 6.0), (11, 2.5)):
+        hard = paint(np.full((3, s, s), 0.5), disc_radius(s) < r, rgb)
+        g = np.exp(-disc_radius(s) ** 2 / (2 * r ** 2))[None]
+        smooth = 0.5 + (np.asarray(rgb)[:, None, None] - 0.5) * g
+        for p in (hard, smooth):
+            m = measure(p, GRAY)
+            assert m.chromatic_balance == 0.0 and classify(m) == "single-opponent", (rgb, s, m)
+
+
+def test_gray_patterns_are_neither_opponent():
+    s = 21
+    x, _ = grid(s)
+    blob = np.repeat((0.5 + 0.3 * np.exp(-disc_radius(s) ** 2 / 18))[None], 3, axis=0)
+    edge = np.repeat(np.where(x < 0, 0.2, 0.8)[None], 3, axis=0)
+    for p, kind in ((blob, "other"), (edge, "orientation-selective"), (gabor(s, 30, 6, 4), "orientation-selective")):
+        cols = measure_batch(p, GRAY)
+        assert cols["chromatic_fraction"][0] == 0.0 and not cols["double_opponent"][0]
+        assert cols["type"][0] == kind
+
+
+def test_sign_balance_is_the_larger_of_mass_and_peak_balance():
+    c = np.zeros((3, 4, 10))
+    c[0, :, :2], c[0, :, 2:] = 1.0, -1.0     # equal peaks, masses 1:4 -> peak balance 1
+    c[1, :, :2], c[1, :, 2:] = 1.0, -0.25    # masses 8:8, peaks 4:1 -> mass balance 1
+    c[2, :, :2], c[2, :, 2:] = 1.0, -0.05    # masses 8:1.6, peaks 1:0.05 -> 2·1.6/9.6
+    np.testing.assert_allclose(sign_balance(c), [1.0, 1.0, 2 * 1.6 / 9.6])
+    assert sign_balance(np.ones((1, 3, 3)))[0] == 0.0 and sign_balance(np.zeros((1, 3, 3)))[0] == 0.0
+
+
+# ----------------------------------------------------------------------------- filters in stimulus space
+def brute_sta(v: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """Spike-triggered average of the linear filter v (3, k, k): the mean of the patches that
+    excite it (response above its mean), relative to the mean patch."""
+    r = np.einsum("nchw,chw->n", patches, v)
+    return patches[r > r.mean()].mean(axis=0) - patches.mean(axis=0)
+
+
+def pattern_corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_filter_stimulus_is_the_spike_triggered_average_on_demo_pixels(demo_root):
+    """Real demo pixels, drawn independently per tap (the colour statistics of the data, no
+    spatial correlation: what S·Aᵀw assumes): S·Aᵀw matches the brute-force STA of the filter,
+    for a ZCA fitted on these pixels (S = A⁻²) and for mean/std with S their covariance."""
+    import glob
+
+    from PIL import Image
+
+    files = sorted(glob.glob(f"{demo_root}/val/*/*"))[::8]
+    pix = np.concatenate([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
+                          for f in files])
+    rng = np.random.default_rng(0)
+    k = 7
+    patches = pix[rng.integers(0, len(pix), size=(40000, k, k))].transpose(0, 3, 1, 2)
+    zca = WhiteningStats().update(torch.from_numpy(pix.T.reshape(1, 3, -1, 1))).fit()
+    s_data = np.cov(pix.T)
+    yy, xx = np.mgrid[0:k, 0:k] - k // 2
+    smooth = np.exp(-(xx ** 2 + yy ** 2) / 4.0) * np.cos(1.2 * xx)
+    for state, cov in ((zca.state(), None), (IMAGENET.state(), s_data)):
+        for i in range(4):
+            w = rng.normal(size=(1, 3, k, k)) if i < 2 else (rng.normal(size=3)[:, None, None] * smooth)[None]
+            v = filter_to_rgb(w, state)[0]
+            sta = brute_sta(v, patches)
+            assert pattern_corr(sta, filter_to_stimulus(w, state, cov)[0]) >= 0.95
+    # With the ZCA, S·Aᵀ = A⁻¹ exactly, and S is the data's covariance up to the fit's eps.
+    s_zca, origin = stimulus_covariance(zca.state())
+    assert origin == "zca"
+    np.testing.assert_allclose(s_zca, s_data * (len(pix) - 1) / len(pix) + 1e-5 * np.eye(3), rtol=1e-6, atol=1e-9)
+
+
+def test_zca_filters_read_as_their_stimuli_under_imagenet_colour_statistics():
+    """Gaussian pixels with ImageNet's colour covariance (chromatic variances 12x and 48x below
+    the luminance one): the STA of a whitened model's filter is A⁻¹w, and a gray stimulus reads
+    as gray, while the sensitivity Aᵀw inflates its chromatic part into 'colour'."""
+    rng = np.random.default_rng(1)
+    k, n = 5, 60000
+    chol = np.linalg.cholesky(IMAGENET_COVARIANCE)
+    pix = rng.normal(size=(n * k * k, 3)) @ chol.T + np.array([0.48, 0.46, 0.41])
+    zca = WhiteningStats().update(torch.from_numpy(pix.T.reshape(1, 3, -1, 1))).fit()
+    a = np.asarray(zca.matrix)
+    patches = pix.reshape(n, k, k, 3).transpose(0, 3, 1, 2)
+    # A nearly gray preferred stimulus (a luminance Gabor with a faint colour tint)...
+    x, y = grid(k)
+    stim = np.cos(1.3 * x)[None] * np.exp(-(x ** 2 + y ** 2) / 6)[None] * np.array([1.0, 0.95, 0.85])[:, None, None]
+    w = np.einsum("ij,jhw->ihw", a, stim)[None]                  # the filter whose stimulus it is
+    got = filter_to_stimulus(w, zca.state())
+    np.testing.assert_allclose(got[0], stim, atol=1e-9)
+    sta = brute_sta(filter_to_rgb(w, zca.state())[0], patches)
+    assert pattern_corr(sta, got[0]) >= 0.95
+    as_stimulus = measure(got[0])
+    as_weights = measure(filter_to_rgb(w, zca.state())[0])
+    assert as_stimulus.chromatic_fraction < 0.05
+    assert as_weights.chromatic_fraction > max(1 / 3, 10 * as_stimulus.chromatic_fraction)
+    assert classify(as_stimulus) == "orientation-selective"
+    # A random white filter: the stimulus keeps ImageNet's proportions of chromatic energy.
+    cols = measure_batch(filter_to_stimulus(rng.normal(size=(200, 3, 7, 7)), zca.state()))
+    assert np.median(cols["chromatic_fraction"]) < 0.15
+
+
+def test_normalize_filters_use_imagenet_covariance_unless_given():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3, 3, 5, 5))
+    state = IMAGENET.state()
+    s, origin = stimulus_covariance(state)
+    assert origin == "imagenet"
+    np.testing.assert_allclose(s, IMAGENET_COVARIANCE)
+    expect = np.einsum("ij,njhw->nihw", IMAGENET_COVARIANCE @ np.diag(1 / np.asarray(IMAGENET.std)), w)
+    np.testing.assert_allclose(filter_to_stimulus(w, state), expect)
+    np.testing.assert_allclose(filter_to_stimulus(w, state, np.eye(3)), filter_to_rgb(w, state))
+    with pytest.raises(ValueError):
+        filter_to_stimulus(w, state, np.eye(2))
+    with pytest.raises(ValueError):
+        filter_to_stimulus(w, {"kind": "bogus"})
