@@ -13,7 +13,7 @@ from pipeline.accumulators import MEAN_SCHEMA
 from pipeline.actmax import display_images, png_bytes
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models import build_model
-from pipeline.neuron_types import TYPES, filter_to_rgb, measure_batch
+from pipeline.neuron_types import TYPES, filter_to_stimulus, measure_batch
 from pipeline.preprocess import WhiteningStats
 from pipeline.tables import exists, read_json, read_table, write_table
 
@@ -117,7 +117,8 @@ def actmax_table(items) -> pa.Table:
 
 
 def zca_checkpoint(url: str) -> tuple:
-    """resnet18 (width 8) whose first filters, mapped to RGB through the ZCA, are known patterns."""
+    """resnet18 (width 8) whose first filters, mapped to stimulus space through the ZCA
+    (A⁻¹w), are known patterns."""
     g = torch.Generator().manual_seed(0)
     mix = torch.tensor([[1.0, 0.5, 0.2], [0.2, 1.0, 0.4], [0.1, 0.3, 1.0]], dtype=torch.float64)
     pix = torch.einsum("ij,njhw->nihw", mix, torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64))
@@ -126,7 +127,7 @@ def zca_checkpoint(url: str) -> tuple:
     w_rgb = np.stack(patterns(7, (0.0, 0.0, 0.0))[:4] + [np.zeros((3, 7, 7))]
                      + [np.random.default_rng(1).normal(size=(3, 7, 7)) for _ in range(3)])
     a = np.asarray(pre.matrix)
-    w = np.einsum("ij,njhw->nihw", np.linalg.inv(a).T, w_rgb)   # so that Aᵀ w = w_rgb
+    w = np.einsum("ij,njhw->nihw", a, w_rgb)   # so that the stimulus A⁻¹w = w_rgb
     with torch.no_grad():
         model.conv1.weight.copy_(torch.from_numpy(w).float())
     save_checkpoint(url, model, pre)
@@ -186,16 +187,16 @@ def test_checkpoint_neutral_is_the_preprocessing_mean(results, tmp_path):
             assert got[got.layer == layer].sort_values("channel")["type"].tolist() == EXPECTED
 
 
-def test_filters_are_measured_in_rgb_through_the_zca(results):
+def test_filters_are_measured_in_stimulus_space_through_the_zca(results):
     root, out, pre, w_rgb = results
     rows = read_table(f"{out}/neuron_types.parquet").to_pandas()
     filt = rows[rows.source == "filter"].sort_values("channel")
     assert filt.model.unique().tolist() == ["resnet18"] and filt.layer.unique().tolist() == ["conv1"]
     assert filt["type"].tolist()[:5] == EXPECTED
-    # Every row equals the pure measure of the checkpoint's filters mapped to RGB.
+    # Every row equals the pure measure of the checkpoint's filters mapped to stimulus space.
     loaded = load_checkpoint(f"{root}/train/resnet18/model.pt")
-    ref = measure_batch(filter_to_rgb(loaded.model.conv1.weight.detach().numpy(),
-                                      loaded.preprocess.state()), None)
+    ref = measure_batch(filter_to_stimulus(loaded.model.conv1.weight.detach().numpy(),
+                                           loaded.preprocess.state()), None)
     np.testing.assert_allclose(filt.chromatic_fraction.to_numpy(), ref["chromatic_fraction"], rtol=1e-5)
     np.testing.assert_allclose(filt.osi.to_numpy()[:4], ref["osi"][:4], rtol=1e-5)
     assert filt["type"].tolist() == list(ref["type"])
