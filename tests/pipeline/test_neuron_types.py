@@ -462,3 +462,43 @@ def test_normalize_filters_use_imagenet_covariance_unless_given():
         filter_to_stimulus(w, state, np.eye(2))
     with pytest.raises(ValueError):
         filter_to_stimulus(w, {"kind": "bogus"})
+
+
+# ----------------------------------------------------------------------------- pipeline.neuron_patterns
+def test_pattern_extraction_and_counts():
+    from pipeline.actmax import png_bytes
+    from pipeline.neuron_patterns import (PatternError, actmax_input_patterns, actmax_png_patterns,
+                                          border_colour, data_neutral, mean_colours, mean_patterns,
+                                          measure_rows, summarise, format_summary)
+
+    rng = np.random.default_rng(7)
+    p = rng.random((3, 5, 5))
+    p[:, 0] = np.nan
+    got = mean_patterns([4], [5], [p.ravel().tolist()], "t.parquet: m conv3")
+    np.testing.assert_array_equal(got[0], p)
+    with pytest.raises(PatternError, match="channel 4 has 74 values, expected 3\\*size\\*size = 75"):
+        mean_patterns([4], [5], [p.ravel()[:-1]], "t.parquet: m conv3")
+    # Average colour over the valid pixels; the neutral is the median over channels.
+    cols = mean_colours([5, 5, 5], [p.ravel(), np.full(75, 0.2), [0.0]])
+    np.testing.assert_allclose(cols[0], np.nanmean(p.reshape(3, -1), axis=1))
+    assert len(cols) == 2 and data_neutral([]) == (0.485, 0.456, 0.406)
+    np.testing.assert_allclose(data_neutral(cols + [np.full(3, 0.9)]), np.median(np.stack(cols + [np.full(3, 0.9)]), 0))
+    # PNG: exact /255, neutral = the border ring's median colour.
+    img = np.full((9, 9, 3), 200, np.uint8)
+    img[3:6, 3:6] = (255, 0, 0)
+    pats, neutrals = actmax_png_patterns([png_bytes(img)])
+    np.testing.assert_allclose(pats[0], img.transpose(2, 0, 1) / 255.0)
+    assert neutrals[0] == border_colour(pats[0]) == pytest.approx((200 / 255,) * 3)
+    # actmax input: the inverse preprocessing, neutral its zero image.
+    x = rng.random((3, 4, 4))
+    inp = IMAGENET(torch.from_numpy(x)[None])[0].numpy()
+    pats, neutrals = actmax_input_patterns([0], [inp.ravel()], IMAGENET.state())
+    np.testing.assert_allclose(pats[0], x, atol=1e-6)
+    np.testing.assert_allclose(neutrals[0], IMAGENET.mean)
+    rows = measure_rows("m", "conv3", "mean", [0, 1], [paint(np.full((3, 9, 9), 0.5), disc_radius(9) < 3, RED),
+                                                       np.full((3, 9, 9), np.nan)], [GRAY, GRAY], Thresholds())
+    assert rows.column("type").to_pylist() == ["single-opponent", "empty"]
+    assert rows.column("osi").to_pylist()[1] is None
+    summary = summarise(rows).to_pandas()
+    assert summary["count"].sum() == 2 and len(summary) == 5
+    assert "single-opponent" in format_summary(summarise(rows))
