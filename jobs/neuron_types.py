@@ -1,9 +1,11 @@
 """Neuron-type census: orientation-selective, double-opponent, single-opponent or other, per channel.
 
-For every channel and every available pattern — the first-conv filter (from a checkpoint), the
-mean preferred stimulus of each analysed layer (stimuli/mean.parquet) and the activation-
-maximization image (actmax.parquet) — measures orientation selectivity and opponent colour
-(`pipeline.neuron_types`) and assigns a type; the same thresholds for every model.
+For every channel and every available pattern — the first-conv filter (from a checkpoint) as
+the stimulus it prefers, the mean preferred stimulus of each analysed layer (stimuli/mean.parquet)
+and the activation-maximization image (actmax.parquet) — measures orientation selectivity and
+opponent colour (`pipeline.neuron_types`) and assigns a type; the same thresholds for every
+model. This file finds the inputs, reads rows and fans chunks out to Ray; turning rows into
+patterns, rows and counts is `pipeline.neuron_patterns`.
 
     python -m jobs.neuron_types --from ./results/analysis/resnet34 --from ./results/analysis/plainnet34 \
         --actmax ./results/actmax --checkpoint ./results/train/resnet34/model.pt --out ./results/neuron_types

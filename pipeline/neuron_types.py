@@ -1,7 +1,8 @@
 """Neuron-type census: orientation and colour measures of a preferred pattern, and its type.
 
 A *pattern* is what a channel prefers, as an RGB array `(3, s, s)`: a first-conv filter mapped
-to RGB (`filter_to_rgb`), a mean preferred stimulus, or an activation-maximization image. NaN
+to its expected mean preferred stimulus (`filter_to_stimulus`: S·Aᵀw, A⁻¹w for ZCA), a mean
+preferred stimulus, or an activation-maximization image: all stimuli, compared in one space. NaN
 pixels (never inside the image) are masked out. Pure numpy: no files, no Ray.
 
     m = measure(pattern, neutral=(0.485, 0.456, 0.406))    # one pattern -> Measures
@@ -22,18 +23,21 @@ colour for mean stimuli; the preprocessing's zero image for activation maximizat
     chromatic_fraction = Σ (RG² + BY²) / Σ ‖d‖²   (0 for any gray pattern on a gray neutral; 0/0 = 0)
     opponent_axis      = 'red-green' if Σ RG² ≥ Σ BY² else 'blue-yellow' ('none' if no chroma)
     double_opponent_score = balance · max(coherence, 0)
-    balance   = 2 · min(P, N) / (P + N),  P = Σ max(c, 0), N = Σ max(−c, 0)
+    balance   = max(share(P, N), share(P̂, N̂)),  share(a, b) = 2 · min(a, b) / (a + b),
+                P, N = Σ max(±c, 0) (masses of the two signs), P̂, N̂ = max(±c) (their peaks)
     coherence = Σ c_p c_q / Σ (c_p² + c_q²)/2   over adjacent pixel pairs (lag-1 autocorrelation)
 where c is the dominant opponent channel with values under 5 % of its peak |c| set to 0 (a
 dead zone, so that a faint wide background offset does not count as an opposite sign). The
-balance is 1 when both chromatic signs carry equal mass (red centre / green surround, blue |
-yellow edge) and 0 when one sign holds throughout (a red blob on the neutral gray:
-single-opponent); the coherence asks the two signs to form regions rather than alternate from
-pixel to pixel (chromatic white noise is balanced too, but its coherence is about 0).
+balance is near 1 when the two chromatic signs match in peak contrast (a strong surround of any
+area) or in mass (a weak wide surround that cancels the centre; a blue | yellow edge is both),
+and 0 when one sign holds throughout (a red blob on the neutral gray: single-opponent); the
+coherence asks the two signs to form regions rather than alternate from pixel to pixel
+(chromatic white noise is balanced too, but its coherence is about 0).
 
-Orientation. Luminance l = L(x) with NaN pixels given weight 0, the window-weighted mean removed
-(so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so no
-pixel is discarded), zero-padded to n = max(64, 2s) and Fourier transformed; P(f) = |F(f)|².
+Orientation. Each channel of (L, RG, BY) with NaN pixels given weight 0, its window-weighted mean
+removed (so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so
+no pixel is discarded), zero-padded to n = max(64, 2s) and Fourier transformed; P(f) = Σ over
+the channels of |F(f)|², so an isoluminant colour edge is oriented like a luminance edge.
 Over the disc 0 < |f| ≤ ½ cycle/pixel (the disc, not the square, so that the corner bins do not
 favour diagonals),
     Z   = Σ P(f) e^{2iα(f)} / Σ P(f),   α(f) = angle of the frequency vector,
@@ -78,7 +82,7 @@ class Thresholds:
 
     osi: float = 0.5              # orientation-selective when osi >= this (7x7 noise: 95% < 0.5)
     chromatic: float = 1 / 3      # colour when chromatic energy share >= this (random RGB: 2/3)
-    double_opponent: float = 0.5  # minority chromatic sign >= 1/3 of the majority's mass
+    double_opponent: float = 0.5  # minority chromatic sign >= 1/3 of the majority's peak or mass
 
     def __post_init__(self) -> None:
         for name in ("osi", "chromatic", "double_opponent"):
