@@ -303,7 +303,7 @@ def _chunk_for(size: int, chunk: int) -> int:
     return int(min(512, max(1, _FFT_BUDGET // (pad * pad))))
 
 
-def load_filters(inputs: Inputs) -> tuple[dict[str, dict], list[tuple[str, np.ndarray, dict]]]:
+def load_filters(inputs: Inputs) -> tuple[dict[str, dict], list[tuple[str, list[np.ndarray], dict]]]:
     """Preprocessing state per model and (model, stimulus-space filters, preprocessing) per
     checkpoint: each filter as its expected mean preferred stimulus S·Aᵀw (filter_patterns)."""
     from pipeline.checkpoint import CheckpointError, load_checkpoint

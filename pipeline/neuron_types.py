@@ -25,14 +25,16 @@ colour for mean stimuli; the preprocessing's zero image for activation maximizat
     double_opponent_score = balance · max(coherence, 0)
     balance   = max(share(P, N), share(P̂, N̂)),  share(a, b) = 2 · min(a, b) / (a + b),
                 P, N = Σ max(±c, 0) (masses of the two signs), P̂, N̂ = max(±c) (their peaks)
-    coherence = Σ c_p c_q / Σ (c_p² + c_q²)/2   over adjacent pixel pairs (lag-1 autocorrelation)
+    coherence = Σ e_p e_q / Σ (e_p² + e_q²)/2   over adjacent pixel pairs (lag-1 autocorrelation)
+                of e = c⁺/‖c⁺‖ − c⁻/‖c⁻‖, each sign of c scaled to unit energy (`equal_signs`)
 where c is the dominant opponent channel with values under 5 % of its peak |c| set to 0 (a
 dead zone, so that a faint wide background offset does not count as an opposite sign). The
 balance is near 1 when the two chromatic signs match in peak contrast (a strong surround of any
 area) or in mass (a weak wide surround that cancels the centre; a blue | yellow edge is both),
 and 0 when one sign holds throughout (a red blob on the neutral gray: single-opponent); the
-coherence asks the two signs to form regions rather than alternate from pixel to pixel
-(chromatic white noise is balanced too, but its coherence is about 0).
+coherence asks both signs to form regions rather than alternate from pixel to pixel
+(chromatic white noise is balanced too, but its coherence is about 0) or than one sign being a
+few stray pixels (about (coherence of the region + 0)/2 ≤ 0.5).
 
 Orientation. Each channel of (L, RG, BY) with NaN pixels given weight 0, its window-weighted mean
 removed (so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so
@@ -62,7 +64,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["OPPONENT", "TYPES", "Thresholds", "Measures", "opponent", "orientation", "colour",
-           "coherence", "sign_balance", "measure", "measure_batch", "classify", "classify_batch",
+           "coherence", "sign_balance", "equal_signs", "measure", "measure_batch", "classify", "classify_batch",
            "filter_to_rgb", "filter_to_stimulus", "stimulus_covariance", "preprocess_matrix",
            "IMAGENET_COVARIANCE"]
 
@@ -100,7 +102,7 @@ class Measures:
     double_opponent_score: float  # [0, 1]: chromatic_balance · max(chromatic_coherence, 0)
     energy: float                 # Σ ‖x − neutral‖² over valid pixels (0: empty)
     chromatic_balance: float = 0.0    # [0, 1]: 1 both signs equal, 0 one sign throughout
-    chromatic_coherence: float = 0.0  # [−1, 1]: lag-1 autocorrelation of the dominant channel
+    chromatic_coherence: float = 0.0  # [−1, 1]: lag-1 autocorrelation of the sign-equalised dominant channel
 
 
 def _as_batch(patterns: np.ndarray) -> np.ndarray:
@@ -193,7 +195,7 @@ def colour(patterns: np.ndarray, neutral: Sequence[float] | None = None, valid: 
     peak = np.abs(dominant).max(axis=(1, 2), initial=0.0)
     dominant = np.where(np.abs(dominant) >= DEAD_ZONE * peak[:, None, None], dominant, 0.0)
     balance = np.where(axis < 2, sign_balance(dominant), 0.0)
-    coh = np.where(axis < 2, coherence(dominant), 0.0)
+    coh = np.where(axis < 2, coherence(equal_signs(dominant)), 0.0)
     return {"chromatic_fraction": fraction, "axis": axis, "chromatic_balance": balance,
             "chromatic_coherence": coh, "double_opponent_score": balance * np.clip(coh, 0.0, None),
             "energy": energy}
@@ -219,6 +221,21 @@ def sign_balance(maps: np.ndarray) -> np.ndarray:
     mass = _share(pos.sum(axis=(1, 2)), neg.sum(axis=(1, 2)))
     peak = _share(pos.max(axis=(1, 2), initial=0.0), neg.max(axis=(1, 2), initial=0.0))
     return np.maximum(mass, peak)
+
+
+def equal_signs(maps: np.ndarray) -> np.ndarray:
+    """Each map (n, h, w) with its positive and its negative part scaled to unit energy.
+
+    The coherence of the result asks whether *both* signs form regions: on the raw map a large
+    one-sign region would carry the coherence alone, and a few stray pixels of the other sign
+    (noise, or a faint ring) would pass for a subregion as soon as their peak or mass is large
+    enough. An absent sign stays 0.
+    """
+    c = np.asarray(maps, dtype=np.float64)
+    pos, neg = np.clip(c, 0, None), np.clip(-c, 0, None)
+    ep = np.sqrt((pos ** 2).sum(axis=(1, 2), keepdims=True))
+    en = np.sqrt((neg ** 2).sum(axis=(1, 2), keepdims=True))
+    return pos / np.where(ep > 0, ep, 1.0) - neg / np.where(en > 0, en, 1.0)
 
 
 def coherence(maps: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from pipeline.neuron_types import (IMAGENET_COVARIANCE, OPPONENT, Measures, Thresholds, classify,
                                    coherence, colour, filter_to_rgb, filter_to_stimulus, measure,
-                                   measure_batch, orientation, sign_balance, stimulus_covariance)
+                                   measure_batch, orientation, sign_balance, stimulus_covariance,
+                                   equal_signs)
 from pipeline.preprocess import IMAGENET, WhiteningStats
 
 GRAY = (0.5, 0.5, 0.5)
@@ -502,3 +503,17 @@ def test_pattern_extraction_and_counts():
     summary = summarise(rows).to_pandas()
     assert summary["count"].sum() == 2 and len(summary) == 5
     assert "single-opponent" in format_summary(summarise(rows))
+
+
+def test_stray_opposite_pixels_do_not_make_a_blob_double_opponent():
+    """A red blob with a few isolated green pixels as saturated as the blob: the minority sign has
+    the peak but forms no region, so the sign-equalised coherence keeps it from double-opponent."""
+    s = 33
+    pattern = paint(np.full((3, s, s), 0.5), disc_radius(s) < 6, RED)
+    for y, x in ((2, 3), (30, 5), (4, 28), (29, 29)):
+        pattern[:, y, x] = GREEN
+    m = measure(pattern, GRAY)
+    assert m.chromatic_balance == pytest.approx(1.0)              # equal peaks...
+    assert m.chromatic_coherence < 0.5                            # ...but no green region
+    assert classify(m) != "double-opponent"
+    np.testing.assert_allclose(equal_signs(np.array([[[2.0, -1.0, 0.0]]])), [[[1.0, -1.0, 0.0]]])
