@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.report import (_crop_center_rf, cell_size, decode_png, filter_images, fit_tile,
+from pipeline.report import (crop_center_rf, cell_size, decode_png, filter_images, fit_tile,
                              layer_key, mean_image, model_key, mosaic, png_bytes, table1_frame,
                              topk_grid)
 
@@ -78,13 +78,13 @@ def test_fit_tile_nearest_upscale_and_box_downscale():
     assert [cell_size(s) for s in (11, 27, 59, 99, 300)] == [55, 54, 59, 99, 112]
 
 
-def test_crop_center_rf_matches_the_geometry_contract():
+def testcrop_center_rf_matches_the_geometry_contract():
     img = np.arange(64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
     rf = dict(rf_size=11, jump=4, offset=0, feature_size=16)
     # centre neuron (8, 8) sees rows 0 + 4*8 - 5 … +5 = 27 … 37
-    assert (_crop_center_rf(img, rf) == img[27:38, 27:38]).all()
-    assert _crop_center_rf(img, None) is img
-    assert _crop_center_rf(img, dict(rf, rf_size=99)) is img      # RF larger than the image
+    assert (crop_center_rf(img, rf) == img[27:38, 27:38]).all()
+    assert crop_center_rf(img, None) is img
+    assert crop_center_rf(img, dict(rf, rf_size=99)) is img      # RF larger than the image
 
 
 def test_orders():
