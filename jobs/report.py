@@ -33,7 +33,8 @@ class ReportConfig:
     topk_neuron: str = "any"        # any | center
     mean_neuron: str = "center"     # center | all
     atlas: bool = True              # per-layer atlas pages of every channel
-    title: str = "Preferred stimuli: ResNet vs PlainNet"
+    title: str | None = None        # None: "Preferred stimuli: ResNet vs PlainNet" for the
+                                    # paper's families, else "Preferred stimuli: A vs B"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ReportConfig":
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean preferred stimulus of the centre neuron or of all positions")
     p.add_argument("--no-atlas", action="store_true",
                    help="skip the per-layer atlas pages of every channel")
-    p.add_argument("--title", default=ReportConfig.title, help="page title")
+    p.add_argument("--title", default=ReportConfig.title,
+                   help="page title (default: 'Preferred stimuli: ResNet vs PlainNet' for "
+                        "ResNets/PlainNets, else 'Preferred stimuli: <model> vs <model>')")
     return p
 
 

@@ -12,7 +12,7 @@ from typing import Generator
 
 import numpy as np
 
-from pipeline.report.data import ReportData, ReportOptions
+from pipeline.report.data import ReportData
 from pipeline.report.frames import fmt
 from pipeline.report.images import PAD, ImageSink, blank, cell_size, decode_png, fit_tile, mosaic
 from pipeline.report.sections import slug
@@ -87,8 +87,7 @@ def _sheet(a: _Layer, block: list[int]) -> np.ndarray:
     return mosaic(tiles, cols=width)
 
 
-def atlas_page(d: ReportData, model: str, layer: str, opt: ReportOptions,
-               imgs: ImageSink) -> tuple[str, int, bytes] | None:
+def atlas_page(d: ReportData, model: str, layer: str, imgs: ImageSink) -> tuple[str, int, bytes] | None:
     """(file name, channels, HTML) of one atlas page; its sheets go into `imgs`."""
     a = _select(d, model, layer)
     chans = a.channels
@@ -103,14 +102,14 @@ def atlas_page(d: ReportData, model: str, layer: str, opt: ReportOptions,
             s = a.stats.get(ch)
             rows.append({"channel": ch, "src": src, "y": i * row_h,
                          "stats": [fmt(s.get(key)) if s else "—" for key in _STATS]})
-    html = render("atlas.html.j2", title=f"{opt.title}: {model} {layer}", model=model,
+    html = render("atlas.html.j2", title=f"{d.title}: {model} {layer}", model=model,
                   layer=layer, rows=rows, columns=a.columns, k=a.k, topk_neuron=d.topk_neuron,
                   global_context=d.is_global(model, layer),
                   width=PAD + (len(a.columns) + a.k) * (a.cell + PAD), height=row_h + PAD)
     return f"atlas_{slug(model, layer)}.html", len(chans), html.encode("utf-8")
 
 
-def atlas_pages(d: ReportData, opt: ReportOptions, imgs: ImageSink
+def atlas_pages(d: ReportData, imgs: ImageSink
                 ) -> Generator[tuple[str, bytes], None, dict[str, list[AtlasLink]]]:
     """Yield every atlas page (each after its sheets); return the links, by model."""
     links: dict[str, list[AtlasLink]] = {}
@@ -118,7 +117,7 @@ def atlas_pages(d: ReportData, opt: ReportOptions, imgs: ImageSink
         for layer in d.layers:
             if (model, layer) not in d.analysed:
                 continue
-            page = atlas_page(d, model, layer, opt, imgs)
+            page = atlas_page(d, model, layer, imgs)
             if page is None:
                 continue
             name, n, data = page

@@ -6,6 +6,7 @@ Model and layer names come from the tables, never from a fixed list (`pipeline.r
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,9 +16,10 @@ import pyarrow as pa
 from pipeline.report.images import crop_center_rf, decode_png, filter_images, is_true, mean_image
 from pipeline.report.order import order_layers, order_models
 
-__all__ = ["ReportInputs", "ReportOptions", "ReportData", "prepare", "filter_tiles"]
+__all__ = ["ReportInputs", "ReportOptions", "ReportData", "prepare", "filter_tiles",
+           "default_title"]
 
-_ANALYSED = ("topk", "mean", "actmax", "channels")   # tables that say a layer was analysed
+_PAPER_FAMILY = re.compile(r"(resnet|plainnet)\d+")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class ReportOptions:
     topk_neuron: str = "any"      # 'any' | 'center': which top-k the grids and atlas show
     mean_neuron: str = "center"   # 'center' | 'all': which mean stimulus is shown
     atlas: bool = True            # write the per-layer atlas pages
-    title: str = "Preferred stimuli: ResNet vs PlainNet"
+    title: str | None = None      # None: named after the models (`default_title`)
 
     def __post_init__(self) -> None:
         if self.figure_channels < 1:
@@ -69,6 +71,7 @@ class ReportData:
     mean_neuron: str
     channels: pd.DataFrame | None
     actmax: pd.DataFrame | None
+    title: str
     models: list[str]             # display order
     layers: list[str]             # analysed layers, display order
     analysed: set[tuple[str, str]]              # (model, layer) pairs with any analysis row
@@ -127,15 +130,24 @@ def prepare(inputs: ReportInputs, options: ReportOptions) -> ReportData:
                 for m, l in df[["model", "layer"]].drop_duplicates().itertuples(index=False)}
     rf_of = ({} if rf is None or not {"model", "layer"} <= set(rf.columns) else
              {(str(r["model"]), str(r["layer"])): r for r in rf.to_dict("records")})
+    models = order_models([*_names([rf, *analysed_frames], "model"), *inputs.filters])
     data = ReportData(
+        title=options.title or default_title(models),
         rf=rf, topk=topk, topk_neuron=topk_neuron, mean=mean, mean_neuron=mean_neuron,
         channels=channels, actmax=actmax,
-        models=order_models([*_names([rf, *analysed_frames], "model"), *inputs.filters]),
+        models=models,
         layers=order_layers(_names(analysed_frames, "layer")), analysed=analysed, rf_of=rf_of)
     data.mean_tiles = _mean_tiles(mean)
     data.actmax_tiles = _actmax_tiles(actmax, rf_of)
     data.filter_tiles = filter_tiles(inputs)
     return data
+
+
+def default_title(models: list[str]) -> str:
+    """The paper's title for ResNets and PlainNets, else the models' names."""
+    if all(_PAPER_FAMILY.fullmatch(m) for m in models):
+        return "Preferred stimuli: ResNet vs PlainNet"
+    return "Preferred stimuli: " + " vs ".join(models)
 
 
 def _mean_tiles(mean: pd.DataFrame | None) -> Tiles:

@@ -18,7 +18,7 @@ def _atlas_section(d: ReportData, opt: ReportOptions, imgs: ImageSink
     """The atlas pages, then the section that links them (the generator's last item)."""
     links = {}
     if opt.atlas:
-        links = yield from atlas_pages(d, opt, imgs)
+        links = yield from atlas_pages(d, imgs)
     why = "disabled" if not opt.atlas else "no per-channel tables"
     yield s.Section("atlas", "Atlas of every channel",
                     render("sections/atlas_links.html.j2", links=links, why=why))
@@ -47,5 +47,5 @@ def render_report(inputs: ReportInputs, options: ReportOptions = ReportOptions()
     done += [runs] if runs else []
     yield from imgs.drain()
     yield "index.html", render(
-        "index.html.j2", title=options.title, source=inputs.source, models=d.models,
+        "index.html.j2", title=d.title, source=inputs.source, models=d.models,
         layers=d.layers, sections=done).encode("utf-8")

@@ -324,6 +324,7 @@ def built_any(tmp_path_factory) -> Path:
 def test_any_model_and_layer_names_come_from_the_tables(built_any: Path):
     text = (built_any / "index.html").read_text()
     # resnet50 is of the paper's family, pool1 a paper name: first; the rest in table order.
+    assert "<title>Preferred stimuli: resnet50 vs vgg16</title>" in text
     assert "models: resnet50, vgg16; layers: pool1, layer2.1.conv2, features.3, features.28." in text
     topk = text[text.index('<h2 id="topk">'):text.index('<h2 id="mean">')]
     assert re.findall(r"<h3>([^ <]+)", topk) == ["pool1", "layer2.1.conv2", "features.3",
