@@ -14,11 +14,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import BadInput, bad_input_exits, check_writable, job_parser, log
-from pipeline.report import ReportInputs, ReportOptions, model_key, render_report
+from pipeline.report import ReportInputs, ReportOptions, order_models, render_report
 from pipeline.tables import exists, fs_path, join, read_json, read_table, write_bytes
 
 PROG = "python -m jobs.report"
@@ -32,7 +33,8 @@ class ReportConfig:
     topk_neuron: str = "any"        # any | center
     mean_neuron: str = "center"     # center | all
     atlas: bool = True              # per-layer atlas pages of every channel
-    title: str = "Preferred stimuli: ResNet vs PlainNet"
+    title: str | None = None        # None: "Preferred stimuli: ResNet vs PlainNet" for the
+                                    # paper's families, else "Preferred stimuli: A vs B"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ReportConfig":
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean preferred stimulus of the centre neuron or of all positions")
     p.add_argument("--no-atlas", action="store_true",
                    help="skip the per-layer atlas pages of every channel")
-    p.add_argument("--title", default=ReportConfig.title, help="page title")
+    p.add_argument("--title", default=ReportConfig.title,
+                   help="page title (default: 'Preferred stimuli: ResNet vs PlainNet' for "
+                        "ResNets/PlainNets, else 'Preferred stimuli: <model> vs <model>')")
     return p
 
 
@@ -107,14 +111,8 @@ def _concat(tables: list[pa.Table]) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def load_inputs(out: str) -> ReportInputs:
-    """Read every table the report shows from a results root; absent parts stay None."""
-    fs, path = fs_path(out)
-    if not fs.exists(path):
-        raise BadInput(f"results folder {out} does not exist; give the --out of jobs.reproduce")
-    inputs = ReportInputs(source=out)
-
-    # One analysis folder per model (reproduce layout), or a single jobs.analyze output.
+def _load_analysis(out: str, inputs: ReportInputs) -> None:
+    """One analysis folder per model (reproduce layout), or a single jobs.analyze output."""
     analysis_dirs = [join(out, "analysis", m) for m in _subdirs(join(out, "analysis"))]
     if exists(join(out, "receptive_fields.parquet")) or exists(join(out, "stimuli")):
         analysis_dirs.append(out)
@@ -131,6 +129,9 @@ def load_inputs(out: str) -> ReportInputs:
     if not analysis_dirs:
         inputs.missing["analysis"] = f"no {join(out, 'analysis')}/<model>/"
 
+
+def _load_results(out: str, inputs: ReportInputs) -> None:
+    """actmax, ablation and neuron-type tables: under their job's folder or at the top."""
     # `input` holds each optimised model input as floats (MBs per row at 224 px): not needed.
     inputs.actmax = _first(join(out, "actmax", "actmax.parquet"), join(out, "actmax.parquet"),
                            drop=("input",))
@@ -146,17 +147,30 @@ def load_inputs(out: str) -> ReportInputs:
     if inputs.neuron_types is None:
         inputs.missing["neuron_types"] = f"no {join(out, 'neuron_types', 'summary.parquet')}"
 
-    for model in sorted(_subdirs(join(out, "train")), key=model_key):
+
+def _load_train(out: str, inputs: ReportInputs) -> None:
+    """Per trained model: its metrics and the first conv's weights of its checkpoint."""
+    for model in order_models(_subdirs(join(out, "train"))):
         metrics = _read(join(out, "train", model, "metrics.parquet"))
         if metrics is not None:
             inputs.metrics[model] = metrics
         ckpt = join(out, "train", model, "model.pt")
-        if exists(ckpt):
-            inputs.filters[model] = _first_conv(ckpt, model)
-    inputs.filters = {m: w for m, w in inputs.filters.items() if w is not None}
+        weight = _first_conv(ckpt, model) if exists(ckpt) else None
+        if weight is not None:
+            inputs.filters[model] = weight
     if not inputs.metrics:
         inputs.missing["train"] = f"no {join(out, 'train')}/<model>/metrics.parquet"
 
+
+def load_inputs(out: str) -> ReportInputs:
+    """Read every table the report shows from a results root; absent parts stay None."""
+    fs, path = fs_path(out)
+    if not fs.exists(path):
+        raise BadInput(f"results folder {out} does not exist; give the --out of jobs.reproduce")
+    inputs = ReportInputs(source=out)
+    _load_analysis(out, inputs)
+    _load_results(out, inputs)
+    _load_train(out, inputs)
     found = [inputs.rf, inputs.topk, inputs.mean, inputs.channels, inputs.actmax, inputs.table1,
              inputs.ablation, inputs.neuron_types]
     if all(t is None for t in found) and not inputs.metrics and not inputs.filters:
@@ -166,8 +180,11 @@ def load_inputs(out: str) -> ReportInputs:
     return inputs
 
 
-def _first_conv(url: str, model: str):
-    """conv1 weights of a checkpoint, or None (with a log line) when it cannot be read."""
+def _first_conv(url: str, model: str) -> np.ndarray | None:
+    """The weights of a checkpoint's first convolution on RGB input (`conv1` of a ResNet,
+    `features.0` of a VGG), or None (with a log line) when it cannot be read."""
+    from torch import nn
+
     from pipeline.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -178,7 +195,12 @@ def _first_conv(url: str, model: str):
         except CheckpointError as e:
             log(f"report: skipping conv1 filters of {model}: {e}")
             return None
-    return loaded.model.conv1.weight.detach().cpu().numpy()
+    conv = next((m for m in loaded.model.modules()
+                 if isinstance(m, nn.Conv2d) and m.in_channels == 3 and m.groups == 1), None)
+    if conv is None:
+        log(f"report: skipping conv1 filters of {model}: no convolution on RGB input")
+        return None
+    return conv.weight.detach().cpu().numpy()
 
 
 def run(cfg: ReportConfig) -> str:

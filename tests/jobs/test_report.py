@@ -137,6 +137,51 @@ def make_results(root: Path, with_train: bool = True, rng_seed: int = 0) -> Path
     return root
 
 
+# Any torchvision model: module-path layer names, a layer with global context, training seeds.
+ANY_LAYERS = {"resnet50": {"layer2.1.conv2": (19, 8, 3, 8, False), "pool1": (11, 4, 0, 16, False)},
+              "vgg16": {"features.3": (5, 1, 0, 64, False), "features.28": (212, 16, 8, 4, True)}}
+ANY_CHANNELS, ANY_K = 4, 4
+
+
+def make_any_results(root: Path) -> Path:
+    """A reproduce-style output of two models that are not the paper's, with the columns other
+    jobs add (global_context; rows per fraction and training seed in Table 1; train_seed)."""
+    root = Path(root)
+    am = []
+    for model, layers in ANY_LAYERS.items():
+        rf, topk, mean = [], [], []
+        for li, (layer, (size, jump, off, feat, glob)) in enumerate(layers.items()):
+            rf.append(dict(model=model, layer=layer, module=layer, channels=ANY_CHANNELS,
+                           rf_size=size, jump=jump, offset=off, feature_size=feat,
+                           global_context=glob))
+            shown = min(size, 64)
+            for c in range(ANY_CHANNELS):
+                topk += [dict(model=model, layer=layer, channel=c, neuron="any", rank=r,
+                              activation=1.0 - r / 10, image_index=r, y=0, x=0, top=0, left=0,
+                              size=shown, patch=_png((40 * r, 50 * c, 60 * li), shown))
+                         for r in range(ANY_K)]
+                mean.append(dict(model=model, layer=layer, channel=c, neuron="center", count=5,
+                                 images=10, size=shown,
+                                 mean=np.linspace(0, 1, 3 * shown * shown).tolist()))
+                am.append(dict(model=model, layer=layer, channel=c, image=_png((200, 9 * c, 90), 64)))
+        d = root / "analysis" / model
+        write_table(pa.Table.from_pylist(rf), str(d / "receptive_fields.parquet"))
+        write_table(pa.Table.from_pylist(topk), str(d / "stimuli" / "topk.parquet"))
+        write_table(pa.Table.from_pylist(mean), str(d / "stimuli" / "mean.parquet"))
+    write_table(pa.Table.from_pylist(am), str(root / "actmax" / "actmax.parquet"))
+    layer_of = {"resnet50": "pool1", "vgg16": "features.3"}
+    write_table(pa.Table.from_pylist([
+        dict(model=m, layer=layer_of[m], fraction=f, train_seeds=[0, 1], inactive_mean=2.5,
+             inactive_std=0.5, delta_loss_rnd_mean=f / 10 + i, delta_loss_rnd_std=0.01)
+        for i, m in enumerate(("vgg16", "resnet50")) for f in (0.25, 0.5, 1.0)]),
+        str(root / "ablation" / "table1.parquet"))
+    write_table(pa.Table.from_pylist([
+        dict(model=m, train_seed=t, layer=layer_of[m], channel=c, inactive=c == t, near_dead=False)
+        for m in ANY_LAYERS for t in (0, 1) for c in range(ANY_CHANNELS)]),
+        str(root / "ablation" / "census.parquet"))
+    return root
+
+
 def _pm(root: Path, model: str, condition: str) -> str:
     """Mean ± sample std of delta_loss over seeds, as the report prints it (pandas' numbers)."""
     df = pq.read_table(root / "ablation" / "ablation.parquet").to_pandas()
@@ -230,6 +275,94 @@ def test_atlas_rows_show_their_channel(built: Path):
         for r in range(K):                 # columns: mean, actmax, then the top-k
             x = 2 + (2 + r) * (cell + 2)
             assert (row[2:2 + cell, x:x + cell] == patch_colour("resnet34", "conv7", c, r)).all()
+
+
+class _Tables(html.parser.HTMLParser):
+    """Every <table> of a page as rows of cell texts (the header row first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables_with(text: str, column: str) -> list[list[dict[str, str]]]:
+    """The tables of a page whose header has `column`, each as a list of row dicts."""
+    p = _Tables()
+    p.feed(text)
+    return [[dict(zip(t[0], r)) for r in t[1:]] for t in p.tables if t and column in t[0]]
+
+
+def _table_with(text: str, column: str) -> list[dict[str, str]]:
+    return _tables_with(text, column)[0]
+
+
+@pytest.fixture(scope="module")
+def built_any(tmp_path_factory) -> Path:
+    out = make_any_results(tmp_path_factory.mktemp("any"))
+    assert job.main(["--out", str(out), "--figure-channels", "2"]) == 0
+    return out / "report"
+
+
+def test_any_model_and_layer_names_come_from_the_tables(built_any: Path):
+    text = (built_any / "index.html").read_text()
+    # resnet50 is of the paper's family, pool1 a paper name: first; the rest in table order.
+    assert "<title>Preferred stimuli: resnet50 vs vgg16</title>" in text
+    assert "models: resnet50, vgg16; layers: pool1, layer2.1.conv2, features.3, features.28." in text
+    topk = text[text.index('<h2 id="topk">'):text.index('<h2 id="mean">')]
+    assert re.findall(r"<h3>([^ <]+)", topk) == ["pool1", "layer2.1.conv2", "features.3",
+                                                 "features.28"]
+    assert "<h3>features.28 (RF 212, plus global context)</h3>" in topk
+    assert "has no data here" not in text and "Not available: stimuli" not in text
+    index = _parse(built_any / "index.html")
+    assert sorted(set(index.links)) == sorted(
+        f"atlas_{m}_{l}.html" for m, layers in ANY_LAYERS.items() for l in layers)
+    for page in ["index.html", *set(index.links)]:
+        for tag in _parse(built_any / page).imgs:
+            decode_png((built_any / tag["src"]).read_bytes())
+    assert "global operator" in (built_any / "atlas_vgg16_features.28.html").read_text()
+    assert "global operator" not in (built_any / "atlas_vgg16_features.3.html").read_text()
+    rf = _table_with(text, "rf_size")
+    assert [(r["layer"], r["global_context"]) for r in rf] == [
+        ("pool1", "no"), ("layer2.1.conv2", "no"), ("features.3", "no"), ("features.28", "yes")]
+    # actmax: cropped to the 5-px RF of features.3 (cell 55), whole (64 px) for the global layer
+    for layer, cell in (("features.3", 55), ("features.28", 64)):
+        fig = decode_png((built_any / "img" / f"actmax_vgg16_{layer}.png").read_bytes())
+        assert fig.shape[1] == 2 + ANY_CHANNELS * (cell + 2), layer
+
+
+def test_table1_and_census_rows_appear_as_the_tables_hold_them(built_any: Path):
+    text = (built_any / "index.html").read_text()
+    t1 = _table_with(text, "fraction")
+    assert [(r["model"], r["fraction"], r["training seeds"], r["inactive"],
+             r["ΔL_rnd (random subset)"]) for r in t1] == [
+        ("resnet50", f, "0, 1", "2.5 ± 0.5", f"{1 + float(f) / 10:.4g} ± 0.01")
+        for f in ("0.25", "0.5", "1")] + [
+        ("vgg16", f, "0, 1", "2.5 ± 0.5", f"{float(f) / 10:.4g} ± 0.01") for f in ("0.25", "0.5", "1")]
+    measured, paper = _tables_with(text, "ΔL_rnd (random subset)")   # the paper's alongside
+    assert measured == t1 and "Paper (ImageNet, one training run per model)" in text
+    assert [(r["model"], r["inactive"], r["ΔL (all inactive)"], r["ΔL_rnd (random subset)"])
+            for r in paper] == [("resnet34", "13", "1.27", "0.024"), ("plainnet34", "2", "≈ 0", "—")]
+    census = _table_with(text, "training seed")
+    assert [(r["model"], r["training seed"], r["inactive channels"]) for r in census] == [
+        ("resnet50", "0", "0"), ("resnet50", "1", "1"), ("vgg16", "0", "0"), ("vgg16", "1", "1")]
 
 
 def test_missing_parts_say_not_available(tmp_path: Path):
@@ -336,7 +469,8 @@ window.addEventListener('load', function () {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
-def test_every_image_loads_in_headless_chromium(built: Path, tmp_path: Path, request):
+def test_every_image_loads_in_headless_chromium(built: Path, built_any: Path, tmp_path: Path,
+                                                request):
     pages = ["index.html", *sorted(set(_parse(built / "index.html").links))]
     # A control page with one missing image shows that the check can fail.
     control = built / "broken-control.html"
@@ -345,6 +479,8 @@ def test_every_image_loads_in_headless_chromium(built: Path, tmp_path: Path, req
     request.addfinalizer(control.unlink)
     expected = {(built / p).as_uri(): len(_parse(built / p).imgs) for p in pages}
     expected[control.as_uri()] = expected[(built / "index.html").as_uri()] + 1
+    for p in ["index.html", *sorted(set(_parse(built_any / "index.html").links))]:
+        expected[(built_any / p).as_uri()] = len(_parse(built_any / p).imgs)
 
     # The page exactly as a user opens it from disk.
     res = _chromium(["--dump-dom", (built / "index.html").as_uri()], tmp_path / "profile")
