@@ -181,8 +181,9 @@ def load_inputs(out: str) -> ReportInputs:
 
 
 def _first_conv(url: str, model: str) -> np.ndarray | None:
-    """The weights of a checkpoint's first convolution on RGB input (`conv1` of a ResNet,
-    `features.0` of a VGG), or None (with a log line) when it cannot be read."""
+    """A checkpoint's first convolution on RGB input (`conv1` of a ResNet, `features.0` of a
+    VGG) in stimulus space (S·Aᵀw, the expected mean preferred stimulus of each filter, as the
+    neuron-type census sees it; docs/neuron_types.md), or None (with a log line)."""
     from torch import nn
 
     from pipeline.checkpoint import CheckpointError, load_checkpoint
@@ -200,7 +201,9 @@ def _first_conv(url: str, model: str) -> np.ndarray | None:
     if conv is None:
         log(f"report: skipping conv1 filters of {model}: no convolution on RGB input")
         return None
-    return conv.weight.detach().cpu().numpy()
+    from pipeline.neuron_types import filter_to_stimulus
+
+    return filter_to_stimulus(conv.weight.detach().cpu().numpy(), loaded.preprocess.state())
 
 
 def run(cfg: ReportConfig) -> str:
