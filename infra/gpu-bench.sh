@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check from a fresh checkout, in one go (a few minutes on one GPU):
-#   1. install the project with its test extra into a virtual environment (.venv-gpu-bench),
+#   1. install the project with its test extra into a virtual environment under $TMPDIR,
 #   2. run the CUDA tests (every test whose name contains "cuda"),
 #   3. write N synthetic JPEGs of ImageNet's size distribution (default 5,000) and run
 #      `python -m jobs.bench` on them at full size (resnet34 width 64, 256 -> 224 crops): CPU
@@ -46,8 +46,9 @@ START=$(date +%s)
 LOG="$(mktemp -t gpu-bench-log.XXXXXX)"
 
 if [[ $INSTALL == 1 ]]; then
-  "$PY" -m venv .venv-gpu-bench
-  PY="$PWD/.venv-gpu-bench/bin/python"
+  VENV="${TMPDIR:-/tmp}/preferred-stimuli-gpu-bench-venv"   # outside the checkout (ray uploads it)
+  "$PY" -m venv "$VENV"
+  PY="$VENV/bin/python"
   "$PY" -m pip install --quiet --upgrade pip >>"$LOG" 2>&1
   "$PY" -m pip install --quiet -e '.[test]' >>"$LOG" 2>&1 || { tail -20 "$LOG" >&2; die "install failed (log: $LOG)"; }
 fi
