@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode    {res['decode_images_per_s']:10.1f} img/s  ({res['cpus']} threads; 1: "
           f"{res['decode_images_per_s_cpus1']:.1f}, 2: {res['decode_images_per_s_cpus2']:.1f}, "
           f"x{res['decode_scaling_2_over_1']:.2f})"
-          + (f"; nvJPEG {res['nvjpeg_decode_images_per_s']:.1f}" if "nvjpeg_decode_images_per_s" in res else ""))
+          + (f"; nvJPEG {res['nvjpeg_decode_images_per_s']:.1f}"
+             if "nvjpeg_decode_images_per_s" in res else ""))
     print(f"end to end {res['end_to_end_images_per_s']:9.1f} img/s  (files to accumulator state; "
           f"50,000 images in {res['projected_seconds_50k']:.0f} s)")
     print(f"accumulators {res['accumulator_ms_per_batch']:.2f} ms/batch (reading the activations "

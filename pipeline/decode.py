@@ -111,7 +111,9 @@ def jpeg_info(data: bytes) -> tuple[int, int, int] | None:
     path, which decides whether the file is usable, exactly as before.
     """
     n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8 or data.rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    if data[-64:].rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":   # no end-of-image: truncated
         return None
     i = 2
     while i + 4 <= n:

@@ -28,7 +28,8 @@ def _image(seed: int, h: int, w: int) -> np.ndarray:
 
 def _encode(arr: np.ndarray, mode: str = "RGB", fmt: str = "JPEG", **kw) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr).convert(mode).save(buf, format=fmt, **({"quality": 90} | kw if fmt == "JPEG" else kw))
+    opts = {"quality": 90, **kw} if fmt == "JPEG" else kw
+    Image.fromarray(arr).convert(mode).save(buf, format=fmt, **opts)
     return buf.getvalue()
 
 
