@@ -139,15 +139,23 @@ class TrainTransform:
 
 
 class EvalResizeCrop:
-    """Shorter side resized to `resize` (bilinear, antialiased), centre crop `crop`: uint8."""
+    """Shorter side resized to `resize` (bilinear, antialiased), centre crop `crop`: uint8.
+
+    The analysis' own path (`pipeline.decode.resize_crop`), so validation metrics and the
+    stimulus tables see the same pixels for the same image (tests/pipeline/test_decode.py).
+    """
 
     def __init__(self, resize: int, crop: int):
-        self.resize, self.crop = resize, crop
+        from .decode import EvalTransform
 
-    def __call__(self, image: Image.Image) -> Tensor:
-        x = TF.pil_to_tensor(image)
-        x = TF.resize(x, [self.resize], antialias=True)
-        return TF.center_crop(x, [self.crop, self.crop])
+        self.resize, self.crop = resize, crop
+        self.transform = EvalTransform(resize, crop)
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        from .decode import resize_crop
+
+        x = image if isinstance(image, Tensor) else TF.pil_to_tensor(image)
+        return resize_crop(x, self.transform)
 
 
 # Labels of unusable rows; cross-entropy ignores them (torch's default ignore_index).

@@ -18,13 +18,43 @@ def test_bench_prints_figures_and_json(capsys):
     assert res["ratio"] == pytest.approx(res["analysis_images_per_s"] / res["forward_images_per_s"],
                                          rel=0.01)
     assert lines[0].startswith("forward") and lines[1].startswith("analysis")
+    # where the time goes: decode (and its 1 -> 2 thread scaling), end to end, accumulators
+    for key in ("decode_images_per_s", "decode_images_per_s_cpus1", "decode_images_per_s_cpus2",
+                "end_to_end_images_per_s", "truncated_forward_images_per_s",
+                "accumulator_ms_per_batch", "amax_floor_ms_per_batch"):
+        assert res[key] > 0, key
+    assert res["decode_scaling_2_over_1"] == pytest.approx(
+        res["decode_images_per_s_cpus2"] / res["decode_images_per_s_cpus1"], rel=0.01)
+    assert res["projected_seconds_50k"] == pytest.approx(50_000 / res["end_to_end_images_per_s"],
+                                                         rel=0.01)
+    assert res["skipped"] == 0 and res["data"] == "demo" and res["versions"]["torch"]
     # paper layers of a full-size resnet34: C x (2 x k x 28 B + 4 x RF^2 x 8 B) + O(C) per layer
     want = sum(64 * (2 * 16 * 28 + 4 * rf * rf * 8) for rf in (11, 27, 59))
     assert want <= res["paper_worker_state_bytes"] < want + 3 * 64 * 64
 
 
-def test_bench_bad_input_exits_2(capsys):
+@pytest.mark.parametrize("argv", [["--images", "0"], ["--cpus", "0"], ["--synthetic", "-1"],
+                                  ["--synthetic", "4", "--data", "s3://bucket/x"]])
+def test_bench_bad_input_exits_2(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        bench.main(["--images", "0"])
+        bench.main(argv)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_bench_reads_synthetic_imagenet_size_jpegs(tmp_path, capsys):
+    folder = tmp_path / "synthetic"
+    assert bench.main(["--synthetic", "12", "--data", str(folder), "--images", "12",
+                       "--batch-size", "4", "--repeats", "1", "--device", "cpu", "--cpus", "1",
+                       "--width", "8", "--resize", "40", "--crop", "32", "--scaling-images", "4",
+                       "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 13)]
+    from PIL import Image
+
+    sizes = [Image.open(f).size for f in files]
+    assert all(150 <= min(s) and max(s) <= 800 for s in sizes) and (500, 375) in sizes
+    assert Image.open(files[7]).mode == "L"             # 1 in 100 grayscale (index 7)
+    assert res["data"] == "synthetic" and res["files"] == 12 and res["images"] == 12
+    assert res["cpus"] == 1 and res["crop"] == 32 and res["end_to_end_images_per_s"] > 0
