@@ -516,9 +516,31 @@ def resolve_loader_workers(cfg: TrainConfig, cluster_cpus: float) -> int:
 # Lines of Ray Train's own bookkeeping that say nothing to a person watching the epochs: each
 # rank's full `TrainingReport(...)` per epoch, and the placement-group cleaner polling a State
 # API that a Ray started without the dashboard does not serve. They go to --out/logs/ only.
+# The controller's "Failed to send resource request ... safe to ignore" (with its traceback)
+# appears when the CPUs are overloaded and says so itself.
 _NOISE = re.compile(r"Reporting training result|TrainingReport\(|Failed to query Ray Train "
                     r"Controller|State API may be temporarily unavailable|has constructor "
-                    r"arguments in the object store and max_restarts")
+                    r"arguments in the object store and max_restarts|Failed to send resource "
+                    r"request for train-")
+# The lines of a traceback that follows a noise line (muted with it).
+_TRACEBACK = re.compile(r"(Traceback \(most recent call last\)|\s|During handling of the above|"
+                        r"The above exception|[\w.]+(Error|Exception)\b.*:|$)")
+
+
+def quiet_lines(lines: list[str], muted: bool = False) -> tuple[list[str], bool]:
+    """(the lines a person should see, whether a muted traceback continues into the next batch).
+
+    A line matching `_NOISE` is dropped together with the traceback that follows it; every other
+    line is kept, tracebacks included.
+    """
+    keep = []
+    for line in lines:
+        if _NOISE.search(line):
+            muted = True
+        elif not (muted and _TRACEBACK.match(line)):
+            muted = False
+            keep.append(line)
+    return keep, muted
 
 
 @contextlib.contextmanager
@@ -527,8 +549,9 @@ def quiet_ray_train(log_url: str):
 
     Ray forwards every worker's output to the driver through one handler (`ray_print_logs`);
     while training, a filtering handler replaces it: every line is written to the log file,
-    lines matching `_NOISE` (and all of the placement-group cleaner's) are kept off the console,
-    the rest (epoch lines, warnings, errors) are printed as before.
+    lines matching `_NOISE` with their tracebacks (`quiet_lines`) and all of the placement-group
+    cleaner's are kept off the console, the rest (epoch lines, warnings, errors) are printed as
+    before.
     """
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -549,13 +572,18 @@ def quiet_ray_train(log_url: str):
         os.close(fd)
     sink = open(path, "a", encoding="utf-8")
 
+    muted: dict[Any, bool] = {}   # per process: inside a muted traceback
+
     def handle(data: dict[str, Any]) -> None:
         who = str(data.get("actor_name") or data.get("task_name") or "")
+        pid = data.get("pid")
         lines = list(data.get("lines", []))
         for line in lines:
-            sink.write(f"({who} pid={data.get('pid')}) {line}\n")
+            sink.write(f"({who} pid={pid}) {line}\n")
         sink.flush()
-        keep = [] if "PlacementGroupCleaner" in who else [ln for ln in lines if not _NOISE.search(ln)]
+        if "PlacementGroupCleaner" in who:
+            return
+        keep, muted[pid] = quiet_lines(lines, muted.get(pid, False))
         if keep:
             original({**data, "lines": keep})
 

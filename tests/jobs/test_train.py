@@ -220,6 +220,23 @@ def test_any_worker_count_is_accepted_and_paper_loader_processes_come_from_the_c
                                workers=1).sync_bn
 
 
+def test_quiet_lines_drops_ray_train_noise_with_its_traceback_and_keeps_the_rest():
+    report = "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'epoch': 1})"
+    lines = ["[09:00:01] [train] epoch 1/4 train_loss 1.0", report,
+             "Failed to send resource request for train-abc. If this only happens transiently "
+             "... it's safe to ignore this error.", "Traceback (most recent call last):",
+             '  File "x.py", line 58, in send_resource_request', "    ray.get(",
+             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+             "WARNING: disk almost full", "Traceback (most recent call last):",
+             '  File "loop.py", line 3', "RuntimeError: a real failure"]
+    keep, muted = job.quiet_lines(lines)
+    assert keep == [lines[0], *lines[7:]] and not muted
+    # A noise line at the end of one batch mutes its traceback in the next.
+    keep, muted = job.quiet_lines(["Failed to query Ray Train Controller actor state."])
+    assert keep == [] and muted
+    assert job.quiet_lines(['  File "y.py", line 1', "epoch 2"], muted)[0] == ["epoch 2"]
+
+
 def _sync_bn_loop(config: dict) -> None:
     """Each rank normalises its (unequal) share of one batch through SyncBatchNorm."""
     import ray.train
