@@ -16,8 +16,10 @@ training resumes from the last checkpoint (--max-failures times).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable, i
                          job_parser, log, package_versions)
 from pipeline import tables
 from pipeline.models import model_names
-from pipeline.train import PRESETS, Recipe, preset
+from pipeline.train import AUGMENTS, PRECISIONS, PRESETS, Recipe, preset
 
 PROG = "python -m jobs.train"
 # Test-only fault injection, read in main() (never at import): "rank:epoch:batch:marker_url".
@@ -40,6 +42,7 @@ FAULT_ENV = "PREFERRED_STIMULI_TRAIN_FAULT"
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_NAME = "checkpoints"          # Ray Train run folder under --out
 STATE_FILE = "_partials/train.json"
+RAY_LOG = "logs/ray-train.log"    # Ray Train's own chatter, kept out of the console
 
 METRICS_SCHEMA = pa.schema([
     pa.field("epoch", pa.int64()),
@@ -54,12 +57,17 @@ METRICS_SCHEMA = pa.schema([
     pa.field("val_images", pa.int64()),
     pa.field("skipped", pa.int64()),
     pa.field("workers", pa.int64()),
+    pa.field("seed", pa.int64()),            # training seed (init, data order, augmentation)
+    pa.field("precision", pa.string()),      # fp32 | bf16
+    pa.field("augment", pa.string()),        # pipeline.train.AUGMENTS
+    pa.field("sync_bn", pa.bool_()),         # BatchNorm statistics over the whole global batch
 ])
 
 # Fields that define a run: a rerun into the same --out must agree on them (only --epochs may grow).
 _IDENTITY = ("preset", "data", "val", "init", "model", "width", "input_size", "eval_resize",
              "eval_crop", "batch_size", "lr", "momentum", "weight_decay", "step_epochs", "gamma",
-             "crop_scale", "crop_ratio", "zca_images", "zca_eps", "seed")
+             "crop_scale", "crop_ratio", "zca_images", "zca_eps", "seed", "precision", "augment",
+             "sync_bn")
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,8 @@ class TrainConfig:
     val: str | None = None                # validation source; None = demo val (only with demo data)
     workers: int = 2                      # Ray Train workers (DDP ranks)
     use_gpu: bool = False                 # one GPU per worker, bf16 autocast, channels_last
-    loader_workers: int = 0               # DataLoader processes per worker (each takes a CPU)
+    loader_workers: int | None = None     # DataLoader processes per worker (each takes a CPU);
+                                          # None: demo 0, paper from the worker's CPUs
     max_failures: int = 3                 # worker failures survived (restart from last checkpoint)
     keep_checkpoints: int = 2             # newest Ray Train checkpoints kept under --out
     init: str | None = None               # torchvision:PATH, a state_dict to start from
@@ -85,10 +94,7 @@ class TrainConfig:
             raise BadInput("--out is empty; give a local folder or an s3:// URL")
         if self.workers < 1:
             raise BadInput(f"--workers must be >= 1, got {self.workers}")
-        if r.batch_size % self.workers:
-            raise BadInput(f"global batch {r.batch_size} is not divisible by {self.workers} "
-                           f"workers; choose --batch-size a multiple of --workers")
-        if self.loader_workers < 0:
+        if self.loader_workers is not None and self.loader_workers < 0:
             raise BadInput(f"--loader-workers must be >= 0, got {self.loader_workers}")
         if self.max_failures < -1:
             raise BadInput(f"--max-failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
@@ -103,6 +109,11 @@ class TrainConfig:
             raise BadInput("--data needs --val (the validation source for the per-epoch metrics)")
         if self.zca_shard is not None and self.zca_shard < 1:
             raise BadInput(f"--zca-shard must be >= 1, got {self.zca_shard}")
+
+    @property
+    def sync_bn(self) -> bool:
+        """BatchNorm synchronised across workers: the recipe asks for it and there are several."""
+        return self.recipe.sync_bn and self.workers > 1
 
     @property
     def init_path(self) -> str | None:
@@ -121,7 +132,8 @@ class TrainConfig:
                             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                             weight_decay=args.weight_decay, step_epochs=args.step_epochs,
                             input_size=args.input_size, zca_images=args.zca_images,
-                            seed=args.seed)
+                            seed=args.seed, precision=args.precision, augment=args.augment,
+                            sync_bn=args.sync_bn)
         except ValueError as e:
             raise BadInput(str(e)) from None
         return cls(out=args.out.rstrip("/"), recipe=recipe, data=args.data, val=args.val,
@@ -145,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None, help="side of the random-resized "
                    "training crop (default: preset's; paper 224, demo 64)")
     p.add_argument("--epochs", type=int, default=None, help="total epochs (default: preset's; paper 90, demo 4)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch over all workers "
-                   "(default: preset's; paper 256, demo 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch over all workers, "
+                   "any worker count (default: preset's; paper 256, demo 64)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast, channels_last")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: preset's; paper 0.01, demo 0.05)")
@@ -158,10 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "the ZCA matrix (default: preset's; paper 10000, demo 512)")
     p.add_argument("--zca-shard", type=int, default=None, help="images per parallel ZCA task "
                    "(default: the sample split into two tasks per cluster CPU, at most 1024 each)")
-    p.add_argument("--seed", type=int, default=None, help="seed for initialisation, sampling, augmentation")
+    p.add_argument("--seed", type=int, default=None, help="training seed: initialisation, data "
+                   "order, augmentation, ZCA sample (default 0); recorded in model.pt, "
+                   "metrics.parquet and run.json")
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="training arithmetic: "
+                   "fp32 (TF32 off, the paper's; default of both presets) or bf16 autocast")
+    p.add_argument("--sync-bn", default=None, action=argparse.BooleanOptionalAction,
+                   help="BatchNorm statistics over the whole global batch, synchronised across "
+                   "workers (default: on for the paper preset when --workers > 1, off for demo)")
+    p.add_argument("--augment", default=None, choices=AUGMENTS, help="training augmentation: "
+                   "inception (random-resized crop, flip, photometric distortions; paper "
+                   "default), crop-flip, crop-flip-hue-gray (demo default: colour a weak cue)")
     p.add_argument("--init", default=None, help="torchvision:PATH: start from a torchvision state_dict file")
-    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per "
-                   "training worker (each reserves one more CPU); 0 decodes in the worker itself")
+    p.add_argument("--loader-workers", type=int, default=None, help="DataLoader processes per "
+                   "training worker (each reserves one more CPU); 0 decodes in the worker itself "
+                   "(default: demo 0; paper the worker's share of the cluster's CPUs minus one, "
+                   "1..16)")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to survive by "
                    "restarting from the last checkpoint (-1: unlimited)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept under --out")
@@ -290,18 +314,19 @@ def _all_reduce(values: list[float], device: Any) -> list[float]:
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Per-worker training function run by TorchTrainer."""
+    """Per-worker training function run by TorchTrainer: wiring of pipeline.train's pieces."""
     import ray
     import ray.train
     import ray.train.torch
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from pipeline.checkpoint import save_checkpoint
     from pipeline.models import build_model
     from pipeline.preprocess import preprocess_from_state
-    from pipeline.train import (EvalResizeCrop, ImageDataset, TrainTransform, build_optimizer,
-                                build_scheduler, collate, evaluate, train_epoch)
+    from pipeline.train import (EvalResizeCrop, ImageDataset, build_optimizer, build_scheduler,
+                                build_train_loader, build_val_loader, convert_sync_batchnorm,
+                                epoch_row, evaluate, restore_training_state, seed_everything,
+                                train_epoch)
 
     cfg: TrainConfig = loop_config["cfg"]
     r = cfg.recipe
@@ -311,15 +336,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(max(1, loop_config["threads"]))
+    elif r.precision == "fp32":
+        # fp32 means fp32: no TF32 in convolutions or matmuls (the paper's GPUs had none).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     train_m, val_m = ray.get(loop_config["train"]), ray.get(loop_config["val"])
     preprocess = preprocess_from_state(loop_config["preprocess"])
     classes: list[str] = loop_config["classes"]
+    loader_workers = int(loop_config["loader_workers"])
 
-    torch.manual_seed(r.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's)
+    seed_everything(r.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's)
     model = build_model(r.model, num_classes=len(classes), width=r.width)
     if loop_config["init"] is not None:
         model.load_state_dict(ray.get(loop_config["init"]))
-    raw = model
     optimizer = build_optimizer(model, r)
     scheduler = build_scheduler(optimizer, r)
     start, history = 0, []
@@ -328,12 +357,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu",
                                weights_only=True)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, history = int(state["epoch"]), list(state["history"])
+        start, history = restore_training_state(state, model, optimizer, scheduler)
         if rank == 0:
             _say(f"resuming after epoch {start}")
+    if cfg.sync_bn and world > 1:
+        model = convert_sync_batchnorm(model, device)  # same parameters and state_dict keys
+    raw = model
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)   # moves to the device, wraps in DDP
@@ -342,23 +371,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if torch.is_tensor(v):
                 s[k] = v.to(device)
 
-    per_worker = r.batch_size // world
-    train_ds = ImageDataset(train_m.urls(range(len(train_m))), train_m.labels.tolist(),
-                            TrainTransform(r.input_size, r.crop_scale, r.crop_ratio),
-                            read=tables.read_bytes)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=r.seed, drop_last=False)
-    # A trailing batch of one image can break BatchNorm at small inputs: drop it when a full
-    # batch exists (the paper's ImageNet epochs are far larger than a batch anyway).
-    train_loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler,
-                              collate_fn=collate, num_workers=cfg.loader_workers,
-                              drop_last=len(sampler) > per_worker, pin_memory=cuda)
+    train_loader, sampler = build_train_loader(
+        train_m.urls(range(len(train_m))), train_m.labels.tolist(), r, tables.read_bytes,
+        world=world, rank=rank, loader_workers=loader_workers, pin_memory=cuda)
+    per_worker = math.ceil(r.batch_size / world)
     # Validation: rank r takes images r, r+world, ...: no padding duplicates, exact sums.
     val_idx = list(range(rank, len(val_m), world))
     val_ds = ImageDataset(val_m.urls(val_idx), val_m.labels[val_idx].tolist(),
                           EvalResizeCrop(r.eval_resize, r.eval_crop), read=tables.read_bytes)
-    val_loader = DataLoader(val_ds, batch_size=per_worker, shuffle=False, collate_fn=collate,
-                            num_workers=cfg.loader_workers, pin_memory=cuda)
+    val_loader = build_val_loader(val_ds, per_worker, loader_workers, pin_memory=cuda)
 
     metrics_url = tables.join(cfg.out, "metrics.parquet")
     if rank == 0 and history:
@@ -366,24 +387,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start + 1, r.epochs + 1):
         t0 = time.perf_counter()
-        # Seeded per (epoch, rank): a resumed run draws the same augmentation as an unbroken one.
-        torch.manual_seed(r.seed * 1_000_003 + epoch * 1_009 + rank)
+        seed_everything(r.seed, epoch, rank)
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        tr = train_epoch(model, train_loader, optimizer, preprocess, device, amp=cuda,
-                         channels_last=cuda, on_batch=_fault_hook(cfg.fault, rank, epoch))
-        ev = evaluate(model, val_loader, preprocess, device, amp=cuda, channels_last=cuda)
+        tr = train_epoch(model, train_loader, optimizer, preprocess, device,
+                         precision=r.precision, channels_last=cuda, world=world,
+                         step_sizes=sampler.step_sizes,
+                         on_batch=_fault_hook(cfg.fault, rank, epoch))
+        ev = evaluate(model, val_loader, preprocess, device, precision=r.precision,
+                      channels_last=cuda)
         scheduler.step()
-        (loss_sum, n_train, skipped, v_loss, c1, c5, n_val, v_skipped) = _all_reduce(
-            [tr.loss_sum, tr.images, tr.skipped, ev.loss_sum, ev.correct1, ev.correct5,
-             ev.images, ev.skipped], device)
-        row = {
-            "epoch": epoch, "train_loss": loss_sum / max(n_train, 1), "val_loss": v_loss / max(n_val, 1),
-            "top1": c1 / max(n_val, 1), "top5": c5 / max(n_val, 1), "lr": lr,
-            "seconds": time.perf_counter() - t0, "images_per_s": n_train / max(tr.seconds, 1e-9),
-            "train_images": int(n_train), "val_images": int(n_val),
-            "skipped": int(skipped + v_skipped), "workers": world,
-        }
+        sums = _all_reduce([tr.loss_sum, tr.images, tr.skipped, ev.loss_sum, ev.correct1,
+                            ev.correct5, ev.images, ev.skipped], device)
+        row = epoch_row(epoch, sums, lr, time.perf_counter() - t0, tr.seconds, world, r,
+                        cfg.sync_bn)
         history.append(row)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -391,7 +408,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), raw, preprocess,
                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                 epoch=epoch, history=history, classes=classes,
-                                recipe=r.as_dict())
+                                recipe=r.as_dict(), sync_bn=cfg.sync_bn)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(row, checkpoint=ckpt)
         if rank == 0:
@@ -468,7 +485,7 @@ def write_model(url: str, last: dict[str, Any], preprocess: Any) -> None:
     model = model_from_state_dict(last["state_dict"], last["model"])
     final = last["history"][-1] if last.get("history") else {}
     save_checkpoint(url, model, preprocess, epoch=last["epoch"], classes=last["classes"],
-                    recipe=last["recipe"],
+                    recipe=last["recipe"], sync_bn=bool(last.get("sync_bn", False)),
                     metrics={k: final.get(k) for k in ("train_loss", "val_loss", "top1", "top5")})
 
 
@@ -480,6 +497,108 @@ def _finished_epochs(out: str) -> int:
     if not tables.exists(url):
         return 0
     return int(load_checkpoint(url).meta.get("epoch", 0))
+
+
+def resolve_loader_workers(cfg: TrainConfig, cluster_cpus: float) -> int:
+    """--loader-workers, or its preset default: demo 0; paper the worker's CPU share minus one.
+
+    The paper preset decodes and augments 256 JPEGs per step; one process per worker cannot feed
+    a GPU, so each worker gets its share of the cluster's CPUs (minus the one it trains on) as
+    DataLoader processes, at least 1 and at most 16.
+    """
+    if cfg.loader_workers is not None:
+        return cfg.loader_workers
+    if cfg.recipe.name != "paper":
+        return 0
+    return int(max(1, min(16, cluster_cpus // cfg.workers - 1)))
+
+
+# Lines of Ray Train's own bookkeeping that say nothing to a person watching the epochs: each
+# rank's full `TrainingReport(...)` per epoch, and the placement-group cleaner polling a State
+# API that a Ray started without the dashboard does not serve. They go to --out/logs/ only.
+# The controller's "Failed to send resource request ... safe to ignore" (with its traceback)
+# appears when the CPUs are overloaded and says so itself.
+_NOISE = re.compile(r"Reporting training result|TrainingReport\(|Failed to query Ray Train "
+                    r"Controller|State API may be temporarily unavailable|has constructor "
+                    r"arguments in the object store and max_restarts|Failed to send resource "
+                    r"request for train-")
+# The lines of a traceback that follows a noise line (muted with it).
+_TRACEBACK = re.compile(r"(Traceback \(most recent call last\)|\s|During handling of the above|"
+                        r"The above exception|[\w.]+(Error|Exception)\b.*:|$)")
+
+
+def quiet_lines(lines: list[str], muted: bool = False) -> tuple[list[str], bool]:
+    """(the lines a person should see, whether a muted traceback continues into the next batch).
+
+    A line matching `_NOISE` is dropped together with the traceback that follows it; every other
+    line is kept, tracebacks included.
+    """
+    keep = []
+    for line in lines:
+        if _NOISE.search(line):
+            muted = True
+        elif not (muted and _TRACEBACK.match(line)):
+            muted = False
+            keep.append(line)
+    return keep, muted
+
+
+@contextlib.contextmanager
+def quiet_ray_train(log_url: str):
+    """Route Ray Train's worker/controller noise to `log_url`; other lines reach the console.
+
+    Ray forwards every worker's output to the driver through one handler (`ray_print_logs`);
+    while training, a filtering handler replaces it: every line is written to the log file,
+    lines matching `_NOISE` with their tracebacks (`quiet_lines`) and all of the placement-group
+    cleaner's are kept off the console, the rest (epoch lines, warnings, errors) are printed as
+    before.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:   # another Ray layout: leave its logging alone
+        yield
+        return
+    found = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
+    if len(found) != 1:   # log_to_driver off, or a layout we do not know: leave it alone
+        yield
+        return
+    original = found[0]
+    local = not log_url.startswith("s3://") and "://" not in log_url
+    if local:
+        os.makedirs(os.path.dirname(log_url), exist_ok=True)
+        path = log_url
+    else:
+        fd, path = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+    sink = open(path, "a", encoding="utf-8")
+
+    muted: dict[Any, bool] = {}   # per process: inside a muted traceback
+
+    def handle(data: dict[str, Any]) -> None:
+        who = str(data.get("actor_name") or data.get("task_name") or "")
+        pid = data.get("pid")
+        lines = list(data.get("lines", []))
+        for line in lines:
+            sink.write(f"({who} pid={pid}) {line}\n")
+        sink.flush()
+        if "PlacementGroupCleaner" in who:
+            return
+        keep, muted[pid] = quiet_lines(lines, muted.get(pid, False))
+        if keep:
+            original({**data, "lines": keep})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handle)
+    try:
+        yield
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", original)
+        sink.close()
+        if not local:
+            with open(path, "rb") as f:
+                tables.write_bytes(log_url, f.read())
+            os.unlink(path)
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -520,8 +639,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # Ray without; with them on, worker start-up was measured 10-30 s slower on 2 CPUs.
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     storage_path, storage_fs = _storage(cfg.out)
-    cpus = 1 + cfg.loader_workers
     have = ray.cluster_resources()
+    loader_workers = resolve_loader_workers(cfg, have.get("CPU", 1))
+    cpus = 1 + loader_workers
+    log(f"training {cfg.recipe.model} ({cfg.recipe.name} preset): {cfg.workers} workers x "
+        f"{loader_workers} loader processes, global batch {cfg.recipe.batch_size}, "
+        f"{cfg.recipe.precision}, augment {cfg.recipe.augment}, "
+        f"BatchNorm {'synchronised' if cfg.sync_bn else 'per worker'}, seed {cfg.recipe.seed}")
     need = {"CPU": cfg.workers * cpus, **({"GPU": cfg.workers} if cfg.use_gpu else {})}
     short = [f"{need[k]:g} {k}s (cluster has {have.get(k, 0):g})" for k in need
              if have.get(k, 0) < need[k]]
@@ -531,6 +655,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     loop_config = {
         "cfg": cfg, "train": ray.put(src.train), "val": ray.put(src.val),
         "classes": src.classes, "preprocess": preprocess.state(), "threads": cpus,
+        "loader_workers": loader_workers,
         "init": ray.put(init_state) if init_state is not None else None,
     }
     trainer = TorchTrainer(
@@ -545,7 +670,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             # Ray Train's per-report INFO lines repeat what rank 0 logs each epoch.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    with sw("train"):
+    with sw("train"), quiet_ray_train(tables.join(cfg.out, RAY_LOG)):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
@@ -559,7 +684,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     trained = [h for h in history if h["epoch"] > 0]
     summary = {
         "job": "train",
-        "config": {**asdict(cfg), "recipe": cfg.recipe.as_dict(), "fault": None},
+        "config": {**asdict(cfg), "recipe": cfg.recipe.as_dict(), "fault": None,
+                   "loader_workers": loader_workers, "sync_bn": cfg.sync_bn,
+                   "seed": cfg.recipe.seed, "precision": cfg.recipe.precision,
+                   "augment": cfg.recipe.augment},
         "versions": package_versions(),
         "counts": {"train_images": len(src.train), "val_images": len(src.val),
                    "classes": len(src.classes), "epochs": last["epoch"],

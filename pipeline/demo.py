@@ -4,7 +4,11 @@ Every job falls back to this data when no --data is given, so the whole pipeline
 laptop without ImageNet. Each class is one photograph; its images are random square crops
 (random scale, position and horizontal flip) resized to DEMO_IMAGE_SIZE. Classes differ in
 content and colour, but crops of different regions and scales of one photo look unalike, so a
-small network needs to learn something to tell them apart.
+small network needs to learn something to tell them apart. Colour alone would separate most
+classes (a colour wheel, a red retina), and networks trained on it learn colour detectors rather
+than the structure the method is meant to show: the demo training preset therefore rotates every
+training image's hue by a random amount and grays one in five (`pipeline.train.PRESETS["demo"]`,
+augment `crop-flip-hue-gray`), which leaves colour a weak cue.
 
     root = ensure_demo_data()              # generated once, then cached; returns the root folder
     train = build_manifest(root + "/train", require_labels=True)

@@ -27,7 +27,10 @@ from pipeline.models import build_model
 from pipeline.preprocess import WhiteningStats
 from pipeline.sources import build_manifest
 
-SMALL = ["--model", "resnet18", "--width", "8", "--batch-size", "16", "--workers", "2"]
+# crop-flip: these tests check the job's mechanics on 96 images; the demo's colour-blind
+# augmentation (hue rotation, grayscale) makes a 2-epoch loss decrease on them a coin toss.
+SMALL = ["--model", "resnet18", "--width", "8", "--batch-size", "16", "--workers", "2",
+         "--augment", "crop-flip"]
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +196,93 @@ def test_init_from_a_torchvision_state_dict(tmp_path):
         job._load_init(cfg, num_classes=10)
 
 
+def test_bf16_and_the_seed_are_recorded_in_model_pt(tmp_path):
+    zca = WhiteningStats().update(torch.rand(2, 3, 8, 8)).fit()
+    model = build_model("resnet18", num_classes=3, width=4)
+    recipe = job.preset("paper", precision="bf16", seed=3).as_dict()
+    last = {"state_dict": model.state_dict(), "model": "resnet18", "epoch": 1,
+            "classes": list("abc"), "recipe": recipe, "history": [{"top1": 0.5}], "sync_bn": True}
+    job.write_model(str(tmp_path / "model.pt"), last, zca)
+    meta = load_checkpoint(str(tmp_path / "model.pt")).meta
+    assert meta["recipe"]["precision"] == "bf16" and meta["recipe"]["seed"] == 3
+    assert meta["sync_bn"] is True
+
+
+def test_any_worker_count_is_accepted_and_paper_loader_processes_come_from_the_cpus(tmp_path):
+    cfg = job.TrainConfig(out=str(tmp_path), recipe=job.preset("paper"), data="d", val="v",
+                          workers=3)
+    assert cfg.recipe.batch_size % cfg.workers and cfg.sync_bn   # 256 over 3: fine now
+    assert job.resolve_loader_workers(cfg, 48) == 15             # 16 CPUs per worker, one trains
+    assert job.resolve_loader_workers(cfg, 3) == 1               # at least one loader process
+    demo = job.TrainConfig(out=str(tmp_path), workers=3)
+    assert job.resolve_loader_workers(demo, 48) == 0 and not demo.sync_bn
+    assert not job.TrainConfig(out=str(tmp_path), recipe=job.preset("paper"), data="d", val="v",
+                               workers=1).sync_bn
+
+
+def test_quiet_lines_drops_ray_train_noise_with_its_traceback_and_keeps_the_rest():
+    report = "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'epoch': 1})"
+    lines = ["[09:00:01] [train] epoch 1/4 train_loss 1.0", report,
+             "Failed to send resource request for train-abc. If this only happens transiently "
+             "... it's safe to ignore this error.", "Traceback (most recent call last):",
+             '  File "x.py", line 58, in send_resource_request', "    ray.get(",
+             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+             "WARNING: disk almost full", "Traceback (most recent call last):",
+             '  File "loop.py", line 3', "RuntimeError: a real failure"]
+    keep, muted = job.quiet_lines(lines)
+    assert keep == [lines[0], *lines[7:]] and not muted
+    # A noise line at the end of one batch mutes its traceback in the next.
+    keep, muted = job.quiet_lines(["Failed to query Ray Train Controller actor state."])
+    assert keep == [] and muted
+    assert job.quiet_lines(['  File "y.py", line 1', "epoch 2"], muted)[0] == ["epoch 2"]
+
+
+def _sync_bn_loop(config: dict) -> None:
+    """Each rank normalises its (unequal) share of one batch through SyncBatchNorm."""
+    import ray.train
+
+    from pipeline.train import convert_sync_batchnorm
+
+    rank = ray.train.get_context().get_world_rank()
+    bn = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.5)))
+    with torch.no_grad():
+        bn[0].weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    x = config["x"][:5] if rank == 0 else config["x"][5:]
+    x = x.clone().requires_grad_(True)
+    y = bn.train()(x)
+    (y * config["w"][:len(x)] if rank == 0 else y * config["w"][5:]).sum().backward()
+    torch.save({"y": y.detach(), "mean": bn[0].running_mean, "var": bn[0].running_var,
+                "grad_x": x.grad, "grad_w": bn[0].weight.grad},
+               f"{config['dir']}/rank{rank}.pt")
+
+
+def test_sync_batchnorm_on_two_ray_train_workers_equals_one_batchnorm_on_the_whole_batch(
+        cluster, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    torch.manual_seed(0)
+    x, w = torch.randn(12, 3, 4, 4) * 3 + 1, torch.randn(12, 3, 4, 4)
+    TorchTrainer(_sync_bn_loop, train_loop_config={"x": x, "w": w, "dir": str(tmp_path)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2),
+                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    bn = torch.nn.BatchNorm2d(3, momentum=0.5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    xs = x.clone().requires_grad_(True)
+    y = bn.train()(xs)
+    (y * w).sum().backward()
+    torch.testing.assert_close(torch.cat([r0["y"], r1["y"]]), y.detach(), atol=1e-5, rtol=1e-5)
+    for r in (r0, r1):   # running statistics: the whole batch's, on every rank
+        torch.testing.assert_close(r["mean"], bn.running_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r["var"], bn.running_var, atol=1e-5, rtol=1e-5)
+    # Input gradients include the other rank's share through the statistics; the parameter
+    # gradient summed over ranks (what DDP's all-reduce adds up) is the whole batch's.
+    torch.testing.assert_close(torch.cat([r0["grad_x"], r1["grad_x"]]), xs.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r0["grad_w"] + r1["grad_w"], bn.weight.grad, atol=1e-4, rtol=1e-5)
+
+
 @pytest.fixture
 def unlabelled(tmp_path, tiny) -> str:
     flat = tmp_path / "flat"
@@ -204,7 +294,7 @@ def unlabelled(tmp_path, tiny) -> str:
 
 @pytest.mark.parametrize("case, message", [
     ("model", "unknown model 'resnet35'; allowed: plainnet18, plainnet34, resnet18, resnet34"),
-    ("batch", "global batch 10 is not divisible by 3 workers"),
+    ("loaders", "--loader-workers must be >= 0, got -1"),
     ("labels", "labels required but"),
     ("out", "is not writable"),
     ("init", "--init 'x.pth' not understood; allowed: torchvision:PATH"),
@@ -216,7 +306,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny, un
     data = ["--data", f"{tiny}/train", "--val", f"{tiny}/val"]
     argv = {
         "model": [*data, "--model", "resnet35", "--out", out],
-        "batch": [*data, "--batch-size", "10", "--workers", "3", "--out", out],
+        "loaders": [*data, "--loader-workers", "-1", "--out", out],
         "labels": ["--data", unlabelled, "--val", f"{tiny}/val", "--out", out],
         "out": [*data, "--out", str(tmp_path / "a_file" / "out")],
         "init": [*data, "--init", "x.pth", "--out", out],

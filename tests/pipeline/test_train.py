@@ -1,5 +1,7 @@
 """Training pieces without Ray: augmentation geometry, decoding, one SGD step vs autograd by hand,
-evaluation sums vs brute force, the step schedule, presets."""
+evaluation sums vs brute force, the step schedule, presets; the paper preset's pieces: the
+per-sample weighted loss vs one 256-image batch for worker counts that do not divide it, the
+photometric distortions pixel by pixel, synchronised BatchNorm's keys, seeds and precision."""
 import copy
 import io
 
@@ -222,3 +224,158 @@ def test_presets_and_overrides():
         preset("demo", lr=-1.0)
     with pytest.raises(ValueError, match="epochs must be a positive integer"):
         preset("paper", epochs=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper preset's pieces: global batch for any worker count, photometric distortions,
+# synchronised BatchNorm, precision and seed
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_net() -> torch.nn.Module:
+    # No BatchNorm: each rank's gradient is then a function of its own images only, as in the
+    # single-process computation it is compared with.
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, 5))
+
+
+@pytest.mark.parametrize("world", [3, 7])
+def test_weighted_loss_gives_the_gradient_of_one_256_image_batch_for_any_worker_count(world):
+    from pipeline.train import GlobalBatchSampler, weighted_loss
+
+    torch.manual_seed(0)
+    net = _tiny_net().double()
+    x = torch.randn(256, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 5, (256,))
+    # The truth: one process, the mean cross-entropy over the whole batch.
+    F.cross_entropy(net(x), y).backward()
+    truth = [p.grad.clone() for p in net.parameters()]
+
+    samplers = [GlobalBatchSampler(256, 256, world, r, shuffle=False) for r in range(world)]
+    parts = [next(iter(s)) for s in samplers]
+    assert sorted(i for part in parts for i in part) == list(range(256))   # a partition
+    assert {len(p) for p in parts} == {256 // world, 256 // world + 1}     # uneven: 256 % world != 0
+    # Each rank backpropagates its weighted loss; DDP averages the ranks' gradients (÷ world).
+    summed = [torch.zeros_like(p) for p in net.parameters()]
+    for part, s in zip(parts, samplers):
+        net.zero_grad()
+        loss, _ = weighted_loss(net(x[part]), y[part], world, s.step_sizes[0])
+        loss.backward()
+        summed = [a + p.grad for a, p in zip(summed, net.parameters())]
+    for a, t in zip(summed, truth):
+        torch.testing.assert_close(a / world, t, rtol=1e-12, atol=1e-12)
+
+
+def test_global_batch_sampler_steps_agree_across_ranks_and_follow_the_seed():
+    from pipeline.train import GlobalBatchSampler, split_sizes
+
+    assert split_sizes(10, 3) == [4, 3, 3] and split_sizes(2, 3) == [1, 1, 0]
+    ranks = [GlobalBatchSampler(70, 16, 3, r, seed=5) for r in range(3)]
+    for s in ranks:
+        s.set_epoch(2)
+    assert len({len(s) for s in ranks}) == 1 and len(ranks[0]) == 4   # 70 // 16, tail dropped
+    steps = [list(s) for s in ranks]
+    for i in range(4):
+        merged = [j for r in range(3) for j in steps[r][i]]
+        assert merged == ranks[0].global_batches()[i] and len(merged) == 16
+    seen = sorted(j for r in range(3) for b in steps[r] for j in b)
+    assert len(set(seen)) == 64
+    again = GlobalBatchSampler(70, 16, 3, 0, seed=5)
+    again.set_epoch(2)
+    assert list(again) == steps[0]
+    again.set_epoch(3)
+    assert list(again) != steps[0]
+
+
+def test_photometric_distortions_change_pixels_as_specified():
+    from pipeline.train import Photometric, apply_photometric
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 8, 8, generator=g) * 0.8 + 0.1
+    # Brightness: a shift of every channel, clamped to [0, 1].
+    out = apply_photometric(x, Photometric(brightness=0.05))
+    torch.testing.assert_close(out, (x + 0.05).clamp(0, 1))
+    # Contrast: per-channel deviations from the channel mean scaled.
+    m = x.mean(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(apply_photometric(x, Photometric(contrast=1.3)),
+                               ((x - m) * 1.3 + m).clamp(0, 1))
+    # Saturation 0: gray (all channels equal, ITU-R 601 luma).
+    gray = apply_photometric(x, Photometric(saturation=0.0))
+    luma = 0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2]   # torchvision's weights
+    for c in range(3):
+        torch.testing.assert_close(gray[c], luma, atol=1e-6, rtol=0)
+    # Hue: a full turn is the identity, half a turn changes pixels.
+    torch.testing.assert_close(apply_photometric(apply_photometric(x, Photometric(hue=0.5)),
+                                                 Photometric(hue=-0.5)), x, atol=1e-5, rtol=0)
+    assert (apply_photometric(x, Photometric(hue=0.5)) - x).abs().max() > 0.1
+    # The draws stay in the recipe's ranges and follow the generator's seed.
+    draws = [Photometric.sample(torch.Generator().manual_seed(s)) for s in range(200)]
+    assert all(abs(d.brightness) <= 32 / 255 and 0.5 <= d.saturation <= 1.5
+               and abs(d.hue) <= 0.2 and 0.5 <= d.contrast <= 1.5 for d in draws)
+    assert {d.order for d in draws} == {0, 1, 2, 3}
+    assert Photometric.sample(torch.Generator().manual_seed(7)) == draws[7]
+
+
+@pytest.mark.parametrize("augment", ["inception", "crop-flip-hue-gray"])
+def test_colour_augmentations_are_seeded_and_change_only_colours(augment):
+    img = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    plain, coloured = TrainTransform(24, augment="crop-flip"), TrainTransform(24, augment=augment)
+    changed = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a = coloured(img)
+        torch.manual_seed(seed)
+        b = coloured(img)
+        assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == (3, 24, 24)
+        torch.manual_seed(seed)
+        base = plain(img)   # same crop and flip: they are drawn first, from the same RNG
+        changed += int((a.int() - base.int()).abs().max() > 2)
+    assert changed >= 4
+
+
+def test_sync_batchnorm_without_a_process_group_is_batchnorm_and_keeps_the_keys():
+    from pipeline.train import SyncBatchNorm, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=3, width=4)
+    keys = list(model.state_dict())
+    ref = copy.deepcopy(model)
+    convert_sync_batchnorm(model)
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.bn1, SyncBatchNorm) and not isinstance(ref.bn1, SyncBatchNorm)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model.train()(x), ref.train()(x))
+    torch.testing.assert_close(model.bn1.running_var, ref.bn1.running_var)
+
+
+def test_seed_changes_the_initial_weights_and_bf16_runs_a_step():
+    from pipeline.train import seed_everything
+
+    nets = []
+    for seed in (0, 0, 1):
+        seed_everything(seed)
+        nets.append(build_model("resnet18", num_classes=3, width=4).conv1.weight)
+    assert torch.equal(nets[0], nets[1]) and not torch.equal(nets[0], nets[2])
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=3, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 0)]
+    zca = ZCA([0, 0, 0], np.eye(3).tolist())
+    stats = train_epoch(model, batches, opt, zca, torch.device("cpu"), precision="bf16")
+    assert stats.images == 4 and np.isfinite(stats.loss)
+
+
+def test_recipe_records_precision_augment_and_sync_bn_and_rejects_unknown_values():
+    from pipeline.train import epoch_row
+
+    paper, demo = PRESETS["paper"], PRESETS["demo"]
+    assert (paper.precision, paper.augment, paper.sync_bn) == ("fp32", "inception", True)
+    assert (demo.precision, demo.augment, demo.sync_bn) == ("fp32", "crop-flip-hue-gray", False)
+    with pytest.raises(ValueError, match="invalid precision 'fp16'; allowed: fp32, bf16"):
+        preset("paper", precision="fp16")
+    with pytest.raises(ValueError, match="invalid augment 'x'; allowed: inception, crop-flip"):
+        preset("demo", augment="x")
+    row = epoch_row(3, [10.0, 5, 1, 4.0, 2, 3, 4, 0], 0.01, 2.0, 1.0, 3,
+                    preset("paper", seed=7, precision="bf16"), True)
+    assert row["seed"] == 7 and row["precision"] == "bf16" and row["sync_bn"] is True
+    assert row["train_loss"] == 2.0 and row["top1"] == 0.5 and row["skipped"] == 1
