@@ -28,7 +28,10 @@ INFRA = ROOT / "infra"
 RAYJOBS = sorted(INFRA.glob("rayjob-*.yaml"))
 DOCS = [p for p in (ROOT / "docs" / "cluster.md", ROOT / "README.md") if p.is_file()]
 # The `ray` command of this Python (its console script, else the module behind it).
-RAY = [shutil.which("ray")] if shutil.which("ray") else [sys.executable, "-m", "ray.scripts.scripts"]
+# This Python's environment, never whatever `ray`/`python` happen to be first on PATH: the suite
+# must pass from an unactivated virtual environment too.
+BIN = os.path.dirname(sys.executable)
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _load(path: Path) -> dict:
@@ -216,7 +219,8 @@ def ray_head(tmp_path_factory):
     """
     gcs, dash, agent_listen, client, agent_grpc, metrics, runtime_env_agent = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="rayR", dir="/tmp")   # short: unix socket paths
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
+           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
