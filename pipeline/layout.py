@@ -19,8 +19,8 @@ from __future__ import annotations
 from .tables import join   # string joining only: the one URL join of the project
 
 __all__ = ["SEEDS_DIR", "STAGE_DIRS", "join", "seed_root", "stage_dir", "model_dir", "train_dir",
-           "checkpoint", "metrics", "analysis_dir", "stimuli", "ablation_dir", "combined",
-           "actmax_dir", "neuron_types_dir", "report_index", "run_json"]
+           "checkpoint", "metrics", "analysis_dir", "stimuli", "stimuli_table", "ablation_dir",
+           "combined", "actmax_dir", "neuron_types_dir", "report_index", "run_json"]
 
 SEEDS_DIR = "seeds"
 STAGE_DIRS = ("train", "analysis", "ablation", "actmax", "neuron_types", "report")
@@ -63,7 +63,12 @@ def analysis_dir(out: str, model: str, train_seed: int = 0) -> str:
 
 def stimuli(out: str, model: str, table: str, train_seed: int = 0) -> str:
     """analysis/<model>/stimuli/<table>.parquet; table: topk, mean or channels."""
-    return join(analysis_dir(out, model, train_seed), "stimuli", f"{table}.parquet")
+    return stimuli_table(analysis_dir(out, model, train_seed), table)
+
+
+def stimuli_table(analysis_out: str, table: str) -> str:
+    """<analysis out>/stimuli/<table>.parquet for any jobs.analyze --out."""
+    return join(analysis_out, "stimuli", f"{table}.parquet")
 
 
 def ablation_dir(out: str, model: str, train_seed: int = 0) -> str:
