@@ -589,7 +589,7 @@ def format_table1(t1: pa.Table, census: pa.Table | None = None) -> str:
     rows = t1.to_pylist()
     across = sorted({r["std_across"] for r in rows}) or ["noise seeds"]
     head = (f"{'model':<14}{'layer':<7}{'inactive':>12}  {'noised':<16}{'ΔL':<20}"
-            f"{'control ΔL':<20}")
+            "control ΔL")
     lines = [f"Table 1: validation loss change from ReLU(N(0,1)) noise, mean ± std over "
              f"{' / '.join(across)}", head, "-" * len(head)]
     for r in rows:
