@@ -83,8 +83,9 @@ def random_subset(seed: int, minibatch: int, channels: Sequence[int], fraction: 
     return [int(c) for c, k in zip(channels, keep.tolist()) if k]
 
 
-def random_count_subset(seed: int, minibatch: int, channels: Sequence[int], count: int) -> list[int]:
-    """Exactly min(count, len(channels)) channels of `channels` for minibatch `minibatch`, sorted."""
+def random_count_subset(seed: int, minibatch: int, channels: Sequence[int],
+                        count: int) -> list[int]:
+    """Exactly min(count, len(channels)) channels of `channels` for `minibatch`, sorted."""
     if not channels or count < 1:
         return []
     perm = torch.randperm(len(channels), generator=_generator("subset-count", seed, minibatch))
@@ -618,6 +619,6 @@ def format_table1(t1: pa.Table, census: pa.Table | None = None) -> str:
             shown = ", ".join(f"{c['channel']} (max {c['max']:.3g}, positive "
                               f"{100 * c['positive_fraction']:.3g}%)" for c in dead)
             which = f", training seed {t}" if r["train_seeds"] > 1 else ""
-            lines.append(f"  near-dead channels{which} (positive on < {100 * NEAR_DEAD_FRACTION:g}% "
-                         f"of positions): {shown or 'none'}")
+            lines.append(f"  near-dead channels{which} (positive on < "
+                         f"{100 * NEAR_DEAD_FRACTION:g}% of positions): {shown or 'none'}")
     return "\n".join(lines)

@@ -296,7 +296,8 @@ def test_table1_is_mean_and_std_across_training_seeds():
                 for t in (0, 3)]
 
     for r in t1:
-        assert (r["train_seeds"], r["train_seed_ids"], r["inactive_per_seed"]) == (2, [0, 3], [3, 2])
+        assert (r["train_seeds"], r["train_seed_ids"], r["inactive_per_seed"]) == \
+            (2, [0, 3], [3, 2])
         assert r["inactive_mean"] == 2.5 and r["inactive_std"] == pytest.approx(math.sqrt(0.5))
         assert r["inactive"] is None and r["std_across"] == "training seeds" and r["seeds"] == 2
         clean = [c["loss"] for c in rows if c["condition"] == "clean"]
@@ -317,5 +318,6 @@ def test_table1_is_mean_and_std_across_training_seeds():
     # one training seed alone: today's table, std over the noise seeds
     (one, *_) = table1(parts[0][0], parts[0][1]).to_pylist()
     d = [r["delta_loss"] for r in rows if r["train_seed"] == 0 and r["condition"] == "inactive-all"]
-    assert (one["inactive"], one["inactive_channels"], one["std_across"]) == (3, DEAD, "noise seeds")
+    assert (one["inactive"], one["inactive_channels"], one["std_across"]) == \
+        (3, DEAD, "noise seeds")
     assert one["delta_loss_std"] == pytest.approx(statistics.stdev(d))

@@ -1,4 +1,4 @@
-"""pipeline.layout: the results tree of jobs.reproduce, seed 0 at the top, seed s under seeds/<s>."""
+"""pipeline.layout: the results tree of jobs.reproduce; seed 0 at the top, seed s in seeds/<s>."""
 from __future__ import annotations
 
 import pytest
