@@ -4,12 +4,14 @@
    output's stimuli/channels.parquet (--from), or from a first parallel pass over the data.
 2. Evaluation: one Ray task per (condition, seed, shard) runs its shard through the model with
    ReLU(N(0,1)) noise added to the chosen channels of --layer: clean (once), inactive-all,
-   inactive-random (a subset per minibatch), control-active (as many active channels).
+   inactive-random (a subset per minibatch, one evaluation per --fraction size), control-active
+   (as many active channels). Workers run in strict fp32 (TF32 off; pipeline.precision).
 3. Merge as sums; write census.parquet, ablation.parquet, table1.parquet, run.json; print Table 1.
 
     python -m jobs.ablate --out ./results/ablation                       # demo data, untrained
     python -m jobs.ablate --data s3://b/imagenet/val --checkpoint s3://b/ckpt/resnet34.pt \\
         --seeds 3 --shards 64 --out s3://b/results/ablation/resnet34
+    python -m jobs.ablate --fraction 1ch,0.1,0.5 --train-seed 2 ...   # subset sweep; seed label
 
 Shards are cut on --eval-batch boundaries and noise is a function of (seed, image_index), so the
 numbers do not depend on --shards or on the number of workers. Per-task partials under
@@ -26,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.ablation import DEFAULT_SUBSETS, Subset, parse_subsets
+
 from jobs.common import (BadInput, Stopwatch, bad_input_exits, check_writable,
                          default_model_shape, eval_transform, fail, init_ray, job_parser,
                          load_job_model, log, package_versions, resolve_data, resolve_device)
@@ -41,7 +45,7 @@ class AblateConfig:
     model: str | None = None          # architecture; None: the checkpoint's, else resnet34
     layer: str = "pool1"              # layer whose channels are counted and noised
     seeds: int = 3                    # noise seeds 0 .. seeds-1
-    fraction: float = 0.5             # inactive-random: each inactive channel kept with this p
+    fraction: tuple[Subset, ...] = parse_subsets(DEFAULT_SUBSETS)  # inactive-random sizes
     shards: int = 8                   # evaluation shards (cut on --eval-batch boundaries)
     eval_batch: int = 256             # minibatch of the global image order (the paper's 256)
     from_analysis: str | None = None  # analysis output holding stimuli/channels.parquet
@@ -52,14 +56,17 @@ class AblateConfig:
     gpus_per_task: float | None = None  # None: 1 when the cluster has GPUs and device != cpu
     cpus_per_task: float = 1.0        # Ray CPUs per task (decoding threads live inside)
     task_per: str = "plan"            # plan: a task per (condition, seed, shard); shard: per shard
+    train_seed: int | None = None     # training seed of the weights (None: checkpoint's, else 0)
 
     def __post_init__(self) -> None:
         if not self.out.strip():
             raise BadInput("--out is empty; give a local folder or an s3:// URL")
         if self.seeds < 1:
             raise BadInput(f"--seeds must be >= 1, got {self.seeds}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise BadInput(f"--fraction must lie in (0, 1], got {self.fraction}")
+        if not self.fraction or not all(isinstance(f, Subset) for f in self.fraction):
+            raise BadInput(f"--fraction must be a list of subset sizes such as {DEFAULT_SUBSETS}")
+        if self.train_seed is not None and self.train_seed < 0:
+            raise BadInput(f"--train-seed must be >= 0, got {self.train_seed}")
         if self.shards < 1:
             raise BadInput(f"--shards must be >= 1, got {self.shards}")
         if self.eval_batch < 1:
@@ -86,13 +93,17 @@ class AblateConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AblateConfig":
+        try:
+            fraction = parse_subsets(args.fraction)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
         return cls(out=args.out, data=args.data, checkpoint=args.checkpoint, model=args.model,
-                   layer=args.layer, seeds=args.seeds, fraction=args.fraction,
+                   layer=args.layer, seeds=args.seeds, fraction=fraction,
                    shards=args.shards, eval_batch=args.eval_batch, from_analysis=args.from_,
                    limit=args.limit,
                    resize=args.resize, crop=args.crop, device=args.device,
                    gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-                   task_per=args.task_per)
+                   task_per=args.task_per, train_seed=args.train_seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,9 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "else resnet34")
     p.add_argument("--layer", default="pool1", help="layer whose inactive channels are noised")
     p.add_argument("--seeds", type=int, default=3, help="number of noise seeds (0 .. N-1)")
-    p.add_argument("--fraction", type=float, default=0.5,
-                   help="inactive-random: probability of keeping each inactive channel, drawn "
-                        "anew per minibatch")
+    p.add_argument("--fraction", default=DEFAULT_SUBSETS,
+                   help="inactive-random subset sizes, comma list, one evaluation (and Table 1 "
+                        "row) each: a fraction p in (0, 1] keeps each inactive channel with "
+                        "probability p (0.25 or 25%%), Nch noises exactly N channels; drawn anew "
+                        "per minibatch")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="training seed of the checkpoint, written to the train_seed column "
+                        "(default: the seed in the checkpoint's recipe, else 0)")
     p.add_argument("--shards", type=int, default=8,
                    help="shards of the validation set (cut on --eval-batch boundaries)")
     p.add_argument("--eval-batch", type=int, default=256,
@@ -169,6 +185,7 @@ def census_task(spec: dict[str, Any], manifest, layer_name: str, start: int, sto
     from pipeline.accumulators import ChannelStats
     from pipeline.hooks import capture
     from pipeline.layers import catalogue
+    from pipeline.precision import strict_fp32
     from pipeline.sources import iter_batches
     from pipeline.tables import write_bytes
 
@@ -176,12 +193,14 @@ def census_task(spec: dict[str, Any], manifest, layer_name: str, start: int, sto
     model, preprocess = _rebuild(spec, device)
     layer = catalogue(model)[layer_name]
     stats, skipped = ChannelStats(layer.channels), []
-    with torch.no_grad():
+    # max == 0 is an exact test: no TF32 convolutions
+    with torch.no_grad(), strict_fp32() as flags:
         for batch in iter_batches(manifest, start, stop, eval_batch, transform):
             skipped += batch.skipped
             if len(batch):
                 stats.update(capture(model, preprocess(batch.as_float(device)), [layer])[layer.name])
-    state = {"stats": _jsonable(stats.state()), "skipped": skipped, "range": [start, stop]}
+    state = {"stats": _jsonable(stats.state()), "skipped": skipped, "range": [start, stop],
+             "precision": flags}
     write_bytes(partial_urls[0], json.dumps(state).encode())
     return [state]
 
@@ -195,6 +214,7 @@ def eval_task(spec: dict[str, Any], manifest, layer_name: str, plans: list, star
 
     from pipeline.ablation import EvalSums, evaluate
     from pipeline.layers import catalogue
+    from pipeline.precision import strict_fp32
     from pipeline.sources import iter_batches
     from pipeline.tables import write_bytes
 
@@ -203,7 +223,7 @@ def eval_task(spec: dict[str, Any], manifest, layer_name: str, plans: list, star
     layer = catalogue(model)[layer_name]
     sums = [EvalSums(eval_batch) for _ in plans]
     skipped, t0 = [], time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), strict_fp32() as flags:
         for batch in iter_batches(manifest, start, stop, eval_batch, transform):
             skipped += batch.skipped
             if not len(batch):
@@ -218,7 +238,7 @@ def eval_task(spec: dict[str, Any], manifest, layer_name: str, plans: list, star
     states = []
     for acc, url in zip(sums, partial_urls):
         state = {"sums": acc.state(), "skipped": skipped, "range": [start, stop],
-                 "seconds": seconds / len(plans)}
+                 "seconds": seconds / len(plans), "precision": flags}
         write_bytes(url, json.dumps(state).encode())
         states.append(state)
     return states
@@ -266,6 +286,25 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def partials_key(prep: "Prepared", spec: dict[str, Any], ranges: list[tuple[int, int]],
+                 precision: dict[str, Any] | None = None) -> str:
+    """The key of this run's partials: weights, data, layer, batch, shard cut, transform and the
+    precision the workers run under (default: pipeline.precision.setting(), strict fp32)."""
+    from pipeline import precision as prec
+
+    return _key(spec["fingerprint"], prep.model_name, prep.data, len(prep.manifest),
+                prep.layer.name, prep.cfg.eval_batch, ranges, asdict(prep.transform),
+                prec.setting() if precision is None else precision)
+
+
+def _distinct(items: list[dict]) -> list[dict]:
+    out: list[dict] = []
+    for d in items:
+        if d not in out:
+            out.append(d)
+    return out
+
+
 def _check_analysis(cfg: AblateConfig) -> None:
     """Warn when --from's run.json names another checkpoint or data set than this run: the
     census would then describe other weights (channel counts alone cannot tell)."""
@@ -297,13 +336,15 @@ class Prepared:
     manifest: Any              # pipeline.sources.Manifest
     census: Any = None         # census table from --from, else None (computed by a pass)
     setup_seconds: float = 0.0
+    train_seed: int = 0        # the training run the weights come from
 
 
 def prepare(cfg: AblateConfig) -> Prepared:
     """Load model, data and (with --from) the census; BadInput/ValueError on bad input."""
+    from pipeline import layout
     from pipeline.ablation import census_table
     from pipeline.layers import resolve_layers
-    from pipeline.tables import exists, join, read_table
+    from pipeline.tables import exists, read_table
 
     t0 = time.perf_counter()
     check_writable(cfg.out)
@@ -325,16 +366,20 @@ def prepare(cfg: AblateConfig) -> Prepared:
     if int(labels.max()) >= classes or int(labels.min()) < 0:
         raise BadInput(f"labels of {data} run 0..{int(labels.max())} but {model_name} has "
                        f"{classes} classes: the model does not cover this data set")
+    train_seed = cfg.train_seed
+    if train_seed is None:
+        train_seed = int((jm.meta.get("recipe") or {}).get("seed") or 0)
     census = None
     if cfg.from_analysis:
-        url = join(cfg.from_analysis, "stimuli", "channels.parquet")
+        url = layout.stimuli_table(cfg.from_analysis, "channels")
         if not exists(url):
             raise BadInput(f"--from {cfg.from_analysis}: {url} does not exist (run "
                            f"jobs.analyze with --layers {layer.name} first)")
-        census = census_table(read_table(url), model_name, layer.name, layer.channels)
+        census = census_table(read_table(url), model_name, layer.name, layer.channels,
+                              train_seed)
         _check_analysis(cfg)
     return Prepared(cfg, model, model_name, preprocess, untrained, layer, data, transform,
-                    manifest, census, time.perf_counter() - t0)
+                    manifest, census, time.perf_counter() - t0, train_seed)
 
 
 def run(prep: Prepared) -> dict[str, Any]:
@@ -344,6 +389,7 @@ def run(prep: Prepared) -> dict[str, Any]:
     from pipeline.ablation import (CONDITIONS, EvalSums, ablation_table, census_table,
                                    format_table1, inactive_channels, make_plan,
                                    no_inactive_note, table1)
+    from pipeline import precision
     from pipeline.accumulators import ChannelStats
     from pipeline.sources import shard_ranges, write_manifest
     from pipeline.tables import exists, join, read_json, write_json, write_table
@@ -355,7 +401,7 @@ def run(prep: Prepared) -> dict[str, Any]:
     minibatches = math.ceil(n / B)
     ranges = [(a * B, min(b * B, n)) for a, b in shard_ranges(minibatches, shards=cfg.shards)]
     spec = model_spec(model, prep.preprocess)
-    key = _key(spec["fingerprint"], model_name, data, n, layer.name, B, ranges, asdict(transform))
+    key = partials_key(prep, spec, ranges)
     partials = join(cfg.out, "_partials", f"ablate-{key}")
     log(f"{model_name} {layer.name}: {n} images from {data}, {len(ranges)} shard(s) of "
         f"{B}-image minibatches, partials in {partials}")
@@ -370,6 +416,7 @@ def run(prep: Prepared) -> dict[str, Any]:
     opts = dict(num_cpus=cfg.cpus_per_task, num_gpus=gpus, max_retries=2, retry_exceptions=True)
     spec_ref, manifest_ref = ray.put(spec), ray.put(manifest)
     skipped: dict[int, tuple] = {}
+    census_flags: list[dict] = []
 
     with sw("census"):
         if census is None:
@@ -378,12 +425,13 @@ def run(prep: Prepared) -> dict[str, Any]:
             tasks = [([u], fn, (spec_ref, manifest_ref, layer.name, a, b, B, transform,
                                 cfg.device)) for u, (a, b) in zip(urls, ranges)]
             states = _run_tasks(tasks, "census")
+            census_flags = [s["precision"] for s in states.values() if "precision" in s]
             stats = ChannelStats(layer.channels)
             for u in urls:
                 stats.merge(ChannelStats.from_state(states[u]["stats"]))
                 skipped.update({s[0]: tuple(s) for s in states[u]["skipped"]})
             census = census_table(stats.to_table(model_name, layer.name), model_name,
-                                  layer.name, layer.channels)
+                                  layer.name, layer.channels, prep.train_seed)
             census_source = "census pass"
         else:
             census_source = f"{cfg.from_analysis}/stimuli/channels.parquet"
@@ -394,17 +442,20 @@ def run(prep: Prepared) -> dict[str, Any]:
     seeds = list(range(cfg.seeds))
     plans = [make_plan("clean", 0, inactive, layer.channels)]
     if inactive:
-        plans += [make_plan(c, s, inactive, layer.channels, cfg.fraction, B)
-                  for c in CONDITIONS[1:] for s in seeds]
+        for c in CONDITIONS[1:]:
+            for sub in (cfg.fraction if c == "inactive-random" else (None,)):
+                kw = {"fraction": sub.fraction or 0.0, "count": sub.count} if sub else {}
+                plans += [make_plan(c, s, inactive, layer.channels, eval_batch=B, **kw)
+                          for s in seeds]
     else:
         log(no_inactive_note(layer.name))
     with sw("evaluate"):
         fn = ray.remote(eval_task).options(**opts)
-        ekey = _key(inactive, cfg.fraction)
+        ekey = _key(inactive)
 
         def url(plan, i: int) -> str:
-            return join(partials, f"eval-{ekey}", f"{plan.condition}_seed{plan.seed}",
-                        f"shard-{i:05d}.json")
+            name = plan.condition + (f"-{plan.subset.label}" if plan.subset else "")
+            return join(partials, f"eval-{ekey}", f"{name}_seed{plan.seed}", f"shard-{i:05d}.json")
 
         tasks = []
         for i, (a, b) in enumerate(ranges):
@@ -417,6 +468,7 @@ def run(prep: Prepared) -> dict[str, Any]:
                 tasks += [([url(p, i)], fn, (*args, [p], *rest)) for p in plans]
         states = _run_tasks(tasks, "evaluate")
     merged = {plan: EvalSums(B) for plan in plans}
+    seen_flags = [s["precision"] for s in states.values() if "precision" in s]
     for plan in plans:
         for i in range(len(ranges)):
             state = states.get(url(plan, i)) or read_json(url(plan, i))
@@ -429,7 +481,8 @@ def run(prep: Prepared) -> dict[str, Any]:
     tasks_run = len(tasks) + (len(ranges) if census_source == "census pass" else 0)
 
     with sw("write"):
-        ablation = ablation_table(model_name, layer.name, inactive, cfg.fraction, results, seeds)
+        ablation = ablation_table(model_name, layer.name, inactive, cfg.fraction, results, seeds,
+                                  prep.train_seed)
         t1 = table1(ablation, census)
         write_manifest(manifest, join(cfg.out, "manifest.parquet"))
         write_table(census, join(cfg.out, "census.parquet"))
@@ -447,6 +500,9 @@ def run(prep: Prepared) -> dict[str, Any]:
                        "tasks": tasks_run},
             "skipped": [list(s) for s in sorted(skipped.values())][:1000],
             "census_source": census_source, "inactive_channels": inactive,
+            "train_seed": prep.train_seed,
+            # what the workers ran under, as each of them saw it (strict fp32: TF32 off)
+            "precision": {**precision.setting(), "workers": _distinct(census_flags + seen_flags)},
             "seconds": {"setup": prep.setup_seconds, **sw.seconds,
                         "total": prep.setup_seconds + time.time() - t_start},
             "throughput": {"evaluate_images_per_s": evaluated / eval_s if eval_s else None},

@@ -172,9 +172,12 @@ def prepare(cfg: Config) -> Prepared:
                     transform, demo_root, rf_table(model, name, transform.crop), warnings)
 
 
-def fingerprint(prep: Prepared, device: str) -> str:
-    """Hash of everything that changes a shard's partial result (not shards/workers/out)."""
+def fingerprint(prep: Prepared, device: str, precision: dict | None = None) -> str:
+    """Hash of everything that changes a shard's partial result (not shards/workers/out);
+    `precision`: what the workers run under (default: pipeline.precision.setting())."""
     import numpy as np
+
+    from pipeline.precision import setting
 
     h = hashlib.sha256()
     for k in sorted(prep.model_blob["state_dict"]):
@@ -189,6 +192,7 @@ def fingerprint(prep: Prepared, device: str) -> str:
         "root": "demo" if prep.demo_root else prep.manifest.root, "images": len(prep.manifest),
         # the batch shape and the device decide the float rounding of the activations
         "batch_size": prep.cfg.batch_size, "device": device,
+        "precision": setting() if precision is None else precision,   # TF32 off (strict fp32)
     }
     h.update(json.dumps(desc, sort_keys=True, default=str).encode())
     h.update(np.int64(len(man)).tobytes())
@@ -214,8 +218,10 @@ def _worker_class():
 
             from pipeline.analysis import ShardRunner
             from pipeline.checkpoint import model_from_state_dict
+            from pipeline.precision import set_strict_fp32
             from pipeline.preprocess import preprocess_from_state
 
+            set_strict_fp32()   # the census's max == 0 is exact: no TF32 in this actor
             if device == "cpu":
                 torch.set_num_threads(max(1, threads))
             if demo_root is not None:  # each node holds (or deterministically makes) its copy
@@ -235,6 +241,7 @@ def _worker_class():
             return _ray.get_runtime_context().get_node_id()
 
         def run(self, start: int, stop: int) -> dict:
+            from pipeline.precision import current
             from pipeline.sources import iter_batches
             from pipeline.tables import join, write_bytes, write_json
 
@@ -256,7 +263,8 @@ def _worker_class():
                     time.sleep(self.test_sleep)
             seconds = time.perf_counter() - t0
             info = {"start": start, "stop": stop, "images": result.images, "skipped": skipped,
-                    "seconds": seconds, "decode_wait_seconds": decode_wait}
+                    "seconds": seconds, "decode_wait_seconds": decode_wait,
+                    "precision": current()}
             name = shard_name(start, stop)
             payload = pickle.dumps({"info": info, "state": result.state()},
                                    protocol=pickle.HIGHEST_PROTOCOL)
@@ -438,6 +446,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     import ray
 
     from pipeline.analysis import AnalysisResult, state_nbytes
+    from pipeline.precision import setting as precision_setting
     from pipeline.sources import shard_ranges, write_manifest
     from pipeline.stimuli import TOPK_TABLE_SCHEMA, with_patches
     from pipeline.tables import exists, join, read_json, write_json, write_table
@@ -517,6 +526,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
                               parts=max(1, int(cpus)) * 2, demo_root=prep.demo_root)
         topk = with_patches(tables["topk"], pngs)
     skipped = sorted((tuple(s) for i in infos.values() for s in i["skipped"]), key=lambda s: s[0])
+    flags = [i["precision"] for i in infos.values() if "precision" in i]
     images_read = sum(i["images"] for i in infos.values())
     summary = {
         "job": "analyze",
@@ -528,6 +538,8 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         "device": device,
         "workers": workers,
         "fingerprint": fp,
+        "precision": {**precision_setting(), "workers": [
+            f for i, f in enumerate(flags) if f not in flags[:i]]},   # as each worker saw it
         "layers": [s.__dict__ for s in prep.specs],
         "transform": asdict(prep.transform),
         "counts": {"images": n, "images_read": images_read, "images_skipped": len(skipped),

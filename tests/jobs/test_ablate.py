@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jobs.ablate import main
-from pipeline.ablation import evaluate, make_plan
+from pipeline.ablation import evaluate, make_plan, random_subset
 from pipeline.accumulators import ChannelStats
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.hooks import capture
@@ -33,8 +33,9 @@ from pipeline.sources import EvalTransform, build_manifest, load_batch
 DEAD = [1, 4, 6]
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 7          # 21 images: 6 minibatches of 4, the last one short
+FRACTIONS = "1ch,0.5,1"  # one channel, each kept with p = 0.5, all of them (= inactive-all)
 COMMON = ["--resize", "32", "--crop", "32", "--eval-batch", "4", "--seeds", "2",
-          "--fraction", "0.5", "--device", "cpu"]
+          "--fraction", FRACTIONS, "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_inactive_set_equals_a_brute_force_census(runs):
 
 def test_identical_numbers_for_any_shard_count_and_a_rerun(runs):
     a = _read(runs["a"] / "ablation.parquet")
-    assert len(a) == 1 + 3 * 2
+    assert len(a) == 1 + (2 + 3) * 2    # clean; all, control and 3 subset sizes per seed
     assert _read(runs["c"] / "ablation.parquet") == a   # rerun: 3 shards, --from, per shard
     assert _read(runs["c"] / "table1.parquet") == _read(runs["a"] / "table1.parquet")
 
@@ -147,7 +148,8 @@ def test_noise_is_applied_and_the_control_uses_active_channels_only(runs):
         if r["condition"] == "clean":
             continue
         assert abs(r["delta_loss"]) > 1e-3, r   # the noise reached the logits
-        plan = make_plan(r["condition"], r["seed"], DEAD, 8, fraction=0.5, eval_batch=4)
+        plan = make_plan(r["condition"], r["seed"], DEAD, 8, fraction=r["fraction"] or 0.0,
+                         eval_batch=4, count=r["subset_channels"])
         want = F.cross_entropy(evaluate(model, pool1, x, b.indices, plan),
                                torch.as_tensor(b.labels)).item()
         assert r["loss"] == pytest.approx(want, rel=1e-5)   # one batch == the sharded job
@@ -157,22 +159,57 @@ def test_noise_is_applied_and_the_control_uses_active_channels_only(runs):
         elif r["condition"] == "inactive-all":
             assert r["noised_channels"] == DEAD and r["noised_per_image"] == len(DEAD)
         else:
-            assert 0 < r["noised_per_image"] < len(DEAD) and r["fraction"] == 0.5
+            assert r["condition"] == "inactive-random"
+
+
+def test_each_subset_size_is_a_row_per_seed_with_the_right_subsets(runs):
+    """--fraction 1ch,0.5,1: exactly one channel; each kept with p = 0.5 (the brute-force
+    per-minibatch draws); all three, which is inactive-all's evaluation exactly."""
+    rows = _read(runs["a"] / "ablation.parquet")
+    rnd = [r for r in rows if r["condition"] == "inactive-random"]
+    assert [(r["subset_channels"], r["fraction"], r["seed"]) for r in rnd] == \
+        [(1, None, 0), (1, None, 1), (None, 0.5, 0), (None, 0.5, 1), (None, 1.0, 0), (None, 1.0, 1)]
+    n = len(CLASSES) * PER_CLASS
+    for r in rnd:
+        if r["subset_channels"] == 1:
+            assert r["noised_per_image"] == 1.0
+        elif r["fraction"] == 0.5:
+            sizes = [len(random_subset(r["seed"], i // 4, DEAD, 0.5)) for i in range(n)]
+            assert r["noised_per_image"] == pytest.approx(sum(sizes) / n)
+            assert 0 < r["noised_per_image"] < len(DEAD)
+        else:
+            full = next(a for a in rows if a["condition"] == "inactive-all"
+                        and a["seed"] == r["seed"])
+            assert r["noised_per_image"] == len(DEAD) and r["loss"] == full["loss"]
+        assert r["train_seed"] == 0 and r["images"] == n
 
 
 def test_table1_summarises_the_seeds(runs):
     rows = _read(runs["a"] / "ablation.parquet")
-    (t1,) = _read(runs["a"] / "table1.parquet")
-    assert (t1["model"], t1["inactive"], t1["inactive_channels"], t1["seeds"]) == \
-        ("resnet18", 3, DEAD, 2)
-    for cond, key in (("inactive-all", "delta_loss"), ("inactive-random", "delta_loss_rnd"),
-                      ("control-active", "control_delta_loss")):
+    t1 = _read(runs["a"] / "table1.parquet")
+    assert [(r["condition"], r["subset_channels"], r["fraction"]) for r in t1] == [
+        ("inactive-all", None, None), ("inactive-random", 1, None),
+        ("inactive-random", None, 0.5), ("inactive-random", None, 1.0)]
+    for r in t1:
+        assert (r["model"], r["inactive"], r["inactive_channels"], r["seeds"]) == \
+            ("resnet18", 3, DEAD, 2)
+        assert (r["train_seeds"], r["train_seed_ids"], r["inactive_per_seed"]) == (1, [0], [3])
+        assert r["std_across"] == "noise seeds"
+    full = t1[0]
+    for cond, key in (("inactive-all", "delta_loss"), ("control-active", "control_delta_loss")):
         d = [r["delta_loss"] for r in rows if r["condition"] == cond]
-        assert t1[f"{key}_mean"] == pytest.approx(statistics.mean(d))
-        assert t1[f"{key}_std"] == pytest.approx(statistics.stdev(d))
+        assert full[f"{key}_mean"] == pytest.approx(statistics.mean(d))
+        assert full[f"{key}_std"] == pytest.approx(statistics.stdev(d))
+    assert full["delta_loss_rnd_mean"] is None
+    for t in t1[1:]:
+        d = [r["delta_loss"] for r in rows if r["condition"] == "inactive-random"
+             and (r["subset_channels"], r["fraction"]) == (t["subset_channels"], t["fraction"])]
+        assert t["delta_loss_rnd_mean"] == pytest.approx(statistics.mean(d))
+        assert t["delta_loss_rnd_std"] == pytest.approx(statistics.stdev(d))
+        assert t["delta_loss_mean"] is None and t["control_delta_loss_mean"] is None
     printed = runs["printed"]
-    assert "Table 1" in printed and "3/8" in printed
-    assert f"{t1['delta_loss_mean']:+.4f} ± {t1['delta_loss_std']:.4f}" in printed
+    assert "Table 1" in printed and "3/8" in printed and "random 1 ch" in printed
+    assert f"{full['delta_loss_mean']:+.4f} ± {full['delta_loss_std']:.4f}" in printed
     assert "near-dead channels" in printed and "1 (max 0" in printed
 
 
@@ -180,9 +217,12 @@ def test_a_model_without_inactive_channels_says_so(world, ray_cluster):
     out = world / "alive-out"
     printed = _run(["--data", world / "val", "--checkpoint", world / "alive.pt", *COMMON,
                     "--shards", "2", "--out", out])
-    (t1,) = _read(out / "table1.parquet")
-    assert t1["inactive"] == 0 and "no inactive channel in pool1" in t1["note"]
-    assert t1["delta_loss_mean"] is None and t1["control_delta_loss_mean"] is None
+    t1 = _read(out / "table1.parquet")
+    assert len(t1) == 1 + 3    # the full row and one per subset size, all without numbers
+    for r in t1:
+        assert r["inactive"] == 0 and "no inactive channel in pool1" in r["note"]
+        assert r["delta_loss_mean"] is None and r["control_delta_loss_mean"] is None
+        assert r["delta_loss_rnd_mean"] is None
     rows = _read(out / "ablation.parquet")
     assert [r["condition"] for r in rows if r["loss"] is not None] == ["clean"]
     assert all("no inactive channel" in r["note"] for r in rows if r["condition"] != "clean")
@@ -190,7 +230,9 @@ def test_a_model_without_inactive_channels_says_so(world, ray_cluster):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--fraction", "1.5"], "--fraction must lie in (0, 1]"),
+    (["--fraction", "1.5"], "--fraction item '1.5' is neither a fraction in (0, 1]"),
+    (["--fraction", "0.5,0ch"], "--fraction item '0ch' is neither"),
+    (["--train-seed", "-1"], "--train-seed must be >= 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--task-per", "seed"], "argument --task-per: invalid choice"),
     (["--layer", "fc"], "--layer must name one layer with channel maps"),
@@ -234,7 +276,8 @@ def test_s3_data_and_output_match_the_local_run_and_a_rerun_resumes(world, runs,
     capsys.readouterr()
     _run(args)
     err = capsys.readouterr().err
-    assert "census: 2 of 2 partials resumed" in err and "evaluate: 8 of 8 partials resumed" in err
+    # 2 shards x (clean + inactive-all + control + 3 subset sizes) for one seed
+    assert "census: 2 of 2 partials resumed" in err and "evaluate: 12 of 12 partials resumed" in err
     with fs.open(f"{s3_bucket}/ablation/table1.parquet", "rb") as f:
         assert pq.read_table(f).to_pylist() == t1
 
@@ -244,3 +287,52 @@ def test_exit_code_from_the_command_line(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "python -m jobs.ablate: error: --seeds must be >= 1, got 0"
+
+
+def test_workers_run_in_strict_fp32_and_the_partials_key_records_it(world, runs, ray_cluster):
+    """TF32 is off inside every census/evaluation task of jobs.ablate and every jobs.analyze
+    actor (as each worker reports its torch.backends flags), although a plain Ray worker starts
+    with torch's defaults (cuDNN convolutions in TF32); both jobs' partial keys change with the
+    precision setting."""
+    import json
+    import math
+
+    import ray
+
+    from jobs import ablate, analyze
+    from pipeline.precision import current, setting, strict_flags
+    from pipeline.sources import shard_ranges
+
+    default = ray.get(ray.remote(current).options(num_cpus=0).remote())
+    assert default != strict_flags()
+    info = json.loads((runs["a"] / "run.json").read_text())
+    assert info["precision"] == {**setting(), "workers": [strict_flags()]}
+    assert info["train_seed"] == 0
+
+    out = world / "analysis-strict"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert analyze.main(["--data", str(world / "val"), "--checkpoint", str(world / "dead.pt"),
+                             "--layers", "pool1", "--top-k", "1", "--shards", "1", "--workers",
+                             "1", "--resize", "32", "--crop", "32", "--device", "cpu",
+                             "--out", str(out)]) == 0
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["precision"] == {**setting(), "workers": [strict_flags()]}
+    channels = _read(out / "stimuli" / "channels.parquet")
+    assert [r["channel"] for r in channels if r["inactive"]] == DEAD
+    cfg = analyze.Config(data=str(world / "val"), checkpoint=str(world / "dead.pt"),
+                         layers="pool1", top_k=1, out=str(out), resize=32, crop=32)
+    prep = analyze.prepare(cfg)
+    tf32 = {**setting(), "tf32": True, "flags": default}
+    assert analyze.fingerprint(prep, "cpu") == summary["fingerprint"]
+    assert analyze.fingerprint(prep, "cpu", precision=tf32) != summary["fingerprint"]
+
+    acfg = ablate.AblateConfig.from_args(ablate.build_parser().parse_args(
+        [str(a) for a in ["--data", world / "val", "--checkpoint", world / "dead.pt", *COMMON,
+                          "--shards", "1", "--out", runs["a"]]]))
+    aprep = ablate.prepare(acfg)
+    spec = ablate.model_spec(aprep.model, aprep.preprocess)
+    n, B = len(aprep.manifest), 4
+    ranges = [(a * B, min(b * B, n)) for a, b in shard_ranges(math.ceil(n / B), shards=1)]
+    key = ablate.partials_key(aprep, spec, ranges)
+    assert (runs["a"] / "_partials" / f"ablate-{key}").is_dir()
+    assert ablate.partials_key(aprep, spec, ranges, precision=tf32) != key

@@ -43,7 +43,7 @@ def _reproduce(run, capsys, *extra):
     from jobs.reproduce import main
 
     argv = ["--train-data", str(run["data"] / "train"), "--data", str(run["data"] / "val"),
-            "--out", run["out"], "--epochs", "1", "--workers", "1", "--seeds", "2",
+            "--out", run["out"], "--epochs", "1", "--workers", "1", "--noise-seeds", "2",
             "--actmax-layers", "conv3", *extra]
     assert main(argv) == 0
     return capsys.readouterr()
@@ -125,7 +125,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     for argv, needle in ((["--preset", "huge"], "allowed: demo, paper"),
                          (["--preset", "paper"], "--data"),
                          (["--stages", "train,dance"], "unknown stage 'dance'"),
-                         (["--data", str(tmp_path)], "both --train-data and --data")):
+                         (["--data", str(tmp_path)], "both --train-data and --data"),
+                         (["--seeds", "0"], "--seeds must be >= 1"),
+                         (["--noise-seeds", "0"], "--noise-seeds must be >= 1"),
+                         (["--fractions", "0.5,2"], "--fractions item '2' is neither"),
+                         (["--seeds", "2", "--checkpoint-resnet", str(tmp_path / "r.pt")],
+                          "use --seeds 1")):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -150,3 +155,53 @@ def test_given_checkpoints_skip_training(run, capsys, first):
     assert read_json(f"{out}/run.json")["checkpoints"] == ckpt
     analysed = read_json(f"{out}/analysis/resnet34/run.json")["config"]["checkpoint"]
     assert analysed == ckpt["resnet34"]
+
+
+def _train_has_seed() -> bool:
+    """jobs.train --seed (issue 11): the multi-seed chain needs it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jobs.train", "--help"], capture_output=True,
+                         text=True, timeout=120).stdout
+    return re.search(r"--seed\b(?!-)", out) is not None
+
+
+def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run, capsys, first):
+    """--seeds 2 on the first run's output: seed 0's stages are complete and skipped, seed 1 is
+    trained, analysed and ablated under seeds/1/, and the top-level census, ablation and Table 1
+    cover both. (Runs last: it adds seed 1 to the shared output.) Needs jobs.train --seed."""
+    if "log" not in first:
+        pytest.skip("the first run failed")
+    if not _train_has_seed():
+        pytest.skip("jobs.train has no --seed yet (issue 11): enable once it does")
+    import fsspec
+    import pandas as pd
+
+    from pipeline import layout
+
+    err = _reproduce(run, capsys, "--seeds", "2", "--stages", "train,analyze,ablate").err
+    assert "train:resnet34: already complete" in err and "train:resnet34:seed1 ..." in err
+    fs = fsspec.filesystem("s3")
+    root = run["out"][len("s3://"):]
+    for model in ("resnet34", "plainnet34"):
+        assert fs.exists(layout.checkpoint(root, model, 1))
+        assert fs.exists(layout.stimuli(root, model, "channels", 1))
+
+    def read(name):
+        with fs.open(layout.combined(root, "ablation", name)) as f:
+            return pd.read_parquet(f)
+
+    census, ablation, t1 = read("census"), read("ablation"), read("table1")
+    channels = census.groupby(["model", "train_seed"]).channel.count()
+    assert sorted(channels.index) == [(m, s) for m in ("plainnet34", "resnet34") for s in (0, 1)]
+    assert channels.nunique() == 1                       # every seed: every channel once
+    assert set(ablation.train_seed) == {0, 1}
+    assert (t1.train_seeds == 2).all() and (t1.std_across == "training seeds").all()
+    for model, g in census.groupby("model"):
+        per_seed = [int(g[g.train_seed == s].inactive.sum()) for s in (0, 1)]
+        row = t1[(t1.model == model) & (t1.condition == "inactive-all")].iloc[0]
+        assert list(row.inactive_per_seed) == per_seed
+        assert row.inactive_mean == pytest.approx(sum(per_seed) / 2)
+        clean = ablation[(ablation.model == model) & (ablation.condition == "clean")]
+        assert row.clean_loss == pytest.approx(clean.loss.mean())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pyarrow as pa
@@ -11,9 +12,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ablation import (CONDITIONS, EvalSums, census_table, control_channels,
-                               derive_seed, evaluate, image_noise, inactive_channels, make_plan,
-                               noise_edit, random_subset)
+from pipeline.ablation import (CONDITIONS, EvalSums, Subset, ablation_table, census_table,
+                               control_channels, derive_seed, evaluate, format_table1,
+                               image_noise, inactive_channels, make_plan, noise_edit,
+                               parse_subsets, random_count_subset, random_subset, table1)
 from pipeline.accumulators import ChannelStats
 from pipeline.hooks import capture
 from pipeline.layers import catalogue
@@ -221,3 +223,101 @@ def test_census_finds_forced_dead_pool1_channels(name):
     census = census_table(stats.to_table(name, "pool1"), name, "pool1", 8)
     brute = [c for c in range(8) if (capture(model, x, [pool1])["pool1"][:, c] == 0).all()]
     assert inactive_channels(census) == brute == DEAD
+
+
+def test_parse_subsets_reads_fractions_percentages_and_channel_counts():
+    assert parse_subsets("0.75, 25%,1ch,0.5,0.25") == (
+        Subset(count=1), Subset(0.25), Subset(0.5), Subset(0.75))
+    assert [s.label for s in parse_subsets("2ch,1ch,1")] == ["1ch", "2ch", "1"]
+    for bad in ("0", "1.5", "0ch", "x", "", "-1ch"):
+        with pytest.raises(ValueError, match="fraction"):
+            parse_subsets(bad)
+
+
+def test_count_subsets_noise_exactly_k_channels_redrawn_per_minibatch():
+    inactive, C, B = [1, 4, 6, 7], 8, 4
+    idx = np.arange(400)
+    for k in (1, 3, 9):
+        plan = make_plan("inactive-random", 2, inactive, C, eval_batch=B, count=k)
+        assert plan.subset == Subset(count=k) and plan.fraction is None
+        m = plan.mask(idx, C)
+        assert (m.sum(1) == min(k, len(inactive))).all()          # exactly k per image
+        assert not m[:, [0, 2, 3, 5]].any()                        # inactive channels only
+        for i in idx[:40]:   # the subset of its minibatch of the global order
+            assert m[i].nonzero().flatten().tolist() == \
+                random_count_subset(2, i // B, inactive, k)
+        assert len({tuple(r.nonzero().flatten().tolist()) for r in m}) == \
+            (1 if k >= len(inactive) else math.comb(len(inactive), k))   # redrawn
+    # each channel equally often with one channel per minibatch
+    hits = np.bincount([random_count_subset(0, m, inactive, 1)[0] for m in range(4000)],
+                       minlength=C)[inactive]
+    assert (abs(hits / 4000 - 0.25) < 0.03).all()
+
+
+def _one_training_seed(dead, train_seed, x, labels, idx, subsets, B=4):
+    """ablation and census rows of one 'training run': a tiny model with `dead` channels."""
+    model = tiny_model(dead)
+    pool1 = catalogue(model)["pool1"]
+    census = census_table(ChannelStats(8).update(capture(model, x, [pool1])["pool1"])
+                          .to_table("resnet18", "pool1"), "resnet18", "pool1", 8, train_seed)
+    inactive = inactive_channels(census)
+    plans = [make_plan("clean", 0, inactive, 8)]
+    for seed in (0, 1):
+        plans += [make_plan("inactive-all", seed, inactive, 8),
+                  make_plan("control-active", seed, inactive, 8)]
+        plans += [make_plan("inactive-random", seed, inactive, 8, fraction=s.fraction or 0.0,
+                            eval_batch=B, count=s.count) for s in subsets]
+    results = []
+    for plan in plans:   # one forward of every image; minibatches are idx // B all the same
+        logits = evaluate(model, pool1, x, idx, plan)
+        sums = EvalSums(B).update(logits, labels, idx, plan.mask(idx, 8) if plan.noisy else None)
+        results.append((plan, sums.totals()))
+    return ablation_table("resnet18", "pool1", inactive, subsets, results, [0, 1],
+                          train_seed), census
+
+
+def test_table1_is_mean_and_std_across_training_seeds():
+    x, idx = images(8), np.arange(8)
+    labels = torch.arange(8) % 10
+    subsets = parse_subsets("1ch,0.5")
+    parts = [_one_training_seed(DEAD, 0, x, labels, idx, subsets),
+             _one_training_seed([2, 5], 3, x, labels, idx, subsets)]
+    ablation = pa.concat_tables([a for a, _ in parts])
+    census = pa.concat_tables([c for _, c in parts])
+    t1 = table1(ablation, census).to_pylist()
+    assert [(r["condition"], r["subset_channels"], r["fraction"]) for r in t1] == [
+        ("inactive-all", None, None), ("inactive-random", 1, None), ("inactive-random", None, 0.5)]
+    rows = ablation.to_pylist()
+
+    def per_seed(cond, sub=(None, None)):   # by hand: each training seed's mean over noise seeds
+        return [statistics.mean(r["delta_loss"] for r in rows if r["train_seed"] == t
+                                and r["condition"] == cond
+                                and (r["subset_channels"], r["fraction"]) == sub)
+                for t in (0, 3)]
+
+    for r in t1:
+        assert (r["train_seeds"], r["train_seed_ids"], r["inactive_per_seed"]) == \
+            (2, [0, 3], [3, 2])
+        assert r["inactive_mean"] == 2.5 and r["inactive_std"] == pytest.approx(math.sqrt(0.5))
+        assert r["inactive"] is None and r["std_across"] == "training seeds" and r["seeds"] == 2
+        clean = [c["loss"] for c in rows if c["condition"] == "clean"]
+        assert r["clean_loss"] == pytest.approx(statistics.mean(clean))
+    full = t1[0]
+    for cond, key in (("inactive-all", "delta_loss"), ("control-active", "control_delta_loss")):
+        d = per_seed(cond)
+        assert full[f"{key}_mean"] == pytest.approx(statistics.mean(d))
+        assert full[f"{key}_std"] == pytest.approx(statistics.stdev(d))
+    assert full["delta_loss_per_seed"] == pytest.approx(per_seed("inactive-all"))
+    for r in t1[1:]:
+        d = per_seed("inactive-random", (r["subset_channels"], r["fraction"]))
+        assert r["delta_loss_rnd_mean"] == pytest.approx(statistics.mean(d))
+        assert r["delta_loss_rnd_std"] == pytest.approx(statistics.stdev(d))
+        assert r["delta_loss_per_seed"] == pytest.approx(d)
+    text = format_table1(table1(ablation, census), census)
+    assert "training seeds" in text and "2.5±0.7/8" in text and "training seed 3" in text
+    # one training seed alone: today's table, std over the noise seeds
+    (one, *_) = table1(parts[0][0], parts[0][1]).to_pylist()
+    d = [r["delta_loss"] for r in rows if r["train_seed"] == 0 and r["condition"] == "inactive-all"]
+    assert (one["inactive"], one["inactive_channels"], one["std_across"]) == \
+        (3, DEAD, "noise seeds")
+    assert one["delta_loss_std"] == pytest.approx(statistics.stdev(d))
