@@ -15,6 +15,7 @@ from PIL import Image
 from jobs import actmax as job
 from jobs import engine
 from jobs.options import parse_config
+from tests.helpers import assert_run_shape
 from pipeline import actmax as am
 from pipeline.checkpoint import save_checkpoint
 from pipeline.layers import catalogue
@@ -132,6 +133,7 @@ def test_job_end_to_end(ray_cluster, checkpoint, tmp_path):
                              "images_read": 0, "images_skipped": 0, "layers": 2, "channels": 12}
     assert run["details"]["preprocess"]["kind"] == "zca" and "torch" in run["versions"]
     assert run["throughput"]["unit"] == "channels" and run["device"]["kind"] == "cpu"
+    assert_run_shape(run)
     assert list((out / "_partials").iterdir()) == []
 
 
