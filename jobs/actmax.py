@@ -24,29 +24,13 @@ from jobs.common import check_writable, load_job_model
 from jobs.console import Console, init_ray
 from jobs.options import BadInput, Options, at_least, build_parser as _build_parser, opt, run_cli
 from jobs.runinfo import write_run
+from pipeline.actmax import TABLE_SCHEMA as SCHEMA
+from pipeline.actmax import chunk_table
 
 __all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "build_parser", "main",
-           "run", "bench_actmax", "chunk_table", "BadInput"]
+           "run", "chunk_table", "units", "store", "BadInput"]
 
 PROG = "python -m jobs.actmax"
-
-SCHEMA = pa.schema([
-    ("model", pa.string()),
-    ("layer", pa.string()),
-    ("channel", pa.int32()),
-    ("steps", pa.int32()),
-    ("lr", pa.float64()),
-    ("weight_decay", pa.float64()),
-    ("objective_start", pa.float32()),   # pre-ReLU centre neuron at the start image
-    ("objective_end", pa.float32()),     # ... and at the optimised image
-    ("image", pa.binary()),              # PNG, RGB after preprocess.inverse, min-max stretched
-    ("input", pa.list_(pa.float32())),   # optimised model input, C-order (3, H, W)
-    ("input_size", pa.int32()),          # H = W
-    ("y", pa.int32()),                   # the centre neuron (H//2, W//2) of the feature map
-    ("x", pa.int32()),
-    ("param", pa.string()),              # pixel | decorrelated | fft
-])
-
 
 def parse_scales(spec: str) -> tuple[float, ...]:
     """"0.9,1.0,1.1" -> (0.9, 1.0, 1.1); BadInput names what is allowed."""
@@ -146,7 +130,6 @@ def parse_channels(spec: str, layer_name: str, n: int) -> list[int]:
     return sorted(out)
 
 
-# --------------------------------------------------------------------------- model resolution
 @dataclass
 class _Setup:
     model: Any
@@ -183,48 +166,11 @@ def _setup(cfg: ActmaxConfig) -> _Setup:
     return _Setup(model.eval(), name, pre, size, untrained, layers, channels)
 
 
-# ------------------------------------------------------------------------------ compute (task)
-def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channels: list[int],
-                size: int, settings: Any, device: str = "cpu", threads: int | None = None
-                ) -> pa.Table:
-    """Optimise one (layer, channel chunk) and return its rows (the Ray task's body)."""
-    import torch
-
-    from pipeline.actmax import display_images, maximize_channels, png_bytes
-
-    if threads:
-        torch.set_num_threads(threads)
-    res = maximize_channels(model, layer, channels, size, preprocess, settings, device)
-    pics = display_images(res.input, preprocess)
-    n = len(channels)
-    inputs = res.input.numpy().astype(np.float32).reshape(n, -1)
-    return pa.table({
-        "model": [model_name] * n,
-        "layer": [layer.name] * n,
-        "channel": channels,
-        "steps": [settings.steps] * n,
-        "lr": [settings.lr] * n,
-        "weight_decay": [settings.weight_decay] * n,
-        "objective_start": res.start.numpy(),
-        "objective_end": res.end.numpy(),
-        "image": [png_bytes(p) for p in pics],
-        "input": pa.FixedSizeListArray.from_arrays(pa.array(inputs.ravel()),
-                                                   inputs.shape[1]).cast(pa.list_(pa.float32())),
-        "input_size": [size] * n,
-        "y": [res.y] * n,
-        "x": [res.x] * n,
-        "param": [settings.param] * n,
-    }).cast(SCHEMA)
-
-
 def _chunk(model: Any, model_name: str, preprocess: Any, size: int, settings: Any, device: str,
            threads: int | None, layer: Any, channels: list[int]) -> engine.Result:
     """One unit: the chunk's rows, and its mean objective for the marker."""
-    t = chunk_table(model, model_name, preprocess, layer, channels, size, settings, device,
-                    threads)
-    return engine.Result(t, {"channels": t.num_rows,
-                             "objective_start": float(np.mean(t["objective_start"])),
-                             "objective_end": float(np.mean(t["objective_end"]))})
+    t = chunk_table(model, model_name, preprocess, layer, channels, size, settings, device, threads)
+    return engine.Result(t, {k: float(np.mean(t[k])) for k in ("objective_start", "objective_end")})
 
 
 def units(cfg: ActmaxConfig, setup: _Setup) -> list[engine.Unit]:
@@ -249,9 +195,8 @@ def store(cfg: ActmaxConfig, setup: _Setup, device: engine.Device) -> engine.Sto
     return engine.Store(cfg.out, engine.fingerprint(d, weights, device=device))
 
 
-def _sorted_rows(tables: list[pa.Table], setup: _Setup) -> pa.Table:
+def _sorted_rows(table: pa.Table, setup: _Setup) -> pa.Table:
     """Forward layer order, channels ascending (whatever order the chunks finished in)."""
-    table = pa.concat_tables(tables).cast(SCHEMA)
     order = {lay.name: lay.index for lay in setup.layers}
     idx = sorted(range(table.num_rows), key=lambda i: (order[table["layer"][i].as_py()],
                                                        table["channel"][i].as_py()))
@@ -284,11 +229,12 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         stats = engine.run_units(todo, work, st, plan=plan,
                                  progress=con.progress(total, "channels"))
     with con.stage("write"):
-        table = _sorted_rows([st.load(n) for n in stats.names], setup)
+        table = _sorted_rows(engine.merge(st, stats.names, lambda a, b: pa.concat_tables([a, b])),
+                             setup)
         tables.write_table(table, tables.join(cfg.out, "actmax.parquet"), SCHEMA)
     info = write_run(
-        cfg.out, "actmax", cfg.to_dict(), device=device.report(plan.workers), fingerprint=st.fingerprint,
-        counts={**stats.counts(), "layers": len(setup.layers), "channels": table.num_rows},
+        cfg.out, "actmax", cfg.to_dict(), device=device.report(plan.workers),
+        fingerprint=st.fingerprint, counts={**stats.counts(), "layers": len(setup.layers), "channels": table.num_rows},
         seconds=con.seconds, total_seconds=con.wall, work=table.num_rows, unit="channels",
         warnings=con.warnings,
         details={"model": setup.model_name, "untrained": setup.untrained,
@@ -297,13 +243,6 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
     con.info(f"wrote {table.num_rows} rows to {tables.join(cfg.out, 'actmax.parquet')} in "
              f"{con.wall:.1f} s")
     return info
-
-
-def bench_actmax(**kwargs: Any) -> dict[str, float]:
-    """See pipeline.actmax.bench_actmax (kept here for `python -c` users of docs/actmax.md)."""
-    from pipeline.actmax import bench_actmax as bench
-
-    return bench(**kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
