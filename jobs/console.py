@@ -10,8 +10,8 @@
 Everything goes to stderr (stdout stays for a job's result, e.g. a path). A progress line is
 printed at most every `every` seconds and once at the end, so a log file stays readable
 (tqdm's `{rate_fmt} {remaining}` without carriage returns). `init_ray` starts or joins Ray with
-its own INFO chatter routed to `<out>/_logs/ray.log` (local --out) and the workers' output left
-in Ray's session logs, keeping warnings visible.
+its own chatter routed to `<out>/_logs/ray.log` (local --out) and the workers' output left in
+Ray's session logs; Ray's errors and the job's warnings stay on the console.
 """
 from __future__ import annotations
 
@@ -117,15 +117,31 @@ def _log_file(out: str | None) -> str | None:
     return os.path.join(out.removeprefix("file://"), "_logs", "ray.log")
 
 
+def _quiet_ray_logger(path: str | None) -> None:
+    """Ray's driver log: everything to `path` (when given), only errors to the console."""
+    import ray  # noqa: F401 - importing ray installs its logger's handlers, adjusted below
+
+    logger = logging.getLogger("ray")
+    for h in logger.handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.ERROR)
+    if path and not any(getattr(h, "baseFilename", None) == os.path.abspath(path)
+                        for h in logger.handlers):
+        handler = _LazyFile(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
 def init_ray(out: str | None = None, num_cpus: int | None = None, quiet: bool = True,
              **kwargs) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one.
 
     `address="local"` avoids joining a stale cluster recorded in /tmp/ray by an earlier
     `ray start`; an already initialised Ray (tests, jobs.reproduce) is reused as it is. With
-    `quiet`, Ray's INFO lines and the workers' stdout/stderr stay off the console: the driver's
-    Ray log goes to `<out>/_logs/ray.log` (a local --out), the workers' output stays in Ray's
-    session logs (/tmp/ray/session_latest/logs); warnings still show.
+    `quiet`, Ray's INFO and WARNING lines and the workers' stdout/stderr stay off the console:
+    the driver's Ray log goes to `<out>/_logs/ray.log` (a local --out), the workers' output
+    stays in Ray's session logs (/tmp/ray/session_latest/logs). Ray's errors still show, and
+    the job's own warnings (Console.warn) are never routed away.
     A failing unit's error reaches the driver as an exception either way.
     """
     import ray
@@ -135,12 +151,7 @@ def init_ray(out: str | None = None, num_cpus: int | None = None, quiet: bool = 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if quiet:
         kwargs.setdefault("log_to_driver", False)
-        kwargs.setdefault("logging_level", logging.WARNING)
-        path = _log_file(out)
-        if path:
-            handler = _LazyFile(path)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-            logging.getLogger("ray").addHandler(handler)
+        _quiet_ray_logger(_log_file(out))
     else:
         kwargs.setdefault("log_to_driver", True)
     address = os.environ.get("RAY_ADDRESS")
