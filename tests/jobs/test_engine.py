@@ -296,3 +296,29 @@ def test_run_report_shape_and_throughput():
     assert run["throughput"] == {"unit": "channels", "optimize": 4.0, "write": 4.0, "total": 2.0}
     assert run["counts"]["images_skipped"] == 1 and run["counts"]["units_resumed"] == 0
     assert run["seconds"] == {"optimize": 2.0, "write": 0.5, "total": 4.0}
+
+
+def test_quiet_ray_log_goes_to_a_file(tmp_path, capfd):
+    import logging
+
+    from jobs.console import _quiet_ray_logger
+
+    logger = logging.getLogger("ray")
+    saved = [(h, h.level) for h in logger.handlers]
+    path = tmp_path / "out" / "_logs" / "ray.log"
+    try:
+        _quiet_ray_logger(str(path))
+        assert not path.parent.exists()               # created only when a record arrives
+        logger.warning("token authentication is enabled")
+        logger.error("the GCS is unreachable")
+    finally:
+        for h in logger.handlers[:]:
+            if (h, h.level) not in saved and getattr(h, "baseFilename", None):
+                logger.removeHandler(h)
+                h.close()
+        for h, level in saved:
+            h.setLevel(level)
+    err = capfd.readouterr().err
+    assert "GCS is unreachable" in err and "token authentication" not in err
+    text = path.read_text()
+    assert "token authentication" in text and "GCS is unreachable" in text
