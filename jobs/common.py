@@ -1,93 +1,56 @@
-"""What every job shares: one-line errors with exit code 2, Ray start-up, devices, run.json.
+"""What jobs share about models and data: the model to study, the images, their transform.
 
-    parser = job_parser("analyze", __doc__)
-    ...
-    def main(argv=None):
-        args = parser.parse_args(argv)       # a bad flag: one line on stderr, exit 2
-        with bad_input_exits():               # BadInput/ValueError -> one line, exit 2
-            cfg = Config.from_args(args)
-        init_ray()                            # joins RAY_ADDRESS, else starts a local cluster
+The job infrastructure lives in its own modules (docs/architecture.md): jobs.options (options
+declared once, BadInput -> exit 2), jobs.engine (units, partials, resume, retries, merge,
+devices, fingerprints), jobs.runinfo (the one run.json writer), jobs.console (stage and progress
+lines, Ray start-up). The names re-exported here (`BadInput`, `fail`, `log`, `init_ray`,
+`package_versions`, ...) and the legacy helpers (`job_parser`, `bad_input_exits`,
+`resolve_device`, `Stopwatch`) keep the jobs not yet ported working; new code imports the
+modules above.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata as md
-import os
-import platform
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator
 
-__all__ = ["BadInput", "fail", "job_parser", "bad_input_exits", "init_ray", "resolve_device",
+from jobs.console import init_ray as _init_ray
+from jobs.console import log
+from jobs.options import BadInput, JobFailed, fail
+from jobs.options import job_parser as _job_parser
+from jobs.runinfo import package_versions
+
+__all__ = ["BadInput", "JobFailed", "fail", "job_parser", "bad_input_exits", "init_ray",
+           "resolve_device",
            "check_writable", "package_versions", "Stopwatch", "log", "JobModel", "load_job_model",
            "JobData", "resolve_data", "default_model_shape", "eval_transform"]
 
 
-class BadInput(ValueError):
-    """Invalid user input: reported as one line on stderr with exit code 2."""
-
-
-def fail(prog: str, message: str) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse prints usage too: one line is enough
-        fail(self.prog, f"{message} (see --help)")
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's line breaks and shows defaults that say something."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
-                and action.option_strings):
-            text += " (default: %(default)s)"
-        return text
-
-
 def job_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    return _Parser(prog=f"python -m jobs.{name}", description=doc, formatter_class=_Formatter)
+    """Legacy: jobs declared with jobs.options build their parser from their config."""
+    return _job_parser(name, doc)
 
 
 @contextlib.contextmanager
 def bad_input_exits(prog: str = "preferred-stimuli") -> Iterator[None]:
-    """Turn BadInput / ValueError / FileNotFoundError raised inside into one line + exit 2."""
+    """Legacy (unported jobs): BadInput / ValueError / FileNotFoundError -> one line + exit 2.
+    Ported jobs use jobs.options.run_cli, where only BadInput becomes exit 2."""
     try:
         yield
     except (BadInput, ValueError, FileNotFoundError, PermissionError) as e:
         fail(prog, str(e).splitlines()[0] if str(e) else e.__class__.__name__)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def init_ray(num_cpus: int | None = None, **kwargs) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one.
-
-    `address="local"` avoids joining a stale cluster recorded in /tmp/ray by an earlier
-    `ray start`; an already initialised Ray (tests, jobs.reproduce) is reused as it is.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True, **kwargs)
+    """Legacy wrapper of jobs.console.init_ray that keeps Ray's console output (unported jobs)."""
+    _init_ray(num_cpus=num_cpus, quiet=False, **kwargs)
 
 
 def resolve_device(spec: str) -> str:
+    """Legacy: this process's device. Jobs resolve against the cluster: jobs.engine.resolve_device."""
     import torch
 
     if spec not in ("auto", "cpu", "cuda"):
@@ -113,17 +76,6 @@ def check_writable(url: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure here means "not writable"
         raise BadInput(f"output {url} is not writable ({e.__class__.__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "ray", "pyarrow", "numpy", "s3fs", "fsspec", "pillow",
-                 "preferred-stimuli"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 class Stopwatch:

@@ -9,56 +9,39 @@ generated locally, then uploaded).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
-from jobs.common import BadInput, bad_input_exits, check_writable, job_parser, log
+from jobs.common import check_writable
+from jobs.console import Console
+from jobs.options import BadInput, Options, at_least, build_parser as _build_parser, in_range, opt
+from jobs.options import run_cli
+from jobs.runinfo import write_run
 
 PROG = "python -m jobs.demo_data"
 
 
 @dataclass(frozen=True)
-class DemoDataConfig:
-    out: str                     # folder (local or s3://) that receives train/ and val/
-    seed: int = 0                # same seed -> same bytes
-    train_per_class: int = 300   # images per class in train/
-    val_per_class: int = 50      # images per class in val/
-    image_size: int = 72         # side of the square JPEGs
-    overwrite: bool = False      # replace existing train/ and val/ under --out
+class DemoDataConfig(Options):
+    out: str = opt(help="folder (local path or s3://...) to write train/ and val/ into")
+    seed: int = opt(0, "random seed; the same seed gives the same bytes", check=at_least(0))
+    train_per_class: int = opt(300, "training images per class", check=at_least(0))
+    val_per_class: int = opt(50, "validation images per class", check=at_least(0))
+    image_size: int = opt(72, "side in pixels of the square JPEG crops", check=in_range(8, 1024))
+    overwrite: bool = opt(False, "replace train/ and val/ if --out already has them")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.out.strip():
             raise BadInput("--out is empty; give a local folder or an s3:// URL")
-        if self.seed < 0:
-            raise BadInput(f"--seed must be >= 0, got {self.seed}")
-        if self.train_per_class < 0 or self.val_per_class < 0:
-            raise BadInput("--train-per-class and --val-per-class must be >= 0")
         if self.train_per_class + self.val_per_class < 1:
             raise BadInput("--train-per-class + --val-per-class must be >= 1")
-        if not 8 <= self.image_size <= 1024:
-            raise BadInput(f"--image-size must be in 8..1024, got {self.image_size}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DemoDataConfig":
-        return cls(out=args.out, seed=args.seed, train_per_class=args.train_per_class,
-                   val_per_class=args.val_per_class, image_size=args.image_size,
-                   overwrite=args.overwrite)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = job_parser("demo_data", __doc__)
-    p.add_argument("--out", required=True, help="folder (local path or s3://...) to write train/ and val/ into")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
-    p.add_argument("--train-per-class", type=int, default=300, help="training images per class")
-    p.add_argument("--val-per-class", type=int, default=50, help="validation images per class")
-    p.add_argument("--image-size", type=int, default=72, help="side in pixels of the square JPEG crops")
-    p.add_argument("--overwrite", action="store_true", help="replace train/ and val/ if --out already has them")
-    return p
+def build_parser():
+    return _build_parser(DemoDataConfig, PROG, __doc__)
 
 
 def run(cfg: DemoDataConfig) -> dict[str, int]:
@@ -95,16 +78,22 @@ def run(cfg: DemoDataConfig) -> dict[str, int]:
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with bad_input_exits(PROG):
-        cfg = DemoDataConfig.from_args(args)
-        t0 = time.perf_counter()
+def _job(cfg: DemoDataConfig) -> dict:
+    """Generate, write run.json beside train/ and val/, print --out (for scripts)."""
+    con = Console("demo_data")
+    with con.stage("generate", quiet=True):
         counts = run(cfg)
-    log(f"wrote {counts['train']} train + {counts['val']} val images to {cfg.out} "
-        f"in {time.perf_counter() - t0:.1f} s")
+    n = counts["train"] + counts["val"]
+    con.info(f"wrote {counts['train']} train + {counts['val']} val images to {cfg.out} in "
+             f"{con.wall:.1f} s ({n / max(con.wall, 1e-9):.0f} images/s)")
+    info = write_run(cfg.out, "demo_data", cfg.to_dict(), counts={"images_written": n, **counts},
+                     seconds=con.seconds, total_seconds=con.wall, work=n, unit="images")
     print(cfg.out.rstrip("/"))
-    return 0
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, __doc__, DemoDataConfig, _job, argv)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -542,3 +543,84 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
+                 channels: int = 64, size: int = 224, steps: int = 31,
+                 no_crop: bool = False, threads: int | None = None) -> dict[str, float]:
+    """Seconds for all `channels` of `layer` batched (forward stopped at the layer, RF window
+    crop) vs ONE channel through the full network (batch 1, whole input, forward to the
+    logits); `ratio` = batched / one-channel, the issue's "no more than about four" figure."""
+    import time
+    from dataclasses import replace
+
+    from .models import build_model
+    from .preprocess import IMAGENET
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = calibrate_bn(build_model(model, width=width), size, images=4, batch=4)
+    lay = catalogue(net)[layer]
+    settings = Settings(steps=steps)
+    # warm-up outside the clock: Adam's first step imports torch._dynamo (seconds, once)
+    maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
+    t = time.perf_counter()
+    maximize_channels(net, lay, range(channels), size, IMAGENET, settings)
+    batched = time.perf_counter() - t
+    t = time.perf_counter()
+    params, image_fn = pixel((1, 3, size, size))
+    optimize(net, neuron(layer, 0), params, image_fn, steps=steps, stop=False)
+    one = time.perf_counter() - t
+    out = {"model": model, "width": width, "layer": layer, "channels": channels, "size": size,
+           "steps": steps, "threads": torch.get_num_threads(),
+           "batched_s": batched, "one_channel_full_s": one, "ratio": batched / one}
+    if no_crop:
+        t = time.perf_counter()
+        maximize_channels(net, lay, range(channels), size, IMAGENET, replace(settings, crop=False))
+        out["batched_no_crop_s"] = time.perf_counter() - t
+        out["ratio_no_crop"] = out["batched_no_crop_s"] / one
+    return out
+
+
+# --------------------------------------------- rows of actmax.parquet (jobs.actmax's task)
+TABLE_SCHEMA = pa.schema([
+    ("model", pa.string()),
+    ("layer", pa.string()),
+    ("channel", pa.int32()),
+    ("steps", pa.int32()),
+    ("lr", pa.float64()),
+    ("weight_decay", pa.float64()),
+    ("objective_start", pa.float32()),    # pre-ReLU centre neuron at the start image
+    ("objective_end", pa.float32()),      # ... and at the optimised image
+    ("image", pa.binary()),               # PNG, RGB after preprocess.inverse, min-max stretched
+    ("input", pa.list_(pa.float32())),    # optimised model input, C-order (3, H, W)
+    ("input_size", pa.int32()),           # H = W
+    ("y", pa.int32()),                    # the centre neuron (H//2, W//2) of the feature map
+    ("x", pa.int32()),
+    ("param", pa.string()),               # pixel | decorrelated | fft
+])
+
+
+def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channels: list[int],
+                size: int, settings: Any, device: str = "cpu", threads: int | None = None
+                ) -> pa.Table:
+    """Optimise one (layer, channel chunk) with maximize_channels; its rows of actmax.parquet
+    (jobs.actmax runs one per Ray task)."""
+    if threads:
+        torch.set_num_threads(threads)
+    res = maximize_channels(model, layer, channels, size, preprocess, settings, device)
+    n = len(channels)
+    inputs = res.input.numpy().astype(np.float32).reshape(n, -1)
+    same = {"model": model_name, "layer": layer.name, "steps": settings.steps, "lr": settings.lr,
+            "weight_decay": settings.weight_decay, "input_size": size, "y": res.y, "x": res.x,
+            "param": settings.param}
+    return pa.table({
+        **{k: [v] * n for k, v in same.items()},
+        "channel": channels,
+        "objective_start": res.start.numpy(),
+        "objective_end": res.end.numpy(),
+        "image": [png_bytes(p) for p in display_images(res.input, preprocess)],
+        "input": pa.FixedSizeListArray.from_arrays(pa.array(inputs.ravel()), inputs.shape[1])
+                                      .cast(pa.list_(pa.float32())),
+    }).select(TABLE_SCHEMA.names).cast(TABLE_SCHEMA)

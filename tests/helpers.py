@@ -1,4 +1,4 @@
-"""Small helpers shared by tests that start their own Ray processes."""
+"""Small helpers shared by tests: free ports for Ray nodes, fault-injection hooks, run.json shape."""
 from __future__ import annotations
 
 import socket
@@ -15,3 +15,47 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+# --- fault injection for jobs.engine (engine.set_test_hook); importable by Ray workers ----------
+
+class Sleep:
+    """Hook: sleep before every unit, so that a test can kill something mid-run."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, unit) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
+class Die:
+    """Hook: the worker process exits hard (as if killed) before the named units: once per unit
+    (a flag file under `flags` remembers it), or on every attempt with `always`."""
+
+    def __init__(self, flags: str, names: tuple[str, ...], always: bool = False) -> None:
+        self.flags, self.names, self.always = flags, names, always
+
+    def __call__(self, unit) -> None:
+        import os
+
+        if unit.name not in self.names:
+            return
+        flag = os.path.join(self.flags, unit.name)
+        if self.always or not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(1)
+
+
+def assert_run_shape(run: dict) -> None:
+    """What every job's run.json shares (the tests of every ported job call this)."""
+    from jobs import runinfo
+
+    assert set(run) == set(runinfo.TOP_LEVEL)
+    assert set(runinfo.COUNTS) <= set(run["counts"])
+    assert set(run["device"]) == {"kind", "name", "workers"}
+    assert "total" in run["seconds"]
+    assert set(run["seconds"]) == set(run["throughput"]) - {"unit"}
+    assert {"torch", "ray", "python"} <= set(run["versions"])

@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 
 from jobs import actmax as job
+from jobs import engine
+from jobs.options import parse_config
+from tests.helpers import assert_run_shape
 from pipeline import actmax as am
 from pipeline.checkpoint import save_checkpoint
 from pipeline.layers import catalogue
@@ -50,7 +53,7 @@ def _args(out, *extra):
 
 
 def test_defaults_are_the_papers():
-    cfg = job.ActmaxConfig.from_args(job.build_parser().parse_args(["--out", "x"]))
+    cfg = parse_config(job.ActmaxConfig, ["--out", "x"], job.PROG)
     assert (cfg.steps, cfg.lr, cfg.weight_decay) == (31, 0.1, 1e-6)
     assert (cfg.param, cfg.jitter, cfg.scale, cfg.tv, cfg.l2) == ("pixel", 0, (), 0.0, 0.0)
     assert cfg.channels == "all" and cfg.checkpoint is None and cfg.model is None
@@ -125,9 +128,12 @@ def test_job_end_to_end(ray_cluster, checkpoint, tmp_path):
             assert img.size == (SIZE, SIZE) and img.mode == "RGB"
             assert np.abs(np.asarray(img).astype(int) - pic.astype(int)).max() <= 1
     run = json.loads((out / "run.json").read_text())
-    assert run["config"]["steps"] == 31 and run["untrained"] is False
-    assert run["counts"] == {"layers": 2, "channels": 12, "tasks": 4, "channels_resumed": 0}
-    assert run["preprocess"]["kind"] == "zca" and "torch" in run["versions"]
+    assert run["config"]["steps"] == 31 and run["details"]["untrained"] is False
+    assert run["counts"] == {"units": 4, "units_computed": 4, "units_resumed": 0, "retries": 0,
+                             "images_read": 0, "images_skipped": 0, "layers": 2, "channels": 12}
+    assert run["details"]["preprocess"]["kind"] == "zca" and "torch" in run["versions"]
+    assert run["throughput"]["unit"] == "channels" and run["device"]["kind"] == "cpu"
+    assert_run_shape(run)
     assert list((out / "_partials").iterdir()) == []
 
 
@@ -136,23 +142,25 @@ def test_job_resumes_from_partials(ray_cluster, checkpoint, tmp_path):
     url, model, zca = checkpoint
     out = tmp_path / "out"
     argv = _args(out, "--checkpoint", url, "--model", "resnet18", "--layers", "conv3",
-                 "--channels", "0-3", "--steps", "3")
-    cfg = job.ActmaxConfig.from_args(job.build_parser().parse_args(argv))
+                 "--channels", "0-3", "--steps", "3", "--chunk", "2")
+    cfg = parse_config(job.ActmaxConfig, argv, job.PROG)
     setup = job._setup(cfg)
     part = job.chunk_table(model, "resnet18", zca, catalogue(model)["conv3"], [0, 1], SIZE,
                            cfg.settings())
     part = part.set_column(part.schema.get_field_index("objective_end"), "objective_end",
                            pa.array([-123.0, -456.0], "float32"))
-    key = job._config_key(cfg, setup)
-    (out / "_partials" / f"actmax-{key}").mkdir(parents=True)
-    pq.write_table(part, out / "_partials" / f"actmax-{key}" / "conv3-00000-00001.parquet")
+    store = job.store(cfg, setup, engine.resolve_device("auto"))
+    store.save("conv3-00000-00001", part, {"channels": 2})
+    store.save("conv3-00002-00003", part, {})     # a partial without ...
+    (tmp_path / "out" / "_partials" / store.fingerprint / "conv3-00002-00003.done").unlink()
     assert job.main(argv) == 0
     table = pq.read_table(out / "actmax.parquet").to_pylist()
     assert [r["channel"] for r in table] == [0, 1, 2, 3]
     assert [r["objective_end"] for r in table[:2]] == [-123.0, -456.0]
     assert all(r["objective_end"] > r["objective_start"] for r in table[2:])
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"]["channels_resumed"] == 2 and run["counts"]["tasks"] == 1
+    # ... its marker is not trusted: recomputed
+    assert run["counts"]["units_resumed"] == 1 and run["counts"]["units_computed"] == 1
 
 
 def test_demo_default_model_and_lucent_flags(ray_cluster, tmp_path, capsys):
@@ -167,5 +175,6 @@ def test_demo_default_model_and_lucent_flags(ray_cluster, tmp_path, capsys):
     assert [r["param"] for r in table] == ["fft", "fft"]
     assert all(len(r["input"]) == 3 * DEMO_CROP**2 for r in table)
     run = json.loads((out / "run.json").read_text())
-    assert run["untrained"] is True and run["input_size"] == DEMO_CROP
+    assert run["details"]["untrained"] is True and run["details"]["input_size"] == DEMO_CROP
+    assert any("UNTRAINED" in w for w in run["warnings"])
     assert run["config"]["scale"] == [0.9, 1.1]

@@ -1,6 +1,7 @@
 """jobs.demo_data end to end: the layout on disk and on S3, refusals with exit code 2."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from jobs.demo_data import main
 from pipeline.demo import DEMO_CLASSES
 from pipeline.sources import build_manifest
+from tests.helpers import assert_run_shape
 
 SMALL = ["--train-per-class", "3", "--val-per-class", "2"]
 
@@ -26,11 +28,16 @@ def _files(root) -> dict[str, bytes]:
 def test_writes_class_folder_layout_and_refuses_to_clobber(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--seed", "2", *SMALL]) == 0
-    assert sorted(os.listdir(out)) == ["train", "val"]           # no temporary folder left
+    # no temporary folder left; run.json is the common run report
+    assert sorted(os.listdir(out)) == ["run.json", "train", "val"]
     for split, per in (("train", 3), ("val", 2)):
         m = build_manifest(str(out / split), require_labels=True)
         assert m.classes == sorted(DEMO_CLASSES) and len(m) == per * len(DEMO_CLASSES)
-    first = _files(out)
+    run = json.loads((out / "run.json").read_text())
+    assert_run_shape(run)
+    assert run["counts"]["images_written"] == 5 * len(DEMO_CLASSES)
+    assert run["config"]["seed"] == 2 and run["throughput"]["unit"] == "images"
+    first = {k: v for k, v in _files(out).items() if k != "run.json"}
     capsys.readouterr()
 
     with pytest.raises(SystemExit) as e:
@@ -38,10 +45,10 @@ def test_writes_class_folder_layout_and_refuses_to_clobber(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already has train/ and val/" in err[0] and "--overwrite" in err[0]
-    assert _files(out) == first
+    assert {k: v for k, v in _files(out).items() if k != "run.json"} == first
 
     assert main(["--out", str(out), "--seed", "3", "--overwrite", *SMALL]) == 0
-    again = _files(out)
+    again = {k: v for k, v in _files(out).items() if k != "run.json"}
     assert again.keys() == first.keys() and again != first
 
 

@@ -1,0 +1,161 @@
+"""A quiet console: one line per stage, a progress line with rate and ETA, Ray's noise in a file.
+
+    con = Console("actmax")
+    with con.stage("optimize"):                 # "actmax: optimize ..." / "... done in 3.2 s"
+        bar = con.progress(total=128, unit="channels")
+        bar.update(64)                          # "actmax: 64/128 channels, 21.3 channels/s, ETA 0:03"
+    con.seconds                                 # {"optimize": 3.2}: the run report's stages
+    con.warn("no --checkpoint: ...")            # warnings stay visible, prefixed WARNING
+
+Everything goes to stderr (stdout stays for a job's result, e.g. a path). A progress line is
+printed at most every `every` seconds and once at the end, so a log file stays readable
+(tqdm's `{rate_fmt} {remaining}` without carriage returns). `init_ray` starts or joins Ray with
+its own chatter routed to `<out>/_logs/ray.log` (local --out) and the workers' output left in
+Ray's session logs; Ray's errors and the job's warnings stay on the console.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from typing import Iterator
+
+__all__ = ["log", "Console", "Progress", "init_ray", "format_seconds"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+class Progress:
+    """Counts work done against a total; prints `done/total unit, rate, ETA` now and then."""
+
+    def __init__(self, prefix: str, total: int, unit: str, done: int = 0,
+                 every: float = 10.0) -> None:
+        self.prefix, self.total, self.unit, self.every = prefix, total, unit, every
+        self.done = self.start_done = done          # resumed work does not count in the rate
+        self.t0 = self.last = time.perf_counter()
+
+    @property
+    def rate(self) -> float:
+        return (self.done - self.start_done) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def line(self) -> str:
+        rate, left = self.rate, self.total - self.done
+        eta = format_seconds(left / rate) if rate > 0 and left > 0 else "0:00"
+        return (f"{self.prefix}{self.done}/{self.total} {self.unit}, {rate:.3g} {self.unit}/s, "
+                f"ETA {eta}")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.done >= self.total or now - self.last >= self.every:
+            self.last = now
+            log(self.line())
+
+
+class Console:
+    """Stage lines and stage timings of one job (`seconds` feeds the run report)."""
+
+    def __init__(self, job: str) -> None:
+        self.job = job
+        self.seconds: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.t0 = time.perf_counter()
+
+    def info(self, msg: str) -> None:
+        log(f"{self.job}: {msg}")
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        log(f"{self.job}: WARNING: {msg}")
+
+    @contextlib.contextmanager
+    def stage(self, name: str, quiet: bool = False) -> Iterator[None]:
+        if not quiet:
+            self.info(f"{name} ...")
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+        if not quiet:
+            self.info(f"{name} done in {dt:.1f} s")
+
+    def progress(self, total: int, unit: str, done: int = 0, every: float = 10.0) -> Progress:
+        return Progress(f"{self.job}: ", total, unit, done, every)
+
+    @property
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+class _LazyFile(logging.FileHandler):
+    """A log file (and its folder) created only when the first record arrives."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
+def _log_file(out: str | None) -> str | None:
+    """<out>/_logs/ray.log for a local --out, else None (no file to append to on s3://)."""
+    if not out or "://" in out and not out.startswith("file://"):
+        return None
+    return os.path.join(out.removeprefix("file://"), "_logs", "ray.log")
+
+
+def _quiet_ray_logger(path: str | None) -> None:
+    """Ray's driver log: everything to `path` (when given), only errors to the console."""
+    import ray  # noqa: F401 - importing ray installs its logger's handlers, adjusted below
+
+    logger = logging.getLogger("ray")
+    for h in logger.handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.ERROR)
+    if path and not any(getattr(h, "baseFilename", None) == os.path.abspath(path)
+                        for h in logger.handlers):
+        handler = _LazyFile(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
+def init_ray(out: str | None = None, num_cpus: int | None = None, quiet: bool = True,
+             **kwargs) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one.
+
+    `address="local"` avoids joining a stale cluster recorded in /tmp/ray by an earlier
+    `ray start`; an already initialised Ray (tests, jobs.reproduce) is reused as it is. With
+    `quiet`, Ray's INFO and WARNING lines and the workers' stdout/stderr stay off the console:
+    the driver's Ray log goes to `<out>/_logs/ray.log` (a local --out), the workers' output
+    stays in Ray's session logs (/tmp/ray/session_latest/logs). Ray's errors still show, and
+    the job's own warnings (Console.warn) are never routed away.
+    A failing unit's error reaches the driver as an exception either way.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if quiet:
+        kwargs.setdefault("log_to_driver", False)
+        _quiet_ray_logger(_log_file(out))
+    else:
+        kwargs.setdefault("log_to_driver", True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
