@@ -140,4 +140,5 @@ def resolve_layers(model: nn.Module, spec: str | list[str] | tuple[str, ...]) ->
     # paper names and module paths mixed: order by where the measurement point is computed
     module_layers(model)
     order = _CALL_ORDER[model]
-    return sorted(chosen, key=lambda layer: order[layer.point])
+    paper_names = _paper_catalogue(model)
+    return sorted(chosen, key=lambda layer: (order[layer.point], layer.name not in paper_names))
