@@ -166,7 +166,7 @@ def model_names() -> list[str]:
 def supported_models() -> list[str]:
     """Every name `build_model` accepts: the ResNet family, its PlainNets and torchvision's
     other classification CNNs."""
-    return sorted(MODELS) + sorted(_OTHERS)
+    return sorted([*MODELS, *_OTHERS])
 
 
 def is_resnet(model_or_name: nn.Module | str) -> bool:
