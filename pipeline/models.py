@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
 from torchvision.models import resnet as tvr
@@ -136,6 +137,31 @@ _RESNETS: dict[str, tuple[str, list[int], dict[str, int]]] = {
 }
 
 
+def _draw_like_before(model: tvr.ResNet) -> None:
+    """Initialise again, drawing random numbers in the order in which this project's own ResNet
+    (before it was built by torchvision) did: seeded runs — the demo's training, the tests —
+    give the same weights as before, and a PlainNet's discarded projections draw nothing.
+
+    Order of the draws: every conv's default init in construction order (stem, then per block
+    its projection before its convs), the fc, then torchvision's Kaiming pass in module order.
+    """
+    model.conv1.reset_parameters()
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            if block.downsample is not None:
+                block.downsample[0].reset_parameters()
+            for conv in ("conv1", "conv2", "conv3"):
+                if hasattr(block, conv):
+                    getattr(block, conv).reset_parameters()
+    model.fc.reset_parameters()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
 def _plain_name(name: str) -> str:
     return name.replace("resnet", "plainnet") if name.startswith("resnet") else f"plain_{name}"
 
@@ -203,10 +229,13 @@ def build_model(name: str, num_classes: int = 1000, width: int = 64) -> nn.Modul
         raise ValueError(f"width must be a positive integer, got {width}")
     if name in MODELS:
         block, depths, kwargs = MODELS[name]
+        rng = torch.random.get_rng_state()
         if width == 64:
             model = tvr.ResNet(block, depths, num_classes=num_classes, **kwargs)
         else:
             model = _ScaledResNet(block, depths, width, num_classes=num_classes, **kwargs)
+        torch.random.set_rng_state(rng)
+        _draw_like_before(model)
     else:
         if width != 64:
             raise ValueError(f"width {width} is only supported for the ResNet family "
