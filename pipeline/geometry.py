@@ -3,10 +3,13 @@
 The model is traced with `torch.fx`; every tensor in the graph carries, per spatial axis, the
 interval of input pixels its neuron 0 sees (`lo`..`hi`), the jump between adjacent neurons and
 the feature-map length. Convolutions and pools compose the interval (kernel, stride, padding,
-dilation, ceil mode), element-wise modules (BN, ReLU, Identity) pass it through, additions take
-the union of their branches (a residual block's RF is the larger of its two paths), and global
-pools / flatten / linear layers see the union over every position. Nothing is looked up in a
-table, so any ResNet/PlainNet built by `pipeline.models`, at any input size, gets its own values.
+dilation, ceil mode; rows and columns separately, so 1x7 / 7x1 kernels give rectangles),
+element-wise modules (BN, ReLU, Identity) pass it through, additions and channel
+concatenations take the union of their branches (a residual block's RF is the larger of its two
+paths), permutes/reshapes follow the spatial axes, and global operators (adaptive pooling to
+1x1, flatten, a squeeze-and-excitation gate) set `global_context`. Nothing is looked up in a
+table, so any model of `pipeline.models.supported_models()`, at any input size, gets its own
+values; unknown operations raise instead of guessing.
 
     rfs = receptive_fields(build_model("resnet34"), input_size=224)
     rfs["pool1"].size, rfs["conv3"].size, rfs["conv7"].size      # 11, 27, 59
@@ -15,9 +18,9 @@ table, so any ResNet/PlainNet built by `pipeline.models`, at any input size, get
     patches, masks = cut_patches(images, tops, lefts, size)        # batched, no Python loop
     table = rf_table(model, "resnet34")                            # receptive_fields.parquet rows
 
-`module_fields(module, input_size)` gives the same for every module call of any traceable
-network (keyed by module path), which is how the tests check the union rule on hand-made
-two-branch modules.
+`module_fields(module, input_size)` gives the same for every module call (leaf or container)
+of any traceable network, keyed by module path; `module_outputs` adds each output's shape,
+layout and call count (what `pipeline.layers` needs to offer module paths as layers).
 """
 from __future__ import annotations
 
