@@ -175,7 +175,7 @@ def test_geometry_of_sampled_layers_matches_autograd(name: str):
     layers = sample_layers(model, extra)
     modules = dict(model.named_modules())
     kinds = {type(modules[layer.point]).__name__ for layer in layers}
-    assert kinds >= {"Conv2d", "Sequential"}
+    assert "Conv2d" in kinds
     # every spatial operator the model has is upstream of some sampled layer, and sampled itself
     # where its output is analysable (GoogLeNet's BN outputs are rewritten in place: not)
     assert kinds >= {type(modules[layer.point]).__name__ for layer in analysable_layers(model).values()
