@@ -4,7 +4,9 @@
 `num_classes`, `preprocess` (a `Preprocess.state()`), `state_dict` and any extra entries, to a
 local path or `s3://…` through fsspec. `load_checkpoint(url, model_name=None)` reads either this
 format or a plain torchvision state_dict (then `model_name` names the architecture, width and
-classes are read off the weights and ImageNet mean/std is used). A state_dict that does not fit
+classes are read off the weights and ImageNet mean/std is used). Any supported model loads:
+the ResNet family with its width read off `conv1`, every other torchvision CNN with its
+classes read off the last weight layer. A state_dict that does not fit
 the model (missing or unexpected keys, wrong shapes) raises `CheckpointError` naming them.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import build_model
+from .models import build_model, is_resnet, n_classes
 from .preprocess import IMAGENET, Preprocess, preprocess_from_state
 from .tables import exists, read_bytes, write_bytes
 
@@ -42,8 +44,8 @@ def save_checkpoint(url: str, model: nn.Module, preprocess: Preprocess, **extra:
     payload = {
         "format": FORMAT,
         "model": model.name,
-        "width": model.width,
-        "num_classes": model.fc.out_features,
+        "width": getattr(model, "width", 64),
+        "num_classes": n_classes(model),
         "preprocess": preprocess.state(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
@@ -64,12 +66,29 @@ def _read(url: str) -> Any:
 
 
 def model_from_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) -> nn.Module:
-    """Build `model_name` with width/classes read off the weights and load them strictly."""
-    if "conv1.weight" not in state_dict or "fc.weight" not in state_dict:
-        raise CheckpointError("state_dict lacks conv1.weight / fc.weight: not a ResNet checkpoint")
-    width = state_dict["conv1.weight"].shape[0]
-    num_classes = state_dict["fc.weight"].shape[0]
-    model = build_model(model_name, num_classes=num_classes, width=width)
+    """Build `model_name` with classes (and the ResNets' width) read off the weights and load
+    them strictly: any supported model (`pipeline.models.supported_models`)."""
+    width = 64
+    if is_resnet(model_name):
+        if "conv1.weight" not in state_dict or "fc.weight" not in state_dict:
+            raise CheckpointError("state_dict lacks conv1.weight / fc.weight: not a ResNet "
+                                  "checkpoint")
+        width = state_dict["conv1.weight"].shape[0]
+        num_classes = state_dict["fc.weight"].shape[0]
+    else:
+        weights = [k for k, v in state_dict.items() if k.endswith("weight") and v.dim() >= 2]
+        if not weights:
+            raise CheckpointError("state_dict holds no weight matrix: not a model checkpoint")
+        num_classes = state_dict[weights[-1]].shape[0]  # the classifier: the last weight layer
+    try:
+        # on the meta device: no random initialisation of weights that are replaced anyway
+        # (RegNet computes its widths with tensors and is built on the CPU instead)
+        with torch.device("meta"):
+            model = build_model(model_name, num_classes=num_classes, width=width)
+    except NotImplementedError:
+        model = build_model(model_name, num_classes=num_classes, width=width)
+    except ValueError as e:
+        raise CheckpointError(str(e))
     expected, given = set(model.state_dict()), set(state_dict)
     missing, extra = sorted(expected - given), sorted(given - expected)
     if missing or extra:
@@ -79,11 +98,20 @@ def model_from_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) 
         if extra:
             parts.append(f"unexpected keys {extra[:3]}{'…' if len(extra) > 3 else ''}")
         raise CheckpointError(f"checkpoint does not fit {model_name}: " + "; ".join(parts))
+    own = model.state_dict()
     try:
-        model.load_state_dict(state_dict, strict=True)
+        if any(t.is_meta for t in own.values()):
+            # assign: the module takes the given tensors (in its own dtypes) instead of copying
+            # into meta storage; strict all the same
+            model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()},
+                                  strict=True, assign=True)
+        else:
+            model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint does not fit {model_name}: "
                               f"{str(e).splitlines()[-1].strip()}")
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise CheckpointError(f"checkpoint does not fit {model_name}: tensors left unset")
     return model
 
 

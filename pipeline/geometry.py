@@ -3,10 +3,13 @@
 The model is traced with `torch.fx`; every tensor in the graph carries, per spatial axis, the
 interval of input pixels its neuron 0 sees (`lo`..`hi`), the jump between adjacent neurons and
 the feature-map length. Convolutions and pools compose the interval (kernel, stride, padding,
-dilation, ceil mode), element-wise modules (BN, ReLU, Identity) pass it through, additions take
-the union of their branches (a residual block's RF is the larger of its two paths), and global
-pools / flatten / linear layers see the union over every position. Nothing is looked up in a
-table, so any ResNet/PlainNet built by `pipeline.models`, at any input size, gets its own values.
+dilation, ceil mode; rows and columns separately, so 1x7 / 7x1 kernels give rectangles),
+element-wise modules (BN, ReLU, Identity) pass it through, additions and channel
+concatenations take the union of their branches (a residual block's RF is the larger of its two
+paths), permutes/reshapes follow the spatial axes, and global operators (adaptive pooling to
+1x1, flatten, a squeeze-and-excitation gate) set `global_context`. Nothing is looked up in a
+table, so any model of `pipeline.models.supported_models()`, at any input size, gets its own
+values; unknown operations raise instead of guessing.
 
     rfs = receptive_fields(build_model("resnet34"), input_size=224)
     rfs["pool1"].size, rfs["conv3"].size, rfs["conv7"].size      # 11, 27, 59
@@ -15,12 +18,13 @@ table, so any ResNet/PlainNet built by `pipeline.models`, at any input size, get
     patches, masks = cut_patches(images, tops, lefts, size)        # batched, no Python loop
     table = rf_table(model, "resnet34")                            # receptive_fields.parquet rows
 
-`module_fields(module, input_size)` gives the same for every module call of any traceable
-network (keyed by module path), which is how the tests check the union rule on hand-made
-two-branch modules.
+`module_fields(module, input_size)` gives the same for every module call (leaf or container)
+of any traceable network, keyed by module path; `module_outputs` adds each output's shape,
+layout and call count (what `pipeline.layers` needs to offer module paths as layers).
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -30,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .layers import catalogue
+from torchvision.ops import stochastic_depth
 
-__all__ = ["RF", "RF_SCHEMA", "receptive_fields", "module_fields", "rf_table", "cut_patch",
-           "cut_patches"]
+__all__ = ["RF", "RF_SCHEMA", "ModuleField", "receptive_fields", "module_fields", "module_outputs",
+           "rf_rows", "rf_table", "cut_patch", "cut_patches"]
 
 RF_SCHEMA = pa.schema([
     ("model", pa.string()),
@@ -45,33 +49,80 @@ RF_SCHEMA = pa.schema([
     ("offset", pa.float64()),
     ("feature_size", pa.int64()),
     ("input_size", pa.int64()),
+    ("rf_size_y", pa.int64()),
+    ("rf_size_x", pa.int64()),
+    ("jump_y", pa.int64()),
+    ("jump_x", pa.int64()),
+    ("offset_y", pa.float64()),
+    ("offset_x", pa.float64()),
+    ("feature_height", pa.int64()),
+    ("feature_width", pa.int64()),
+    ("global_context", pa.bool_()),
 ])
 
 
 @dataclass(frozen=True)
 class RF:
-    """Square receptive field of one layer: neuron (y, x) sees input rows
-    offset + jump*y - (size-1)/2 ... offset + jump*y + (size-1)/2 (columns alike)."""
+    """Receptive field of one layer. Per axis, neuron (y, x) sees input rows
+    offset_y + jump_y*y - (size_y-1)/2 ... offset_y + jump_y*y + (size_y-1)/2 (columns alike).
 
-    size: int          # RF side in input pixels
-    jump: int          # input pixels between adjacent neurons
-    offset: float      # centre of neuron (0, 0) in input coordinates
-    feature_size: int  # H (= W) of the layer's feature map at this input size
+    `size`, `jump`, `offset` and `feature_size` are the square view every consumer cuts patches
+    with: `size` is the side of the smallest square that holds the RF (= both sides when the RF
+    is square), `jump`/`offset`/`feature_size` are the rows' values. The `_x` fields (and
+    `size_y`) are per axis and default to the square values, so `RF(size=27, jump=4, offset=0.0,
+    feature_size=56)` is a square RF. `global_context`: the neuron also depends on the whole
+    image through a global operator (adaptive pooling, a squeeze-and-excitation gate); the
+    box is then its local, spatial-path RF.
+    """
+
+    size: int          # side of the square that holds the RF
+    jump: int          # input pixels between adjacent neurons (rows)
+    offset: float      # centre of neuron (0, 0) in input coordinates (rows)
+    feature_size: int  # H of the layer's feature map at this input size
+    size_y: int | None = None          # RF height (default: size)
+    size_x: int | None = None          # RF width (default: size)
+    jump_x: int | None = None          # columns' jump (default: jump)
+    offset_x: float | None = None      # columns' offset (default: offset)
+    feature_size_x: int | None = None  # W of the feature map (default: feature_size)
+    global_context: bool = False
+
+    def __post_init__(self) -> None:
+        for name, default in (("size_y", self.size), ("size_x", self.size),
+                              ("jump_x", self.jump), ("offset_x", self.offset),
+                              ("feature_size_x", self.feature_size)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+
+    @property
+    def square(self) -> bool:
+        return (self.size_y, self.jump, self.offset, self.feature_size) == \
+            (self.size_x, self.jump_x, self.offset_x, self.feature_size_x)
+
+    def _firsts(self) -> tuple[int, int]:
+        """Top and left of neuron (0, 0)'s square box (the rectangle centred in it)."""
+        top = round(self.offset - (self.size_y - 1) / 2) - (self.size - self.size_y) // 2
+        left = round(self.offset_x - (self.size_x - 1) / 2) - (self.size - self.size_x) // 2
+        return top, left
 
     def box(self, y: int, x: int) -> tuple[int, int, int]:
-        """(top, left, size) of neuron (y, x); top/left may be negative or run past the image."""
-        half = (self.size - 1) / 2
-        return (round(self.offset + self.jump * y - half),
-                round(self.offset + self.jump * x - half), self.size)
+        """(top, left, size) of neuron (y, x)'s square; may be negative or run past the image."""
+        top, left = self._firsts()
+        return top + self.jump * y, left + self.jump_x * x, self.size
+
+    def rect(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of neuron (y, x)'s exact RF rectangle."""
+        top = round(self.offset - (self.size_y - 1) / 2) + self.jump * y
+        left = round(self.offset_x - (self.size_x - 1) / 2) + self.jump_x * x
+        return top, left, self.size_y, self.size_x
 
     def boxes(self, ys: Tensor, xs: Tensor) -> tuple[Tensor, Tensor]:
         """Vectorised `box`: int64 tops and lefts for neuron coordinates `ys`, `xs`."""
-        first = round(self.offset - (self.size - 1) / 2)  # top of neuron 0: always an integer
-        return (first + self.jump * ys.to(torch.int64), first + self.jump * xs.to(torch.int64))
+        top, left = self._firsts()
+        return (top + self.jump * ys.to(torch.int64), left + self.jump_x * xs.to(torch.int64))
 
     def center(self) -> tuple[int, int]:
         """The centre neuron (H//2, W//2) of the feature map."""
-        return self.feature_size // 2, self.feature_size // 2
+        return self.feature_size // 2, self.feature_size_x // 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,16 +142,25 @@ class _Axis:
                      self.hi + self.jump * (dilation * (kernel - 1) - pad),
                      self.jump * stride, n)
 
-    def everything(self) -> "_Axis":
-        """One neuron that sees what every neuron of this axis sees (global pool, flatten)."""
-        return _Axis(self.lo, self.hi + self.jump * (self.n - 1), self.jump * self.n, 1)
+    def everything(self, n: int = 1) -> "_Axis":
+        """`n` neurons that each see what every neuron of this axis sees (global pool)."""
+        return _Axis(self.lo, self.hi + self.jump * (self.n - 1), 0 if n > 1 else
+                     self.jump * self.n, n)
 
 
 @dataclass(frozen=True)
 class _Geom:
     rows: _Axis
     cols: _Axis
-    flat: bool = False  # spatial axes already folded away (after flatten / global pooling)
+    dims: tuple[int, int] | None = (2, 3)  # tensor dims of rows/cols; None: folded (flatten)
+    glob: bool = False                     # depends on the whole image (a global operator)
+
+    @property
+    def flat(self) -> bool:
+        return self.dims is None
+
+    def with_(self, **kw: Any) -> "_Geom":
+        return _Geom(**{**self.__dict__, **kw})
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -118,34 +178,59 @@ def _out_len(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool = False) ->
 
 
 _ELEMENTWISE_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Mish, nn.Identity, nn.Dropout,
+    nn.Dropout2d,
 )
+# normalisations whose statistics run over the spatial axes: every output sees the whole map
+_SPATIAL_STAT_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu,
-    torch.sigmoid, torch.tanh, F.dropout, F.dropout2d, operator.neg, operator.pos,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.mish, torch.sigmoid, torch.tanh, F.dropout,
+    F.dropout2d, operator.neg, operator.pos, stochastic_depth,
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach",
-                        "float", "double", "half", "to", "neg"}
+                        "float", "double", "half", "to", "neg", "sigmoid_"}
 _BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
                      operator.imul, operator.truediv, torch.add, torch.sub, torch.mul,
                      torch.maximum, torch.minimum}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_SHAPE_METHODS = {"size", "dim"}
+
+
+def _is_gate(g: _Geom, others: list[_Geom]) -> bool:
+    """A 1x1 map from a global operator broadcast onto a spatial map (an SE gate)."""
+    return (g.glob and not g.flat and g.rows.n == g.cols.n == 1
+            and any(not o.flat and (o.rows.n, o.cols.n) != (1, 1) for o in others))
 
 
 def _union(geoms: list[_Geom], where: str) -> _Geom:
-    """The RF of an element-wise combination of branches: the union of the branches' RFs."""
-    out = geoms[0]
-    for g in geoms[1:]:
+    """The RF of an element-wise combination of branches: the union of the branches' RFs.
+
+    A global 1x1 gate broadcast onto a spatial map adds no spatial extent: the result keeps the
+    map's RF and is marked as having global context.
+    """
+    gates = [g for g in geoms if _is_gate(g, geoms)]
+    maps = [g for g in geoms if not _is_gate(g, geoms)]
+    out = maps[0]
+    for g in maps[1:]:
+        if g.dims != out.dims:
+            raise ValueError(f"{where}: branches disagree on the layout ({out.dims} vs {g.dims})")
         axes = []
         for a, b in ((out.rows, g.rows), (out.cols, g.cols)):
             if a.jump != b.jump or a.n != b.n:
                 raise ValueError(f"{where}: branches disagree on the neuron grid "
                                  f"(jump {a.jump} vs {b.jump}, length {a.n} vs {b.n})")
             axes.append(_Axis(min(a.lo, b.lo), max(a.hi, b.hi), a.jump, a.n))
-        out = _Geom(axes[0], axes[1], out.flat or g.flat)
-    return out
+        out = _Geom(axes[0], axes[1], out.dims, out.glob or g.glob)
+    return out.with_(glob=True) if gates else out
+
+
+def _nchw(g: _Geom, ndim: int, where: str) -> None:
+    if g.dims != (ndim - 2, ndim - 1):
+        raise ValueError(f"{where}: a spatial window on a tensor whose last two dims are not "
+                         f"its spatial axes (layout {g.dims})")
 
 
 def _window(g: _Geom, kernel: Any, stride: Any, pad: Any, dilation: Any, ceil_mode: bool,
@@ -159,7 +244,7 @@ def _window(g: _Geom, kernel: Any, stride: Any, pad: Any, dilation: Any, ceil_mo
         if n < 1:
             raise ValueError(f"input too small: {where} would have an empty feature map")
         axes.append(a.window(k[i], s[i], p[i], d[i], n))
-    return _Geom(axes[0], axes[1])
+    return g.with_(rows=axes[0], cols=axes[1])
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
@@ -174,146 +259,361 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
 
 
 def _adaptive(g: _Geom, output_size: Any, where: str) -> _Geom:
+    """Adaptive pooling: equal bins are a plain pool; a 1x1 output (or unequal bins, whose
+    neurons have no common RF) sees the whole map and is a global operator."""
     size = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
-    axes = []
+    axes, glob = [], g.glob
     for a, o in zip((g.rows, g.cols), size):
         o = a.n if o is None else int(o)
-        if o == 1:
-            axes.append(a.everything())
-        elif a.n % o == 0:  # equal bins: a plain pool with kernel = stride = n / o
+        if o == a.n:
+            axes.append(a)
+        elif o > 1 and a.n % o == 0:  # equal bins: a plain pool with kernel = stride = n / o
             axes.append(a.window(a.n // o, a.n // o, 0, 1, o))
+        elif a.n == 1:  # replication: every output neuron reads the one input neuron
+            axes.append(_Axis(a.lo, a.hi, 0, o))
         else:
-            raise ValueError(f"{where}: adaptive pooling from {a.n} to {o} has unequal bins, "
-                             f"so its neurons have no common RF size")
-    return _Geom(axes[0], axes[1], flat=g.flat)
+            axes.append(a.everything(o))
+            glob = True
+    return g.with_(rows=axes[0], cols=axes[1], glob=glob)
 
 
-def _flatten(g: _Geom, start_dim: int) -> _Geom:
-    if start_dim > 1:  # only folds the spatial axes into each other: still one neuron per row
+def _flatten(g: _Geom, start_dim: int, ndim: int) -> _Geom:
+    if g.flat:
+        return g
+    start = start_dim % ndim
+    if start > min(g.dims):  # only folds the spatial axes into each other
         raise ValueError(f"flatten(start_dim={start_dim}) keeps spatial structure we cannot track")
-    return _Geom(g.rows.everything(), g.cols.everything(), flat=True)
+    return _Geom(g.rows.everything(), g.cols.everything(), None, True)
 
 
-def _module_geom(m: nn.Module, g: _Geom, where: str) -> _Geom:
+def _last_dim_op(g: _Geom, ndim: int, count: int, where: str) -> _Geom:
+    """Linear / layer norm over the last `count` dims: per position unless those are spatial."""
+    if g.flat or not set(g.dims) & set(range(ndim - count, ndim)):
+        return g
+    if g.rows.n == g.cols.n == 1:
+        return g
+    return _Geom(g.rows.everything(), g.cols.everything(), None, True)
+
+
+def _module_geom(m: nn.Module, g: _Geom, ndim: int, where: str) -> _Geom:
     if isinstance(m, nn.Conv2d):
+        _nchw(g, ndim, where)
         return _window(g, m.kernel_size, m.stride, _conv_padding(m), m.dilation, False, where)
     if isinstance(m, nn.MaxPool2d):
+        _nchw(g, ndim, where)
         return _window(g, m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation,
                        m.ceil_mode, where)
     if isinstance(m, nn.AvgPool2d):
+        _nchw(g, ndim, where)
         return _window(g, m.kernel_size, m.stride or m.kernel_size, m.padding, 1, m.ceil_mode,
                        where)
     if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+        _nchw(g, ndim, where)
         left, right, top, bottom = m.padding
         # padding shifts neuron indices (neuron 0 is now `top` pixels above the old row 0)
         r, c = g.rows, g.cols
-        return _Geom(_Axis(r.lo - r.jump * top, r.hi - r.jump * top, r.jump, r.n + top + bottom),
-                     _Axis(c.lo - c.jump * left, c.hi - c.jump * left, c.jump,
-                           c.n + left + right))
+        return g.with_(rows=_Axis(r.lo - r.jump * top, r.hi - r.jump * top, r.jump,
+                                  r.n + top + bottom),
+                       cols=_Axis(c.lo - c.jump * left, c.hi - c.jump * left, c.jump,
+                                  c.n + left + right))
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        _nchw(g, ndim, where)
         return _adaptive(g, m.output_size, where)
     if isinstance(m, nn.Flatten):
-        return _flatten(g, m.start_dim)
+        return _flatten(g, m.start_dim, ndim)
     if isinstance(m, nn.Linear):
-        if not g.flat and (g.rows.n > 1 or g.cols.n > 1):
-            raise ValueError(f"{where}: Linear applied to a spatial map (not flattened)")
-        return g
+        return _last_dim_op(g, ndim, 1, where)
+    if isinstance(m, nn.LayerNorm):
+        return _last_dim_op(g, ndim, len(m.normalized_shape), where)
+    if isinstance(m, _SPATIAL_STAT_MODULES):
+        return g.with_(glob=True)
     if isinstance(m, _ELEMENTWISE_MODULES):
         return g
     raise NotImplementedError(f"{where}: receptive field of {type(m).__name__} is not known; "
                               f"known: convolutions, max/avg pools, padding, adaptive pools, "
-                              f"flatten, linear and element-wise layers")
+                              f"flatten, linear, normalisations and element-wise layers")
 
 
-def _trace(module: nn.Module, input_size: int) -> list[tuple[fx.Node, _Geom | None]]:
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _dims_arg(node: fx.Node, start: int) -> tuple[int, ...]:
+    rest = node.args[start:] or (node.kwargs.get("dims"),)
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = tuple(rest[0])
+    return tuple(int(d) for d in rest)
+
+
+def _reshaped(g: _Geom, before: tuple[int, ...], after: tuple[int, ...], where: str) -> _Geom:
+    """view/reshape that only regroups the dims before the spatial ones (channel shuffle)."""
+    if g.flat:
+        return g
+    if g.dims == (len(before) - 2, len(before) - 1) and after[-2:] == before[-2:] and \
+            math.prod(after[:-2]) == math.prod(before[:-2]):
+        return g.with_(dims=(len(after) - 2, len(after) - 1))
+    if g.rows.n == g.cols.n == 1 and math.prod(after) == math.prod(before):
+        return _Geom(g.rows.everything(), g.cols.everything(), None, True)
+    raise NotImplementedError(f"{where}: a reshape from {before} to {after} moves the spatial axes")
+
+
+def _function_geom(node: fx.Node, ins: list[_Geom], first: _Geom | None, val_in: Any,
+                   val_out: Any, where: str) -> _Geom | None:
+    """Geometry of a call_function / call_method node; None when it touches no image tensor."""
+    t, fn, meth = node.target, node.op == "call_function", node.op == "call_method"
+    ndim = val_in.dim() if isinstance(val_in, Tensor) else 0
+    if fn and t in _BINARY_FUNCTIONS or meth and t in _BINARY_METHODS:
+        return _union(ins, where) if ins else None
+    if not ins:
+        return None  # shape arithmetic, constants: touches no tensor of the image
+    if fn and t in _ELEMENTWISE_FUNCTIONS or meth and t in _ELEMENTWISE_METHODS:
+        return first
+    if meth and t in _SHAPE_METHODS or fn and t is getattr:
+        return None
+    if fn and t is torch.cat:
+        dim = _arg(node, 1, "dim", 0)
+        if not ins[0].flat and dim % max(ndim, 1) in ins[0].dims:
+            raise NotImplementedError(f"{where}: concatenation along a spatial axis")
+        return _union(ins, where)  # concatenated channels: the union over the branches
+    if first is None:
+        raise NotImplementedError(f"{where}: receptive field of this operation is not known")
+    if fn and t in (torch.flatten,) or meth and t == "flatten":
+        return _flatten(first, int(_arg(node, 1, "start_dim", 0)), ndim)
+    if fn and t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        _nchw(first, ndim, where)
+        return _adaptive(first, _arg(node, 1, "output_size"), where)
+    if fn and t in (F.max_pool2d, F.avg_pool2d):
+        _nchw(first, ndim, where)
+        k = _arg(node, 1, "kernel_size")
+        s = _arg(node, 2, "stride") or k
+        p = _arg(node, 3, "padding", 0)
+        if t is F.max_pool2d:
+            d, ceil = _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False)
+        else:
+            d, ceil = 1, _arg(node, 4, "ceil_mode", False)
+        return _window(first, k, s, p, d, bool(ceil), where)
+    if fn and t in (torch.permute,) or meth and t == "permute":
+        order = _dims_arg(node, 1)
+        if first.flat:
+            return first
+        order = tuple(d % ndim for d in order)
+        return first.with_(dims=(order.index(first.dims[0]), order.index(first.dims[1])))
+    if fn and t is torch.transpose or meth and t == "transpose":
+        a, b = (int(_arg(node, 1, "dim0")) % ndim, int(_arg(node, 2, "dim1")) % ndim)
+        if first.flat:
+            return first
+        swap = {a: b, b: a}
+        return first.with_(dims=tuple(swap.get(d, d) for d in first.dims))
+    if fn and t is F.layer_norm:
+        shape = _arg(node, 1, "normalized_shape")
+        return _last_dim_op(first, ndim, 1 if isinstance(shape, int) else len(shape), where)
+    if fn and t is torch.reshape or meth and t in ("view", "reshape"):
+        return _reshaped(first, tuple(val_in.shape), tuple(val_out.shape), where)
+    if fn and t in (torch.chunk, torch.split) or meth and t in ("chunk", "split"):
+        dim = _arg(node, 2, "dim", 0)
+        if not first.flat and dim % ndim in first.dims:
+            raise NotImplementedError(f"{where}: splitting along a spatial axis")
+        return first  # a tuple of tensors, each with the input's geometry
+    if fn and t is operator.getitem:
+        if isinstance(val_in, (tuple, list)):
+            return first  # an element of a chunk/split
+        raise NotImplementedError(f"{where}: indexing a feature map")
+    if fn and t in (torch.mean, torch.amax, torch.sum) or meth and t in ("mean", "amax", "sum"):
+        dims = _arg(node, 1, "dim")
+        dims = {d % ndim for d in ((dims,) if isinstance(dims, int) else dims or range(ndim))}
+        if first.flat or not dims & set(first.dims):
+            return first
+        if not set(first.dims) <= dims:
+            raise NotImplementedError(f"{where}: reduction over one spatial axis")
+        keep = bool(_arg(node, 2, "keepdim", False))
+        out = _Geom(first.rows.everything(), first.cols.everything(), first.dims if keep else None,
+                    True)
+        return out
+    raise NotImplementedError(f"{where}: receptive field of this operation is not known")
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracer that also records which node each (non-leaf) module call returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module_outputs: list[tuple[str, fx.Node]] = []
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, fx.Proxy):
+            self.module_outputs.append((self.path_of_module(m), out.node))
+        return out
+
+
+def _meta(v: Any) -> Any:
+    return torch.empty_like(v, device="meta") if isinstance(v, Tensor) else v
+
+
+@dataclass
+class _Trace:
+    nodes: list[tuple[fx.Node, _Geom | None, Any]]     # node, geometry, meta value
+    modules: list[tuple[str, fx.Node]]                  # (module path, its output node), in order
+
+
+def _trace(module: nn.Module, input_size: int) -> _Trace:
+    """Trace `module` in eval mode and propagate geometry and meta tensors through the graph."""
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"input size must be a positive integer, got {input_size!r}")
-    graph = fx.symbolic_trace(module).graph
+    was_training = module.training
+    module.eval()  # the inference graph: no auxiliary heads, no dropout / stochastic depth
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(module)
+    finally:
+        module.train(was_training)
     modules = dict(module.named_modules())
-    env: dict[fx.Node, _Geom | None] = {}
+    geom: dict[fx.Node, _Geom | None] = {}
+    value: dict[fx.Node, Any] = {}
     placeholders = 0
-    out: list[tuple[fx.Node, _Geom | None]] = []
+    out: list[tuple[fx.Node, _Geom | None, Any]] = []
 
     def geoms_of(args: Any) -> list[_Geom]:
         found: list[_Geom] = []
-        fx.node.map_arg(args, lambda n: found.append(env[n]) if env.get(n) is not None else None)
+        fx.node.map_arg(args, lambda n: found.append(geom[n]) if geom.get(n) is not None else None)
         return found
 
-    for node in graph.nodes:
-        where = f"{node.op} {node.target}"
-        g: _Geom | None
-        if node.op == "placeholder":
-            placeholders += 1
-            if placeholders > 1:
-                raise ValueError("the module takes more than one input; RFs need a single image")
-            axis = _Axis(0, 0, 1, input_size)
-            g = _Geom(axis, axis)
-        elif node.op == "get_attr":
-            g = None  # a constant: sees no input pixel
-        elif node.op == "output":
-            continue
-        else:
-            ins = geoms_of((node.args, node.kwargs))
-            first = node.args[0] if node.args else None
-            first_g = env.get(first) if isinstance(first, fx.Node) else None
-            if node.op == "call_module":
-                if first_g is None:
-                    raise ValueError(f"{where}: input carries no image geometry")
-                g = _module_geom(modules[node.target], first_g, where)
-            elif node.op == "call_function" and node.target in _BINARY_FUNCTIONS or \
-                    node.op == "call_method" and node.target in _BINARY_METHODS:
-                g = _union(ins, where) if ins else None
-            elif node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS or \
-                    node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
-                g = first_g
-            elif node.target in (torch.flatten, "flatten"):
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                g = _flatten(first_g, int(start)) if first_g is not None else None
-            elif node.target is F.adaptive_avg_pool2d and first_g is not None:
-                size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
-                g = _adaptive(first_g, size, where)
-            elif not ins:
-                g = None  # shape arithmetic and the like: touches no tensor of the image
+    def values(args: Any) -> Any:
+        return fx.node.map_arg(args, lambda n: value[n])
+
+    with torch.no_grad():
+        for node in graph.nodes:
+            where = f"{node.op} {node.target}"
+            g: _Geom | None
+            if node.op == "placeholder":
+                placeholders += 1
+                if placeholders > 1:
+                    raise ValueError("the module takes more than one input; RFs need one image")
+                axis = _Axis(0, 0, 1, input_size)
+                g, v = _Geom(axis, axis), torch.empty(1, 3, input_size, input_size, device="meta")
+            elif node.op == "get_attr":
+                obj = module
+                for part in str(node.target).split("."):
+                    obj = getattr(obj, part)
+                g, v = None, _meta(obj)  # a constant: sees no input pixel
+            elif node.op == "output":
+                continue
             else:
-                raise NotImplementedError(f"{where}: receptive field of this operation is not "
-                                          f"known")
-        env[node] = g
-        out.append((node, g))
+                ins = geoms_of((node.args, node.kwargs))
+                first = node.args[0] if node.args else None
+                first_g = geom.get(first) if isinstance(first, fx.Node) else None
+                val_in = value.get(first) if isinstance(first, fx.Node) else None
+                args, kwargs = values(node.args), values(node.kwargs)
+                if node.op == "call_module":
+                    m = modules[node.target]
+                    state = {k: _meta(t) for k, t in
+                             [*m.named_parameters(), *m.named_buffers()]}
+                    was = m.training
+                    m.eval()
+                    try:
+                        v = torch.func.functional_call(m, state, tuple(args), dict(kwargs))
+                    finally:
+                        m.train(was)
+                    if first_g is None:
+                        raise ValueError(f"{where}: input carries no image geometry")
+                    g = _module_geom(m, first_g, val_in.dim(), where)
+                elif node.op == "call_function":
+                    v = node.target(*args, **kwargs)
+                    g = _function_geom(node, ins, first_g, val_in, v, where)
+                else:  # call_method
+                    v = getattr(args[0], node.target)(*args[1:], **kwargs)
+                    g = _function_geom(node, ins, first_g, val_in, v, where)
+                if g is not None and not g.flat and isinstance(v, Tensor):
+                    shape = (v.shape[g.dims[0]], v.shape[g.dims[1]])
+                    if shape != (g.rows.n, g.cols.n):  # the arithmetic must match PyTorch's
+                        raise AssertionError(f"{where}: predicted {g.rows.n}x{g.cols.n} "
+                                             f"neurons, PyTorch gives {shape[0]}x{shape[1]}")
+            geom[node], value[node] = g, v
+            out.append((node, g, v))
+    return _Trace(out, tracer.module_outputs)
+
+
+def _rf(g: _Geom) -> RF:
+    r, c = g.rows, g.cols
+    size = max(r.hi - r.lo + 1, c.hi - c.lo + 1)
+    return RF(size=size, jump=r.jump, offset=(r.lo + r.hi) / 2, feature_size=r.n,
+              size_y=r.hi - r.lo + 1, size_x=c.hi - c.lo + 1, jump_x=c.jump,
+              offset_x=(c.lo + c.hi) / 2, feature_size_x=c.n, global_context=g.glob)
+
+
+@dataclass(frozen=True)
+class ModuleField:
+    """What the trace knows about one module's output (see `module_outputs`)."""
+
+    path: str
+    rf: RF | None            # None: the output carries no image geometry
+    shape: tuple[int, ...]   # output shape for a 1-image batch (() when not a tensor)
+    nchw: bool               # a (N, C, H, W) feature map (hookable as a layer)
+    calls: int               # how often the forward calls the module
+    overwritten: bool = False  # an in-place function (F.relu(x, inplace=True)) rewrites it
+
+
+def module_outputs(module: nn.Module, input_size: int = 224) -> dict[str, ModuleField]:
+    """Every module the forward calls (leaf or container), in call order of its first output."""
+    tr = _trace(module, input_size)
+    info = {node: (g, v) for node, g, v in tr.nodes}
+    calls: dict[str, int] = {}
+    first: dict[str, tuple[fx.Node, list]] = {}
+    for path, node in tr.modules:
+        calls[path] = calls.get(path, 0) + 1
+        first.setdefault(path, (node, []))[1].append(node)
+    order = {node: i for i, (node, _, _) in enumerate(tr.nodes)}
+    overwritten = {n.args[0] for n, _, _ in tr.nodes
+                   if n.op in ("call_function", "call_method") and n.args
+                   and isinstance(n.args[0], fx.Node)
+                   and (n.kwargs.get("inplace") is True or
+                        n.op == "call_method" and str(n.target).endswith("_")
+                        and not str(n.target).startswith("_"))}
+    out = {}
+    for path in sorted(first, key=lambda p: order.get(first[p][0], -1)):
+        if not path:
+            continue
+        node = first[path][0]
+        g, v = info.get(node, (None, None))
+        rfs = {_rf(info[n][0]) for n in first[path][1] if info.get(n, (None,))[0] is not None}
+        rf = rfs.pop() if len(rfs) == 1 else None  # two calls, two geometries: no single RF
+        shape = tuple(v.shape) if isinstance(v, Tensor) else ()
+        nchw = (g is not None and not g.flat and isinstance(v, Tensor) and v.dim() == 4
+                and g.dims == (2, 3))
+        out[path] = ModuleField(path, rf, shape, nchw, calls[path], node in overwritten)
     return out
-
-
-def _rf(g: _Geom, where: str) -> RF:
-    if (g.rows.lo, g.rows.hi, g.rows.jump, g.rows.n) != (g.cols.lo, g.cols.hi, g.cols.jump,
-                                                           g.cols.n):
-        raise ValueError(f"{where}: the RF is not square (rows {g.rows}, columns {g.cols})")
-    a = g.rows
-    return RF(size=a.hi - a.lo + 1, jump=a.jump, offset=(a.lo + a.hi) / 2, feature_size=a.n)
 
 
 def module_fields(module: nn.Module, input_size: int = 224) -> dict[str, RF]:
     """RF of the output of every submodule call of `module` for a square input of `input_size`.
 
-    Keyed by module path (the fx `call_module` target). A module called twice with different
-    geometry raises ValueError: its output has no single RF (and would be hooked ambiguously).
-    Unknown operations raise NotImplementedError rather than guess.
+    Keyed by module path, leaf modules and containers alike. A module called twice with
+    different geometry raises ValueError: its output has no single RF (and would be hooked
+    ambiguously). Unknown operations raise NotImplementedError rather than guess.
     """
+    tr = _trace(module, input_size)
+    info = {node: g for node, g, _ in tr.nodes}
     rfs: dict[str, RF] = {}
-    for node, g in _trace(module, input_size):
-        if node.op != "call_module" or g is None:
+    for path, node in tr.modules:
+        g = info.get(node)
+        if not path or g is None:
             continue
-        rf = _rf(g, f"module {node.target}")
-        if rfs.setdefault(node.target, rf) != rf:
-            raise ValueError(f"module {node.target} is called twice with different geometry")
+        rf = _rf(g)
+        if rfs.setdefault(path, rf) != rf:
+            raise ValueError(f"module {path} is called twice with different geometry")
     return rfs
 
 
 def receptive_fields(model: nn.Module, input_size: int = 224) -> dict[str, RF]:
-    """RF of every catalogue layer (conv1, pool1, conv2..convN, fc) keyed by paper name.
+    """RF of every catalogue layer keyed by layer name (`pipeline.layers.catalogue`).
 
-    A layer's RF is that of its measurement point (the ReLU after it; for the second conv of a
-    residual block, the ReLU after the addition, so the RF is the union of both paths). `fc`
-    sees the whole input: its RF is the union over the last feature map.
+    For the ResNet family these are the paper names (conv1, pool1, conv2..convN, fc): a layer's
+    RF is that of its measurement point (the ReLU after it; for the last conv of a residual
+    block, the ReLU after the addition, so the RF is the union of both paths); `fc` sees the
+    whole input. For other models, every analysable module path.
     """
+    from .layers import catalogue
+
     fields = module_fields(model, input_size)
     out = {}
     for name, layer in catalogue(model).items():
@@ -323,16 +623,33 @@ def receptive_fields(model: nn.Module, input_size: int = 224) -> dict[str, RF]:
     return out
 
 
-def rf_table(model: nn.Module, model_name: str, input_size: int = 224) -> pa.Table:
-    """The `receptive_fields.parquet` rows of one model, in forward order (schema RF_SCHEMA)."""
-    rfs = receptive_fields(model, input_size)
-    layers = catalogue(model)
-    rows = [{"model": model_name, "layer": name, "module": layers[name].module,
-             "channels": layers[name].channels, "rf_size": rf.size, "jump": rf.jump,
-             "offset": float(rf.offset), "feature_size": rf.feature_size,
-             "input_size": input_size}
-            for name, rf in rfs.items()]
-    return pa.Table.from_pylist(rows, schema=RF_SCHEMA)
+def rf_rows(model: nn.Module, model_name: str, layers: Sequence[Any],
+            input_size: int = 224) -> list[dict[str, Any]]:
+    """`receptive_fields.parquet` rows for `layers` (pipeline.layers.Layer), in their order."""
+    fields = module_fields(model, input_size)
+    rows = []
+    for layer in layers:
+        rf = fields[layer.point]
+        rows.append({"model": model_name, "layer": layer.name, "module": layer.module,
+                     "channels": layer.channels, "rf_size": rf.size, "jump": rf.jump,
+                     "offset": float(rf.offset), "feature_size": rf.feature_size,
+                     "input_size": input_size, "rf_size_y": rf.size_y, "rf_size_x": rf.size_x,
+                     "jump_y": rf.jump, "jump_x": rf.jump_x, "offset_y": float(rf.offset),
+                     "offset_x": float(rf.offset_x), "feature_height": rf.feature_size,
+                     "feature_width": rf.feature_size_x, "global_context": rf.global_context})
+    return rows
+
+
+def rf_table(model: nn.Module, model_name: str, input_size: int = 224,
+             layers: Sequence[Any] | None = None) -> pa.Table:
+    """The `receptive_fields.parquet` rows of one model, in forward order (schema RF_SCHEMA).
+
+    Default rows: the catalogue (paper names for the ResNet family, module paths otherwise).
+    """
+    from .layers import catalogue
+
+    layers = list(catalogue(model).values()) if layers is None else list(layers)
+    return pa.Table.from_pylist(rf_rows(model, model_name, layers, input_size), schema=RF_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 `edit={"pool1": fn}` replaces a layer's output by `fn(output)` before anything downstream sees
 it (ablation noise); `point="pre"` captures the pre-ReLU values (activation maximization);
 `stop=False` lets the forward run to the logits, which `run` then returns. Each measurement
-point is a distinct module, so no module is ever hooked twice.
+point is a distinct module that gets one hook, however many layers read it (a paper name and a
+module path can name the same output: `pool1` and `maxpool`), so no module is hooked twice.
 """
 from __future__ import annotations
 
@@ -43,13 +44,17 @@ class Trace:
             raise ValueError(f"edit names layers that are not traced: {sorted(missing)}")
         modules = dict(model.named_modules())
         paths = [layer.point if point == "post" else layer.pre for layer in self.layers]
-        if len(set(paths)) != len(paths):
-            raise ValueError(f"two layers share a measurement module: {paths}")
-        self._targets = [(layer, modules[path]) for layer, path in zip(self.layers, paths)]
+        unknown = [p for p in paths if p not in modules]
+        if unknown:
+            raise ValueError(f"no module {unknown[0]!r} in the model")
+        self._groups: dict[str, list[Layer]] = {}
+        for layer, path in zip(self.layers, paths):
+            self._groups.setdefault(path, []).append(layer)
+        self._targets = [(group, modules[path]) for path, group in self._groups.items()]
 
     def __enter__(self) -> "Trace":
-        for layer, module in self._targets:
-            self._handles.append(module.register_forward_hook(self._hook(layer)))
+        for group, module in self._targets:
+            self._handles.append(module.register_forward_hook(self._hook(group)))
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -58,12 +63,13 @@ class Trace:
         self._handles.clear()
         return exc[0] is _StopForward
 
-    def _hook(self, layer: Layer):
+    def _hook(self, group: list[Layer]):
         def hook(_module: nn.Module, _inputs, output: Tensor):
-            if layer.name in self.edit:
-                output = self.edit[layer.name](output)
-            self.outputs[layer.name] = output.detach() if self.detach else output
-            if self.stop and len(self.outputs) == len(self._targets):
+            for layer in group:
+                if layer.name in self.edit:
+                    output = self.edit[layer.name](output)
+                self.outputs[layer.name] = output.detach() if self.detach else output
+            if self.stop and len(self.outputs) == len({layer.name for layer in self.layers}):
                 raise _StopForward
             return output
         return hook

@@ -1,37 +1,58 @@
-"""The layer catalogue: the paper's layer names mapped to modules and measurement points.
+"""The layer catalogue: layer names mapped to modules and measurement points.
 
-Names follow the paper: `conv1` (7x7 stem), `pool1` (the max-pool after it), `conv2` ... `convN`
-(the 3x3 convolutions in forward order), `fc`. For a block's first conv the measurement point is
-its own ReLU (`relu1`); for its second conv it is the ReLU after the addition (`relu2`), whose
-input — the pre-ReLU point activation maximization needs — is the block's `preact` identity.
+ResNet family (resnet*, resnext*, wide_resnet* and their PlainNets): the paper's names. `conv1`
+(7x7 stem), `pool1` (the max-pool after it), `conv2` ... `convN` (every convolution of the
+blocks in forward order: two per BasicBlock, three per Bottleneck; projection shortcuts are not
+numbered), `fc`. The measurement point of a block's conv is its own ReLU (`relu1`, `relu2`);
+for its last conv it is the ReLU after the addition, whose input — the pre-ReLU point
+activation maximization needs — is the block's `preact` identity.
+
+Every model, the ResNets included: module paths (`layer2.1.conv2`, `features.28`), measured at
+that module's output. A module path is analysable when the forward calls it exactly once, it
+returns an (N, C, H, W) feature map and no in-place function overwrites that output later
+(GoogLeNet's `F.relu(bn(x), inplace=True)`: its `…bn` paths are left out; in-place modules
+are switched off by `build_model`) — see `pipeline.geometry.module_outputs`. For the ResNets the
+paper names win where a path has the same name (`conv1` is the stem after its ReLU).
 
     cat = catalogue(model)                 # {name: Layer}, in forward order
     cat["conv3"].module == "layer1.0.conv2"
     resolve_layers(model, "pool1,conv3")   # validated list, ValueError on unknown names
+    resolve_layers(vgg, "features.28")     # any model: module paths
+    analysable_layers(model)               # the catalogue plus every module path
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Layer", "catalogue", "resolve_layers", "PAPER_LAYERS"]
+__all__ = ["Layer", "catalogue", "module_layers", "analysable_layers", "resolve_layers",
+           "PAPER_LAYERS", "has_paper_names"]
 
 PAPER_LAYERS = ("pool1", "conv3", "conv7")
+CATALOGUE_INPUT_SIZE = 224  # input size at which module paths are traced (channels, call count)
 
 
 @dataclass(frozen=True)
 class Layer:
-    name: str      # paper name: conv1, pool1, conv2..convN, fc
-    module: str    # torchvision module path of the weight layer (conv3 -> layer1.0.conv2)
+    name: str      # paper name (conv1, pool1, conv2..convN, fc) or module path
+    module: str    # module path of the weight layer (conv3 -> layer1.0.conv2); the path itself
     channels: int
     point: str     # module whose output is the measurement point (post-ReLU)
-    pre: str       # module whose output is the pre-ReLU value (same as point for pool1 / fc)
+    pre: str       # module whose output is the pre-ReLU value (same as point where none)
     index: int     # position in forward order
 
 
-def catalogue(model: nn.Module) -> dict[str, Layer]:
-    """All named layers of a ResNet/PlainNet built by `pipeline.models`, in forward order."""
+def has_paper_names(model: nn.Module) -> bool:
+    """True for models built from this project's ResNet blocks (paper layer names)."""
+    from .models import BasicBlock, Bottleneck
+
+    return all(hasattr(model, a) for a in ("conv1", "maxpool", "layer1", "fc")) and \
+        isinstance(model.layer1[0], (BasicBlock, Bottleneck))
+
+
+def _paper_catalogue(model: nn.Module) -> dict[str, Layer]:
     rows: list[tuple[str, str, int, str, str]] = [
         ("conv1", "conv1", model.conv1.out_channels, "relu", "bn1"),
         ("pool1", "maxpool", model.conv1.out_channels, "maxpool", "maxpool"),
@@ -40,31 +61,84 @@ def catalogue(model: nn.Module) -> dict[str, Layer]:
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for i, block in enumerate(getattr(model, stage)):
             path = f"{stage}.{i}"
-            rows.append((f"conv{n}", f"{path}.conv1", block.conv1.out_channels,
-                         f"{path}.relu1", f"{path}.bn1"))
-            rows.append((f"conv{n + 1}", f"{path}.conv2", block.conv2.out_channels,
-                         f"{path}.relu2", f"{path}.preact"))
-            n += 2
+            convs = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)]
+            for k, conv in enumerate(convs, start=1):
+                last = k == len(convs)
+                rows.append((f"conv{n}", f"{path}.{conv}", getattr(block, conv).out_channels,
+                             f"{path}.relu{k}", f"{path}.preact" if last else f"{path}.bn{k}"))
+                n += 1
     rows.append(("fc", "fc", model.fc.out_features, "fc", "fc"))
     return {name: Layer(name, mod, ch, point, pre, idx)
             for idx, (name, mod, ch, point, pre) in enumerate(rows)}
 
 
+_MODULE_LAYERS: "weakref.WeakKeyDictionary[nn.Module, dict[str, Layer]]" = \
+    weakref.WeakKeyDictionary()
+_CALL_ORDER: "weakref.WeakKeyDictionary[nn.Module, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
+def module_layers(model: nn.Module) -> dict[str, Layer]:
+    """Every analysable module path of `model`, in forward order (traced once per model)."""
+    cached = _MODULE_LAYERS.get(model)
+    if cached is not None:
+        return cached
+    from .geometry import module_outputs
+
+    fields = module_outputs(model, CATALOGUE_INPUT_SIZE)
+    usable = [f for f in fields.values()
+              if f.nchw and f.calls == 1 and f.rf is not None and not f.overwritten]
+    out = {f.path: Layer(f.path, f.path, int(f.shape[1]), f.path, f.path, i)
+           for i, f in enumerate(usable)}
+    _MODULE_LAYERS[model] = out
+    _CALL_ORDER[model] = {path: i for i, path in enumerate(fields)}
+    return out
+
+
+def catalogue(model: nn.Module) -> dict[str, Layer]:
+    """The named layers of `model` in forward order: the paper names for the ResNet family,
+    every analysable module path for any other model."""
+    return _paper_catalogue(model) if has_paper_names(model) else module_layers(model)
+
+
+def analysable_layers(model: nn.Module) -> dict[str, Layer]:
+    """The catalogue, then every module path not already named by it (what `--list` prints)."""
+    cat = catalogue(model)
+    if not has_paper_names(model):
+        return cat
+    out = dict(cat)
+    for path, layer in module_layers(model).items():
+        out.setdefault(path, layer)
+    return out
+
+
 def resolve_layers(model: nn.Module, spec: str | list[str] | tuple[str, ...]) -> list[Layer]:
-    """Parse `"pool1,conv3"`, `"all"` (every layer but fc) or a list into catalogue entries.
+    """Parse `"pool1,conv3"`, `"layer2.1.conv2"`, `"all"` (every catalogue layer but fc) or a
+    list into Layer entries.
 
     Returned in forward order without duplicates; unknown names raise ValueError that lists
-    what is allowed.
+    what is allowed. Module paths are traced only when a name is not in the catalogue.
     """
     cat = catalogue(model)
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
         return [layer for layer in cat.values() if layer.name != "fc"]
+    paper = has_paper_names(model)
+    allowed = (f"all, conv1, pool1, conv2 ... conv{len(cat) - 2}, fc, or a module path"
+               if paper else "all, or a module path")
+    hint = " (python -m jobs.receptive_fields --model M --list prints them)"
     if not names:
-        raise ValueError("no layer given; allowed: all, " + ", ".join(cat))
+        raise ValueError(f"no layer given; allowed: {allowed}{hint}")
+    if any(n not in cat for n in names):
+        cat = analysable_layers(model) if paper else cat
     unknown = [n for n in names if n not in cat]
     if unknown:
-        raise ValueError(f"unknown layer {unknown[0]!r}; allowed: all, conv1, pool1, "
-                         f"conv2 ... conv{len(cat) - 2}, fc")
-    return sorted({cat[n] for n in names}, key=lambda layer: layer.index)
+        raise ValueError(f"unknown layer {unknown[0]!r}; allowed: {allowed}{hint}")
+    chosen = {cat[n] for n in names}
+    if not paper or all(layer.name in _paper_catalogue(model) for layer in chosen):
+        return sorted(chosen, key=lambda layer: layer.index)
+    # paper names and module paths mixed: order by where the measurement point is computed
+    module_layers(model)
+    order = _CALL_ORDER[model]
+    paper_names = _paper_catalogue(model)
+    return sorted(chosen, key=lambda layer: (order[layer.point], layer.name not in paper_names))

@@ -47,6 +47,39 @@ def test_subprocess_prints_and_writes_both_models(tmp_path):
            for r in res.to_pylist()}
     assert got == {k: (v.size, v.jump, v.offset, v.feature_size) for k, v in rfs.items()}
     assert list(tmp_path.iterdir()) == [out]  # nothing else written
+    # the per-axis columns repeat the square ones; only fc has global context
+    for a, b in (("rf_size", "rf_size_y"), ("rf_size", "rf_size_x"), ("jump", "jump_x"),
+                 ("offset", "offset_x"), ("feature_size", "feature_width")):
+        assert res[a].equals(res[b])
+    flagged = res.filter(res["global_context"])["layer"].to_pylist()
+    assert flagged == ["fc"] and "1 of 35 layers also depend on the whole image" in proc.stderr
+
+
+def test_list_prints_every_analysable_layer_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", "resnet18,alexnet", "--input-size", "64", "--list"]) == 0
+    captured = capsys.readouterr()
+    rows = [ln.split() for ln in captured.out.splitlines()]
+    assert rows[0] == ["model", "layer", "channels", "rf_size_y", "rf_size_x", "jump",
+                       "offset_y", "offset_x", "feature_height", "feature_width",
+                       "global_context"]
+    layers = {(r[0], r[1]): r for r in rows[1:]}
+    # paper names first, then module paths; the paper's conv3 is layer1.0.relu2's output
+    assert layers[("resnet18", "conv3")][2:] == layers[("resnet18", "layer1.0.relu2")][2:]
+    assert layers[("resnet18", "layer1.0.conv1")][3] == layers[("resnet18", "conv2")][3] == "19"
+    assert layers[("alexnet", "features.0")][2:5] == ["64", "11", "11"]
+    assert layers[("alexnet", "avgpool")][-1] == "False"          # 1x1 -> 6x6: replication
+    assert ("resnet18", "fc") in layers and ("resnet18", "avgpool") in layers
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_any_model_writes_module_path_rows(tmp_path):
+    path = tmp_path / "rf.parquet"
+    assert main(["--model", "mobilenet_v3_small", "--input-size", "64", "--out", str(path)]) == 0
+    table = pq.read_table(path).to_pylist()
+    by = {r["layer"]: r for r in table}
+    assert by["features.0.0"]["module"] == "features.0.0" and by["features.0.0"]["rf_size"] == 3
+    assert not by["features.0"]["global_context"] and by["features.1.block.1"]["global_context"]
 
 
 def test_file_out_and_input_size(tmp_path, capsys):
@@ -61,9 +94,9 @@ def test_file_out_and_input_size(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "resnet99"], "unknown model 'resnet99'; allowed: plainnet18, plainnet34, "
-                              "resnet18, resnet34"),
-    (["--model", "resnet34,vgg16"], "unknown model 'vgg16'"),
+    (["--model", "resnet99"], "unknown model 'resnet99'; supported: alexnet, convnext_base, "),
+    (["--model", "resnet34,vit_b_16"], "model 'vit_b_16' is a transformer without "
+                                       "convolutional feature maps; supported: alexnet, "),
     (["--model", ","], "--model is empty"),
     (["--input-size", "0"], "--input-size must be a positive integer, got 0"),
     (["--input-size", "-5"], "--input-size must be a positive integer, got -5"),

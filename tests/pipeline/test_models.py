@@ -69,8 +69,13 @@ def test_block_is_injected_not_copied():
 
 
 def test_unknown_model_and_width_are_rejected():
-    with pytest.raises(ValueError, match="allowed: plainnet18, plainnet34, resnet18, resnet34"):
-        build_model("vgg16")
+    with pytest.raises(ValueError, match="allowed: plainnet18, plainnet34, resnet18, resnet34; "
+                                         "also supported: .*vgg16"):
+        build_model("resnet99")
+    with pytest.raises(ValueError, match="transformer.*supported: .*convnext_tiny"):
+        build_model("vit_b_16")
+    with pytest.raises(ValueError, match="only supported for the ResNet family"):
+        build_model("vgg11", width=16)
     with pytest.raises(ValueError):
         build_model("resnet18", width=0)
     assert model_names() == ["plainnet18", "plainnet34", "resnet18", "resnet34"]
