@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, PositiveMean,
-                           TopK)
+                           Scan, TopK)
 from .geometry import receptive_fields
 from .hooks import Trace
 from .layers import Layer
@@ -89,10 +89,15 @@ class AnalysisOptions:
 
 
 class LayerResult:
-    """All accumulators of one layer."""
+    """All accumulators of one layer, updated from one `Scan` (one read of the activations).
 
-    def __init__(self, spec: LayerSpec, options: AnalysisOptions):
+    `compile`: fuse the scan with torch.compile (None: the PREFERRED_STIMULI_COMPILE variable,
+    see `pipeline.accumulators.use_compile`). Not part of the state: it changes no result
+    beyond the last bits of the float64 channel sums."""
+
+    def __init__(self, spec: LayerSpec, options: AnalysisOptions, compile: bool | None = None):
         self.spec = spec
+        self.compile = compile
         c = spec.channels
         self.topk = {n: TopK(c, options.top_k, n) for n in options.topk_neurons}
         self.mean = {n: PositiveMean(c, spec.size, spec.jump, spec.first, n)
@@ -100,11 +105,12 @@ class LayerResult:
         self.channels = ChannelStats(c)
 
     def update(self, acts: Tensor, images: Tensor, indices: Tensor) -> None:
+        scan = Scan(acts, compiled=self.compile)
         for acc in self.topk.values():
-            acc.update(acts, indices)
+            acc.update(scan, indices)
         for acc in self.mean.values():
-            acc.update(acts, images)
-        self.channels.update(acts)
+            acc.update(scan, images)
+        self.channels.update(scan)
 
     def merge(self, other: "LayerResult") -> None:
         if other.spec != self.spec or other.topk.keys() != self.topk.keys() \
@@ -125,7 +131,7 @@ class LayerResult:
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "LayerResult":
         r = cls.__new__(cls)
-        r.spec = LayerSpec(**s["spec"])
+        r.spec, r.compile = LayerSpec(**s["spec"]), None
         r.topk = {n: TopK.from_state(v) for n, v in s["topk"].items()}
         r.mean = {n: PositiveMean.from_state(v) for n, v in s["mean"].items()}
         r.channels = ChannelStats.from_state(s["channels"])
@@ -135,14 +141,17 @@ class LayerResult:
 class AnalysisResult:
     """Accumulators of every analysed layer; merge / state / from_state / tables."""
 
-    def __init__(self, specs: list[LayerSpec], options: AnalysisOptions):
-        self.layers = {s.name: LayerResult(s, options) for s in specs}
+    def __init__(self, specs: list[LayerSpec], options: AnalysisOptions,
+                 compile: bool | None = None):
+        self.layers = {s.name: LayerResult(s, options, compile) for s in specs}
 
     @property
     def images(self) -> int:
         return next(iter(self.layers.values())).channels.images if self.layers else 0
 
     def update(self, acts: dict[str, Tensor], images: Tensor, indices: Tensor) -> None:
+        """One batch: `acts` per layer (N, C, H, W) on any device, uint8 `images` (N, 3, H, W),
+        `indices` (N,) image_index. State stays on the activations' device (no host copy)."""
         for name, layer in self.layers.items():
             layer.update(acts[name], images, indices)
 
@@ -203,7 +212,7 @@ class ShardRunner:
 
     def __init__(self, model: nn.Module, preprocess: Preprocess, specs: list[LayerSpec],
                  options: AnalysisOptions, device: str = "cpu", batch_size: int = 64,
-                 layers: list[Layer] | None = None):
+                 layers: list[Layer] | None = None, compile: bool | None = None):
         from .layers import catalogue
 
         self.device = torch.device(device)
@@ -215,11 +224,12 @@ class ShardRunner:
         self.specs = specs
         self.options = options
         self.batch_size = int(batch_size)
+        self.compile = compile           # accumulator scan: None = PREFERRED_STIMULI_COMPILE
         cat = catalogue(model)
         self.layers = layers or [cat[s.name] for s in specs]
 
     def new_result(self) -> AnalysisResult:
-        return AnalysisResult(self.specs, self.options)
+        return AnalysisResult(self.specs, self.options, self.compile)
 
     def activations(self, images: Tensor) -> dict[str, Tensor]:
         """Post-ReLU activations of the layers for a uint8 (N, 3, H, W) batch, on the device."""
