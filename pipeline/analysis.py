@@ -36,7 +36,7 @@ from .layers import Layer
 from .preprocess import Preprocess
 
 __all__ = ["LayerSpec", "AnalysisOptions", "LayerResult", "AnalysisResult", "ShardRunner",
-           "layer_specs", "TOPK_GEOMETRY_SCHEMA", "state_nbytes"]
+           "layer_specs", "TOPK_GEOMETRY_SCHEMA", "state_nbytes", "accumulator_timing"]
 
 # topk.parquet before the PNG patches are added: accumulator columns plus the RF box.
 TOPK_GEOMETRY_SCHEMA = pa.schema(list(TOPK_SCHEMA) + [
@@ -200,6 +200,56 @@ def state_nbytes(state: Any) -> int:
     if isinstance(state, dict):
         return sum(state_nbytes(v) for v in state.values())
     return 0
+
+
+def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: dict[str, Tensor],
+                       images: Tensor, indices: Tensor, repeats: int = 5,
+                       compile: bool | None = None) -> dict[str, float]:
+    """Milliseconds per batch of `AnalysisResult.update` on captured activations, against the
+    memory floor: one `amax` read of the same activations (`acts.amax((0, 2, 3))` per layer).
+
+    `accumulator_ms_per_batch`: the steady state of a long run, a result that already holds this
+    batch's images, fed the same activations under later image indices (they tie and lose, so no
+    image enters a top-k: what most batches of a long run look like). `accumulator_cold_ms_per_batch`:
+    a fresh result each time (every image may enter a top-k: the first batch of a shard).
+    Best of `repeats`, each after one untimed warm-up; CUDA is synchronised around each timing.
+    """
+    import time
+
+    n = images.shape[0]
+    indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+    dev = next(iter(acts.values())).device
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(max(1, repeats)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+
+    warm = AnalysisResult(specs, options, compile)
+    shift = [0]
+
+    def steady() -> None:
+        shift[0] += n
+        warm.update(acts, images, indices + shift[0])
+
+    with torch.no_grad():
+        warm.update(acts, images, indices)
+        cold = best(lambda: AnalysisResult(specs, options, compile).update(acts, images, indices))
+        hot = best(steady)
+        floor = best(lambda: [a.amax((0, 2, 3)) for a in acts.values()])
+    return {"accumulator_ms_per_batch": round(hot, 3), "accumulator_cold_ms_per_batch": round(cold, 3),
+            "amax_floor_ms_per_batch": round(floor, 3),
+            "accumulator_floor_ratio": round(hot / max(floor, 1e-9), 2)}
 
 
 class ShardRunner:
