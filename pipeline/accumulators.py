@@ -319,20 +319,31 @@ class TopK(_OnDevice):
         if n == 0:
             return self
         self._to(scan.device)
+        cpu = scan.device.type == "cpu"
         idx = idx.to(scan.device, non_blocking=True).expand(c, n)
+        val = (scan.center if self.neuron == "center" else scan.image_max).T.float()
+        need = None
+        if cpu:
+            # A candidate can enter only if its key is not worse than the k-th best key of state
+            # and batch together (the state is sorted: when full, its last entry bounds that).
+            # On CPU the test is free (no device sync), and in a long run it is false for almost
+            # every candidate: no position, no merge.
+            key = _order_key(val, idx)
+            if self.activation.shape[1] == self.k:
+                kth = _order_key(self.activation[:, -1:], self.image_index[:, -1:])
+            else:
+                both = torch.cat([_order_key(self.activation, self.image_index), key], 1)
+                kth = both.sort(1).values[:, min(self.k, both.shape[1]) - 1:][:, :1]
+            need = key <= kth
+            if not bool(need.any()):
+                return self
         if self.neuron == "center":
-            val = scan.center.T.float()
             y = torch.full((c, n), scan.h // 2, dtype=torch.int64, device=scan.device)
             self._keep(val, idx, y, torch.full_like(y, w // 2))
             return self
-        val = scan.image_max.T.float()
-        key = _order_key(val, idx)
-        # Only candidates whose key is <= the k-th best key (state and batch together) can
-        # enter; their positions are the only ones needed. The others keep y = x = 0 and are
+        # Positions only for the candidates that can enter; the others keep y = x = 0 and are
         # never selected (at least k candidates are strictly better).
-        if scan.device.type == "cpu":
-            both = torch.cat([_order_key(self.activation, self.image_index), key], 1)
-            need = key <= both.sort(1).values[:, min(self.k, both.shape[1]) - 1:][:, :1]
+        if cpu:
             cs, ns = need.nonzero(as_tuple=True)
             pos = torch.zeros(c, n, dtype=torch.int64)
             if cs.numel():
