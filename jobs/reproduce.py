@@ -1,26 +1,18 @@
 """The whole chain in one command: data -> train -> analyze -> ablate -> actmax -> types -> report.
 
-    python -m jobs.reproduce                                   # embedded demo, ./results, ~5 min on 2 CPUs
-    python -m jobs.reproduce --preset paper --train-data s3://b/imagenet/train \\
-        --data s3://b/imagenet/val --out s3://b/results        # the real thing on a GPU cluster
-    python -m jobs.reproduce --preset paper --data s3://b/imagenet/val --out s3://b/results \\
-        --checkpoint-resnet s3://b/r34.pt --checkpoint-plainnet s3://b/p34.pt   # skip training
+    python -m jobs.reproduce                             # embedded demo, ./results, ~5 min on 2 CPUs
+    python -m jobs.reproduce --preset paper --train-data s3://b/imagenet/train \
+        --data s3://b/imagenet/val --out s3://b/results  # the real thing on a GPU cluster
     python -m jobs.reproduce --seeds 3 --fractions 1ch,0.25,0.5,0.75   # Table 1 over 3 trainings
-    python -m jobs.reproduce --models resnet50,vgg16 --data s3://b/val --checkpoints \\
-        resnet50=s3://b/r50.pt,vgg16=s3://b/v16.pt --layers resnet50=pool1,conv7,vgg16=features.4,features.28 \\
-        --ablate-layer vgg16=features.4                        # any pair of supported models
+    python -m jobs.reproduce --models resnet50,vgg16 --layers resnet50=pool1,conv7,vgg16=features.4,\
+        features.28 --ablate-layer vgg16=features.4      # any pair (docs/cluster.md)
 
-Every stage writes under --out (local or s3://) and is resumable twice over: a stage whose final
-output exists is skipped, and an interrupted stage resumes from its own partials. The layout of
---out is pipeline/layout.py's (train/, analysis/, ablation/, actmax/<model>/, the combined
-ablation and actmax tables, neuron_types/, report/index.html, run.json, seeds/<s>/ for training
-seeds s >= 1). With --seeds N every model is trained N times, each run analysed and ablated;
-the census and ablation tables hold every seed and Table 1 is the mean ± std across them;
-actmax, neuron types and the report use training seed 0. Each job runs in this process (one Ray,
-one console); Ray's own log goes to <out>/_logs/ray.log, each stage's command to run.json.
-
-Per-model options (--layers, --actmax-layers, --ablate-layer, --checkpoints) take a comma list
-in which `MODEL=` starts that model's items; items before any `MODEL=` apply to every model.
+Each stage runs its job in this process (one Ray, one console) unless its final output exists
+under --out (local or s3://); an interrupted stage resumes from its own partials. --out has
+pipeline/layout.py's layout; training seeds s >= 1 (--seeds) go under seeds/<s>/, the combined
+census, ablation and Table 1 cover every seed, actmax, neuron types and the report use seed 0.
+Per-model options take a comma list in which `MODEL=` starts that model's items (items before
+any `MODEL=` apply to every model). Ray's log: <out>/_logs/ray.log; commands run: run.json.
 """
 from __future__ import annotations
 
