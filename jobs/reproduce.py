@@ -60,7 +60,8 @@ def per_model(spec: str | None, models: Sequence[str], flag: str) -> dict[str, l
 
 @dataclass(frozen=True)
 class ReproduceConfig(Options):
-    out: str = opt("./results", "output root (local path or s3://...)")
+    out: str = opt("./results", "output root (local path or s3://...)",
+                   parse=lambda v: v.rstrip("/") or v)
     preset: str = opt("demo", "demo (embedded data, small models) or paper")
     models: tuple[str, ...] = opt(PAPER_MODELS, "the models compared, comma list (default: the "
                                   "paper's pair); any of pipeline.models.supported_models()",
