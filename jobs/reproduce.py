@@ -286,7 +286,8 @@ class Chain:
                 *_flag("--limit", c.limit),
                 *(["--shards", "2", "--eval-batch", "64"] if c.preset == "demo" else [])]
         self.stage(_name("ablate", model, seed),
-                   lambda: tables.exists(tables.join(out, "table1.parquet")), "ablate", argv)
+                   lambda: tables.exists(layout.ablation_table(self.out, model, "table1", seed)),
+                   "ablate", argv)
 
     def combine_ablation(self) -> None:
         """ablation/{ablation,census}.parquet over every model and seed, and Table 1 from them."""
@@ -294,7 +295,7 @@ class Chain:
 
         url = {n: layout.combined(self.out, "ablation", n) for n in ("ablation", "census", "table1")}
         for name in ("ablation", "census"):
-            _concat([tables.join(layout.ablation_dir(self.out, m, s), f"{name}.parquet")
+            _concat([layout.ablation_table(self.out, m, name, s)
                      for s in range(self.cfg.seeds) for m in self.cfg.models], url[name])
         if tables.exists(url["ablation"]) and tables.exists(url["census"]):
             tables.write_table(table1(tables.read_table(url["ablation"]),
@@ -304,7 +305,7 @@ class Chain:
         out, r = layout.actmax_dir(self.out, model), self.recipes.get((model, 0))
         argv = [*self.model(model), "--out", out, "--layers", self.plan[model][1],
                 *_flag("--input-size", r["eval_crop"] if r else None)]
-        self.stage(f"actmax:{model}", lambda: tables.exists(tables.join(out, "actmax.parquet")),
+        self.stage(f"actmax:{model}", lambda: tables.exists(layout.actmax_table(self.out, model)),
                    "actmax", argv)
 
     def neuron_types(self) -> None:
@@ -314,7 +315,8 @@ class Chain:
             ckpt = self.checkpoints.get((model, 0))
             if ckpt and not ckpt.startswith(self.out):
                 argv += ["--checkpoint", f"{model}={ckpt}"]
-        self.stage("neuron_types", lambda: tables.exists(tables.join(out, "summary.parquet")),
+        self.stage("neuron_types",
+                   lambda: tables.exists(layout.neuron_types_table(self.out, "summary")),
                    "neuron_types", argv)
 
     def run(self) -> None:
@@ -329,7 +331,7 @@ class Chain:
         self.combine_ablation()
         for model in models:
             self.actmax(model)
-        _concat([tables.join(layout.actmax_dir(self.out, m), "actmax.parquet") for m in models],
+        _concat([layout.actmax_table(self.out, m) for m in models],
                 layout.combined(self.out, "actmax", "actmax"))
         self.neuron_types()
         self.stage("report", lambda: False, "report", ["--out", self.out])
