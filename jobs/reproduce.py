@@ -1,11 +1,11 @@
 """The whole chain in one command: data -> train -> analyze -> ablate -> actmax -> types -> report.
 
-    python -m jobs.reproduce                             # embedded demo, ./results, ~5 min on 2 CPUs
-    python -m jobs.reproduce --preset paper --train-data s3://b/imagenet/train \
-        --data s3://b/imagenet/val --out s3://b/results  # the real thing on a GPU cluster
+    python -m jobs.reproduce                    # embedded demo, ./results, ~5 min on 2 CPUs
+    python -m jobs.reproduce --preset paper --train-data s3://b/imagenet/train \\
+        --data s3://b/imagenet/val --out s3://b/results   # the real thing on a GPU cluster
     python -m jobs.reproduce --seeds 3 --fractions 1ch,0.25,0.5,0.75   # Table 1 over 3 trainings
-    python -m jobs.reproduce --models resnet50,vgg16 --layers resnet50=pool1,conv7,vgg16=features.4,\
-        features.28 --ablate-layer vgg16=features.4      # any pair (docs/cluster.md)
+    python -m jobs.reproduce --models resnet50,vgg16 --checkpoints resnet50=r50.pt,vgg16=v16.pt \\
+        --layers pool1,conv7,vgg16=features.4,features.28 --ablate-layer vgg16=features.4
 
 Each stage runs its job in this process (one Ray, one console) unless its final output exists
 under --out (local or s3://); an interrupted stage resumes from its own partials. --out has
@@ -60,41 +60,36 @@ def per_model(spec: str | None, models: Sequence[str], flag: str) -> dict[str, l
 
 @dataclass(frozen=True)
 class ReproduceConfig(Options):
-    out: str = opt("./results", "output root (local path or s3://...)",
+    out: str = opt("./results", "output root, local path or s3://... (default: ./results)",
                    parse=lambda v: v.rstrip("/") or v)
     preset: str = opt("demo", "demo (embedded data, small models) or paper")
-    models: tuple[str, ...] = opt(PAPER_MODELS, "the models compared, comma list (default: the "
-                                  "paper's pair); any of pipeline.models.supported_models()",
-                                  parse=_items)
+    models: tuple[str, ...] = opt(PAPER_MODELS, "the models compared, comma list (default: "
+                                  f"{','.join(PAPER_MODELS)}); any of "
+                                  "pipeline.models.supported_models()", parse=_items)
     train_data: str | None = opt(None, "training images (class folders, s3:// ok)")
-    data: str | None = opt(None, "validation images (ImageNet val layouts, class folders or a "
-                           ".parquet manifest)")
-    checkpoint_resnet: str | None = opt(None, "use this resnet34 checkpoint (ours or a "
-                                        "torchvision state_dict) instead of training")
-    checkpoint_plainnet: str | None = opt(None, "use this plainnet34 checkpoint instead of training")
-    checkpoints: str | None = opt(None, "MODEL=URL,... checkpoints to use instead of training, "
-                                  "for any --models")
+    data: str | None = opt(None, "validation images (any layout of docs/data.md)")
+    checkpoint_resnet: str | None = opt(None, "resnet34 checkpoint (ours or torchvision's) to "
+                                        "use instead of training")
+    checkpoint_plainnet: str | None = opt(None, "plainnet34 checkpoint to use instead of training")
+    checkpoints: str | None = opt(None, "MODEL=URL,...: checkpoints instead of training, any model")
     epochs: int | None = opt(None, "training epochs (default: preset's)", check=at_least(1))
-    workers: int | None = opt(None, "training workers (default: 2 on CPU, one per GPU of the "
-                              "cluster)", check=at_least(1))
-    limit: int | None = opt(None, "analyse and ablate only the first N validation images",
-                            check=at_least(1))
-    seeds: int = opt(1, "training seeds per model (0 .. N-1): each is trained, analysed and "
-                     "ablated; Table 1 is mean ± std across them", check=at_least(1))
+    workers: int | None = opt(None, "training workers (default: 2 on CPU, one per GPU)",
+                              check=at_least(1))
+    limit: int | None = opt(None, "analyse and ablate only the first N images", check=at_least(1))
+    seeds: int = opt(1, "training seeds per model (0 .. N-1), each trained, analysed and ablated; "
+                     "Table 1 is mean ± std across them (default: 1)", check=at_least(1))
     noise_seeds: int = opt(3, "ablation noise seeds", check=at_least(1))
-    fractions: str | None = opt(None, "inactive-random subset sizes for jobs.ablate --fraction "
-                                "(default: its sweep, 1ch,0.25,0.5,0.75)")
-    loader_workers: int | None = opt(None, "data-loading processes per training worker "
-                                     "(jobs.train --loader-workers; default: the job's)",
+    fractions: str | None = opt(None, "jobs.ablate --fraction (default: its 1ch,0.25,0.5,0.75)")
+    loader_workers: int | None = opt(None, "jobs.train --loader-workers (default: the job's)",
                                      check=at_least(0))
-    layers: str | None = opt(None, "analysis layers, [MODEL=]LAYER,... (default: "
-                             f"{PAPER_LAYERS} for the ResNet family; required for other models)")
-    actmax_layers: str | None = opt(None, "layers for activation maximization, [MODEL=]LAYER,... "
-                                    "(default: the analysis layers)")
-    ablate_layer: str | None = opt(None, "layer whose inactive channels are noised, "
-                                   "[MODEL=]LAYER,... (default: pool1 for the ResNet family; "
-                                   "required for other models); one of its analysis layers")
-    stages: tuple[str, ...] = opt(STAGES, f"comma list of stages to run (default: all: "
+    layers: str | None = opt(None, f"analysis layers, [MODEL=]LAYER,... (default: {PAPER_LAYERS} "
+                             "for the ResNet family; required for other models)")
+    actmax_layers: str | None = opt(None, "actmax layers, [MODEL=]LAYER,... (default: the "
+                                    "analysis layers)")
+    ablate_layer: str | None = opt(None, "[MODEL=]LAYER: the layer whose inactive channels are "
+                                   "noised, one of the analysis layers (default: pool1 for the "
+                                   "ResNet family; required for other models)")
+    stages: tuple[str, ...] = opt(STAGES, "stages to run, comma list (default: all: "
                                   f"{','.join(STAGES)})", parse=_items)
 
     def check(self) -> None:
@@ -114,7 +109,13 @@ class ReproduceConfig(Options):
                 parse_subsets(self.fractions)
             except ValueError as e:
                 raise BadInput(str(e).replace("--fraction", "--fractions")) from None
-        self._check_models()
+        from pipeline.models import supported_models
+
+        allowed = supported_models()
+        bad = [m for m in self.models if m not in allowed]
+        if bad or not self.models or len(set(self.models)) != len(self.models):
+            what = f"unknown model {bad[0]!r}" if bad else f"--models {','.join(self.models)!r}"
+            raise BadInput(f"{what}; allowed: distinct names among {', '.join(allowed)}")
         given = self.given_checkpoints()
         if self.seeds > 1 and given:
             raise BadInput(f"--seeds {self.seeds} trains {self.seeds} runs per model; given "
@@ -125,15 +126,6 @@ class ReproduceConfig(Options):
                            "(--checkpoint-resnet and --checkpoint-plainnet, or --checkpoints) "
                            "to skip training")
         self.layer_plan()
-
-    def _check_models(self) -> None:
-        from pipeline.models import supported_models
-
-        allowed = supported_models()
-        bad = [m for m in self.models if m not in allowed]
-        if bad or not self.models or len(set(self.models)) != len(self.models):
-            what = f"unknown model {bad[0]!r}" if bad else f"--models {','.join(self.models)!r}"
-            raise BadInput(f"{what}; allowed: distinct names among {', '.join(allowed)}")
 
     def given_checkpoints(self) -> dict[str, str]:
         """model -> checkpoint URL given instead of training."""
@@ -293,7 +285,8 @@ class Chain:
         """ablation/{ablation,census}.parquet over every model and seed, and Table 1 from them."""
         from pipeline.ablation import table1
 
-        url = {n: layout.combined(self.out, "ablation", n) for n in ("ablation", "census", "table1")}
+        url = {n: layout.combined(self.out, "ablation", n)
+               for n in ("ablation", "census", "table1")}
         for name in ("ablation", "census"):
             _concat([layout.ablation_table(self.out, m, name, s)
                      for s in range(self.cfg.seeds) for m in self.cfg.models], url[name])
