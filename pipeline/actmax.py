@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .geometry import ModuleField, module_outputs
 from .hooks import Trace
-from .layers import Layer, catalogue
+from .layers import Layer, analysable_layers, catalogue, has_paper_names
 from .preprocess import Preprocess
 
 __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
@@ -290,9 +291,9 @@ class ActmaxResult:
     end: Tensor              # (B,) measured objective at the final image (no transforms)
     history: Tensor          # (steps, B) the optimised objective at each step (with transforms)
     channels: list[int] = field(default_factory=list)
-    y: int = -1              # centre neuron of the full feature map (-1: no spatial map)
+    y: int = -1              # centre neuron (H//2, W//2) of the full map (-1: no spatial map)
     x: int = -1
-    window: tuple[int, int] = (0, 0)   # input rows/cols [start, stop) that were optimised
+    window: tuple[int, int, int, int] = (0, 0, 0, 0)  # rows [0]:[1], cols [2]:[3] optimised
 
 
 @contextlib.contextmanager
@@ -325,6 +326,8 @@ def optimize(model: nn.Module, objective: Objective, params: list[Tensor], image
     measure = measure or objective
     cat = catalogue(model)
     names = tuple(dict.fromkeys(objective.layers + measure.layers))
+    if any(n not in cat for n in names):
+        cat = analysable_layers(model)     # a ResNet's module paths besides its paper names
     unknown = [n for n in names if n not in cat]
     if unknown or not names:
         raise ValueError(f"objective needs traced layers; unknown: {unknown or names}")
@@ -361,51 +364,74 @@ def optimize(model: nn.Module, objective: Objective, params: list[Tensor], image
 # ---------------------------------------------------------------------- receptive-field window
 @dataclass(frozen=True)
 class Window:
-    start: int        # first input row (and column) of the window
+    """The input rows [start, stop) and columns [start_x, stop_x) the centre neuron depends on.
+
+    `centre` / `centre_x`: the centre neuron (H//2, W//2) of the full feature map; `local` /
+    `local_x`: the same neuron's index in the feature map of the window. The `_x` fields default
+    to the rows' values (a square RF)."""
+    start: int        # first input row of the window
     stop: int         # one past the last
-    centre: int       # the centre neuron's index in the full feature map
-    local: int        # its index in the feature map of the window
-    feature_size: int  # the full feature map's side
+    centre: int       # the centre neuron's row in the full feature map
+    local: int        # its row in the feature map of the window
+    feature_size: int  # the full feature map's height
+    start_x: int | None = None
+    stop_x: int | None = None
+    centre_x: int | None = None
+    local_x: int | None = None
+    feature_size_x: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("start", "stop", "centre", "local", "feature_size"):
+            if getattr(self, f"{name}_x") is None:
+                object.__setattr__(self, f"{name}_x", getattr(self, name))
 
 
-def _spatial(module: nn.Module) -> tuple[int, int, int]:
-    def first(v: int | tuple[int, ...]) -> int:
-        return v[0] if isinstance(v, tuple) else int(v)
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-        if first(module.dilation) != 1:
-            raise ValueError("dilated layers are not supported by the window computation")
-        return first(module.kernel_size), first(module.stride), first(module.padding)
-    raise ValueError(f"no spatial geometry for {type(module).__name__}")
+_FIELDS: "weakref.WeakKeyDictionary[nn.Module, dict[int, dict[str, ModuleField]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _field(model: nn.Module, layer: Layer, size: int) -> ModuleField:
+    """What the geometry trace knows about the layer's measurement point at a size×size input
+    (traced once per model and size: the geometry does not depend on the weights)."""
+    per_size = _FIELDS.setdefault(model, {})
+    if size not in per_size:
+        per_size[size] = module_outputs(model, size)
+    return per_size[size][layer.point]
+
+
+def _centre(model: nn.Module, layer: Layer, size: int) -> tuple[int, int]:
+    """The centre neuron (H//2, W//2) of the layer's map; (-1, -1) without one (fc)."""
+    f = _field(model, layer, size)
+    return f.rf.center() if f.nchw and f.rf is not None else (-1, -1)
+
+
+def _span(top: int, extent: int, jump: int, n: int, size: int) -> tuple[int, int, int, int]:
+    """(start, stop, centre, local) on one axis: the RF [top, top + extent) of neuron n // 2
+    clipped to the image, `start` rounded down to a multiple of the jump."""
+    c = n // 2
+    start = max(0, top) // jump * jump
+    return start, min(size, top + extent), c, c - start // jump
 
 
 def input_window(model: nn.Module, layer: Layer, size: int) -> Window | None:
-    """The input rows [start, stop) (same for columns) on which the centre neuron of `layer`
-    depends, for a size×size input; None for fc (it sees everything).
+    """The input window on which the centre neuron of `layer` depends, for a size×size input;
+    None where the neuron sees the whole image (fc, a `global_context` layer: adaptive pooling,
+    a squeeze-and-excitation gate) or the geometry has no single RF.
 
-    The walk follows the catalogue's weight layers in forward order: a residual block's 1x1
-    projection shortcut has the same centre and a smaller extent than its 3x3 main branch, so
-    the union of both RFs is the main branch's. `start` is rounded down to a multiple of the
-    layer's jump, so that every strided layer sees the window on its own grid: the window's
-    neuron `local` then computes exactly what the full input's neuron `centre` computes.
+    The RF is `pipeline.geometry`'s (the union over every path, per axis). `start` is rounded
+    down to a multiple of the layer's jump, so that every strided layer sees the window on its
+    own grid: the window's neuron `local` then computes exactly what the full input's neuron
+    `centre` computes (every intermediate neuron it reads lies inside the window, so the window's
+    zero padding replaces nothing it reads).
     """
-    if layer.name == "fc":
+    f = _field(model, layer, size)
+    rf = f.rf
+    if not f.nchw or rf is None or rf.global_context or 0 in (rf.jump, rf.jump_x):
         return None
-    modules = dict(model.named_modules())
-    r, j, o, n = 1, 1, 0.0, size
-    for entry in catalogue(model).values():
-        if entry.index > layer.index:
-            break
-        k, s, p = _spatial(modules[entry.module])
-        r += (k - 1) * j
-        o += ((k - 1) / 2 - p) * j
-        j *= s
-        n = (n + 2 * p - k) // s + 1
-    c = n // 2
-    centre_px = o + j * c
-    lo, hi = math.floor(centre_px - (r - 1) / 2), math.ceil(centre_px + (r - 1) / 2)
-    start = max(0, lo) // j * j
-    stop = min(size, hi + 1)
-    return Window(start, stop, c, c - start // j, n)
+    top, left, h, w = rf.rect(*rf.center())
+    rows = _span(top, h, rf.jump, rf.feature_size, size)
+    cols = _span(left, w, rf.jump_x, rf.feature_size_x, size)
+    return Window(*rows, rf.feature_size, *cols, rf.feature_size_x)
 
 
 # ------------------------------------------------------------------------ the paper's recipe
@@ -459,9 +485,9 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
                          f"allowed: 0-{layer.channels - 1}")
     b = len(channels)
     win = input_window(model, layer, size) if settings.exact_crop else None
-    full = input_window(model, layer, size)
-    h0, h1 = (win.start, win.stop) if win is not None else (0, size)
-    shape = (b, 3, h1 - h0, h1 - h0)
+    h0, h1, w0, w1 = ((win.start, win.stop, win.start_x, win.stop_x) if win is not None
+                      else (0, size, 0, size))
+    shape = (b, 3, h1 - h0, w1 - w0)
     seeds = [derive_seed("actmax", settings.seed, layer.name, c) for c in channels]
     if settings.param == "pixel":
         params, image_fn = pixel(shape, device=device)
@@ -469,13 +495,8 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
         params, image_fn = decorrelated(shape, preprocess, seeds, device=device)
     else:
         params, image_fn = fft(shape, preprocess, seeds, device=device)
-    yx = (win.local, win.local) if win is not None else (None, None)
-    if layer.name == "pool1":
-        # pool1's catalogue point is the max-pool output, which is already past conv1's ReLU;
-        # max-pool commutes with ReLU, so its pre-ReLU value is max-pool of conv1's pre-ReLU map
-        target = _pooled_neuron(catalogue(model)["conv1"].name, model.maxpool, channels, *yx)
-    else:
-        target = neuron(layer.name, channels, *yx)
+    yx = (win.local, win.local_x) if win is not None else (None, None)
+    target = _target(model, layer, channels, yx)
     objective = target
     if settings.tv:
         objective = objective + total_variation(settings.tv)
@@ -488,12 +509,24 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
     if win is not None:
         # outside the window the full-image run keeps its zero start exactly (zero gradient)
         full_input = torch.zeros((b, 3, size, size), dtype=res.input.dtype)
-        full_input[:, :, h0:h1, h0:h1] = res.input
+        full_input[:, :, h0:h1, w0:w1] = res.input
         res.input = full_input
     res.channels = channels
-    res.y = res.x = full.centre if full is not None else -1
-    res.window = (h0, h1)
+    res.y, res.x = _centre(model, layer, size)
+    res.window = (h0, h1, w0, w1)
     return res
+
+
+def _target(model: nn.Module, layer: Layer, channels: list[int],
+            yx: tuple[int | None, int | None]) -> Objective:
+    """The layer's pre-ReLU neuron at `yx` (None: the centre) for each of `channels`."""
+    if layer.name == "pool1" and has_paper_names(model):
+        cat = catalogue(model)
+        # pool1's catalogue point is the max-pool output, which is already past conv1's ReLU;
+        # max-pool commutes with ReLU, so its pre-ReLU value is max-pool of conv1's pre-ReLU map
+        pool = dict(model.named_modules())[layer.module]
+        return _pooled_neuron(cat["conv1"].name, pool, channels, *yx)
+    return neuron(layer.name, channels, *yx)
 
 
 @torch.no_grad()
