@@ -54,7 +54,7 @@ __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
            "Transform", "jitter", "random_scale", "compose",
            "ActmaxResult", "optimize", "Window", "input_window",
            "Settings", "maximize_channels", "calibrate_bn", "display_images", "png_bytes",
-           "derive_seed"]
+           "derive_seed", "channel_list", "sort_rows", "chunk_table", "TABLE_SCHEMA"]
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -633,6 +633,38 @@ TABLE_SCHEMA = pa.schema([
     ("x", pa.int32()),
     ("param", pa.string()),               # pixel | decorrelated | fft
 ])
+
+
+def channel_list(spec: str, n: int) -> list[int]:
+    """"all" | "0-63" | "0,5,7" | "0-3,8" -> sorted unique channels of a layer with `n`; a
+    ValueError says "invalid channel spec '…'" or "channel 70 out of range"."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n))
+    out: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        first, dash, last = part[1:].partition("-")   # a leading "-" is a sign: "-1"
+        try:
+            lo = int(part[:1] + first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise ValueError(f"invalid channel spec {spec!r}") from None
+        if lo > hi:
+            raise ValueError(f"invalid channel spec {spec!r}")
+        vals = range(lo, hi + 1)
+        bad = [v for v in vals if not 0 <= v < n]
+        if bad:
+            raise ValueError(f"channel {bad[0]} out of range")
+        out.update(vals)
+    return sorted(out)
+
+
+def sort_rows(table: pa.Table, layers: Sequence[str]) -> pa.Table:
+    """actmax.parquet rows in `layers` order, channels ascending (whatever order chunks came in)."""
+    order = {name: i for i, name in enumerate(layers)}
+    idx = sorted(range(table.num_rows), key=lambda i: (order[table["layer"][i].as_py()],
+                                                       table["channel"][i].as_py()))
+    return table.take(pa.array(idx, type=pa.int64()))
 
 
 def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channels: list[int],
