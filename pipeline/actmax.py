@@ -578,44 +578,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
-                 channels: int = 64, size: int = 224, steps: int = 31,
-                 no_crop: bool = False, threads: int | None = None) -> dict[str, float]:
-    """Seconds for all `channels` of `layer` batched (forward stopped at the layer, RF window
-    crop) vs ONE channel through the full network (batch 1, whole input, forward to the
-    logits); `ratio` = batched / one-channel, the issue's "no more than about four" figure."""
-    import time
-    from dataclasses import replace
-
-    from .models import build_model
-    from .preprocess import IMAGENET
-
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = calibrate_bn(build_model(model, width=width), size, images=4, batch=4)
-    lay = catalogue(net)[layer]
-    settings = Settings(steps=steps)
-    # warm-up outside the clock: Adam's first step imports torch._dynamo (seconds, once)
-    maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
-    t = time.perf_counter()
-    maximize_channels(net, lay, range(channels), size, IMAGENET, settings)
-    batched = time.perf_counter() - t
-    t = time.perf_counter()
-    params, image_fn = pixel((1, 3, size, size))
-    optimize(net, neuron(layer, 0), params, image_fn, steps=steps, stop=False)
-    one = time.perf_counter() - t
-    out = {"model": model, "width": width, "layer": layer, "channels": channels, "size": size,
-           "steps": steps, "threads": torch.get_num_threads(),
-           "batched_s": batched, "one_channel_full_s": one, "ratio": batched / one}
-    if no_crop:
-        t = time.perf_counter()
-        maximize_channels(net, lay, range(channels), size, IMAGENET, replace(settings, crop=False))
-        out["batched_no_crop_s"] = time.perf_counter() - t
-        out["ratio_no_crop"] = out["batched_no_crop_s"] / one
-    return out
-
-
 # --------------------------------------------- rows of actmax.parquet (jobs.actmax's task)
 TABLE_SCHEMA = pa.schema([
     ("model", pa.string()),
