@@ -49,8 +49,9 @@ class ActmaxConfig(Options):
     out: str = opt(help="output URL (local folder or s3://bucket/prefix)")
     checkpoint: str | None = opt(None, "checkpoint URL (preferred-stimuli format or torchvision "
                                  "state_dict); default: an untrained demo model")
-    model: str | None = opt(None, "any torchvision CNN by name; default: the checkpoint's (resnet34 "
-                            "for a plain state_dict or without a checkpoint)", choices=supported_models)
+    model: str | None = opt(None, "any torchvision CNN by name; default: the checkpoint's "
+                            "(resnet34 for a plain state_dict or without a checkpoint)",
+                            choices=supported_models)
     layers: str = opt("conv3,conv7", "layers, comma separated: paper names (pool1, conv1..convN, "
                       "fc; ResNets), module paths (features.6), or all")
     channels: str = opt("all", "channels of each layer: all, a range 0-63, a list 0,5,7 or a mix")

@@ -10,11 +10,12 @@ activation maximization needs — is the block's `preact` identity.
 Every model, the ResNets included: module paths (`layer2.1.conv2`, `features.28`), measured at
 that module's output. Their pre-ReLU point (`Layer.pre`, what activation maximization needs):
 for a ReLU/ReLU6 module, the module whose output is that ReLU's input (`features.2` -> the BN
-`features.1`), when the forward calls that module once; otherwise the module output itself. A module path is analysable when the forward calls it exactly once, it
-returns an (N, C, H, W) feature map and no in-place function overwrites that output later
-(GoogLeNet's `F.relu(bn(x), inplace=True)`: its `…bn` paths are left out; in-place modules
-are switched off by `build_model`) — see `pipeline.geometry.module_outputs`. For the ResNets the
-paper names win where a path has the same name (`conv1` is the stem after its ReLU).
+`features.1`), when the forward calls that module once; otherwise the module output itself.
+A module path is analysable when the forward calls it exactly once, it returns an (N, C, H, W)
+feature map and no in-place function overwrites that output later (GoogLeNet's
+`F.relu(bn(x), inplace=True)`: its `…bn` paths are left out; in-place modules are switched off
+by `build_model`) — see `pipeline.geometry.module_outputs`. For the ResNets the paper names win
+where a path has the same name (`conv1` is the stem after its ReLU).
 
     cat = catalogue(model)                 # {name: Layer}, in forward order
     cat["conv3"].module == "layer1.0.conv2"

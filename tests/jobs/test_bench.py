@@ -75,8 +75,8 @@ def test_bench_reads_synthetic_imagenet_size_jpegs(tmp_path, capsys):
 
 
 def test_bench_any_cnn_by_module_path(capsys):
-    assert bench.main(["--model", "mobilenet_v3_small", "--layers", "features.1.block.0.2,features.3",
-                       "--images", "4", "--batch-size", "4", "--repeats", "1", "--device", "cpu",
+    assert bench.main(["--model", "mobilenet_v3_small",
+                       "--layers", "features.1.block.0.2,features.3", "--images", "4", "--batch-size", "4", "--repeats", "1", "--device", "cpu",
                        "--cpus", "1", "--scaling-images", "4", "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])

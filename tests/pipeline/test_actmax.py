@@ -320,8 +320,9 @@ def test_objective_rises_and_crop_equals_full_image_on_any_cnn(request, net, lay
     assert (crop.y, crop.x) == (full.y, full.x) == (win.centre, win.centre_x)
 
 
-@pytest.mark.parametrize("net, layer", [("squeezenet", "features.6.squeeze_activation"),
-                                        ("rectangular", "8"), ("mobilenet", "features.1.block.0.2")])
+@pytest.mark.parametrize("net, layer", [
+    ("squeezenet", "features.6.squeeze_activation"), ("rectangular", "8"),
+    ("mobilenet", "features.1.block.0.2")])
 def test_window_is_the_gradient_support_per_axis(request, net, layer):
     model = request.getfixturevalue(net)
     lay = catalogue(model)[layer]
