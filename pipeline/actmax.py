@@ -21,7 +21,8 @@ Batching: row b of the batch optimises channel `channels[b]`. With the model in 
 uses its running statistics) no row sees another, and Adam is elementwise, so a batch gives the
 same result as optimising each channel alone (tests check this). The forward stops at the target
 layer (`Trace(stop=True)`), and — when that is exact (pixel parameterisation, no transforms, no
-TV penalty) — only the input window covering the centre neuron's receptive field is optimised:
+TV penalty, a local layer) — only the input window covering the centre neuron's receptive field
+(`pipeline.geometry`, per axis) is optimised:
 every pixel outside it has exactly zero gradient, so with a zero start it stays exactly zero
 under Adam and weight decay, and the cropped run equals the full-image run (tested).
 
@@ -477,7 +478,11 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
                       preprocess: Preprocess, settings: Settings = Settings(),
                       device: torch.device | str = "cpu") -> ActmaxResult:
     """Maximise the pre-ReLU centre neuron of each of `channels` of `layer`, one batch row per
-    channel, on a size×size input; `input` comes back full size whether or not it was cropped."""
+    channel, on a size×size input; `input` comes back full size whether or not it was cropped.
+
+    Any model: `layer` is a paper name or a module path (`Layer.pre`: a ReLU module's input,
+    else the module output); the RF window is the geometry's, per axis, and the whole image
+    where the layer has global context."""
     channels = [int(c) for c in channels]
     bad = [c for c in channels if not 0 <= c < layer.channels]
     if bad:
