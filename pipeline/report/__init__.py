@@ -13,7 +13,7 @@ Built from parts, one module per concern:
   (models and layers from the tables, each layer's geometry, decoded tiles);
 - `order`: the display order (the paper's names in the paper's order, others in table order);
 - `frames`: the tables as display strings (Table 1, census, receptive fields, neuron types);
-- `images`: PNG encode/decode and the mosaics every figure is;
+- `images`: the mosaics every figure is (PNG encode/decode: `pipeline.images`);
 - `sections`: one function per section of index.html; `atlas`: the per-layer pages;
 - `templates/`: the Jinja2 markup (autoescaped), `templating` its environment;
 - `render`: `render_report`, which runs the sections in order.
