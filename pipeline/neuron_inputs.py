@@ -29,7 +29,8 @@ from pipeline.neuron_patterns import (IMAGENET_MEAN, SOURCES, actmax_input_patte
 from pipeline.tables import exists, fs_path, join
 
 __all__ = ["NEUTRALS", "InputError", "Inputs", "Chunk", "parse_neutral", "check_options",
-           "parse_checkpoint", "discover", "load_filters", "filter_rows", "plan_chunks", "read_neutral", "measure_chunk", "stamp"]
+           "parse_checkpoint", "discover", "load_filters", "filter_rows", "plan_chunks",
+           "read_neutral", "measure_chunk", "stamp"]
 
 NEUTRALS = {"gray": (0.5, 0.5, 0.5), "imagenet": IMAGENET_MEAN}
 _FFT_BUDGET = 2 ** 23   # chunk=0: as many patterns as keep one chunk's padded FFT near this size

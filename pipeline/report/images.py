@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.images import decode_png, png_bytes
 
 __all__ = ["png_bytes", "decode_png", "mean_image", "filter_images", "cell_size", "fit_tile",
-           "blank", "mosaic", "topk_grid", "crop_center_rf", "is_true", "Figure", "ImageSink", "PAD"]
+           "blank", "mosaic", "topk_grid", "crop_center_rf", "is_true", "Figure", "ImageSink",
+           "PAD"]
 
 PAD = 2       # pixels between tiles
 _BG = 255     # white background between tiles
