@@ -10,7 +10,8 @@ import torch
 
 from jobs import neuron_types as job
 from pipeline.accumulators import MEAN_SCHEMA
-from pipeline.actmax import display_images, png_bytes
+from pipeline.actmax import display_images
+from pipeline.images import png_bytes
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models import build_model
 from pipeline.neuron_types import TYPES, filter_to_stimulus, measure_batch

@@ -467,7 +467,7 @@ def test_normalize_filters_use_imagenet_covariance_unless_given():
 
 # ----------------------------------------------------------------------------- pipeline.neuron_patterns
 def test_pattern_extraction_and_counts():
-    from pipeline.actmax import png_bytes
+    from pipeline.images import png_bytes
     from pipeline.neuron_patterns import (PatternError, actmax_input_patterns, actmax_png_patterns,
                                           border_colour, data_neutral, mean_colours, mean_patterns,
                                           measure_rows, summarise, format_summary)
