@@ -32,7 +32,8 @@ class Config(Options):
     models: tuple[str, ...] = opt(
         ("resnet34",), "model name(s), comma separated: a torchvision classification CNN by its "
         "constructor name (resnet*, vgg*, densenet*, mobilenet_v3_small, convnext_tiny, ...) or "
-        "a PlainNet (plainnet18 … plainnet152)", flag="--model", parse=_models, metavar="MODEL")
+        "a PlainNet (plainnet18 … plainnet152); default: resnet34", flag="--model", parse=_models,
+        metavar="MODEL")
     input_size: int = opt(224, "side of the square input crop in pixels (the analysis uses 224)",
                           check=lambda v: None if v >= 1 else "must be a positive integer")
     out: str = opt(TABLE_NAME, f"output: a .parquet file, or a folder (local or s3://) that "
