@@ -109,11 +109,12 @@ def _measure_units(cfg: NeuronTypesConfig, chunks: list, stamps: list, con: Cons
     """The chunks as engine units (resume, bounded retries) -> (rows, stats, store, device)."""
     from pipeline.neuron_inputs import measure_chunk
 
+    units = [engine.Unit(c.name, (c,), size=c.channels[1] - c.channels[0]) for c in chunks]
+    con.info(f"{len(units)} unit(s) over {len({(c.source, c.model, c.layer) for c in chunks})} "
+             "(source, model, layer) group(s)")
     init_ray(cfg.out)
     device = engine.resolve_device("cpu")             # numpy FFTs: one CPU per unit
     plan, st = device.plan(None, cpus_per_worker=1), store(cfg, stamps, device)
-    units = [engine.Unit(c.name, (c,), size=c.channels[1] - c.channels[0]) for c in chunks]
-    con.info(f"{len(units)} unit(s) on {plan.workers} CPU worker(s)")
     try:
         stats = engine.run_units(units, engine.Task(measure_chunk), st, plan=plan,
                                  progress=con.progress(sum(u.size for u in units), "patterns"))
@@ -131,19 +132,20 @@ def run(cfg: NeuronTypesConfig) -> dict:
     from pipeline.tables import join, write_table
 
     con = Console("neuron_types")
-    with con.stage("discover", quiet=True):
+    with con.stage("setup", quiet=True):      # inputs, then the filters (tiny: on the driver)
         found, filters, chunks, stamps = _setup(cfg)
         check_writable(cfg.out)
+        parts = filter_rows(filters if "filter" in cfg.wants else [], cfg.thresholds)
+    work = {"setup": sum(p.num_rows for p in parts), "measure": 0}     # patterns per stage
     for source, have in (("filter", filters), ("actmax", found.actmax)):
         if source in cfg.wants and not have:
             con.info(f"no {source} input, skipping the '{source}' source")
     stats, st, device = None, None, None
-    with con.stage("filter", quiet=True):      # tiny: on the driver
-        parts = filter_rows(filters if "filter" in cfg.wants else [], cfg.thresholds)
     if chunks:
         with con.stage("measure"):
             rows, stats, st, device = _measure_units(cfg, chunks, stamps, con)
             parts.append(rows)
+            work["measure"] = rows.num_rows
     rows = sort_rows(pa.concat_tables(parts) if parts else OUT_SCHEMA.empty_table())
     summary = summarise(rows)
     with con.stage("write", quiet=True):
@@ -154,6 +156,7 @@ def run(cfg: NeuronTypesConfig) -> dict:
         fingerprint=st.fingerprint if st else "", seconds=con.seconds, total_seconds=con.wall,
         counts={**(stats.counts() if stats else {}), "patterns": rows.num_rows,
                 "tasks": len(chunks)}, work=rows.num_rows, unit="patterns",
+        stage_work=work,
         warnings=con.warnings, details={"inputs": {
             "mean": found.mean, "actmax": found.actmax,
             "checkpoints": [u for _, u in found.checkpoints]}})
