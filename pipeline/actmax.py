@@ -33,8 +33,6 @@ the model's preprocessing), `jitter` / `random_scale` transforms drawn from a se
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -47,8 +45,10 @@ from torch import Tensor, nn
 
 from .geometry import ModuleField, module_outputs
 from .hooks import Trace
+from .images import png_bytes
 from .layers import Layer, analysable_layers, catalogue, has_paper_names
 from .preprocess import Preprocess
+from .seeds import derive_seed
 
 __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
            "pixel", "decorrelated", "fft", "PARAMS",
@@ -56,13 +56,6 @@ __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
            "ActmaxResult", "optimize", "Window", "input_window",
            "Settings", "maximize_channels", "calibrate_bn", "display_images", "png_bytes",
            "derive_seed", "channel_list", "sort_rows", "chunk_table", "TABLE_SCHEMA"]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from `parts` (SHA-256 of "/".join(parts)); unlike hash(), the same in
-    every process, so a channel's random start does not depend on chunking or workers."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 # --------------------------------------------------------------------------------- objectives
@@ -572,15 +565,6 @@ def display_images(inputs: Tensor, preprocess: Preprocess) -> np.ndarray:
     span = torch.clamp(hi - lo, min=1e-12)[:, None, None, None]
     out = ((rgb - lo[:, None, None, None]) / span).clamp(0, 1)
     return (out * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG bytes of one uint8 (H, W, 3) RGB image."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --------------------------------------------- rows of actmax.parquet (jobs.actmax's task)
