@@ -87,7 +87,7 @@ def test_two_epochs_on_two_workers_lower_the_training_loss(first_run):
     run = tables.read_json(f"{out}/run.json")
     assert_run_shape(run)
     assert run["counts"]["epochs"] == 2 and run["counts"]["zca_images"] == 96
-    assert run["counts"]["images_read"] == 2 * (96 + 32) and run["counts"]["units_computed"] == 1
+    assert run["counts"]["images_read"] == 2 * (96 + 32) and run["counts"]["units_computed"] == 2
     assert run["device"]["workers"] == 2 and run["config"]["sync_bn"] is False
     fs, path = tables.fs_path(f"{out}/checkpoints")
     ckpts = [p for p in fs.ls(path, detail=True, refresh=True)
