@@ -15,18 +15,16 @@ workers' own output goes to <out>/_logs/. See docs/training.md.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from jobs import engine
 from jobs.common import check_writable
-from jobs.console import Console, init_ray
+from jobs.console import Console, init_ray, relay, worker_log
 from jobs.options import BadInput, JobFailed, Options, at_least, opt, run_cli
 from jobs.runinfo import write_run
 from pipeline import tables
@@ -38,11 +36,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RUN_NAME = "checkpoints"            # Ray Train's run folder under --out
 STATE_FILE = "_partials/train.json"
 RAY_LOG = "_logs/ray-train.log"     # all output Ray forwards from the training processes
-# What defines a run: a rerun into the same --out must agree on these (only --epochs may grow).
-_IDENTITY = ("preset", "data", "val", "init", "model", "width", "input_size", "eval_resize",
-             "eval_crop", "batch_size", "lr", "momentum", "weight_decay", "step_epochs", "gamma",
-             "crop_scale", "crop_ratio", "zca_images", "zca_eps", "seed", "precision", "augment",
-             "sync_bn")
 _DEFAULT = "(default: the preset's"
 
 
@@ -123,33 +116,21 @@ class TrainConfig(Options):
         return self.recipe.sync_bn and self.workers > 1
 
     def identity(self) -> dict[str, Any]:
-        merged = {**self.recipe.as_dict(), "preset": self.preset, "data": self.data,
-                  "val": self.val, "init": self.init}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in merged.items()
-                if k in _IDENTITY}
-
+        """What defines a run: a rerun into the same --out must agree (only --epochs may grow)."""
+        r = {k: list(v) if isinstance(v, tuple) else v for k, v in self.recipe.as_dict().items()
+             if k not in ("name", "epochs")}
+        return {"preset": self.preset, "data": self.data, "val": self.val, "init": self.init, **r}
 
 def _sources(cfg: TrainConfig) -> tuple[Any, Any, list[str]]:
-    """(training manifest, validation manifest, classes): labels required, the same classes."""
-    from pipeline.listing import build_manifest
+    """(training manifest, validation manifest, classes): --data/--val or the demo data."""
+    from pipeline.demo import ensure_demo_data
+    from pipeline.train import training_sources
 
-    if cfg.data is None:
-        from pipeline.demo import ensure_demo_data
-
-        root = ensure_demo_data()
-        train_url, val_url = f"{root}/train", f"{root}/val"
-    else:
-        train_url, val_url = cfg.data, cfg.val
+    root = ensure_demo_data() if cfg.data is None else None
     try:
-        train = build_manifest(train_url, require_labels=True)
-        val = build_manifest(val_url, require_labels=True)
-    except (ValueError, FileNotFoundError) as e:      # pipeline's one-line SourceError
+        return training_sources(cfg.data or f"{root}/train", cfg.val or f"{root}/val")
+    except (ValueError, FileNotFoundError) as e:      # one line naming the source
         raise BadInput(str(e)) from None
-    classes = list(train.classes)
-    if list(val.classes) != classes:   # labels are positions in the class list
-        raise BadInput(f"validation source {val_url} has {len(val.classes)} classes that differ "
-                       f"from the training source's {len(classes)}; both need the same class list")
-    return train, val, classes
 
 
 def _load_init(cfg: TrainConfig, num_classes: int) -> tuple[dict | None, TrainConfig]:
@@ -177,11 +158,11 @@ def _prior_state(cfg: TrainConfig) -> dict | None:
         return None
     state = tables.read_json(url)
     before, now = state["identity"], cfg.identity()
-    for k in _IDENTITY:
-        if before.get(k) != now.get(k):
-            raise BadInput(f"{cfg.out} holds a run with {k}={before.get(k)!r}, not "
-                           f"{now.get(k)!r}; rerun with the same settings (only --epochs may "
-                           f"change) or another --out")
+    for k in now:
+        if before.get(k) != now[k]:
+            raise BadInput(f"{cfg.out} holds a run with {k}={before.get(k)!r}, not {now[k]!r}; "
+                           f"rerun with the same settings (only --epochs may change) or another "
+                           f"--out")
     return state
 
 
@@ -228,68 +209,6 @@ def _fit_zca(cfg: TrainConfig, train: Any, device: engine.Device,
             "fingerprint": store.fingerprint}
     store.clear()
     return {"preprocess": total.fit(eps=r.zca_eps).state(), "zca": info}, stats
-
-
-@contextlib.contextmanager
-def worker_log(url: str):
-    """Every line Ray forwards from workers (Ray Train's per-report dumps, its controller's and
-    placement-group cleaner's notices, the workers' prints) goes to `url`, none to the console:
-    the console shows this job's lines, and a failing worker's traceback arrives with the error
-    that `fit()` raises. Ray's forwarding handler is swapped back afterwards."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:       # another Ray layout: leave its logging alone
-        yield
-        return
-    found = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
-    if len(found) != 1:       # log_to_driver off: nothing is forwarded
-        yield
-        return
-    local = "://" not in url
-    path = url if local else tempfile.mkstemp(suffix=".log")[1]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as sink:
-        def handle(data: dict) -> None:
-            who = data.get("actor_name") or data.get("task_name") or ""
-            sink.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in data["lines"])
-            sink.flush()
-
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", handle)
-        try:
-            yield
-        finally:
-            dispatcher.remove_handler("ray_print_logs")
-            dispatcher.add_handler("ray_print_logs", found[0])
-    if not local:
-        with open(path, "rb") as f:
-            tables.write_bytes(url, f.read())
-        os.unlink(path)
-
-
-@contextlib.contextmanager
-def _echo(con: Console):
-    """A queue rank 0 puts its epoch lines into; a driver thread prints them (Console)."""
-    from ray.util.queue import Empty, Queue
-
-    queue, stop = Queue(actor_options={"num_cpus": 0}), threading.Event()
-
-    def pump() -> None:
-        while True:
-            try:
-                con.info(queue.get(timeout=0.5))
-            except Empty:
-                if stop.is_set():
-                    return
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
-        yield queue
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        queue.shutdown()
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -367,7 +286,7 @@ def _fit(cfg: TrainConfig, train: Any, val: Any, state: dict, init: dict | None,
     # Ray Train's Prometheus metrics want the dashboard's agent, which init_ray does not start.
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     storage, fs = arrow_storage(cfg.out, dict(os.environ))
-    with _echo(con) as echo:
+    with relay(con) as echo:
         trainer = TorchTrainer(train_loop, train_loop_config={
             "cfg": cfg, "train": ray.put(train), "val": ray.put(val), "classes": state["classes"],
             "preprocess": state["preprocess"], "threads": 1 + loaders, "loader_workers": loaders,
@@ -391,35 +310,29 @@ def _finish(cfg: TrainConfig, con: Console, device: engine.Device, state: dict, 
             loaders: int, sizes: tuple[int, int], zca: engine.RunStats | None,
             before: int) -> dict:
     """model.pt, metrics.parquet and run.json from the last checkpoint."""
-    import numpy as np
-
     from pipeline.preprocess import preprocess_from_state
-    from pipeline.train import METRICS_SCHEMA, metrics_table, write_model
+    from pipeline.train import METRICS_SCHEMA, history_counts, metrics_table, write_model
 
     r, history = cfg.recipe, list(last["history"])
     write_model(tables.join(cfg.out, "model.pt"), last, preprocess_from_state(state["preprocess"]))
     tables.write_table(metrics_table(history), tables.join(cfg.out, "metrics.parquet"),
                        METRICS_SCHEMA)
-    new = [h for h in history if h["epoch"] > before]      # trained by this run
-    z = state["zca"]
-    counts = {**(zca.counts() if zca else {}),
-              "images_read": sum(h["train_images"] + h["val_images"] for h in new),
-              "images_skipped": sum(h["skipped"] for h in new), "train_images": sizes[0],
-              "val_images": sizes[1], "classes": len(state["classes"]), "epochs": last["epoch"],
-              "epochs_trained": len(new), "zca_images": z["images"], "zca_skipped": z["skipped"],
-              "zca_shards": z["shards"], "skipped_per_epoch": [h["skipped"] for h in new]}
+    h, z = history_counts(history, before), state["zca"]
+    counts = {**(zca.counts() if zca else {}), "train_images": sizes[0], "val_images": sizes[1],
+              "classes": len(state["classes"]), "epochs": last["epoch"], "zca_images": z["images"],
+              "zca_skipped": z["skipped"], "zca_shards": z["shards"],
+              **{k: h[k] for k in ("images_read", "images_skipped", "epochs_trained",
+                                   "skipped_per_epoch")}}
     config = {**cfg.to_dict(), "recipe": r.as_dict(), "width": r.width, "loader_workers": loaders,
               "sync_bn": cfg.sync_bn_on, "seed": r.seed, "precision": r.precision,
               "augment": r.augment}
-    trained = sum(h["train_images"] for h in new)
     return write_run(
         cfg.out, "train", config, device=device.report(cfg.workers),
         fingerprint=z.get("fingerprint", ""), counts=counts, seconds=con.seconds,
-        total_seconds=con.wall, work=trained, unit="images",
+        total_seconds=con.wall, work=h["images_trained"], unit="images",
         stage_work={"zca": z["images"] if zca else 0}, warnings=con.warnings,
         details={"model": r.model, "final": history[-1] if history else {},
-                 "train_images_per_s_mean": float(np.mean([h["images_per_s"] for h in new]))
-                 if new else None})
+                 "train_images_per_s_mean": h["images_per_s_mean"]})
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:

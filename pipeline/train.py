@@ -44,7 +44,7 @@ __all__ = ["Recipe", "PRESETS", "PRECISIONS", "preset", "train_models", "build_o
            "evaluate", "weighted_loss", "restore_training_state", "epoch_row", "seed_everything",
            "METRICS_SCHEMA", "Training", "Loaders", "make_loaders", "zca_moments",
            "default_loader_workers", "write_model", "arrow_storage", "configure_torch", "metrics_table",
-           "EvalResizeCrop", "ImageDataset", "collate"]
+           "EvalResizeCrop", "ImageDataset", "collate", "training_sources", "history_counts"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -561,3 +561,29 @@ def arrow_storage(out: str, env: dict[str, str]) -> tuple[str, Any]:
         region=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
         endpoint_override=host or endpoint, scheme=scheme if host else "https")
     return out[len("s3://"):], fs
+
+
+def training_sources(train_url: str, val_url: str) -> tuple[Any, Any, list[str]]:
+    """(training manifest, validation manifest, classes): labels required and the same class
+    list in both (labels are positions in it); ValueError (one line) otherwise."""
+    from .listing import build_manifest
+
+    train = build_manifest(train_url, require_labels=True)
+    val = build_manifest(val_url, require_labels=True)
+    classes = list(train.classes)
+    if list(val.classes) != classes:
+        raise ValueError(f"validation source {val_url} has {len(val.classes)} classes that "
+                         f"differ from the training source's {len(classes)}; both need the same "
+                         f"class list")
+    return train, val, classes
+
+
+def history_counts(history: Sequence[dict[str, Any]], after: int) -> dict[str, Any]:
+    """Run-report counts of the epochs after `after` (those this run trained)."""
+    new = [h for h in history if h["epoch"] > after]
+    return {"images_read": sum(h["train_images"] + h["val_images"] for h in new),
+            "images_skipped": sum(h["skipped"] for h in new), "epochs_trained": len(new),
+            "images_trained": sum(h["train_images"] for h in new),
+            "skipped_per_epoch": [h["skipped"] for h in new],
+            "images_per_s_mean": (math.fsum(h["images_per_s"] for h in new) / len(new)
+                                  if new else None)}
