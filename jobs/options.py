@@ -171,7 +171,9 @@ def build_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentPars
         kw: dict[str, Any] = {"dest": f.name, "help": o.help}
         if f.default is _MISSING and f.default_factory is _MISSING:
             kw["required"] = True
-        if kind is bool:
+        if kind is bool and f.default is None:   # tri-state: --x / --no-x / neither (None)
+            kw.update(action=argparse.BooleanOptionalAction, default=None)
+        elif kind is bool:
             kw["action"] = "store_false" if f.default is True else "store_true"
         elif _repeatable(o, hints[f.name]):          # --from a --from b -> ("a", "b")
             kw.update(action="append", default=None, metavar=o.metavar)
