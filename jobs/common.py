@@ -99,8 +99,8 @@ class Stopwatch:
 
 @dataclass
 class JobModel:
-    model: Any                 # a pipeline.models.ResNet in eval mode
-    name: str                  # resnet34, plainnet34, ...
+    model: Any                 # a supported torchvision CNN (pipeline.models) in eval mode
+    name: str                  # resnet34, plainnet34, vgg11_bn, ...
     preprocess: Any            # pipeline.preprocess.Preprocess that maps [0, 1] crops in
     untrained: bool            # True: the seeded stand-in built without --checkpoint
     meta: dict = field(default_factory=dict)   # the checkpoint's extra entries (recipe, ...)
@@ -110,7 +110,8 @@ class JobModel:
         if not self.untrained:
             return None
         return (f"no --checkpoint: {self.name} is randomly initialised (UNTRAINED, width "
-                f"{self.model.width}); its numbers say nothing about a trained network")
+                f"{getattr(self.model, 'width', 64)}); its numbers say nothing about a trained "
+                f"network")
 
 
 def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: int, width: int,
@@ -121,11 +122,11 @@ def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: in
     import torch
 
     from pipeline.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.models import build_model, model_names
+    from pipeline.models import build_model, is_resnet, supported_models
     from pipeline.preprocess import IMAGENET
 
-    if model is not None and model not in model_names():
-        raise BadInput(f"unknown model {model!r}; allowed: {', '.join(model_names())}")
+    if model is not None and model not in supported_models():
+        raise BadInput(f"unknown model {model!r}; allowed: {', '.join(supported_models())}")
     if checkpoint:
         try:
             loaded = load_checkpoint(checkpoint, model)
@@ -138,6 +139,7 @@ def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: in
                         loaded.meta)
     name = model or "resnet34"
     torch.manual_seed(seed)
+    width = width if is_resnet(name) else 64      # only the ResNet family scales its width
     return JobModel(build_model(name, num_classes=num_classes, width=width).eval(), name,
                     IMAGENET, True)
 
