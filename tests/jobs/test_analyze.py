@@ -185,9 +185,20 @@ def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster
 def test_one_decode_pipeline_runs_across_shards_with_the_same_result(data, tmp_path):
     """ShardFeed (the actor's body, no Ray here): the next shard's first batch is decoded before
     the current shard's last batch is computed, and two shards merge to the one-shard result."""
-    from pipeline.analysis import AnalysisResult, FeedSpec, ShardFeed, merge_states
+    from pipeline.analysis import FeedSpec, ShardFeed
+    from pipeline.precision import current, restore
 
-    prep = job.prepare(parse_config(job.Config, argv_for(data, str(tmp_path)), job.PROG))
+    flags = current()                    # ShardFeed makes its process strict-fp32 for good
+    try:
+        _feed_across_shards(job.prepare(parse_config(job.Config, argv_for(data, str(tmp_path)),
+                                                     job.PROG)), FeedSpec, ShardFeed)
+    finally:
+        restore(flags)
+
+
+def _feed_across_shards(prep, FeedSpec, ShardFeed) -> None:
+    from pipeline.analysis import AnalysisResult, merge_states
+
     spec = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, None, "cpu", 4, 1, 1)
     feeder, events = ShardFeed(prep.blob, spec), []
     load, step = feeder.decoder.load, feeder.runner.step
