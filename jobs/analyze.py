@@ -27,6 +27,7 @@ from jobs.common import (check_writable, default_model_shape, eval_transform, lo
 from jobs.console import Console, init_ray
 from jobs.options import BadInput, Options, at_least, opt, run_cli
 from jobs.runinfo import write_run
+from pipeline.analysis import ShardFeed
 
 PROG = "python -m jobs.analyze"
 PARTIAL_FORMAT = 2          # bump when the partial state layout changes: old partials are ignored
@@ -151,19 +152,11 @@ def plan(device: engine.Device, workers: int | None) -> tuple[engine.Plan, int]:
     return engine.Plan(n, {"num_cpus": share}, max(1, share - dec)), dec
 
 
-class ShardWorker:
-    """A Pool worker: pipeline.analysis.ShardFeed (one decode pipeline across its shards)."""
-
-    def __init__(self, blob: dict, spec: Any) -> None:
-        from pipeline.analysis import ShardFeed
-
-        self.feeder = ShardFeed(blob, spec)
-
-    def feed(self, start: int, stop: int) -> None:
-        self.feeder.feed(start, stop)
+class ShardWorker(ShardFeed):
+    """A Pool worker: ShardFeed (one decode pipeline across its shards), results as Result."""
 
     def run(self, start: int, stop: int) -> engine.Result:
-        return engine.Result(*self.feeder.run(start, stop))
+        return engine.Result(*super().run(start, stop))
 
 
 def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
@@ -190,7 +183,6 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
     from pipeline.analysis import AnalysisResult, FeedSpec, merge_states
     from pipeline.listing import write_manifest
-    from pipeline.precision import setting
     from pipeline.stimuli import TOPK_TABLE_SCHEMA, with_patches
     from pipeline.tables import join, write_table
 
@@ -208,7 +200,8 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         write_table(prep.rf_table, join(cfg.out, "receptive_fields.parquet"))
     n = len(prep.manifest)
     con.info(f"{n} images, {len(todo)} shards, {pl.workers} {device.kind} worker(s) "
-             f"({pl.resources}, {dec} decode threads), layers {','.join(s.name for s in prep.specs)}")
+             f"({pl.resources}, {dec} decode threads), layers "
+             f"{','.join(s.name for s in prep.specs)}")
     work = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, prep.demo_root,
                     device.kind, cfg.batch_size, pl.threads, dec)
     fresh: list[int] = []                       # images of the shards computed by this run

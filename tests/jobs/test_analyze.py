@@ -244,7 +244,8 @@ def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
     assert job.main(argv) == 0
     t = tables_of(out)
     jm = job.load_job_model(None, "mobilenet_v3_small", num_classes=1000, width=64, seed=0)
-    batch = load_batch(build_manifest(data["data"]), list(range(N_GOOD + 1)), EvalTransform(72, 64))
+    batch = load_batch(build_manifest(data["data"]), list(range(N_GOOD + 1)),
+                       EvalTransform(72, 64))
     x = IMAGENET(batch.images.float() / 255)
     acts = {}
     with strict_fp32(), torch.no_grad():
@@ -261,10 +262,13 @@ def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
         np.testing.assert_allclose([r["positive_fraction"] for r in ch],
                                    (v > 0).double().mean((0, 2, 3)), rtol=1e-9)
         h, w = v.shape[2:]
-        for neuron, per_image in (("any", v.flatten(2).amax(2)), ("center", v[:, :, h // 2, w // 2])):
-            rows = [r for r in t["topk"].to_pylist() if r["layer"] == name and r["neuron"] == neuron]
+        for neuron, per_image in (("any", v.flatten(2).amax(2)),
+                                  ("center", v[:, :, h // 2, w // 2])):
+            rows = [r for r in t["topk"].to_pylist()
+                    if r["layer"] == name and r["neuron"] == neuron]
             for c in range(v.shape[1]):
-                order = sorted(range(len(idx)), key=lambda i: (-per_image[i, c].item(), idx[i]))[:k]
+                order = sorted(range(len(idx)),
+                               key=lambda i: (-per_image[i, c].item(), idx[i]))[:k]
                 got = sorted((r for r in rows if r["channel"] == c), key=lambda r: r["rank"])
                 assert [r["image_index"] for r in got] == [int(idx[i]) for i in order]
                 np.testing.assert_allclose([r["activation"] for r in got],
