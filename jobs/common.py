@@ -99,8 +99,8 @@ class Stopwatch:
 
 @dataclass
 class JobModel:
-    model: Any                 # a pipeline.models.ResNet in eval mode
-    name: str                  # resnet34, plainnet34, ...
+    model: Any                 # a supported torchvision CNN (pipeline.models) in eval mode
+    name: str                  # resnet34, plainnet34, vgg11_bn, ...
     preprocess: Any            # pipeline.preprocess.Preprocess that maps [0, 1] crops in
     untrained: bool            # True: the seeded stand-in built without --checkpoint
     meta: dict = field(default_factory=dict)   # the checkpoint's extra entries (recipe, ...)
@@ -110,7 +110,8 @@ class JobModel:
         if not self.untrained:
             return None
         return (f"no --checkpoint: {self.name} is randomly initialised (UNTRAINED, width "
-                f"{self.model.width}); its numbers say nothing about a trained network")
+                f"{getattr(self.model, 'width', 64)}); its numbers say nothing about a trained "
+                f"network")
 
 
 def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: int, width: int,

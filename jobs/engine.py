@@ -87,12 +87,21 @@ class Task:
 
 @dataclass(frozen=True)
 class Pool:
+    """Long-lived actors. `inflight` > 1: each actor holds up to that many units at once and
+    computes them strictly in submission order; a worker with a `feed(*args)` method hears of
+    each unit as soon as it arrives (while the previous one computes), so it can start reading
+    the next unit's input early (jobs.analyze: one decode pipeline runs across shards)."""
+
     cls: type
     init_args: tuple = ()
+    inflight: int = 1
 
-    def __init__(self, cls: type, *init_args: Any) -> None:
+    def __init__(self, cls: type, *init_args: Any, inflight: int = 1) -> None:
+        if inflight < 1:
+            raise ValueError(f"inflight must be >= 1, got {inflight}")
         object.__setattr__(self, "cls", cls)
         object.__setattr__(self, "init_args", init_args)
+        object.__setattr__(self, "inflight", int(inflight))
 
 
 @dataclass(frozen=True)
@@ -257,16 +266,41 @@ def _task(fn: Callable, unit: Unit, store: Store, hook: Callable | None, *shared
 
 
 class _Host:
-    """The actor around a Pool's class: builds it once, runs units, persists their partials."""
+    """The actor around a Pool's class: builds it once, runs units, persists their partials.
+
+    With several units in flight (a threaded actor) Ray may start the calls in any order: the
+    driver numbers them per actor (`seq`), and each call first waits for its turn to be fed
+    (`obj.feed`, in order), then for its turn to compute. Feeding never waits for a computation,
+    so the unit after the running one is fed at once (no deadlock between the two turns)."""
 
     def __init__(self, cls: type, init_args: tuple, store: Store, hook: Callable | None):
+        import threading
+
         self.obj, self.store, self.hook = cls(*init_args), store, hook
+        self.turn = threading.Condition()
+        self.fed = self.ran = 0
 
     def ready(self) -> bool:
         return True
 
-    def run(self, unit: Unit) -> dict:
-        return _execute(self.obj.run, unit, self.store, self.hook)
+    def run(self, unit: Unit, seq: int | None = None) -> dict:
+        if seq is None:
+            return _execute(self.obj.run, unit, self.store, self.hook)
+        with self.turn:
+            self.turn.wait_for(lambda: self.fed == seq)
+            try:
+                if hasattr(self.obj, "feed"):
+                    self.obj.feed(*unit.args)
+            finally:
+                self.fed += 1
+                self.turn.notify_all()
+            self.turn.wait_for(lambda: self.ran == seq)
+        try:
+            return _execute(self.obj.run, unit, self.store, self.hook)
+        finally:
+            with self.turn:
+                self.ran += 1
+                self.turn.notify_all()
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -292,10 +326,15 @@ class _Driver:
         self.hook, self.tries, self.start_failures = _TEST_HOOK, {}, 0
         self.running: dict[Any, tuple[Any, Unit]] = {}
         self.starting: dict[Any, Any] = {}
-        self.idle: list[Any] = []
+        self.free: dict[Any, int] = {}           # started actor -> units it may still take
+        self.seq: dict[Any, int] = {}            # actor -> units handed to it so far
+        self.killed: set[Any] = set()            # actors this driver killed (no retry counted)
         self.actors: list[Any] = []
+        self.inflight = 1 if isinstance(work, Task) else work.inflight
         opts = {"max_retries": 0} if isinstance(work, Task) else {"max_restarts": 0,
                                                                   "max_task_retries": 0}
+        if self.inflight > 1:
+            opts["max_concurrency"] = self.inflight
         if isinstance(work, Task):
             self.task = ray.remote(_task).options(**opts, **plan.resources)
             self.fn, self.shared = work.fn, tuple(ray.put(s) for s in work.shared)
@@ -315,15 +354,30 @@ class _Driver:
                 u = pending.popleft()
                 ref = self.task.remote(self.fn, u, self.store, self.hook, *self.shared)
                 self.running[ref] = (None, u)
-        while pending and self.idle:
-            a, u = self.idle.pop(), pending.popleft()
-            self.running[a.run.remote(u)] = (a, u)
+        while pending and (a := self.slot(len(pending))) is not None:
+            u = pending.popleft()
+            self.free[a] -= 1
+            if self.inflight > 1:
+                self.seq[a] = self.seq.get(a, 0) + 1
+                self.running[a.run.remote(u, self.seq[a] - 1)] = (a, u)
+            else:
+                self.running[a.run.remote(u)] = (a, u)
+
+    def slot(self, pending: int) -> Any:
+        """The actor with the most free room; a busy actor takes one more unit only when every
+        actor still starting will find one left (a small job spreads over all actors)."""
+        a = max(self.free, key=self.free.get, default=None)
+        if a is None or self.free[a] == 0:
+            return None
+        if self.free[a] < self.inflight and pending <= len(self.starting):
+            return None
+        return a
 
     def started(self, ref: Any) -> None:
         a = self.starting.pop(ref)
         try:
             self.ray.get(ref)
-            self.idle.append(a)
+            self.free[a] = self.inflight
         except self.ray.exceptions.RayError as e:
             self.start_failures += 1
             self.kill(a)
@@ -344,10 +398,13 @@ class _Driver:
             self.retry(u, e, pending, a)
             return
         except self.ray.exceptions.RayError as e:     # worker, actor or node died
+            if a in self.killed:      # lost with an actor this driver replaced: not its fault
+                pending.appendleft(u)
+                return
             self.retry(u, e, pending, a)
             return
         if a is not None:
-            self.idle.append(a)
+            self.free[a] += 1
         self.stats.computed += 1
         self.stats.infos[u.name] = info
         if self.progress is not None:
@@ -369,6 +426,8 @@ class _Driver:
             self.spawn()
 
     def kill(self, actor: Any) -> None:
+        self.free.pop(actor, None)
+        self.killed.add(actor)
         try:
             self.ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead is fine

@@ -1,7 +1,7 @@
 """Per-shard stimulus analysis: a model, its layers and image batches -> mergeable accumulators.
 
-Pure compute, no Ray and no file I/O: `jobs.analyze` (and `jobs.bench`) feed it batches and
-ship its state around.
+Pure compute, no Ray and no file I/O (but `ShardFeed`, a worker's body, which reads through
+pipeline.decode): `jobs.analyze` (and `jobs.bench`) feed it batches and ship its state around.
 
     specs = layer_specs(model, resolve_layers(model, "pool1,conv3,conv7"), input_size=224)
     runner = ShardRunner(model, preprocess, specs, AnalysisOptions(top_k=16), device="cpu",
@@ -20,7 +20,8 @@ differently for other batch sizes, and the tables must be bit-identical for any 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+import time
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,13 +31,14 @@ from torch import Tensor, nn
 
 from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, PositiveMean,
                            Scan, TopK)
-from .geometry import receptive_fields
+from .geometry import module_fields
 from .hooks import Trace
 from .layers import Layer
 from .preprocess import Preprocess
 
 __all__ = ["LayerSpec", "AnalysisOptions", "LayerResult", "AnalysisResult", "ShardRunner",
-           "layer_specs", "TOPK_GEOMETRY_SCHEMA", "state_nbytes", "accumulator_timing"]
+           "layer_specs", "TOPK_GEOMETRY_SCHEMA", "state_nbytes", "accumulator_timing",
+           "model_blob", "runner_from_blob", "merge_states", "run_unit", "FeedSpec", "ShardFeed"]
 
 # topk.parquet before the PNG patches are added: accumulator columns plus the RF box.
 TOPK_GEOMETRY_SCHEMA = pa.schema(list(TOPK_SCHEMA) + [
@@ -59,16 +61,41 @@ class LayerSpec:
 
 
 def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[LayerSpec]:
-    """Geometry of `layers` for a square `input_size` crop (via pipeline.geometry)."""
-    rfs = receptive_fields(model, input_size)
+    """Geometry of `layers` for a square `input_size` crop (via pipeline.geometry), read at each
+    layer's measurement point, so paper names and module paths of any supported CNN work."""
+    fields = module_fields(model, input_size)
     specs = []
     for layer in layers:
-        rf = rfs[layer.name]
         if layer.name == "fc":
-            raise ValueError("layer fc has no spatial map to analyse; allowed: conv1, pool1, conv2 ...")
-        first = int(rf.boxes(torch.zeros(1), torch.zeros(1))[0][0])
-        specs.append(LayerSpec(layer.name, layer.channels, rf.size, rf.jump, first, rf.feature_size))
+            raise ValueError("layer fc has no spatial map to analyse; allowed: conv1, pool1, "
+                             "conv2 ... or a module path")
+        rf = fields[layer.point]
+        top, left = (int(v[0]) for v in rf.boxes(torch.zeros(1), torch.zeros(1)))
+        if not rf.square or top != left:   # the tables' boxes are squares on a square grid
+            raise ValueError(f"layer {layer.name} has a non-square receptive field or feature "
+                             f"map; the analysis needs square ones")
+        specs.append(LayerSpec(layer.name, layer.channels, rf.size, rf.jump, top, rf.feature_size))
     return specs
+
+
+def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str, Any]:
+    """What a worker rebuilds the model from (`runner_from_blob`): plain tensors, picklable."""
+    from .models import n_classes
+
+    return {"model": name, "width": getattr(model, "width", 64), "num_classes": n_classes(model),
+            "preprocess": preprocess.state(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def runner_from_blob(blob: dict[str, Any], specs: list[LayerSpec], options: "AnalysisOptions",
+                     device: str = "cpu", batch_size: int = 64) -> "ShardRunner":
+    """The model of `model_blob` on `device`, wrapped in a ShardRunner for `specs`."""
+    from .checkpoint import model_from_state_dict
+    from .preprocess import preprocess_from_state
+
+    model = model_from_state_dict(blob["state_dict"], blob["model"])
+    return ShardRunner(model, preprocess_from_state(blob["preprocess"]), specs, options,
+                       device=device, batch_size=batch_size)
 
 
 @dataclass(frozen=True)
@@ -193,6 +220,26 @@ class AnalysisResult:
                 "channels": cat(chans, CHANNELS_SCHEMA)}
 
 
+def merge_states(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Merge two `AnalysisResult.state()`s (host arrays): what the job's merge tree folds."""
+    return AnalysisResult.from_state(a).merge(AnalysisResult.from_state(b)).state()
+
+
+def run_unit(runner: "ShardRunner", batches: Iterator[Any]) -> tuple[AnalysisResult, dict]:
+    """Consume one unit's batches (`pipeline.decode.Batch`, up to the one marked `last`) from a
+    longer feed; returns the result and its marker info (images, skipped files, decode wait)."""
+    result, skipped, wait = runner.new_result(), [], 0.0
+    while True:
+        t = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t
+        skipped += [list(s) for s in batch.skipped]
+        runner.step(result, batch.images, batch.indices)
+        if batch.last:
+            return result, {"images": result.images, "skipped": skipped,
+                            "decode_wait_seconds": round(wait, 3)}
+
+
 def state_nbytes(state: Any) -> int:
     """Bytes held by the numpy arrays of a state (the worker-memory figure)."""
     if isinstance(state, np.ndarray):
@@ -260,7 +307,7 @@ class ShardRunner:
     def __init__(self, model: nn.Module, preprocess: Preprocess, specs: list[LayerSpec],
                  options: AnalysisOptions, device: str = "cpu", batch_size: int = 64,
                  layers: list[Layer] | None = None, compile: bool | None = None):
-        from .layers import catalogue
+        from .layers import resolve_layers
 
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -272,8 +319,7 @@ class ShardRunner:
         self.options = options
         self.batch_size = int(batch_size)
         self.compile = compile           # accumulator scan: None = PREFERRED_STIMULI_COMPILE
-        cat = catalogue(model)
-        self.layers = layers or [cat[s.name] for s in specs]
+        self.layers = layers or resolve_layers(model, [s.name for s in specs])
 
     def new_result(self) -> AnalysisResult:
         return AnalysisResult(self.specs, self.options, self.compile)
@@ -308,3 +354,75 @@ class ShardRunner:
         for images, indices in batches:
             self.step(result, images, indices)
         return result
+
+
+@dataclass(frozen=True)
+class FeedSpec:
+    """What a shard worker needs besides the model blob (picklable, sent once per worker)."""
+
+    specs: list                  # LayerSpec
+    options: AnalysisOptions
+    manifest: Any                # pipeline.listing.Manifest
+    transform: Any               # pipeline.decode.EvalTransform
+    demo_root: str | None        # the demo data's root: each node makes its own copy
+    device: str                  # cpu | cuda (nvJPEG decode on cuda)
+    batch_size: int
+    threads: int                 # torch threads (CPU)
+    decode_cpus: int             # decode threads (reserved by the worker besides `threads`)
+    prefetch: int = 2            # decoded batches queued ahead of the computation
+
+
+class ShardFeed:
+    """The body of one analysis worker: the model once, ONE Decoder and ONE Prefetcher for all
+    its shards. Files are read through pipeline.decode (the source); no Ray here.
+
+    `feed(start, stop)` queues a shard for the decode thread as soon as the worker hears of it,
+    so decoding runs on into the next shard while `run` computes the current one; `run` takes
+    the shards in the order they were fed (a shard never fed is fed by `run` itself)."""
+
+    def __init__(self, blob: dict[str, Any], spec: FeedSpec) -> None:
+        import queue
+        from collections import deque
+
+        from .decode import Decoder, Prefetcher
+        from .precision import set_strict_fp32
+
+        set_strict_fp32()              # the census's max == 0 is exact: no TF32 in this worker
+        if spec.device == "cpu":
+            torch.set_num_threads(spec.threads)
+        if spec.demo_root is not None:
+            from .demo import ensure_demo_data
+
+            ensure_demo_data(spec.demo_root)
+        self.runner = runner_from_blob(blob, spec.specs, spec.options, spec.device,
+                                       spec.batch_size)
+        self.decoder = Decoder(spec.transform, cpus=spec.decode_cpus, device=spec.device,
+                               nvjpeg=spec.device == "cuda")
+        self.units: queue.Queue = queue.Queue()
+        self.fed: deque = deque()
+        self.batches = Prefetcher(spec.manifest, self.decoder, spec.batch_size,
+                                  spec.prefetch).run(iter(self.units.get, None))
+
+    def feed(self, start: int, stop: int) -> None:
+        self.fed.append((start, stop))
+        self.units.put((start, stop))
+
+    def close(self) -> None:
+        """End the decode thread (it waits for the next shard) and the decoder's threads."""
+        self.units.put(None)
+        self.batches.close()
+        self.decoder.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "batches"):
+            self.close()
+
+    def run(self, start: int, stop: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state, marker info) of shard [start, stop)."""
+        from .precision import current
+
+        if not self.fed or self.fed[0] != (start, stop):
+            self.feed(start, stop)
+        self.fed.popleft()
+        result, info = run_unit(self.runner, self.batches)
+        return result.state(), {"start": start, "stop": stop, **info, "precision": current()}

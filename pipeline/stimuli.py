@@ -1,13 +1,17 @@
 """Top-k stimulus patches: cut the RF squares of the final top-k from their images, as PNG.
 
-Pure compute on decoded images (the job reads them): rows are grouped per image so that each
-image is decoded once, and per patch size so that one `cut_patches` gather serves many rows.
+Pure compute on decoded images (`render_group`, a task's body, decodes them through
+pipeline.decode): rows are grouped per image so that each image is decoded once, and per patch
+size so that one `cut_patches` gather serves many rows.
 
     groups = image_groups(topk_table, parts=8)         # [array of image_index, ...]
-    pngs = render_rows(rows_of_group, batch.images, batch.indices)   # {row id: PNG bytes}
+    for rows in patch_groups(topk_table, parts=8):    # one task each decodes its images once
+        pngs = render_rows(rows, batch.images, batch.indices)  # {row id: PNG bytes}
     table = with_patches(topk_table, pngs)             # stimuli/topk.parquet (DESIGN.md)
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +22,8 @@ from .analysis import TOPK_GEOMETRY_SCHEMA
 from .geometry import cut_patches
 from .images import png_bytes
 
-__all__ = ["TOPK_TABLE_SCHEMA", "image_groups", "render_rows", "with_patches"]
+__all__ = ["TOPK_TABLE_SCHEMA", "image_groups", "patch_groups", "render_rows",
+           "render_group", "with_patches"]
 
 TOPK_TABLE_SCHEMA = pa.schema(list(TOPK_GEOMETRY_SCHEMA) + [("patch", pa.binary())])
 
@@ -29,6 +34,17 @@ def image_groups(topk: pa.Table, parts: int) -> list[np.ndarray]:
     if ids.size == 0:
         return []
     return [g for g in np.array_split(ids, max(1, min(parts, ids.size))) if g.size]
+
+
+def patch_groups(topk: pa.Table, parts: int) -> list[pa.Table]:
+    """The rows `render_rows` needs (row, image_index, top, left, size), one table per group of
+    `image_groups`: each group is one task that decodes its images once."""
+    import pyarrow.compute as pc
+
+    rows = topk.select(["image_index", "top", "left", "size"]).append_column(
+        "row", pa.array(range(topk.num_rows), pa.int64()))
+    return [rows.filter(pc.is_in(rows["image_index"], pa.array(g)))
+            for g in image_groups(topk, parts)]
 
 
 def render_rows(rows: pa.Table, images: Tensor, indices: np.ndarray) -> dict[int, bytes]:
@@ -54,6 +70,20 @@ def render_rows(rows: pa.Table, images: Tensor, indices: np.ndarray) -> dict[int
             # lossless: the pixels the network saw
             out[int(row_ids[r])] = png_bytes(patches[k].permute(1, 2, 0).cpu().numpy())
     return out
+
+
+def render_group(manifest: Any, transform: Any, rows: pa.Table,
+                 demo_root: str | None = None) -> dict[int, bytes]:
+    """A patch task's body: decode the images of `rows` (one `patch_groups` table) once through
+    pipeline.decode, then `render_rows`. `demo_root`: make this node's copy of the demo data."""
+    from .decode import load_batch
+
+    if demo_root is not None:
+        from .demo import ensure_demo_data
+
+        ensure_demo_data(demo_root)
+    batch = load_batch(manifest, sorted(set(rows.column("image_index").to_pylist())), transform)
+    return render_rows(rows, batch.images, batch.indices)
 
 
 def with_patches(topk: pa.Table, pngs: dict[int, bytes]) -> pa.Table:

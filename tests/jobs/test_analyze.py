@@ -2,8 +2,10 @@
 
 One cluster per module. Checks: 1 shard / 1 worker and many shards / 2 workers (output on S3)
 give identical tables; patches are the RF squares of the decoded images; a run killed for real
-after some shards resumes from their markers and gives the same tables; bad inputs exit 2 with
-one line and write no final table.
+after some shards resumes from their markers and gives the same tables; one worker's decode
+pipeline reads on into its next shard while the current one computes, with the same result; a
+non-ResNet (mobilenet_v3_small, module-path layers) matches a brute-force computation; bad
+inputs exit 2 with one line and write no final table.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from pipeline.models import build_model
 from pipeline.preprocess import IMAGENET
 from pipeline.sources import EvalTransform, build_manifest, load_batch
 from pipeline.tables import read_json, read_table
+from jobs.options import parse_config
+from tests.helpers import assert_run_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 18
@@ -77,6 +81,15 @@ def argv_for(data: dict, out: str, *extra: str) -> list[str]:
             *extra]
 
 
+# the job in a subprocess, each unit slowed by the engine's test hook (a real kill needs a process)
+HOOKED = ("import sys; from jobs import analyze, engine; from tests.helpers import Sleep; "
+          "engine.set_test_hook(Sleep(float(sys.argv[1]))); sys.exit(analyze.main(sys.argv[2:]))")
+
+
+def hooked_job(sleep: float, argv: list[str]) -> list[str]:
+    return [sys.executable, "-c", HOOKED, str(sleep), *argv]
+
+
 def tables_of(out: str) -> dict:
     return {t: read_table(f"{out}/stimuli/{t}.parquet") for t in TABLES}
 
@@ -107,11 +120,13 @@ def test_one_shard_equals_many_shards_and_workers_on_s3(single, data, s3_bucket)
     run_s3 = read_json(f"{out}/run.json")
     assert run_s3["counts"]["shards"] == 7 and run["counts"]["shards"] == 1
     for r in (run, run_s3):
+        assert_run_shape(r)
         assert r["counts"]["images_read"] == N_GOOD and r["counts"]["images_skipped"] == 1
         assert r["skipped"][0]["path"].endswith("img99_broken.jpg")
         assert {"setup", "analyze", "merge", "patches", "write"} <= set(r["seconds"])
-        assert r["images_per_second"]["analyze"] > 0 and r["images_per_second"]["total"] > 0
-        assert r["versions"]["torch"] and r["config"]["top_k"] == 3 and not r["untrained"]
+        assert r["throughput"]["analyze"] > 0 and r["throughput"]["total"] > 0
+        assert r["versions"]["torch"] and r["config"]["top_k"] == 3
+        assert not r["details"]["untrained"] and r["details"]["model"] == "resnet18"
 
 
 def test_tables_hold_the_design_columns_and_true_patches(single, data):
@@ -142,9 +157,8 @@ def test_tables_hold_the_design_columns_and_true_patches(single, data):
 def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster):
     out = str(data["root"] / "interrupted")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.analyze",
-                             *argv_for(data, out, "--shards", "6", "--workers", "1",
-                                    "--test-sleep", "0.7")],
+    argv = argv_for(data, out, "--shards", "6", "--workers", "1")
+    proc = subprocess.Popen(hooked_job(0.7, argv),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -163,9 +177,102 @@ def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster
     assert not Path(out, "stimuli").exists() and not Path(out, "run.json").exists()
     assert job.main(argv_for(data, out, "--shards", "6", "--workers", "2")) == 0
     run = json.loads(Path(out, "run.json").read_text())
-    assert run["counts"]["shards_resumed"] >= 2
-    assert run["counts"]["shards_computed"] == 6 - run["counts"]["shards_resumed"]
+    assert run["counts"]["units_resumed"] >= 2
+    assert run["counts"]["units_computed"] == 6 - run["counts"]["units_resumed"]
     assert_same_tables(tables_of(single), tables_of(out))
+
+
+def test_one_decode_pipeline_runs_across_shards_with_the_same_result(data, tmp_path):
+    """ShardFeed (the actor's body, no Ray here): the next shard's first batch is decoded before
+    the current shard's last batch is computed, and two shards merge to the one-shard result."""
+    from pipeline.analysis import FeedSpec, ShardFeed
+    from pipeline.precision import current, restore
+
+    flags = current()                    # ShardFeed makes its process strict-fp32 for good
+    try:
+        _feed_across_shards(job.prepare(parse_config(job.Config, argv_for(data, str(tmp_path)),
+                                                     job.PROG)), FeedSpec, ShardFeed)
+    finally:
+        restore(flags)
+
+
+def _feed_across_shards(prep, FeedSpec, ShardFeed) -> None:
+    from pipeline.analysis import AnalysisResult, merge_states
+
+    spec = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, None, "cpu", 4, 1, 1)
+    feeder, events = ShardFeed(prep.blob, spec), []
+    load, step = feeder.decoder.load, feeder.runner.step
+
+    def logged_load(manifest, idx):
+        batch = load(manifest, idx)
+        events.append(("decoded", int(idx[0])))
+        return batch
+
+    def slow_step(result, images, indices):
+        time.sleep(0.3)                  # computing takes longer than decoding the next batch
+        step(result, images, indices)
+        events.append(("computed", int(indices[-1])))
+
+    feeder.decoder.load, feeder.runner.step = logged_load, slow_step
+    feeder.feed(0, 8)
+    feeder.feed(8, N_GOOD + 1)
+    first, info = feeder.run(0, 8)
+    assert info["images"] == 8 and info["skipped"] == []
+    assert events.index(("decoded", 8)) < events.index(("computed", 7)), events
+    second, info = feeder.run(8, N_GOOD + 1)
+    assert info["images"] == N_GOOD - 8 and info["skipped"][0][0] == 9       # the broken file
+    feeder.close()
+    single = ShardFeed(prep.blob, spec)
+    whole, _ = single.run(0, N_GOOD + 1)                 # never fed: run feeds it itself
+    single.close()
+    got = AnalysisResult.from_state(merge_states(first, second)).tables("m")
+    want = AnalysisResult.from_state(whole).tables("m")
+    assert all(got[t].equals(want[t]) for t in ("topk", "channels"))
+
+
+def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
+    """mobilenet_v3_small (untrained, seeded) at 64 px, two module-path layers, 3 shards on 2
+    workers: top-k (any and centre) and channel statistics equal a forward over all images."""
+    from pipeline.hooks import capture
+    from pipeline.layers import resolve_layers
+    from pipeline.precision import strict_fp32
+
+    out, k, layers = str(tmp_path / "mnv3"), 3, "features.1,features.2"
+    argv = ["--data", data["data"], "--model", "mobilenet_v3_small", "--layers", layers,
+            "--top-k", str(k), "--resize", "72", "--crop", "64", "--batch-size", "4",
+            "--shards", "3", "--workers", "2", "--out", out]
+    assert job.main(argv) == 0
+    t = tables_of(out)
+    jm = job.load_job_model(None, "mobilenet_v3_small", num_classes=1000, width=64, seed=0)
+    batch = load_batch(build_manifest(data["data"]), list(range(N_GOOD + 1)),
+                       EvalTransform(72, 64))
+    x = IMAGENET(batch.images.float() / 255)
+    acts = {}
+    with strict_fp32(), torch.no_grad():
+        for a in range(0, len(x), 4):                  # the job's batch shape (4, padded)
+            chunk = torch.cat([x[a:a + 4], x.new_zeros((4 - len(x[a:a + 4]), *x.shape[1:]))])
+            for name, v in capture(jm.model, chunk, resolve_layers(jm.model, layers)).items():
+                acts.setdefault(name, []).append(v[:len(x[a:a + 4])])
+    idx = batch.indices
+    for name, parts in acts.items():
+        v = torch.cat(parts).double()                                   # (N, C, H, W)
+        ch = [r for r in t["channels"].to_pylist() if r["layer"] == name]
+        np.testing.assert_allclose([r["max"] for r in ch], v.amax((0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose([r["mean"] for r in ch], v.mean((0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose([r["positive_fraction"] for r in ch],
+                                   (v > 0).double().mean((0, 2, 3)), rtol=1e-9)
+        h, w = v.shape[2:]
+        for neuron, per_image in (("any", v.flatten(2).amax(2)),
+                                  ("center", v[:, :, h // 2, w // 2])):
+            rows = [r for r in t["topk"].to_pylist()
+                    if r["layer"] == name and r["neuron"] == neuron]
+            for c in range(v.shape[1]):
+                order = sorted(range(len(idx)),
+                               key=lambda i: (-per_image[i, c].item(), idx[i]))[:k]
+                got = sorted((r for r in rows if r["channel"] == c), key=lambda r: r["rank"])
+                assert [r["image_index"] for r in got] == [int(idx[i]) for i in order]
+                np.testing.assert_allclose([r["activation"] for r in got],
+                                           [per_image[i, c].item() for i in order], rtol=1e-6)
 
 
 def _bad(capsys, argv: list[str]) -> str:

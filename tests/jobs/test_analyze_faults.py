@@ -2,7 +2,8 @@
 
 Head (0 CPUs) + two worker nodes (1 CPU each), each `ray start --block` in its own process
 group with its own ports. The job runs as a subprocess against RAY_ADDRESS with 8 shards on 2
-actors, slowed by `--test-sleep` (fault-injection scaffolding) so that the kill lands mid-run.
+actors, each unit slowed by the engine's test hook (`engine.set_test_hook(Sleep(1.0))` in the job's
+subprocess, tests/helpers.py) so that the kill lands mid-run.
 After node A's process group is SIGKILLed, its shard must be retried on node B and the final
 tables must equal a fault-free run on the same cluster.
 """
@@ -23,7 +24,8 @@ import pytest
 
 from tests.helpers import free_ports
 
-from tests.jobs.test_analyze import (ROOT, argv_for, assert_same_tables, make_data, tables_of)
+from tests.jobs.test_analyze import (ROOT, argv_for, assert_same_tables, hooked_job, make_data,
+                                     tables_of)
 
 RAY = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -104,9 +106,7 @@ def test_killed_node_mid_run_gives_identical_tables(cluster, tmp_path):
     data = make_data(tmp_path)
     out = str(tmp_path / "faulty")
     env = {**cluster["env"], "RAY_ADDRESS": cluster["address"]}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.analyze",
-                             *argv_for(data, out, "--shards", "8", "--workers", "2",
-                                       "--test-sleep", "1.0")],
+    proc = subprocess.Popen(hooked_job(1.0, argv_for(data, out, "--shards", "8", "--workers", "2")),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
@@ -127,7 +127,7 @@ def test_killed_node_mid_run_gives_identical_tables(cluster, tmp_path):
     run = json.loads(Path(out, "run.json").read_text())
     assert run["counts"]["retries"] >= 1, err[-3000:]
     assert "retrying on another worker" in err
-    assert run["counts"]["shards_computed"] == 8 and run["counts"]["images_read"] == 18
+    assert run["counts"]["units_computed"] == 8 and run["counts"]["images_read"] == 18
 
     # fault-free reference on the surviving node, other sharding (a subprocess as well: the
     # cluster's private auth token must not leak into this test process's Ray)

@@ -126,10 +126,42 @@ def test_dead_worker_is_retried_then_bounded(ray_cluster, tmp_path, hook):
     assert len(str(e.value).splitlines()) == 1
 
 
-def test_actor_pool_survives_a_dead_actor(ray_cluster, tmp_path, hook):
+class Feeder:
+    """A Pool worker that hears of units early (`feed`) and records what it saw."""
+
+    def __init__(self) -> None:
+        self.fed: list[int] = []
+        self.ran: list[int] = []
+
+    def feed(self, x: int) -> None:
+        self.fed.append(x)
+
+    def run(self, x: int) -> Result:
+        import time
+
+        time.sleep(0.3)                   # the next unit arrives while this one computes
+        self.ran.append(x)
+        return Result(x, {"fed": list(self.fed), "ran": list(self.ran)})
+
+
+def test_pool_inflight_feeds_the_next_unit_early_and_computes_in_order(ray_cluster, tmp_path):
+    with pytest.raises(ValueError, match="inflight"):
+        Pool(Feeder, inflight=0)
+    store = Store(str(tmp_path), "fp")
+    one = engine.Plan(1, {"num_cpus": 1}, 1)
+    run = engine.run_units(_units(6), Pool(Feeder, inflight=2), store, plan=one)
+    assert run.computed == 6 and [store.load(f"u{i:02d}") for i in range(6)] == list(range(6))
+    for i in range(6):
+        info = run.infos[f"u{i:02d}"]
+        assert info["ran"] == list(range(i + 1))              # strictly in submission order
+        assert info["fed"] == list(range(min(i + 2, 6)))      # the next one fed while computing
+
+
+@pytest.mark.parametrize("inflight", [1, 2])
+def test_actor_pool_survives_a_dead_actor(ray_cluster, tmp_path, hook, inflight):
     hook(Die(str(tmp_path), ("u02",)))
     store = Store(str(tmp_path / "out"), "fp")
-    run = engine.run_units(_units(), Pool(Squarer, 1), store, plan=PLAN)
+    run = engine.run_units(_units(), Pool(Squarer, 1, inflight=inflight), store, plan=PLAN)
     assert run.retries == 1 and run.computed == 5
     assert engine.merge(store, run.names, lambda a, b: a + b) == sum(i * i + 1 for i in range(5))
 
