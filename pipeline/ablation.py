@@ -55,8 +55,9 @@ from .layers import Layer
 
 __all__ = ["CONDITIONS", "derive_seed", "image_noise", "random_subset", "random_count_subset",
            "Subset", "parse_subsets", "DEFAULT_SUBSETS", "control_channels", "Plan", "make_plan",
-           "make_plans", "batch_noise", "noise_edit", "evaluate", "per_image_scores", "EvalSums",
-           "merge_sums", "census_shard", "eval_shard", "default_layer"]
+           "make_plans", "minibatch_shards", "batch_noise", "noise_edit", "evaluate",
+           "per_image_scores", "EvalSums", "merge_sums", "census_shard", "eval_shard",
+           "default_layer"]
 
 CONDITIONS = ("clean", "inactive-all", "inactive-random", "control-active")
 CLEAN_SEED = -1             # clean is deterministic: evaluated once, seed column -1
@@ -232,6 +233,15 @@ def make_plan(condition: str, seed: int, inactive: Sequence[int], num_channels: 
         return Plan(condition, seed, tuple(inactive), fraction=fraction, eval_batch=eval_batch)
     active = [c for c in range(num_channels) if c not in set(inactive)]
     return Plan(condition, seed, tuple(control_channels(seed, active, len(inactive))))
+
+
+def minibatch_shards(n: int, eval_batch: int, shards: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `shards` (at most) shards of n images, cut on minibatch
+    boundaries: every forward batch holds the same images however the work is sharded."""
+    from .listing import shard_ranges
+
+    m = math.ceil(n / eval_batch)
+    return [(a * eval_batch, min(b * eval_batch, n)) for a, b in shard_ranges(m, shards=shards)]
 
 
 def make_plans(inactive: Sequence[int], num_channels: int, seeds: Sequence[int],
