@@ -82,7 +82,7 @@ class AblateConfig(Options):
     device: str = opt("auto", "auto: cuda if the cluster has GPUs", choices=("auto", "cpu", "cuda"))
     gpus_per_task: float | None = opt(None, "GPUs per Ray task (default: 1 on a cluster with "
                                       "GPUs unless --device cpu)", check=at_least(0))
-    cpus_per_task: float = opt(1.0, "CPUs per Ray task", check=at_least(0.01))
+    cpus_per_task: float = opt(1.0, "CPUs per Ray task (default 1)", check=at_least(0.01))
     task_per: str = opt("plan", "plan: a unit per (condition, seed, shard); shard: per shard, "
                         "each batch decoded once for every plan (same numbers)",
                         choices=("plan", "shard"))
