@@ -7,13 +7,14 @@ Each (layer, channel chunk) is one unit of jobs.engine: a Ray task optimises its
 batch (row = channel) with `pipeline.actmax.maximize_channels` and stores its rows under
 `--out/_partials/<fingerprint>/`, then a marker; a rerun with the same settings skips finished
 chunks. The rows are merged into `actmax.parquet` (forward layer order, channels ascending), then
-`run.json` is written and the partials removed. Without --checkpoint an untrained demo model is
-used (see docs/actmax.md).
+`run.json` is written and the partials removed. Any torchvision CNN (`--model`), layers by paper
+name or module path; without --checkpoint an untrained demo model is used (docs/actmax.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,29 +26,22 @@ from jobs.console import Console, init_ray
 from jobs.options import BadInput, Options, at_least, build_parser as _build_parser, opt, run_cli
 from jobs.runinfo import write_run
 from pipeline.actmax import TABLE_SCHEMA as SCHEMA
-from pipeline.actmax import chunk_table
+from pipeline.actmax import chunk_table, sort_rows
+from pipeline.models import supported_models
 
 __all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "build_parser", "main",
            "run", "chunk_table", "units", "store", "BadInput"]
 
 PROG = "python -m jobs.actmax"
 
+
 def parse_scales(spec: str) -> tuple[float, ...]:
-    """"0.9,1.0,1.1" -> (0.9, 1.0, 1.1); BadInput names what is allowed."""
+    """"0.9,1.0,1.1" -> (0.9, 1.0, 1.1); BadInput names what is allowed (Settings checks > 0)."""
     try:
-        scales = tuple(float(v) for v in spec.split(",") if v.strip())
+        return tuple(float(v) for v in spec.split(",") if v.strip())
     except ValueError:
         raise BadInput(f"invalid --scale {spec!r}; allowed: comma-separated positive factors, "
                        "e.g. 0.9,1.0,1.1") from None
-    if any(not s > 0 for s in scales):
-        raise BadInput(f"invalid --scale {spec!r}: factors must be > 0")
-    return scales
-
-
-def _model_names() -> list[str]:
-    from pipeline.models import model_names
-
-    return model_names()
 
 
 @dataclass(frozen=True)
@@ -55,11 +49,11 @@ class ActmaxConfig(Options):
     out: str = opt(help="output URL (local folder or s3://bucket/prefix)")
     checkpoint: str | None = opt(None, "checkpoint URL (preferred-stimuli format or torchvision "
                                  "state_dict); default: an untrained demo model")
-    model: str | None = opt(None, "architecture; default: the checkpoint's (resnet34 for a plain "
-                            "state_dict or without a checkpoint); with a checkpoint it must match",
-                            choices=_model_names)
-    layers: str = opt("conv3,conv7", "layers to visualise: paper names (pool1, conv1..convN, fc) "
-                      "comma separated, or all")
+    model: str | None = opt(None, "any torchvision CNN by name; default: the checkpoint's "
+                            "(resnet34 for a plain state_dict or without a checkpoint)",
+                            choices=supported_models)
+    layers: str = opt("conv3,conv7", "layers, comma separated: paper names (pool1, conv1..convN, "
+                      "fc; ResNets), module paths (features.6), or all")
     channels: str = opt("all", "channels of each layer: all, a range 0-63, a list 0,5,7 or a mix")
     steps: int = opt(31, "Adam steps (paper: 31)", check=at_least(1))
     lr: float = opt(0.1, "Adam learning rate (paper: 0.1)",
@@ -94,9 +88,7 @@ class ActmaxConfig(Options):
     def settings(self):
         from pipeline.actmax import Settings
 
-        return Settings(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
-                        param=self.param, jitter=self.jitter, scale=self.scale, tv=self.tv,
-                        l2=self.l2, seed=self.seed, crop=self.crop)
+        return Settings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Settings)})
 
 
 def build_parser():
@@ -105,29 +97,13 @@ def build_parser():
 
 def parse_channels(spec: str, layer_name: str, n: int) -> list[int]:
     """"all" | "0-63" | "0,5,7" | "0-3,8" -> sorted unique channels; BadInput names 0-(n-1)."""
-    allowed = f"allowed: all or channels in 0-{n - 1} (e.g. 0-{n - 1}, 0,5,7)"
-    spec = spec.strip()
-    if spec == "all":
-        return list(range(n))
-    out: set[int] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if lo > hi:
-                    raise ValueError
-                vals = range(lo, hi + 1)
-            else:
-                vals = [int(part)]
-        except ValueError:
-            raise BadInput(f"invalid channel spec {spec!r}; {allowed}") from None
-        bad = [v for v in vals if not 0 <= v < n]
-        if bad:
-            raise BadInput(f"channel {bad[0]} out of range for {layer_name} ({n} channels); "
-                           f"{allowed}")
-        out.update(vals)
-    return sorted(out)
+    from pipeline.actmax import channel_list
+
+    try:
+        return channel_list(spec, n)
+    except ValueError as e:
+        raise BadInput(f"{e} for {layer_name} ({n} channels); allowed: all or channels in "
+                       f"0-{n - 1} (e.g. 0-{n - 1}, 0,5,7)") from None
 
 
 @dataclass
@@ -138,7 +114,12 @@ class _Setup:
     input_size: int
     untrained: bool
     layers: list                                   # pipeline.layers.Layer
-    channels: dict[str, list[int]] = field(default_factory=dict)
+    channels: dict[str, list[int]]                 # layer name -> its channels
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return {"model": self.model_name, "untrained": self.untrained,
+                "preprocess": self.preprocess.state(), "input_size": self.input_size}
 
 
 def _setup(cfg: ActmaxConfig) -> _Setup:
@@ -149,21 +130,18 @@ def _setup(cfg: ActmaxConfig) -> _Setup:
 
     jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=len(DEMO_CLASSES),
                         width=DEMO_WIDTH, seed=cfg.seed)
-    model, name, pre, untrained = jm.model, jm.name, jm.preprocess, jm.untrained
-    if untrained:
-        size = cfg.input_size or DEMO_CROP
-        # untrained: BN statistics from noise, else the zero start is a dead fixed point
-        calibrate_bn(model, size, seed=cfg.seed)
-    else:  # the input size the checkpoint was evaluated at (its recipe), else ImageNet's
-        recipe = jm.meta.get("recipe") or {}
-        size = cfg.input_size or int(recipe.get("eval_crop", jm.meta.get("input_size", 224)))
+    recipe = jm.meta.get("recipe") or {}   # the size the checkpoint was evaluated at, else 224
+    size = cfg.input_size or (DEMO_CROP if jm.untrained else
+                              int(recipe.get("eval_crop", jm.meta.get("input_size", 224))))
+    if jm.untrained:   # BN statistics from noise, else the zero start is a dead fixed point
+        calibrate_bn(jm.model, size, seed=cfg.seed)
     try:
-        layers = resolve_layers(model, cfg.layers)
+        layers = resolve_layers(jm.model, cfg.layers)
     except ValueError as e:          # pipeline's message lists the allowed names
         raise BadInput(str(e)) from None
     channels = {layer.name: parse_channels(cfg.channels, layer.name, layer.channels)
                 for layer in layers}
-    return _Setup(model.eval(), name, pre, size, untrained, layers, channels)
+    return _Setup(jm.model.eval(), jm.name, jm.preprocess, size, jm.untrained, layers, channels)
 
 
 def _chunk(model: Any, model_name: str, preprocess: Any, size: int, settings: Any, device: str,
@@ -176,31 +154,19 @@ def _chunk(model: Any, model_name: str, preprocess: Any, size: int, settings: An
 def units(cfg: ActmaxConfig, setup: _Setup) -> list[engine.Unit]:
     """One unit per (layer, chunk of --chunk channels), named layer-first-last."""
     out = []
-    for layer in setup.layers:
-        chans = setup.channels[layer.name]
-        for i in range(0, len(chans), cfg.chunk):
-            c = chans[i:i + cfg.chunk]
-            out.append(engine.Unit(f"{layer.name}-{c[0]:05d}-{c[-1]:05d}", (layer, c), len(c)))
+    for lay in setup.layers:
+        ch = setup.channels[lay.name]
+        out += [engine.Unit(f"{lay.name}-{c[0]:05d}-{c[-1]:05d}", (lay, c), len(c))
+                for c in (ch[i:i + cfg.chunk] for i in range(0, len(ch), cfg.chunk))]
     return out
 
 
 def store(cfg: ActmaxConfig, setup: _Setup, device: engine.Device) -> engine.Store:
     """The partial store: what decides a channel's numbers (not chunking, workers, --out)."""
-    d = cfg.to_dict()
-    for k in ("out", "layers", "channels", "chunk", "workers", "device"):
-        d.pop(k)
-    d |= {"model": setup.model_name, "input_size": setup.input_size,
-          "preprocess": setup.preprocess.state()}
+    skip = ("out", "layers", "channels", "chunk", "workers", "device", "untrained")
+    d = {k: v for k, v in (cfg.to_dict() | setup.details).items() if k not in skip}
     weights = engine.digest(setup.model.state_dict())
     return engine.Store(cfg.out, engine.fingerprint(d, weights, device=device))
-
-
-def _sorted_rows(table: pa.Table, setup: _Setup) -> pa.Table:
-    """Forward layer order, channels ascending (whatever order the chunks finished in)."""
-    order = {lay.name: lay.index for lay in setup.layers}
-    idx = sorted(range(table.num_rows), key=lambda i: (order[table["layer"][i].as_py()],
-                                                       table["channel"][i].as_py()))
-    return table.take(pa.array(idx, type=pa.int64()))
 
 
 def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
@@ -212,9 +178,8 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         setup = setup or _setup(cfg)            # all bad input surfaces here, before any write
         check_writable(cfg.out)
         if setup.untrained:
-            con.warn(f"no --checkpoint: visualising an UNTRAINED {setup.model_name} (width "
-                     f"{setup.model.width}, BN statistics from noise); pass --checkpoint for "
-                     f"real results")
+            con.warn(f"no --checkpoint: visualising an UNTRAINED {setup.model_name} (BN "
+                     f"statistics from noise); pass --checkpoint for real results")
         init_ray(cfg.out)
         device = engine.resolve_device(cfg.device)
         plan = device.plan(cfg.workers or None, cpus_per_worker=8)
@@ -229,16 +194,14 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         stats = engine.run_units(todo, work, st, plan=plan,
                                  progress=con.progress(total, "channels"))
     with con.stage("write"):
-        table = _sorted_rows(engine.merge(st, stats.names, lambda a, b: pa.concat_tables([a, b])),
-                             setup)
+        table = sort_rows(engine.merge(st, stats.names, lambda a, b: pa.concat_tables([a, b])),
+                          [lay.name for lay in setup.layers])
         tables.write_table(table, tables.join(cfg.out, "actmax.parquet"), SCHEMA)
     info = write_run(
         cfg.out, "actmax", cfg.to_dict(), device=device.report(plan.workers),
-        fingerprint=st.fingerprint, counts={**stats.counts(), "layers": len(setup.layers), "channels": table.num_rows},
-        seconds=con.seconds, total_seconds=con.wall, work=table.num_rows, unit="channels",
-        warnings=con.warnings,
-        details={"model": setup.model_name, "untrained": setup.untrained,
-                 "preprocess": setup.preprocess.state(), "input_size": setup.input_size})
+        fingerprint=st.fingerprint, seconds=con.seconds, total_seconds=con.wall,
+        counts={**stats.counts(), "layers": len(setup.layers), "channels": table.num_rows},
+        work=table.num_rows, unit="channels", warnings=con.warnings, details=setup.details)
     st.clear()
     con.info(f"wrote {table.num_rows} rows to {tables.join(cfg.out, 'actmax.parquet')} in "
              f"{con.wall:.1f} s")

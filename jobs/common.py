@@ -121,11 +121,11 @@ def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: in
     import torch
 
     from pipeline.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.models import build_model, model_names
+    from pipeline.models import build_model, is_resnet, supported_models
     from pipeline.preprocess import IMAGENET
 
-    if model is not None and model not in model_names():
-        raise BadInput(f"unknown model {model!r}; allowed: {', '.join(model_names())}")
+    if model is not None and model not in supported_models():
+        raise BadInput(f"unknown model {model!r}; allowed: {', '.join(supported_models())}")
     if checkpoint:
         try:
             loaded = load_checkpoint(checkpoint, model)
@@ -138,6 +138,7 @@ def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: in
                         loaded.meta)
     name = model or "resnet34"
     torch.manual_seed(seed)
+    width = width if is_resnet(name) else 64       # other models have torchvision's width only
     return JobModel(build_model(name, num_classes=num_classes, width=width).eval(), name,
                     IMAGENET, True)
 

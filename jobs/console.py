@@ -19,10 +19,12 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
+import threading
 import time
 from typing import Iterator
 
-__all__ = ["log", "Console", "Progress", "init_ray", "format_seconds"]
+__all__ = ["log", "Console", "Progress", "init_ray", "format_seconds", "worker_log", "relay"]
 
 
 def log(msg: str) -> None:
@@ -97,6 +99,76 @@ class Console:
     @property
     def wall(self) -> float:
         return time.perf_counter() - self.t0
+
+
+@contextlib.contextmanager
+def worker_log(url: str):
+    """Every line Ray forwards from workers (Ray Train's per-report dumps, its controller's and
+    placement-group cleaner's notices, the workers' prints) goes to `url`, none to the console:
+    the console shows this job's lines, and a failing worker's traceback arrives with the error
+    that `fit()` raises. Ray's forwarding handler is swapped back afterwards."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:       # another Ray layout: leave its logging alone
+        yield
+        return
+    found = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
+    if len(found) != 1:       # log_to_driver off: nothing is forwarded
+        yield
+        return
+    local = "://" not in url
+    path = url if local else tempfile.mkstemp(suffix=".log")[1]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as sink:
+        def handle(data: dict) -> None:
+            who = data.get("actor_name") or data.get("task_name") or ""
+            sink.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in data["lines"])
+            sink.flush()
+
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", handle)
+        try:
+            yield
+        finally:
+            dispatcher.remove_handler("ray_print_logs")
+            dispatcher.add_handler("ray_print_logs", found[0])
+    if not local:
+        with open(path, "rb") as f:
+            _write_bytes(url, f.read())
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def relay(con: Console):
+    """A `ray.util.queue.Queue` that remote code puts lines into (`queue.put_nowait(text)`);
+    a driver thread prints them through `con.info` while the block runs, so a job's progress
+    lines reach the console even when Ray does not forward worker output (jobs.train's epochs)."""
+    from ray.util.queue import Empty, Queue
+
+    queue, stop = Queue(actor_options={"num_cpus": 0}), threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                con.info(queue.get(timeout=0.5))
+            except Empty:
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        queue.shutdown()
+
+
+def _write_bytes(url: str, data: bytes) -> None:
+    from pipeline.tables import write_bytes
+
+    write_bytes(url, data)
 
 
 class _LazyFile(logging.FileHandler):

@@ -15,7 +15,8 @@
         return run_cli("python -m jobs.NAME", __doc__, Config, run, argv)
 
 The flag is `--field-name` unless `flag=` says otherwise; its type comes from the annotation
-(`int | None` gives an optional int). `parse` turns the command-line string into the value (and may
+(`int | None` gives an optional int; `tuple[str, ...]` without `parse` a repeatable flag whose
+values form the tuple). `parse` turns the command-line string into the value (and may
 raise BadInput); `check(value)` returns an error text or None; `choices` may be a callable, so
 that lists such as the model names are read only when a parser is built. Every check runs in
 `Options.__post_init__`, so a config built in Python is validated exactly like one from the CLI.
@@ -106,6 +107,11 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+def _repeatable(o: Opt, annotation: Any) -> bool:
+    """A `tuple[...]` field without `parse`: a flag that may be given several times."""
+    return o.parse is None and typing.get_origin(_base_type(annotation)) is tuple
+
+
 class Options:
     """Mixin for frozen dataclasses whose fields are `opt(...)`: validated on construction."""
 
@@ -165,8 +171,12 @@ def build_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentPars
         kw: dict[str, Any] = {"dest": f.name, "help": o.help}
         if f.default is _MISSING and f.default_factory is _MISSING:
             kw["required"] = True
-        if kind is bool:
+        if kind is bool and f.default is None:   # tri-state: --x / --no-x / neither (None)
+            kw.update(action=argparse.BooleanOptionalAction, default=None)
+        elif kind is bool:
             kw["action"] = "store_false" if f.default is True else "store_true"
+        elif _repeatable(o, hints[f.name]):          # --from a --from b -> ("a", "b")
+            kw.update(action="append", default=None, metavar=o.metavar)
         else:
             # a parsed option's CLI default is None: the dataclass default stands
             kw["default"] = None if (o.parse or "required" in kw) else f.default
@@ -183,6 +193,7 @@ def build_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentPars
 def parse_config(cls: type, argv: Sequence[str] | None, prog: str, doc: str | None = None):
     """argv -> a validated `cls` instance. Argument errors exit 2; bad values raise BadInput."""
     ns = vars(build_parser(cls, prog, doc).parse_args(argv))
+    hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in ns:
@@ -192,6 +203,10 @@ def parse_config(cls: type, argv: Sequence[str] | None, prog: str, doc: str | No
             if v is None:
                 continue                  # not given: the dataclass default
             v = o.parse(v)
+        elif _repeatable(o, hints[f.name]):
+            if v is None:
+                continue                  # not given: the dataclass default
+            v = tuple(v)
         values[f.name] = v
     return cls(**values)
 

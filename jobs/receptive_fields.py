@@ -1,176 +1,103 @@
-"""Receptive-field table of a model: RF size, jump, offset and feature-map size of every layer.
+"""Receptive-field table of models: RF size, jump, offset and feature-map size of every layer.
 
-Derived from the model's module graph (pipeline.geometry), so it holds for any supported
-torchvision CNN (and the PlainNets) at any input size. Prints the table and writes it as Parquet:
-
-    python -m jobs.receptive_fields --model resnet34
     python -m jobs.receptive_fields --model resnet34,plainnet34 --input-size 224 --out results/
     python -m jobs.receptive_fields --model densenet121 --list    # every analysable layer
 
-`--out` ending in `.parquet` names the file; anything else is a folder that receives
-`receptive_fields.parquet`. Rows: the paper names for the ResNet family, every analysable module
-path for other models. Columns: model, layer, module, channels, rf_size, jump, offset,
-feature_size, input_size, then per axis rf_size_y/_x, jump_y/_x, offset_y/_x,
-feature_height/_width and global_context. `--list` prints every layer `--layers` accepts (the
-paper names and all module paths) with its geometry, and writes nothing. No Ray is needed: this
-is arithmetic on the graph.
+Arithmetic on the module graph (pipeline.geometry, no Ray), for any supported torchvision CNN
+and the PlainNets at any input size. Prints the table; writes it as Parquet to a `.parquet`
+--out, or as receptive_fields.parquet (with run.json) into a folder --out. Rows: paper names for
+the ResNet family, module paths otherwise; columns as RF_SCHEMA (the contract's, then per axis
+and global_context). `--list` prints every layer `--layers` accepts and writes nothing.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
-from jobs.common import BadInput, bad_input_exits, check_writable, job_parser
+from jobs.common import check_writable
+from jobs.console import Console
+from jobs.options import BadInput, Options, opt, run_cli
 
-PROG = "python -m jobs.receptive_fields"
+JOB = "receptive_fields"
+PROG = f"python -m jobs.{JOB}"
 TABLE_NAME = "receptive_fields.parquet"
 
 
+def _models(spec: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m.strip() for m in spec.split(",") if m.strip()))
+
+
 @dataclass(frozen=True)
-class Config:
-    models: tuple[str, ...] = ("resnet34",)   # names (pipeline.models.supported_models())
-    input_size: int = 224                     # side of the square input crop in pixels
-    out: str = TABLE_NAME                     # Parquet file, or folder for receptive_fields.parquet
-    list_layers: bool = False                 # print every analysable layer, write nothing
+class Config(Options):
+    models: tuple[str, ...] = opt(
+        ("resnet34",), "model name(s), comma separated: a torchvision classification CNN by its "
+        "constructor name (resnet*, vgg*, densenet*, mobilenet_v3_small, convnext_tiny, ...) or "
+        "a PlainNet (plainnet18 … plainnet152); default: resnet34", flag="--model", parse=_models,
+        metavar="MODEL")
+    input_size: int = opt(224, "side of the square input crop in pixels (the analysis uses 224)",
+                          check=lambda v: None if v >= 1 else "must be a positive integer")
+    out: str = opt(TABLE_NAME, f"output: a .parquet file, or a folder (local or s3://) that "
+                   f"receives {TABLE_NAME} and run.json")
+    list_layers: bool = opt(False, "print every analysable layer (paper names and module paths) "
+                            "with its geometry and write nothing", flag="--list")
 
-    @property
-    def table_url(self) -> str:
-        if self.out.endswith(".parquet"):
-            return self.out
-        from pipeline.tables import join
-
-        return join(self.out, TABLE_NAME)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Config":
+    def check(self) -> None:
         from pipeline.models import build_model, supported_models
 
-        models = tuple(dict.fromkeys(m.strip() for m in args.model.split(",") if m.strip()))
         allowed = supported_models()
-        if not models:
+        if not self.models:
             raise BadInput(f"--model is empty; supported: {', '.join(allowed)}")
-        for m in models:
+        for m in self.models:
             if m not in allowed:
                 try:
                     build_model(m)
                 except ValueError as e:  # names what is supported (transformers: why not)
                     raise BadInput(str(e).split("; also supported")[0].split("; allowed")[0]
-                                   + f"; supported: {', '.join(allowed)}")
-        if args.input_size < 1:
-            raise BadInput(f"--input-size must be a positive integer, got {args.input_size}")
-        if not args.out:
+                                   + f"; supported: {', '.join(allowed)}") from None
+        if not self.out:
             raise BadInput("--out is empty; give a .parquet file or a folder")
-        return cls(models=models, input_size=args.input_size, out=args.out,
-                   list_layers=args.list)
+
+    @property
+    def table_url(self) -> str:
+        from pipeline.tables import join
+
+        return self.out if self.out.endswith(".parquet") else join(self.out, TABLE_NAME)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = job_parser("receptive_fields", __doc__)
-    p.add_argument("--model", default="resnet34",
-                   help="model name, or several separated by commas: any torchvision "
-                        "classification CNN by its constructor name (resnet18 … resnet152, "
-                        "resnext*, wide_resnet*, vgg*, alexnet, googlenet, inception_v3, "
-                        "densenet*, mobilenet_v2/v3, efficientnet*, regnet*, convnext*, "
-                        "mnasnet*, shufflenet*, squeezenet*) or a PlainNet (plainnet18 … "
-                        "plainnet152, plain_resnext*, plain_wide_resnet*)")
-    p.add_argument("--input-size", type=int, default=224,
-                   help="side of the square input crop in pixels (the analysis uses 224)")
-    p.add_argument("--out", default=TABLE_NAME,
-                   help="output: a .parquet file, or a folder (local or s3://) that receives "
-                        f"{TABLE_NAME}")
-    p.add_argument("--list", action="store_true",
-                   help="print every analysable layer (paper names and module paths) with its "
-                        "geometry and write nothing")
-    return p
+def run(cfg: Config) -> None:
+    """Print (and, without --list, write) the table; run.json goes into a folder --out."""
+    from pipeline.geometry import RF_SCHEMA
+    from pipeline.rf_catalogue import COLUMNS, LIST_COLUMNS, format_rf_table, rf_catalogue, rf_notes
+    from pipeline.tables import exists, join, read_json, write_table
 
+    con = Console(JOB)
+    url = cfg.table_url
+    folder = None if cfg.out.endswith(".parquet") else cfg.out
+    with con.stage("compute", quiet=True):
+        if not cfg.list_layers:
+            check_writable(url.rsplit("/", 1)[0] if "/" in url.rstrip("/") else ".")
+        table = rf_catalogue(cfg.models, cfg.input_size, cfg.list_layers)
+    print(format_rf_table(table, LIST_COLUMNS if cfg.list_layers else COLUMNS), flush=True)
+    for line in rf_notes(table):
+        con.info(line)
+    if cfg.list_layers:
+        return
+    with con.stage("write", quiet=True):
+        write_table(table, url, schema=RF_SCHEMA)
+    con.info(f"wrote {table.num_rows} rows to {url}")
+    run_json = join(folder, "run.json") if folder else None
+    if run_json and (not exists(run_json) or read_json(run_json).get("job") == JOB):
+        from jobs.runinfo import write_run   # never over another job's run.json (jobs.analyze)
 
-def _skeleton(name: str):
-    """The model for graph arithmetic: on the meta device (no weights) where it can be built
-    there; RegNet computes its widths with tensors and is built on the CPU instead."""
-    import torch
-
-    from pipeline.models import build_model
-
-    try:
-        with torch.device("meta"):
-            return build_model(name)
-    except NotImplementedError:
-        return build_model(name)
-
-
-def compute(cfg: Config):
-    """The concatenated RF table of every model in `cfg` (pyarrow.Table); with `list_layers`,
-    every analysable layer instead of the catalogue."""
-    import pyarrow as pa
-
-    from pipeline.geometry import rf_table
-    from pipeline.layers import analysable_layers, catalogue
-
-    tables = []
-    for name in cfg.models:
-        model = _skeleton(name)
-        layers = analysable_layers(model) if cfg.list_layers else catalogue(model)
-        tables.append(rf_table(model, name, cfg.input_size, list(layers.values())))
-    return pa.concat_tables(tables)
-
-
-COLUMNS = ["model", "layer", "module", "channels", "rf_size", "jump", "offset", "feature_size"]
-LIST_COLUMNS = ["model", "layer", "channels", "rf_size_y", "rf_size_x", "jump", "offset_y",
-                "offset_x", "feature_height", "feature_width", "global_context"]
-
-
-def format_table(table, cols: list[str] = COLUMNS) -> str:
-    rows = [cols] + [[f"{v:g}" if isinstance(v, float) else str(v) for v in r.values()]
-                     for r in table.select(cols).to_pylist()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    first_number = 3 if cols is COLUMNS else 2
-    return "\n".join("  ".join(v.rjust(w) if i >= first_number else v.ljust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))).rstrip()
-                     for r in rows)
-
-
-def notes(table) -> list[str]:
-    """One line per model that has global-context or non-square layers (the report states it)."""
-    out = []
-    for name in dict.fromkeys(table.column("model").to_pylist()):
-        rows = [r for r in table.to_pylist() if r["model"] == name]
-        glob = [r["layer"] for r in rows if r["global_context"]]
-        rect = [r["layer"] for r in rows if r["rf_size_y"] != r["rf_size_x"]]
-        if glob:
-            out.append(f"{name}: {len(glob)} of {len(rows)} layers also depend on the whole "
-                       f"image through a global operator (adaptive pooling, SE gate; column "
-                       f"global_context), from {glob[0]} on; their rf_size is the local RF")
-        if rect:
-            out.append(f"{name}: {len(rect)} layers have non-square RFs (rf_size_y != "
-                       f"rf_size_x; rf_size is the square holding them), e.g. {rect[0]}")
-    return out
+        write_run(folder, JOB, cfg.to_dict(), seconds=con.seconds, total_seconds=con.wall,
+                  work=table.num_rows, unit="layers", warnings=con.warnings,
+                  counts={"models": len(cfg.models), "layers": table.num_rows},
+                  details={"table": url, "input_size": cfg.input_size})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with bad_input_exits(PROG):
-        cfg = Config.from_args(args)
-        url = cfg.table_url
-        if not cfg.list_layers:
-            parent = url.rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
-            check_writable(parent)
-        table = compute(cfg)
-    if cfg.list_layers:
-        print(format_table(table, LIST_COLUMNS), flush=True)
-        for line in notes(table):
-            print(line, file=sys.stderr)
-        return 0
-    from pipeline.tables import write_table
-    from pipeline.geometry import RF_SCHEMA
-
-    print(format_table(table), flush=True)
-    write_table(table, url, schema=RF_SCHEMA)
-    for line in notes(table):
-        print(line, file=sys.stderr)
-    print(f"wrote {table.num_rows} rows to {url}", file=sys.stderr)
-    return 0
+    return run_cli(PROG, __doc__, Config, run, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

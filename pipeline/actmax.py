@@ -21,7 +21,8 @@ Batching: row b of the batch optimises channel `channels[b]`. With the model in 
 uses its running statistics) no row sees another, and Adam is elementwise, so a batch gives the
 same result as optimising each channel alone (tests check this). The forward stops at the target
 layer (`Trace(stop=True)`), and — when that is exact (pixel parameterisation, no transforms, no
-TV penalty) — only the input window covering the centre neuron's receptive field is optimised:
+TV penalty, a local layer) — only the input window covering the centre neuron's receptive field
+(`pipeline.geometry`, per axis) is optimised:
 every pixel outside it has exactly zero gradient, so with a zero start it stays exactly zero
 under Adam and weight decay, and the cropped run equals the full-image run (tested).
 
@@ -32,9 +33,7 @@ the model's preprocessing), `jitter` / `random_scale` transforms drawn from a se
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -44,23 +43,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .geometry import ModuleField, module_outputs
 from .hooks import Trace
-from .layers import Layer, catalogue
+from .images import png_bytes
+from .layers import Layer, analysable_layers, catalogue, has_paper_names
 from .preprocess import Preprocess
+from .seeds import derive_seed
 
 __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
            "pixel", "decorrelated", "fft", "PARAMS",
            "Transform", "jitter", "random_scale", "compose",
            "ActmaxResult", "optimize", "Window", "input_window",
            "Settings", "maximize_channels", "calibrate_bn", "display_images", "png_bytes",
-           "derive_seed"]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from `parts` (SHA-256 of "/".join(parts)); unlike hash(), the same in
-    every process, so a channel's random start does not depend on chunking or workers."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+           "derive_seed", "channel_list", "sort_rows", "chunk_table", "TABLE_SCHEMA"]
 
 
 # --------------------------------------------------------------------------------- objectives
@@ -290,9 +285,9 @@ class ActmaxResult:
     end: Tensor              # (B,) measured objective at the final image (no transforms)
     history: Tensor          # (steps, B) the optimised objective at each step (with transforms)
     channels: list[int] = field(default_factory=list)
-    y: int = -1              # centre neuron of the full feature map (-1: no spatial map)
+    y: int = -1              # centre neuron (H//2, W//2) of the full map (-1: no spatial map)
     x: int = -1
-    window: tuple[int, int] = (0, 0)   # input rows/cols [start, stop) that were optimised
+    window: tuple[int, int, int, int] = (0, 0, 0, 0)  # rows [0]:[1], cols [2]:[3] optimised
 
 
 @contextlib.contextmanager
@@ -325,6 +320,8 @@ def optimize(model: nn.Module, objective: Objective, params: list[Tensor], image
     measure = measure or objective
     cat = catalogue(model)
     names = tuple(dict.fromkeys(objective.layers + measure.layers))
+    if any(n not in cat for n in names):
+        cat = analysable_layers(model)     # a ResNet's module paths besides its paper names
     unknown = [n for n in names if n not in cat]
     if unknown or not names:
         raise ValueError(f"objective needs traced layers; unknown: {unknown or names}")
@@ -361,51 +358,74 @@ def optimize(model: nn.Module, objective: Objective, params: list[Tensor], image
 # ---------------------------------------------------------------------- receptive-field window
 @dataclass(frozen=True)
 class Window:
-    start: int        # first input row (and column) of the window
+    """The input rows [start, stop) and columns [start_x, stop_x) the centre neuron depends on.
+
+    `centre` / `centre_x`: the centre neuron (H//2, W//2) of the full feature map; `local` /
+    `local_x`: the same neuron's index in the feature map of the window. The `_x` fields default
+    to the rows' values (a square RF)."""
+    start: int        # first input row of the window
     stop: int         # one past the last
-    centre: int       # the centre neuron's index in the full feature map
-    local: int        # its index in the feature map of the window
-    feature_size: int  # the full feature map's side
+    centre: int       # the centre neuron's row in the full feature map
+    local: int        # its row in the feature map of the window
+    feature_size: int  # the full feature map's height
+    start_x: int | None = None
+    stop_x: int | None = None
+    centre_x: int | None = None
+    local_x: int | None = None
+    feature_size_x: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("start", "stop", "centre", "local", "feature_size"):
+            if getattr(self, f"{name}_x") is None:
+                object.__setattr__(self, f"{name}_x", getattr(self, name))
 
 
-def _spatial(module: nn.Module) -> tuple[int, int, int]:
-    def first(v: int | tuple[int, ...]) -> int:
-        return v[0] if isinstance(v, tuple) else int(v)
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-        if first(module.dilation) != 1:
-            raise ValueError("dilated layers are not supported by the window computation")
-        return first(module.kernel_size), first(module.stride), first(module.padding)
-    raise ValueError(f"no spatial geometry for {type(module).__name__}")
+_FIELDS: "weakref.WeakKeyDictionary[nn.Module, dict[int, dict[str, ModuleField]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _field(model: nn.Module, layer: Layer, size: int) -> ModuleField:
+    """What the geometry trace knows about the layer's measurement point at a size×size input
+    (traced once per model and size: the geometry does not depend on the weights)."""
+    per_size = _FIELDS.setdefault(model, {})
+    if size not in per_size:
+        per_size[size] = module_outputs(model, size)
+    return per_size[size][layer.point]
+
+
+def _centre(model: nn.Module, layer: Layer, size: int) -> tuple[int, int]:
+    """The centre neuron (H//2, W//2) of the layer's map; (-1, -1) without one (fc)."""
+    f = _field(model, layer, size)
+    return f.rf.center() if f.nchw and f.rf is not None else (-1, -1)
+
+
+def _span(top: int, extent: int, jump: int, n: int, size: int) -> tuple[int, int, int, int]:
+    """(start, stop, centre, local) on one axis: the RF [top, top + extent) of neuron n // 2
+    clipped to the image, `start` rounded down to a multiple of the jump."""
+    c = n // 2
+    start = max(0, top) // jump * jump
+    return start, min(size, top + extent), c, c - start // jump
 
 
 def input_window(model: nn.Module, layer: Layer, size: int) -> Window | None:
-    """The input rows [start, stop) (same for columns) on which the centre neuron of `layer`
-    depends, for a size×size input; None for fc (it sees everything).
+    """The input window on which the centre neuron of `layer` depends, for a size×size input;
+    None where the neuron sees the whole image (fc, a `global_context` layer: adaptive pooling,
+    a squeeze-and-excitation gate) or the geometry has no single RF.
 
-    The walk follows the catalogue's weight layers in forward order: a residual block's 1x1
-    projection shortcut has the same centre and a smaller extent than its 3x3 main branch, so
-    the union of both RFs is the main branch's. `start` is rounded down to a multiple of the
-    layer's jump, so that every strided layer sees the window on its own grid: the window's
-    neuron `local` then computes exactly what the full input's neuron `centre` computes.
+    The RF is `pipeline.geometry`'s (the union over every path, per axis). `start` is rounded
+    down to a multiple of the layer's jump, so that every strided layer sees the window on its
+    own grid: the window's neuron `local` then computes exactly what the full input's neuron
+    `centre` computes (every intermediate neuron it reads lies inside the window, so the window's
+    zero padding replaces nothing it reads).
     """
-    if layer.name == "fc":
+    f = _field(model, layer, size)
+    rf = f.rf
+    if not f.nchw or rf is None or rf.global_context or 0 in (rf.jump, rf.jump_x):
         return None
-    modules = dict(model.named_modules())
-    r, j, o, n = 1, 1, 0.0, size
-    for entry in catalogue(model).values():
-        if entry.index > layer.index:
-            break
-        k, s, p = _spatial(modules[entry.module])
-        r += (k - 1) * j
-        o += ((k - 1) / 2 - p) * j
-        j *= s
-        n = (n + 2 * p - k) // s + 1
-    c = n // 2
-    centre_px = o + j * c
-    lo, hi = math.floor(centre_px - (r - 1) / 2), math.ceil(centre_px + (r - 1) / 2)
-    start = max(0, lo) // j * j
-    stop = min(size, hi + 1)
-    return Window(start, stop, c, c - start // j, n)
+    top, left, h, w = rf.rect(*rf.center())
+    rows = _span(top, h, rf.jump, rf.feature_size, size)
+    cols = _span(left, w, rf.jump_x, rf.feature_size_x, size)
+    return Window(*rows, rf.feature_size, *cols, rf.feature_size_x)
 
 
 # ------------------------------------------------------------------------ the paper's recipe
@@ -451,7 +471,11 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
                       preprocess: Preprocess, settings: Settings = Settings(),
                       device: torch.device | str = "cpu") -> ActmaxResult:
     """Maximise the pre-ReLU centre neuron of each of `channels` of `layer`, one batch row per
-    channel, on a size×size input; `input` comes back full size whether or not it was cropped."""
+    channel, on a size×size input; `input` comes back full size whether or not it was cropped.
+
+    Any model: `layer` is a paper name or a module path (`Layer.pre`: a ReLU module's input,
+    else the module output); the RF window is the geometry's, per axis, and the whole image
+    where the layer has global context."""
     channels = [int(c) for c in channels]
     bad = [c for c in channels if not 0 <= c < layer.channels]
     if bad:
@@ -459,9 +483,9 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
                          f"allowed: 0-{layer.channels - 1}")
     b = len(channels)
     win = input_window(model, layer, size) if settings.exact_crop else None
-    full = input_window(model, layer, size)
-    h0, h1 = (win.start, win.stop) if win is not None else (0, size)
-    shape = (b, 3, h1 - h0, h1 - h0)
+    h0, h1, w0, w1 = ((win.start, win.stop, win.start_x, win.stop_x) if win is not None
+                      else (0, size, 0, size))
+    shape = (b, 3, h1 - h0, w1 - w0)
     seeds = [derive_seed("actmax", settings.seed, layer.name, c) for c in channels]
     if settings.param == "pixel":
         params, image_fn = pixel(shape, device=device)
@@ -469,13 +493,8 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
         params, image_fn = decorrelated(shape, preprocess, seeds, device=device)
     else:
         params, image_fn = fft(shape, preprocess, seeds, device=device)
-    yx = (win.local, win.local) if win is not None else (None, None)
-    if layer.name == "pool1":
-        # pool1's catalogue point is the max-pool output, which is already past conv1's ReLU;
-        # max-pool commutes with ReLU, so its pre-ReLU value is max-pool of conv1's pre-ReLU map
-        target = _pooled_neuron(catalogue(model)["conv1"].name, model.maxpool, channels, *yx)
-    else:
-        target = neuron(layer.name, channels, *yx)
+    yx = (win.local, win.local_x) if win is not None else (None, None)
+    target = _target(model, layer, channels, yx)
     objective = target
     if settings.tv:
         objective = objective + total_variation(settings.tv)
@@ -488,12 +507,24 @@ def maximize_channels(model: nn.Module, layer: Layer, channels: Sequence[int], s
     if win is not None:
         # outside the window the full-image run keeps its zero start exactly (zero gradient)
         full_input = torch.zeros((b, 3, size, size), dtype=res.input.dtype)
-        full_input[:, :, h0:h1, h0:h1] = res.input
+        full_input[:, :, h0:h1, w0:w1] = res.input
         res.input = full_input
     res.channels = channels
-    res.y = res.x = full.centre if full is not None else -1
-    res.window = (h0, h1)
+    res.y, res.x = _centre(model, layer, size)
+    res.window = (h0, h1, w0, w1)
     return res
+
+
+def _target(model: nn.Module, layer: Layer, channels: list[int],
+            yx: tuple[int | None, int | None]) -> Objective:
+    """The layer's pre-ReLU neuron at `yx` (None: the centre) for each of `channels`."""
+    if layer.name == "pool1" and has_paper_names(model):
+        cat = catalogue(model)
+        # pool1's catalogue point is the max-pool output, which is already past conv1's ReLU;
+        # max-pool commutes with ReLU, so its pre-ReLU value is max-pool of conv1's pre-ReLU map
+        pool = dict(model.named_modules())[layer.module]
+        return _pooled_neuron(cat["conv1"].name, pool, channels, *yx)
+    return neuron(layer.name, channels, *yx)
 
 
 @torch.no_grad()
@@ -536,53 +567,6 @@ def display_images(inputs: Tensor, preprocess: Preprocess) -> np.ndarray:
     return (out * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG bytes of one uint8 (H, W, 3) RGB image."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
-                 channels: int = 64, size: int = 224, steps: int = 31,
-                 no_crop: bool = False, threads: int | None = None) -> dict[str, float]:
-    """Seconds for all `channels` of `layer` batched (forward stopped at the layer, RF window
-    crop) vs ONE channel through the full network (batch 1, whole input, forward to the
-    logits); `ratio` = batched / one-channel, the issue's "no more than about four" figure."""
-    import time
-    from dataclasses import replace
-
-    from .models import build_model
-    from .preprocess import IMAGENET
-
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = calibrate_bn(build_model(model, width=width), size, images=4, batch=4)
-    lay = catalogue(net)[layer]
-    settings = Settings(steps=steps)
-    # warm-up outside the clock: Adam's first step imports torch._dynamo (seconds, once)
-    maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
-    t = time.perf_counter()
-    maximize_channels(net, lay, range(channels), size, IMAGENET, settings)
-    batched = time.perf_counter() - t
-    t = time.perf_counter()
-    params, image_fn = pixel((1, 3, size, size))
-    optimize(net, neuron(layer, 0), params, image_fn, steps=steps, stop=False)
-    one = time.perf_counter() - t
-    out = {"model": model, "width": width, "layer": layer, "channels": channels, "size": size,
-           "steps": steps, "threads": torch.get_num_threads(),
-           "batched_s": batched, "one_channel_full_s": one, "ratio": batched / one}
-    if no_crop:
-        t = time.perf_counter()
-        maximize_channels(net, lay, range(channels), size, IMAGENET, replace(settings, crop=False))
-        out["batched_no_crop_s"] = time.perf_counter() - t
-        out["ratio_no_crop"] = out["batched_no_crop_s"] / one
-    return out
-
-
 # --------------------------------------------- rows of actmax.parquet (jobs.actmax's task)
 TABLE_SCHEMA = pa.schema([
     ("model", pa.string()),
@@ -600,6 +584,38 @@ TABLE_SCHEMA = pa.schema([
     ("x", pa.int32()),
     ("param", pa.string()),               # pixel | decorrelated | fft
 ])
+
+
+def channel_list(spec: str, n: int) -> list[int]:
+    """"all" | "0-63" | "0,5,7" | "0-3,8" -> sorted unique channels of a layer with `n`; a
+    ValueError says "invalid channel spec '…'" or "channel 70 out of range"."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n))
+    out: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        first, dash, last = part[1:].partition("-")   # a leading "-" is a sign: "-1"
+        try:
+            lo = int(part[:1] + first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise ValueError(f"invalid channel spec {spec!r}") from None
+        if lo > hi:
+            raise ValueError(f"invalid channel spec {spec!r}")
+        vals = range(lo, hi + 1)
+        bad = [v for v in vals if not 0 <= v < n]
+        if bad:
+            raise ValueError(f"channel {bad[0]} out of range")
+        out.update(vals)
+    return sorted(out)
+
+
+def sort_rows(table: pa.Table, layers: Sequence[str]) -> pa.Table:
+    """actmax.parquet rows in `layers` order, channels ascending (whatever order chunks came in)."""
+    order = {name: i for i, name in enumerate(layers)}
+    idx = sorted(range(table.num_rows), key=lambda i: (order[table["layer"][i].as_py()],
+                                                       table["channel"][i].as_py()))
+    return table.take(pa.array(idx, type=pa.int64()))
 
 
 def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channels: list[int],

@@ -8,11 +8,14 @@ for its last conv it is the ReLU after the addition, whose input — the pre-ReL
 activation maximization needs — is the block's `preact` identity.
 
 Every model, the ResNets included: module paths (`layer2.1.conv2`, `features.28`), measured at
-that module's output. A module path is analysable when the forward calls it exactly once, it
-returns an (N, C, H, W) feature map and no in-place function overwrites that output later
-(GoogLeNet's `F.relu(bn(x), inplace=True)`: its `…bn` paths are left out; in-place modules
-are switched off by `build_model`) — see `pipeline.geometry.module_outputs`. For the ResNets the
-paper names win where a path has the same name (`conv1` is the stem after its ReLU).
+that module's output. Their pre-ReLU point (`Layer.pre`, what activation maximization needs):
+for a ReLU/ReLU6 module, the module whose output is that ReLU's input (`features.2` -> the BN
+`features.1`), when the forward calls that module once; otherwise the module output itself.
+A module path is analysable when the forward calls it exactly once, it returns an (N, C, H, W)
+feature map and no in-place function overwrites that output later (GoogLeNet's
+`F.relu(bn(x), inplace=True)`: its `…bn` paths are left out; in-place modules are switched off
+by `build_model`) — see `pipeline.geometry.module_outputs`. For the ResNets the paper names win
+where a path has the same name (`conv1` is the stem after its ReLU).
 
     cat = catalogue(model)                 # {name: Layer}, in forward order
     cat["conv3"].module == "layer1.0.conv2"
@@ -25,7 +28,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from torch import nn
+from torch import fx, nn
 
 __all__ = ["Layer", "catalogue", "module_layers", "analysable_layers", "resolve_layers",
            "PAPER_LAYERS", "has_paper_names"]
@@ -41,6 +44,7 @@ class Layer:
     channels: int
     point: str     # module whose output is the measurement point (post-ReLU)
     pre: str       # module whose output is the pre-ReLU value (same as point where none)
+    #                module paths: a ReLU's input module where there is one (see module_layers)
     index: int     # position in forward order
 
 
@@ -87,11 +91,43 @@ def module_layers(model: nn.Module) -> dict[str, Layer]:
     fields = module_outputs(model, CATALOGUE_INPUT_SIZE)
     usable = [f for f in fields.values()
               if f.nchw and f.calls == 1 and f.rf is not None and not f.overwritten]
-    out = {f.path: Layer(f.path, f.path, int(f.shape[1]), f.path, f.path, i)
+    relu_in = _relu_inputs(model)
+
+    def pre(path: str) -> str:
+        # the ReLU's input, where a module called once returns it and nothing rewrites it
+        return next((p for p in relu_in.get(path, ()) if p in fields and fields[p].calls == 1
+                     and not fields[p].overwritten), path)
+
+    out = {f.path: Layer(f.path, f.path, int(f.shape[1]), f.path, pre(f.path), i)
            for i, f in enumerate(usable)}
     _MODULE_LAYERS[model] = out
     _CALL_ORDER[model] = {path: i for i, path in enumerate(fields)}
     return out
+
+
+_RELUS = (nn.ReLU, nn.ReLU6)   # zero gradient below zero: actmax must see their input
+
+
+def _relu_inputs(model: nn.Module) -> dict[str, list[str]]:
+    """For each ReLU/ReLU6 module the forward calls: the module paths (innermost first) whose
+    output is that ReLU's input, e.g. {"features.2": ["features.1"]}; [] when a function
+    computes it (`relu(x + f(x))`). A symbolic trace of the eval graph (no tensors)."""
+    from .geometry import _Tracer   # records the node each (leaf or container) call returns
+
+    was_training = model.training
+    model.eval()
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+    finally:
+        model.train(was_training)
+    producers: dict[fx.Node, list[str]] = {}
+    for path, node in tracer.module_outputs:
+        producers.setdefault(node, []).append(path)
+    modules = dict(model.named_modules())
+    return {str(n.target): producers.get(n.args[0], []) for n in graph.nodes
+            if n.op == "call_module" and isinstance(modules.get(str(n.target)), _RELUS)
+            and n.args and isinstance(n.args[0], fx.Node)}
 
 
 def catalogue(model: nn.Module) -> dict[str, Layer]:

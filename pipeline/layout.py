@@ -20,7 +20,8 @@ from .tables import join   # string joining only: the one URL join of the projec
 
 __all__ = ["SEEDS_DIR", "STAGE_DIRS", "join", "seed_root", "stage_dir", "model_dir", "train_dir",
            "checkpoint", "metrics", "analysis_dir", "stimuli", "stimuli_table", "ablation_dir",
-           "combined", "actmax_dir", "neuron_types_dir", "report_index", "run_json"]
+           "combined", "actmax_dir", "neuron_types_dir", "report_index", "run_json",
+           "ablation_table", "actmax_table", "neuron_types_table"]
 
 SEEDS_DIR = "seeds"
 STAGE_DIRS = ("train", "analysis", "ablation", "actmax", "neuron_types", "report")
@@ -95,3 +96,19 @@ def report_index(out: str) -> str:
 
 def run_json(out: str) -> str:
     return join(out, "run.json")
+
+
+def ablation_table(out: str, model: str, table: str, train_seed: int = 0) -> str:
+    """ablation/<model>/<table>.parquet of one model and training seed; table: census, ablation
+    or table1 (jobs.ablate's outputs)."""
+    return join(ablation_dir(out, model, train_seed), f"{table}.parquet")
+
+
+def actmax_table(out: str, model: str, train_seed: int = 0) -> str:
+    """actmax/<model>/actmax.parquet (jobs.actmax's output for one model)."""
+    return join(actmax_dir(out, model, train_seed), "actmax.parquet")
+
+
+def neuron_types_table(out: str, table: str) -> str:
+    """neuron_types/<table>.parquet; table: neuron_types or summary."""
+    return join(neuron_types_dir(out), f"{table}.parquet")

@@ -6,28 +6,30 @@ values it read lives here, free of files and of Ray:
     pats = mean_patterns(channels, sizes, means, where="url: resnet34 conv3")  # mean.parquet rows
     pats, neutrals = actmax_input_patterns(inputs, preprocess_state, neutral)  # exact RGB
     pats, neutrals = actmax_png_patterns(pngs, neutral)                        # display PNGs
-    pats = filter_patterns(conv1_weight, preprocess_state)                     # stimulus space
+    layer, pats = stimulus_filters(model, preprocess_state)   # first conv on RGB, stimulus space
     rows = measure_rows(model, layer, source, channels, pats, neutrals, thresholds)
     summary = summarise(rows); print(format_summary(summary))
 
 The patterns are compared in one space, the stimulus space (DESIGN.md): filters are mapped to
-their expected mean preferred stimulus (`pipeline.neuron_types.filter_to_stimulus`).
+their expected mean preferred stimulus (`pipeline.neuron_types.filter_to_stimulus`). Rows and
+counts are sorted by source, then models and layers in display order (`pipeline.report.order`:
+the paper's names in the paper's order, any other name in the order the tables list it).
 """
 from __future__ import annotations
 
-import io
-import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.images import decode_png
 from pipeline.neuron_types import TYPES, Thresholds, filter_to_stimulus, measure_batch
+from pipeline.report.order import order_layers, order_models, rank_of
 
 __all__ = ["SOURCES", "IMAGENET_MEAN", "OUT_SCHEMA", "SUMMARY_SCHEMA", "PatternError",
-           "mean_patterns", "actmax_input_patterns", "actmax_png_patterns", "filter_patterns",
-           "decode_png", "border_colour", "mean_colours", "data_neutral", "measure_rows",
-           "summarise", "format_summary", "sort_rows", "layer_key", "model_key"]
+           "mean_patterns", "actmax_input_patterns", "actmax_png_patterns",
+           "first_conv", "stimulus_filters", "border_colour", "mean_colours", "data_neutral",
+           "measure_rows", "summarise", "format_summary", "sort_rows"]
 
 SOURCES = ("filter", "mean", "actmax")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,21 +102,28 @@ def actmax_input_patterns(channels: Sequence[int], inputs: Sequence[Sequence[flo
 def actmax_png_patterns(images: Sequence[bytes], neutral: tuple | None = None
                         ) -> tuple[list[np.ndarray], list[tuple]]:
     """actmax display PNGs -> RGB in [0, 1]; the neutral is each image's border colour unless given."""
-    pats = [decode_png(data) for data in images]
+    pats = [decode_png(data).transpose(2, 0, 1) / 255.0 for data in images]
     return pats, [neutral or border_colour(p) for p in pats]
 
 
-def filter_patterns(weight: np.ndarray, preprocess_state: dict) -> list[np.ndarray]:
-    """First-conv weights (C, 3, h, w) -> C stimulus-space patterns (neutral 0), S·Aᵀw each."""
-    return list(filter_to_stimulus(weight, preprocess_state))
+def first_conv(model: Any) -> tuple[str, Any] | None:
+    """(module path, module) of the first convolution on RGB input in forward (registration)
+    order: `conv1` of a ResNet, `features.0` of a VGG, `features.0.0` of a MobileNet; None when
+    the model has none (the filter source is then skipped)."""
+    from torch import nn
+
+    return next(((name, m) for name, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.in_channels == 3 and m.groups == 1), None)
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> (3, H, W) float64 RGB in [0, 1]."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.float64).transpose(2, 0, 1) / 255.0
+def stimulus_filters(model: Any, preprocess_state: dict) -> tuple[str, np.ndarray] | None:
+    """(layer name, (C, 3, h, w) filters in stimulus space) of the model's first conv, S·Aᵀw
+    each (`filter_to_stimulus`): what the census measures and the report draws."""
+    found = first_conv(model)
+    if found is None:
+        return None
+    name, conv = found
+    return name, filter_to_stimulus(conv.weight.detach().cpu().double().numpy(), preprocess_state)
 
 
 def border_colour(rgb: np.ndarray) -> tuple[float, float, float]:
@@ -180,27 +189,16 @@ def measure_rows(model: str, layer: str, source: str, channels: Sequence[int],
     return pa.table(cols, schema=OUT_SCHEMA)
 
 
-def layer_key(layer: str) -> tuple[int, str]:
-    """Network order: conv1, pool1, conv2, conv3, …; unknown names last."""
-    if layer == "conv1":
-        return (0, layer)
-    if layer == "pool1":
-        return (1, layer)
-    m = re.match(r"^conv(\d+)$", layer)
-    return (int(m.group(1)), layer) if m else (10 ** 6, layer)
-
-
-def model_key(model: str) -> tuple:
-    """resnet before plainnet (the paper's order), then by depth."""
-    m = re.match(r"^([a-z]+)(\d+)$", model)
-    return (0 if m.group(1) == "resnet" else 1, int(m.group(2)), model) if m else (2, 0, model)
+def _ranks(models: Sequence[str], layers: Sequence[str]) -> tuple[dict, dict]:
+    return rank_of(order_models(models)), rank_of(order_layers(layers))
 
 
 def sort_rows(rows: pa.Table) -> pa.Table:
-    """Rows sorted by source, model, layer, channel."""
+    """Rows sorted by source, model, layer (display order), channel."""
     keys = list(zip(*(rows.column(c).to_pylist() for c in ("source", "model", "layer", "channel"))))
+    mr, lr = _ranks([k[1] for k in keys], [k[2] for k in keys])
     order = sorted(range(rows.num_rows), key=lambda i: (
-        SOURCES.index(keys[i][0]), model_key(keys[i][1]), layer_key(keys[i][2]), keys[i][3]))
+        SOURCES.index(keys[i][0]), mr[keys[i][1]], lr[keys[i][2]], keys[i][3]))
     return rows.take(pa.array(order, type=pa.int64()))
 
 
@@ -212,7 +210,8 @@ def summarise(rows: pa.Table) -> pa.Table:
         counts = g["type"].value_counts()
         for kind in TYPES:
             out.append((model, layer, source, kind, int(counts.get(kind, 0))))
-    out.sort(key=lambda r: (SOURCES.index(r[2]), layer_key(r[1]), model_key(r[0]), TYPES.index(r[3])))
+    mr, lr = _ranks(df["model"], df["layer"])
+    out.sort(key=lambda r: (SOURCES.index(r[2]), lr[r[1]], mr[r[0]], TYPES.index(r[3])))
     cols = list(zip(*out)) if out else [[], [], [], [], []]
     return pa.table(dict(zip(SUMMARY_SCHEMA.names, map(list, cols))), schema=SUMMARY_SCHEMA)
 
@@ -226,5 +225,6 @@ def format_summary(summary: pa.Table) -> str:
                          aggfunc="sum", fill_value=0)
     piv = piv.reindex(columns=[t for t in TYPES if t in piv.columns])
     piv["total"] = piv.sum(axis=1)
-    order = sorted(piv.index, key=lambda k: (SOURCES.index(k[0]), layer_key(k[1]), model_key(k[2])))
+    mr, lr = _ranks(df["model"], df["layer"])
+    order = sorted(piv.index, key=lambda k: (SOURCES.index(k[0]), lr[k[1]], mr[k[2]]))
     return piv.loc[order].to_string()

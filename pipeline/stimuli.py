@@ -9,8 +9,6 @@ image is decoded once, and per patch size so that one `cut_patches` gather serve
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -18,20 +16,11 @@ from torch import Tensor
 
 from .analysis import TOPK_GEOMETRY_SCHEMA
 from .geometry import cut_patches
+from .images import png_bytes
 
-__all__ = ["TOPK_TABLE_SCHEMA", "png_bytes", "image_groups", "render_rows", "with_patches"]
+__all__ = ["TOPK_TABLE_SCHEMA", "image_groups", "render_rows", "with_patches"]
 
 TOPK_TABLE_SCHEMA = pa.schema(list(TOPK_GEOMETRY_SCHEMA) + [("patch", pa.binary())])
-
-
-def png_bytes(patch: Tensor) -> bytes:
-    """uint8 (3, s, s) RGB -> PNG bytes (lossless: the pixels the network saw)."""
-    from PIL import Image
-
-    arr = patch.permute(1, 2, 0).contiguous().cpu().numpy().astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def image_groups(topk: pa.Table, parts: int) -> list[np.ndarray]:
@@ -62,7 +51,8 @@ def render_rows(rows: pa.Table, images: Tensor, indices: np.ndarray) -> dict[int
         patches, _ = cut_patches(images[which], torch.as_tensor(tops[sel]),
                                  torch.as_tensor(lefts[sel]), int(size))
         for k, r in enumerate(sel):
-            out[int(row_ids[r])] = png_bytes(patches[k])
+            # lossless: the pixels the network saw
+            out[int(row_ids[r])] = png_bytes(patches[k].permute(1, 2, 0).cpu().numpy())
     return out
 
 

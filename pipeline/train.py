@@ -1,61 +1,51 @@
-"""Training recipe as plain functions: presets, augmentation, optimizer/schedule, train/eval steps.
+"""Training as plain functions: the recipe and its presets, one rank's training state, the
+train/eval steps, the ZCA sums, the metrics rows and the final model file.
 
-Everything here runs without Ray (the Ray Train job `jobs.train` only wires these pieces into
-`TorchTrainer`), so each piece is testable on tiny tensors:
+Everything here runs without Ray: the Ray Train job `jobs.train` only wires these pieces into
+`TorchTrainer` (`prepare_model`, `report`), so each piece is testable on tiny tensors:
 
-    recipe = PRESETS["demo"]                              # frozen Recipe
-    model = build_model(recipe.model, num_classes=8, width=recipe.width)
-    opt, sched = build_optimizer(model, recipe), None
-    sched = build_scheduler(opt, recipe)                  # lr / 10 every `step_epochs` epochs
-    ds = ImageDataset(urls, labels, TrainTransform(recipe.input_size), read=read_bytes)
-    loader = DataLoader(ds, batch_size=32, collate_fn=collate)
-    stats = train_epoch(model, loader, opt, zca, torch.device("cpu"))
-    ev = evaluate(model, val_loader, zca, torch.device("cpu"))
+    recipe = preset("demo", model="resnet18")             # frozen, validated Recipe
+    t = Training.start(recipe, classes, zca, torch.device("cpu"))   # model, SGD, StepLR
+    data = make_loaders(train_manifest, val_manifest, recipe, read_bytes)
+    row = t.run_epoch(1, data)                            # one metrics.parquet row
+    stats = train_epoch(model, loader, opt, zca, device)  # the steps themselves
+    ev = evaluate(model, val_loader, zca, device)
 
 The paper's recipe (SGD momentum 0.9, weight decay 1e-4, lr 0.01 divided by 10 every 30 epochs,
-90 epochs, batch 256, Inception-style random-resized crops 224 with horizontal flips, ZCA colour
-whitening) is `PRESETS["paper"]`; `PRESETS["demo"]` is the same structure scaled to the embedded
-demo data. The dataset reads bytes through an injected `read` function (the jobs pass
-`pipeline.tables.read_bytes`), so this module never opens files itself.
+90 epochs, batch 256, Inception-style random-resized crops 224 with horizontal flips and
+photometric distortions, ZCA colour whitening, fp32, BatchNorm over the global batch) is
+`PRESETS["paper"]`; `PRESETS["demo"]` is the same structure scaled to the embedded demo data.
+Images and augmentation: `pipeline.augment`; datasets, samplers, loaders: `pipeline.traindata`;
+synchronised BatchNorm: `pipeline.syncbn`.
 
-The pieces that make the paper preset the paper's: fp32 training (`Recipe.precision`, bf16
-optional), BatchNorm statistics over the whole global batch (`convert_sync_batchnorm`, also on
-CPU), Inception-style photometric distortions (`Photometric`, `TrainTransform(augment=...)`), and
-a global batch of exactly `batch_size` images for any worker count (`GlobalBatchSampler` splits
-each step's batch unevenly when it must; `weighted_loss` weights every image by
-world / global batch so the all-reduced gradient is the gradient of one global batch).
+Models: the ResNet family and its PlainNets at any base width, and VGG (vgg11 ... vgg19, with or
+without BatchNorm) at torchvision's fixed width (`train_models`). A preset's width (the demo's
+16) applies to the ResNet family only: for VGG the preset keeps torchvision's width 64.
 """
 from __future__ import annotations
 
-import io
 import math
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Sequence
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch import Tensor, nn
 
+from .augment import AUGMENTS, EvalResizeCrop
 from .preprocess import Preprocess
+from .syncbn import convert_sync_batchnorm
+from .traindata import ImageDataset, build_train_loader, build_val_loader, collate
 
-__all__ = ["Recipe", "PRESETS", "preset", "TrainTransform", "EvalResizeCrop", "decode_rgb",
-           "ImageDataset", "collate", "build_optimizer", "build_scheduler", "EpochStats",
-           "EvalStats", "topk_correct", "train_epoch", "evaluate", "IGNORE", "AUGMENTS",
-           "PRECISIONS", "Photometric", "apply_photometric", "split_sizes", "GlobalBatchSampler",
-           "weighted_loss", "SyncBatchNorm", "convert_sync_batchnorm", "build_train_loader",
-           "build_val_loader", "restore_training_state", "epoch_row", "seed_everything"]
+__all__ = ["Recipe", "PRESETS", "PRECISIONS", "preset", "train_models", "build_optimizer",
+           "build_scheduler", "EpochStats", "EvalStats", "topk_correct", "train_epoch",
+           "evaluate", "weighted_loss", "restore_training_state", "epoch_row", "seed_everything",
+           "METRICS_SCHEMA", "Training", "Loaders", "make_loaders", "zca_moments",
+           "default_loader_workers", "write_model", "arrow_storage", "configure_torch", "metrics_table",
+           "EvalResizeCrop", "ImageDataset", "collate", "training_sources", "history_counts"]
 
-# Augmentations (`Recipe.augment`, `jobs.train --augment`):
-#   inception          random-resized crop + horizontal flip + the Inception recipe's photometric
-#                      distortions (brightness, saturation, hue, contrast in a random order)
-#   crop-flip          random-resized crop + horizontal flip only
-#   crop-flip-hue-gray crop + flip + a hue rotation drawn over the whole colour circle and
-#                      grayscale with probability 0.2: colour is a weak cue (the demo's default)
-AUGMENTS = ("inception", "crop-flip", "crop-flip-hue-gray")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -129,239 +119,34 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+def train_models() -> list[str]:
+    """The models `jobs.train` trains: the ResNet family with its PlainNets, and VGG."""
+    from .models import MODELS
+
+    vgg = [f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")]
+    return sorted([*MODELS, *vgg])
+
+
 def preset(name: str, **overrides: Any) -> Recipe:
-    """A validated preset with some fields overridden (None values are ignored)."""
+    """A validated preset with some fields overridden (None values are ignored).
+
+    The base width is the ResNet family's knob: for any other model (VGG) the preset's width
+    becomes torchvision's 64 (the demo trains full-width VGG at its 64-px crops), and an
+    explicit other width is refused.
+    """
+    from .models import is_resnet
+
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
-    recipe = replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    recipe = replace(PRESETS[name], **given)
+    if not is_resnet(recipe.model):
+        if given.get("width", 64) != 64:
+            raise ValueError(f"width {given['width']} applies to the ResNet family only; "
+                             f"{recipe.model} has torchvision's width (64)")
+        recipe = replace(recipe, width=64)
     recipe.validate()
     return recipe
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode by content (JPEG, PNG named .JPEG, CMYK, grayscale ...) and convert to RGB."""
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
-
-
-# The Inception recipe's photometric distortions (Szegedy et al. 2015 cite Howard 2013; the
-# reference implementation is TF-slim's `inception_preprocessing.distort_color`): brightness
-# shifted by up to 32/255, saturation and contrast scaled by [0.5, 1.5], hue rotated by up to 0.2
-# of the colour circle, applied in one of four orders drawn per image, clamped to [0, 1].
-_ORDERS = (("brightness", "saturation", "hue", "contrast"),
-           ("saturation", "brightness", "contrast", "hue"),
-           ("contrast", "hue", "brightness", "saturation"),
-           ("hue", "saturation", "contrast", "brightness"))
-
-
-@dataclass(frozen=True)
-class Photometric:
-    """One draw of the photometric distortion: the parameters, so tests can check the pixels."""
-
-    brightness: float = 0.0   # added to every channel (pixels in [0, 1])
-    saturation: float = 1.0   # blend factor with the grayscale image (torchvision's)
-    hue: float = 0.0          # rotation as a fraction of the hue circle, in [-0.5, 0.5]
-    contrast: float = 1.0     # per-channel: (x - channel mean) * factor + channel mean
-    order: int = 0            # index into the four orders of the recipe
-
-    @classmethod
-    def sample(cls, generator: torch.Generator | None = None, brightness: float = 32 / 255,
-               saturation: tuple[float, float] = (0.5, 1.5), hue: float = 0.2,
-               contrast: tuple[float, float] = (0.5, 1.5)) -> "Photometric":
-        """A draw from torch's RNG (the job seeds it per epoch and rank, and loader processes)."""
-        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
-        order = int(torch.randint(len(_ORDERS), (1,), generator=generator))
-        return cls(brightness=(2 * u[0] - 1) * brightness,
-                   saturation=saturation[0] + u[1] * (saturation[1] - saturation[0]),
-                   hue=(2 * u[2] - 1) * hue,
-                   contrast=contrast[0] + u[3] * (contrast[1] - contrast[0]), order=order)
-
-
-def apply_photometric(x: Tensor, p: Photometric) -> Tensor:
-    """Distort a float RGB image (3, H, W) in [0, 1] by `p`, in `p`'s order; clamped to [0, 1]."""
-    for op in _ORDERS[p.order]:
-        if op == "brightness":
-            x = (x + p.brightness).clamp(0.0, 1.0)
-        elif op == "saturation":
-            x = TF.adjust_saturation(x, p.saturation)
-        elif op == "hue":
-            x = TF.adjust_hue(x, p.hue)
-        else:
-            m = x.mean(dim=(-2, -1), keepdim=True)
-            x = ((x - m) * p.contrast + m).clamp(0.0, 1.0)
-    return x
-
-
-class TrainTransform:
-    """Training augmentation: random-resized crop to `size`, random horizontal flip, and per
-    `augment` (see AUGMENTS) the photometric distortions or hue rotation + grayscale.
-
-    Returns a uint8 (3, size, size) RGB tensor; `collate` turns batches into [0, 1] floats
-    and the model's preprocessing (ZCA) is applied on the device, once per batch. Random draws
-    come from torch's global RNG, which the job seeds per (epoch, rank) and DataLoader seeds per
-    loader process.
-    """
-
-    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                 augment: str = "crop-flip", grayscale_p: float = 0.2):
-        if augment not in AUGMENTS:
-            raise ValueError(f"invalid augment {augment!r}; allowed: {', '.join(AUGMENTS)}")
-        self.size, self.augment, self.grayscale_p = size, augment, grayscale_p
-        steps: list[Any] = [T.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True)]
-        if flip:
-            steps.append(T.RandomHorizontalFlip())
-        steps.append(T.PILToTensor())
-        self._t = T.Compose(steps)
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        x = self._t(image)
-        if self.augment == "crop-flip":
-            return x
-        f = x.float().div_(255.0)
-        if self.augment == "inception":
-            f = apply_photometric(f, Photometric.sample())
-        else:  # crop-flip-hue-gray
-            f = TF.adjust_hue(f, float(torch.rand(())) - 0.5)
-            if float(torch.rand(())) < self.grayscale_p:
-                f = TF.rgb_to_grayscale(f, num_output_channels=3)
-        return f.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-class EvalResizeCrop:
-    """Shorter side resized to `resize` (bilinear, antialiased), centre crop `crop`: uint8.
-
-    The analysis' own path (`pipeline.decode.resize_crop`), so validation metrics and the
-    stimulus tables see the same pixels for the same image (tests/pipeline/test_decode.py).
-    """
-
-    def __init__(self, resize: int, crop: int):
-        from .decode import EvalTransform
-
-        self.resize, self.crop = resize, crop
-        self.transform = EvalTransform(resize, crop)
-
-    def __call__(self, image: Image.Image | Tensor) -> Tensor:
-        from .decode import resize_crop
-
-        x = image if isinstance(image, Tensor) else TF.pil_to_tensor(image)
-        return resize_crop(x, self.transform)
-
-
-# Labels of unusable rows; cross-entropy ignores them (torch's default ignore_index).
-IGNORE = -100
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(url, label) pairs -> (uint8 image, label); an unreadable file yields None (counted).
-
-    `read` maps a URL to its bytes (I/O is injected, so this module never opens files).
-    """
-
-    def __init__(self, urls: Sequence[str], labels: Sequence[int],
-                 transform: Callable[[Image.Image], Tensor], read: Callable[[str], bytes]):
-        if len(urls) != len(labels):
-            raise ValueError(f"{len(urls)} urls but {len(labels)} labels")
-        self.urls, self.labels = list(urls), [int(v) for v in labels]
-        self.transform, self.read = transform, read
-
-    def __len__(self) -> int:
-        return len(self.urls)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int] | None:
-        try:
-            image = decode_rgb(self.read(self.urls[i]))
-        except Exception:  # noqa: BLE001 - any unreadable/undecodable file is skipped, counted
-            return None
-        return self.transform(image), self.labels[i]
-
-
-def collate(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:
-    """Stack readable items; returns (uint8 images (N,3,H,W), int64 labels (N,), skipped)."""
-    good = [it for it in items if it is not None]
-    skipped = len(items) - len(good)
-    if not good:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), skipped
-    images = torch.stack([im for im, _ in good])
-    labels = torch.tensor([lab for _, lab in good], dtype=torch.int64)
-    return images, labels, skipped
-
-
-def split_sizes(total: int, world: int) -> list[int]:
-    """`total` images over `world` ranks as evenly as possible: the first total % world get one more."""
-    base, extra = divmod(total, world)
-    return [base + (r < extra) for r in range(world)]
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Rank `rank`'s share of each global batch of `batch_size` images, for any worker count.
-
-    Every rank draws the same seeded permutation per epoch (seed + epoch, as DistributedSampler),
-    cuts it into global batches and takes its `split_sizes` part of each, so all ranks take the
-    same number of steps and every step's global batch size (`step_sizes`) is known on every rank
-    without communication. The trailing incomplete batch is dropped when a full one exists.
-    """
-
-    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True):
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside 0..{world - 1}")
-        self.n, self.batch_size, self.world, self.rank = n, batch_size, world, rank
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def global_batches(self) -> list[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        return batches
-
-    @property
-    def step_sizes(self) -> list[int]:
-        """Images in each step's global batch (all ranks together)."""
-        return [len(b) for b in self.global_batches()]
-
-    def __iter__(self):
-        for b in self.global_batches():
-            start = sum(split_sizes(len(b), self.world)[:self.rank])
-            yield b[start:start + split_sizes(len(b), self.world)[self.rank]]
-
-    def __len__(self) -> int:
-        return len(self.global_batches())
-
-
-def build_train_loader(urls: Sequence[str], labels: Sequence[int], recipe: Recipe,
-                       read: Callable[[str], bytes], world: int = 1, rank: int = 0,
-                       loader_workers: int = 0, pin_memory: bool = False
-                       ) -> tuple[torch.utils.data.DataLoader, GlobalBatchSampler]:
-    """This rank's training DataLoader (augmented, `recipe.augment`) and its batch sampler."""
-    ds = ImageDataset(urls, labels, TrainTransform(recipe.input_size, recipe.crop_scale,
-                                                   recipe.crop_ratio, augment=recipe.augment),
-                      read=read)
-    sampler = GlobalBatchSampler(len(ds), recipe.batch_size, world, rank, seed=recipe.seed)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, collate_fn=collate, num_workers=loader_workers,
-        pin_memory=pin_memory, persistent_workers=False)
-    return loader, sampler
-
-
-def build_val_loader(dataset: torch.utils.data.Dataset, batch_size: int, loader_workers: int = 0,
-                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A validation DataLoader over this rank's images (the caller builds the dataset)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size), shuffle=False,
-                                       collate_fn=collate, num_workers=loader_workers,
-                                       pin_memory=pin_memory)
 
 
 def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
@@ -431,67 +216,6 @@ def weighted_loss(logits: Tensor, labels: Tensor, world: int = 1,
     total = F.cross_entropy(logits, labels, reduction="sum")
     n = global_batch if global_batch is not None else max(len(labels), 1)
     return total * (world / n), total.detach()
-
-
-class SyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover every rank's images (any device, gloo too).
-
-    torch's `nn.SyncBatchNorm` runs on GPUs only; this one all-reduces per-channel sums with the
-    differentiable `torch.distributed.nn.all_reduce` (two passes: mean, then squared deviations,
-    so no E[x²] − E[x]² cancellation), so forward and backward equal BatchNorm over the global
-    batch. Ranks may hold different numbers of images. Same parameters and buffers as
-    BatchNorm2d: state_dicts are interchangeable.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn import all_reduce
-
-        c = x.shape[1]
-        count = all_reduce(x.new_tensor([x.numel() / c]))
-        n = count.clamp_min(1.0)
-        mean = all_reduce(x.sum(dim=(0, 2, 3))) / n
-        centred = x - mean.view(1, c, 1, 1)
-        var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / n
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                     else self.momentum)
-                unbiased = var * (n / (n - 1).clamp_min(1.0))
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
-        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-        return y
-
-
-def convert_sync_batchnorm(model: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """Every BatchNorm2d of `model` made synchronous across ranks (in place; returns `model`).
-
-    On CUDA torch's own `nn.SyncBatchNorm` (fused kernels); elsewhere `SyncBatchNorm` above.
-    """
-    if device is not None and device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-    def swap(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if type(child) is nn.BatchNorm2d:
-                new = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats).to(child.weight.device
-                                                                  if child.affine else "cpu")
-                new.load_state_dict(child.state_dict())
-                new.train(child.training)
-                setattr(module, name, new)
-            else:
-                swap(child)
-    swap(model)
-    return model
 
 
 @dataclass
@@ -625,3 +349,241 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, int]],
         stats.correct5 += c5
         stats.images += len(y)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank's training run: what the Ray Train loop wires together
+# ---------------------------------------------------------------------------------------------
+
+METRICS_SCHEMA = pa.schema([
+    pa.field("epoch", pa.int64()),
+    pa.field("train_loss", pa.float64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("top1", pa.float64()),
+    pa.field("top5", pa.float64()),
+    pa.field("lr", pa.float64()),
+    pa.field("seconds", pa.float64()),
+    pa.field("images_per_s", pa.float64()),
+    pa.field("train_images", pa.int64()),
+    pa.field("val_images", pa.int64()),
+    pa.field("skipped", pa.int64()),
+    pa.field("workers", pa.int64()),
+    pa.field("seed", pa.int64()),            # training seed (init, data order, augmentation)
+    pa.field("precision", pa.string()),      # fp32 | bf16
+    pa.field("augment", pa.string()),        # pipeline.augment.AUGMENTS
+    pa.field("sync_bn", pa.bool_()),         # BatchNorm statistics over the whole global batch
+])
+
+
+def configure_torch(device: torch.device, precision: str, threads: int) -> None:
+    """CPU: `threads` intra-op threads (the CPUs the worker reserved). CUDA with fp32: TF32 off
+    in convolutions and matmuls, since fp32 means fp32 (the paper's GPUs had no TF32)."""
+    if device.type != "cuda":
+        torch.set_num_threads(max(1, threads))
+    elif precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@dataclass
+class Loaders:
+    train: torch.utils.data.DataLoader
+    sampler: Any                      # traindata.GlobalBatchSampler: step sizes, set_epoch
+    val: torch.utils.data.DataLoader
+
+
+def make_loaders(train: Any, val: Any, recipe: Recipe, read: Callable[[str], bytes],
+                 world: int = 1, rank: int = 0, loader_workers: int = 0,
+                 pin_memory: bool = False) -> Loaders:
+    """This rank's loaders over two manifests (`pipeline.listing.Manifest`): its share of every
+    global training batch, and validation images rank, rank + world, ... (no padding
+    duplicates, so the all-reduced sums are exact)."""
+    loader, sampler = build_train_loader(train.urls(range(len(train))), train.labels.tolist(),
+                                         recipe, read, world=world, rank=rank,
+                                         loader_workers=loader_workers, pin_memory=pin_memory)
+    idx = list(range(rank, len(val), world))
+    ds = ImageDataset(val.urls(idx), val.labels[idx].tolist(),
+                      EvalResizeCrop(recipe.eval_resize, recipe.eval_crop), read=read)
+    per_worker = math.ceil(recipe.batch_size / world)
+    return Loaders(loader, sampler, build_val_loader(ds, per_worker, loader_workers, pin_memory))
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sum over the ranks (float64) when torch.distributed is up; else the values."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass
+class Training:
+    """One rank's state: `model` (the caller may wrap it in DDP), `raw` (the module whose
+    state_dict is saved), optimizer, step schedule, finished `epoch` and the metrics history."""
+
+    recipe: Recipe
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    preprocess: Preprocess
+    device: torch.device
+    classes: list[str]
+    sync_bn: bool = False
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    raw: nn.Module | None = None
+
+    @classmethod
+    def start(cls, recipe: Recipe, classes: list[str], preprocess: Preprocess,
+              device: torch.device, init: dict[str, Tensor] | None = None,
+              restored: dict[str, Any] | None = None, sync_bn: bool = False) -> "Training":
+        """Seeded model (the same on every rank), optionally --init weights, optionally a
+        training checkpoint restored (weights, momentum, schedule, history); BatchNorm made
+        synchronous when asked; momentum buffers moved to `device`."""
+        from .models import build_model
+
+        seed_everything(recipe.seed)
+        model = build_model(recipe.model, num_classes=len(classes), width=recipe.width)
+        if init is not None:
+            model.load_state_dict(init)
+        if sync_bn:   # before the optimizer is built: it must hold the modules' parameters
+            model = convert_sync_batchnorm(model, device)   # same parameters and keys
+        optimizer = build_optimizer(model, recipe)
+        scheduler = build_scheduler(optimizer, recipe)
+        t = cls(recipe, model, optimizer, scheduler, preprocess, device, list(classes), sync_bn)
+        if restored is not None:
+            t.epoch, t.history = restore_training_state(restored, model, optimizer, scheduler)
+        t.raw = model
+        t.model = model.to(device)
+        if device.type == "cuda":
+            t.model = t.model.to(memory_format=torch.channels_last)
+        for s in optimizer.state.values():          # resumed momentum follows the model
+            for k, v in s.items():
+                if torch.is_tensor(v):
+                    s[k] = v.to(device)
+        return t
+
+    def run_epoch(self, epoch: int, data: Loaders, world: int = 1, rank: int = 0,
+                  on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Train and validate one epoch, step the schedule; returns (and keeps) its row."""
+        r, cuda = self.recipe, self.device.type == "cuda"
+        t0 = time.perf_counter()
+        seed_everything(r.seed, epoch, rank)
+        data.sampler.set_epoch(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        tr = train_epoch(self.model, data.train, self.optimizer, self.preprocess, self.device,
+                         precision=r.precision, channels_last=cuda, world=world,
+                         step_sizes=data.sampler.step_sizes, on_batch=on_batch)
+        ev = evaluate(self.model, data.val, self.preprocess, self.device, precision=r.precision,
+                      channels_last=cuda)
+        self.scheduler.step()
+        sums = _all_reduce([tr.loss_sum, tr.images, tr.skipped, ev.loss_sum, ev.correct1,
+                            ev.correct5, ev.images, ev.skipped], self.device)
+        row = epoch_row(epoch, sums, lr, time.perf_counter() - t0, tr.seconds, world, r,
+                        self.sync_bn)
+        self.epoch = epoch
+        self.history.append(row)
+        return row
+
+    def save(self, url: str) -> None:
+        """A training checkpoint: the `pipeline.checkpoint` file plus optimizer, schedule,
+        epoch, history, classes and recipe (what `start(restored=...)` reads back)."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(url, self.raw, self.preprocess, optimizer=self.optimizer.state_dict(),
+                        scheduler=self.scheduler.state_dict(), epoch=self.epoch,
+                        history=self.history, classes=self.classes,
+                        recipe=self.recipe.as_dict(), sync_bn=self.sync_bn)
+
+
+def metrics_table(history: Sequence[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(history), METRICS_SCHEMA)
+
+
+def zca_moments(urls: Sequence[str], resize: int, crop: int,
+                read: Callable[[str], bytes]) -> tuple[Any, int, int]:
+    """(WhiteningStats, images read, images skipped) of some training images' eval crops
+    in [0, 1]: one mergeable piece of the ZCA fit (float64 sums, exact to merge)."""
+    from .preprocess import WhiteningStats
+
+    ds = ImageDataset(urls, [0] * len(urls), EvalResizeCrop(resize, crop), read=read)
+    images, _, skipped = collate([ds[i] for i in range(len(ds))])
+    stats = WhiteningStats()
+    if len(images):
+        stats.update(images.float().div_(255.0))
+    return stats, int(len(images)), int(skipped)
+
+
+def default_loader_workers(recipe: Recipe, workers: int, cluster_cpus: float) -> int:
+    """The preset's DataLoader processes per worker: demo 0; paper the worker's CPU share minus
+    the one it trains on, 1..16 (one process cannot decode and augment 256 JPEGs per step fast
+    enough to feed a GPU)."""
+    if recipe.name != "paper":
+        return 0
+    return int(max(1, min(16, cluster_cpus // workers - 1)))
+
+
+def write_model(url: str, last: dict[str, Any], preprocess: Preprocess) -> None:
+    """model.pt from a training checkpoint: weights, model name, preprocessing, classes, recipe.
+
+    A `pipeline.checkpoint` file without optimizer state: `load_checkpoint(url)` restores model
+    and preprocessing, and its `state_dict` loads into torchvision's constructor of the same
+    name (resnet34, vgg11, ...).
+    """
+    from .checkpoint import model_from_state_dict, save_checkpoint
+
+    model = model_from_state_dict(last["state_dict"], last["model"])
+    final = last["history"][-1] if last.get("history") else {}
+    save_checkpoint(url, model, preprocess, epoch=last["epoch"], classes=last["classes"],
+                    recipe=last["recipe"], sync_bn=bool(last.get("sync_bn", False)),
+                    metrics={k: final.get(k) for k in ("train_loss", "val_loss", "top1", "top5")})
+
+
+def arrow_storage(out: str, env: dict[str, str]) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) of a run folder for Ray Train's RunConfig: local paths
+    made absolute; s3:// with a custom endpoint (MinIO, moto, Ceph) needs its own
+    `pyarrow.fs.S3FileSystem`, built from the standard AWS_* variables in `env`."""
+    import os
+
+    if not out.startswith("s3://"):
+        return (os.path.abspath(out) if "://" not in out else out), None
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return out, None
+    import pyarrow.fs as pafs
+
+    scheme, _, host = endpoint.partition("://")
+    fs = pafs.S3FileSystem(
+        access_key=env.get("AWS_ACCESS_KEY_ID"), secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=env.get("AWS_SESSION_TOKEN"),
+        region=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
+        endpoint_override=host or endpoint, scheme=scheme if host else "https")
+    return out[len("s3://"):], fs
+
+
+def training_sources(train_url: str, val_url: str) -> tuple[Any, Any, list[str]]:
+    """(training manifest, validation manifest, classes): labels required and the same class
+    list in both (labels are positions in it); ValueError (one line) otherwise."""
+    from .listing import build_manifest
+
+    train = build_manifest(train_url, require_labels=True)
+    val = build_manifest(val_url, require_labels=True)
+    classes = list(train.classes)
+    if list(val.classes) != classes:
+        raise ValueError(f"validation source {val_url} has {len(val.classes)} classes that "
+                         f"differ from the training source's {len(classes)}; both need the same "
+                         f"class list")
+    return train, val, classes
+
+
+def history_counts(history: Sequence[dict[str, Any]], after: int) -> dict[str, Any]:
+    """Run-report counts of the epochs after `after` (those this run trained)."""
+    new = [h for h in history if h["epoch"] > after]
+    return {"images_read": sum(h["train_images"] + h["val_images"] for h in new),
+            "images_skipped": sum(h["skipped"] for h in new), "epochs_trained": len(new),
+            "images_trained": sum(h["train_images"] for h in new),
+            "skipped_per_epoch": [h["skipped"] for h in new],
+            "images_per_s_mean": (math.fsum(h["images_per_s"] for h in new) / len(new)
+                                  if new else None)}

@@ -1,19 +1,21 @@
 """The static HTML report: the paper's figures and tables rendered from the Parquet results alone.
 
 Pure functions: they take pyarrow tables (or pandas frames) and numpy arrays and return PNG bytes
-and HTML; they never open files. `jobs.report` reads the tables, calls `render_report` and
-writes what it yields (relative path, bytes) under `<out>/report/` through `pipeline.tables`.
+and HTML; only `load` opens files (it reads the results through `pipeline.layout`).
+`jobs.report` calls `load_inputs` and `render_report` and writes what the latter yields
+(relative path, bytes) under `<out>/report/` through `pipeline.tables`.
 
-    inputs = ReportInputs(topk=topk_table, mean=mean_table, rf=rf_table, ...)   # any may be None
+    inputs = load.load_inputs(out)      # or ReportInputs(topk=..., mean=..., rf=...), any None
     for rel_path, data in render_report(inputs, ReportOptions()):
         write_bytes(join(report_url, rel_path), data)                           # index.html last
 
 Built from parts, one module per concern:
+- `load`: reading a results root into `ReportInputs` (the report's only file access);
 - `data`: what is read (`ReportInputs`), the options, and the selection all sections share
   (models and layers from the tables, each layer's geometry, decoded tiles);
 - `order`: the display order (the paper's names in the paper's order, others in table order);
 - `frames`: the tables as display strings (Table 1, census, receptive fields, neuron types);
-- `images`: PNG encode/decode and the mosaics every figure is;
+- `images`: the mosaics every figure is (PNG encode/decode: `pipeline.images`);
 - `sections`: one function per section of index.html; `atlas`: the per-layer pages;
 - `templates/`: the Jinja2 markup (autoescaped), `templating` its environment;
 - `render`: `render_report`, which runs the sections in order.

@@ -34,7 +34,7 @@ class ReportInputs:
     ablation: pa.Table | None = None      # ablation/ablation.parquet (Table 1 fallback)
     census: pa.Table | None = None        # ablation/census.parquet
     neuron_types: pa.Table | None = None  # neuron_types/summary.parquet
-    filters: dict[str, np.ndarray] = field(default_factory=dict)   # model -> conv1 weight (C,3,k,k)
+    filters: dict[str, np.ndarray] = field(default_factory=dict)   # model -> first conv (C,3,k,k)
     metrics: dict[str, pa.Table] = field(default_factory=dict)     # model -> train metrics
     runs: dict[str, dict] = field(default_factory=dict)            # model -> analysis run.json
     source: str = ""                      # where the results came from (shown in the header)

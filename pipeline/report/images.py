@@ -1,11 +1,11 @@
-"""The report's pictures: PNG encode/decode, tiles and the mosaics the figures are made of.
+"""The report's pictures: tiles and the mosaics the figures are made of.
 
-Pure numpy/PIL; nothing here knows about tables or HTML. Every figure is a mosaic of equal
+Pure numpy/PIL; nothing here knows about tables or HTML. PNG encode/decode is
+`pipeline.images` (re-exported here for the report's callers). Every figure is a mosaic of equal
 tiles on white, so a test can find tile i at a computable pixel position (see `mosaic`).
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -13,26 +13,14 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.images import decode_png, png_bytes
+
 __all__ = ["png_bytes", "decode_png", "mean_image", "filter_images", "cell_size", "fit_tile",
-           "blank", "mosaic", "topk_grid", "crop_center_rf", "is_true", "Figure", "ImageSink", "PAD"]
+           "blank", "mosaic", "topk_grid", "crop_center_rf", "is_true", "Figure", "ImageSink",
+           "PAD"]
 
 PAD = 2       # pixels between tiles
 _BG = 255     # white background between tiles
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 (or float in [0, 1]) -> PNG bytes."""
-    if image.dtype != np.uint8:
-        image = (np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG (or any PIL-readable) bytes -> (H, W, 3) uint8 RGB."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def mean_image(values: Any, size: int, stretch: bool = True) -> np.ndarray:
@@ -144,23 +132,38 @@ def topk_grid(patches: list[bytes | None], cell: int, cols: int = 4, pad: int = 
 def crop_center_rf(image: np.ndarray, rf: dict | None) -> np.ndarray:
     """Crop an actmax image to its centre neuron's receptive field (clipped to the image).
 
-    The box is DESIGN.md's: rows offset + jump·(feature_size // 2) ± (rf_size − 1)/2. The image
+    The box is the geometry object's (`pipeline.geometry.RF.box` of `RF.center()`, from a
+    receptive_fields.parquet row, per axis where the row has the per-axis columns). The image
     is returned whole when the geometry is unknown, larger than the image, or not local (a
     layer with `global_context` depends on every pixel, so a crop would hide what it drew).
     """
     if not rf or is_true(rf.get("global_context")):
         return image
-    size, jump, offset, feat = (int(rf.get(k) or 0) for k in ("rf_size", "jump", "offset",
-                                                               "feature_size"))
-    if size <= 0 or feat <= 0 or size >= min(image.shape[:2]):
+    geo = _rf_of_row(rf)
+    if geo is None or geo.size >= min(image.shape[:2]):
         return image
-    c = offset + jump * (feat // 2)
-    lo = c - (size - 1) // 2
-    y0, x0 = max(0, lo), max(0, lo)
-    y1, x1 = min(image.shape[0], lo + size), min(image.shape[1], lo + size)
+    top, left, size = geo.box(*geo.center())
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(image.shape[0], top + size), min(image.shape[1], left + size)
     if y1 - y0 < 2 or x1 - x0 < 2:
         return image
     return image[y0:y1, x0:x1]
+
+
+def _rf_of_row(row: dict):
+    """A `pipeline.geometry.RF` from a receptive_fields.parquet row; None when incomplete."""
+    from pipeline.geometry import RF
+
+    def num(key: str, cast=int):
+        v = row.get(key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else cast(v)
+
+    size, jump, feat = num("rf_size"), num("jump"), num("feature_size")
+    if not size or not jump or not feat or size <= 0 or feat <= 0:
+        return None
+    return RF(size=size, jump=jump, offset=num("offset", float) or 0.0, feature_size=feat,
+              size_y=num("rf_size_y"), size_x=num("rf_size_x"), jump_x=num("jump_x"),
+              offset_x=num("offset_x", float), feature_size_x=num("feature_width"))
 
 
 def is_true(value: Any) -> bool:

@@ -76,7 +76,9 @@ def test_parse_channels():
     (["--steps", "0"], "--steps must be >= 1"),
     (["--scale", "0.9,zero"], "invalid --scale"),
     (["--param", "lbfgs"], "invalid choice"),
-    (["--model", "vgg16"], "invalid choice"),
+    (["--model", "vit_b_16"], "invalid choice"),
+    (["--model", "vgg16"], "checkpoint holds resnet18, not vgg16"),
+    (["--scale", "0.9,0"], "scales > 0"),
     (["--model", "plainnet18"], "checkpoint holds resnet18, not plainnet18"),
 ])
 def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, checkpoint, extra, message):
@@ -178,3 +180,26 @@ def test_demo_default_model_and_lucent_flags(ray_cluster, tmp_path, capsys):
     assert run["details"]["untrained"] is True and run["details"]["input_size"] == DEMO_CROP
     assert any("UNTRAINED" in w for w in run["warnings"])
     assert run["config"]["scale"] == [0.9, 1.1]
+
+
+def test_any_cnn_by_module_path(ray_cluster, tmp_path):
+    """An untrained mobilenet_v3_small: a ReLU module path (optimised at its input, the BN
+    output, inside its RF window) and a layer after the first SE gate (whole image)."""
+    out = tmp_path / "out"
+    layers = "features.1.block.0.2,features.1"
+    argv = _args(out, "--model", "mobilenet_v3_small", "--layers", layers, "--channels", "0-2",
+                 "--steps", "4", "--chunk", "2")
+    assert job.main(argv) == 0
+    rows = pq.read_table(out / "actmax.parquet").to_pylist()
+    assert [(r["layer"], r["channel"]) for r in rows] == \
+        [(lay, c) for lay in layers.split(",") for c in range(3)]
+    cfg = parse_config(job.ActmaxConfig, argv, job.PROG)
+    setup = job._setup(cfg)          # the same seeded, BN-calibrated stand-in the job built
+    for lay in setup.layers:
+        want = am.maximize_channels(setup.model, lay, range(3), setup.input_size,
+                                    setup.preprocess, cfg.settings())
+        got = [r for r in rows if r["layer"] == lay.name]
+        np.testing.assert_allclose([r["objective_end"] for r in got], want.end.numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        assert {(r["y"], r["x"]) for r in got} == {(want.y, want.x)}
+    assert sum(r["objective_end"] > r["objective_start"] for r in rows) >= 4

@@ -7,12 +7,24 @@ import pytest
 
 from jobs import bench
 
+# every key of the JSON line on CPU (CUDA adds gpu, decode_cpu_to_host_images_per_s,
+# nvjpeg_decode_images_per_s and end_to_end_nvjpeg_images_per_s)
+KEYS = {"accumulator_ms_per_batch", "accumulator_over_amax_floor",
+        "accumulator_over_truncated_forward", "amax_floor_ms_per_batch", "analysis_images_per_s",
+        "batch_size", "cpus", "crop", "data", "decode_images_per_s", "decode_images_per_s_cpus1",
+        "decode_images_per_s_cpus2", "decode_over_analysis", "decode_scaling_2_over_1", "device",
+        "end_to_end_images_per_s", "end_to_end_over_analysis", "files", "forward_images_per_s",
+        "images", "layers", "mean_all", "model", "paper_worker_state_bytes",
+        "projected_seconds_50k", "ratio", "resize", "scaling_images", "skipped", "threads",
+        "top_k", "truncated_forward_images_per_s", "versions", "width", "worker_state_bytes"}
+
 
 def test_bench_prints_figures_and_json(capsys):
     assert bench.main(["--images", "6", "--batch-size", "4", "--repeats", "1", "--device", "cpu",
                        "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     res = json.loads(lines[-1])
+    assert set(res) == KEYS
     assert res["images"] == 6 and res["device"] == "cpu"
     assert res["forward_images_per_s"] > 0 and res["analysis_images_per_s"] > 0
     assert res["ratio"] == pytest.approx(res["analysis_images_per_s"] / res["forward_images_per_s"],
@@ -34,7 +46,9 @@ def test_bench_prints_figures_and_json(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--images", "0"], ["--cpus", "0"], ["--synthetic", "-1"],
-                                  ["--synthetic", "4", "--data", "s3://bucket/x"]])
+                                  ["--synthetic", "4", "--data", "s3://bucket/x"],
+                                  ["--model", "vit_b_16"], ["--model", "mobilenet_v3_small"],
+                                  ["--layers", "conv99"]])
 def test_bench_bad_input_exits_2(capsys, argv):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
@@ -58,3 +72,22 @@ def test_bench_reads_synthetic_imagenet_size_jpegs(tmp_path, capsys):
     assert Image.open(files[7]).mode == "L"             # 1 in 100 grayscale (index 7)
     assert res["data"] == "synthetic" and res["files"] == 12 and res["images"] == 12
     assert res["cpus"] == 1 and res["crop"] == 32 and res["end_to_end_images_per_s"] > 0
+
+
+def test_bench_any_cnn_by_module_path(capsys):
+    assert bench.main(["--model", "mobilenet_v3_small",
+                       "--layers", "features.1.block.0.2,features.3", "--images", "4", "--batch-size", "4", "--repeats", "1", "--device", "cpu",
+                       "--cpus", "1", "--scaling-images", "4", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert set(res) == KEYS and res["model"] == "mobilenet_v3_small" and res["width"] == 64
+    assert res["layers"] == ["features.1.block.0.2", "features.3"]
+    assert res["analysis_images_per_s"] > 0 and res["worker_state_bytes"] > 0
+    assert out[0].startswith("forward") and "mobilenet_v3_small width 64" in out[0]
+
+
+def test_synthetic_jpegs_are_deterministic():
+    from pipeline.benchmark import synthetic_jpeg, synthetic_name
+
+    assert synthetic_jpeg(3, seed=1) == synthetic_jpeg(3, seed=1) != synthetic_jpeg(3, seed=2)
+    assert synthetic_name(0) == "ILSVRC2012_val_00000001.JPEG"

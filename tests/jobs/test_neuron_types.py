@@ -10,7 +10,8 @@ import torch
 
 from jobs import neuron_types as job
 from pipeline.accumulators import MEAN_SCHEMA
-from pipeline.actmax import display_images, png_bytes
+from pipeline.actmax import display_images
+from pipeline.images import png_bytes
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models import build_model
 from pipeline.neuron_types import TYPES, filter_to_stimulus, measure_batch
@@ -287,3 +288,54 @@ def test_malformed_mean_found_inside_a_ray_task_is_one_line(ray_cluster, tmp_pat
     write_table(table, str(tmp_path / "a" / "stimuli" / "mean.parquet"))
     msg = run_bad(["--from", str(tmp_path / "a")], capsys, str(tmp_path / "out"))
     assert "channel 0" in msg and "expected 3*size*size" in msg
+
+
+def test_run_json_shape_and_resume_from_a_partial(results, tmp_path):
+    """A finished unit's partial (same configuration and inputs) is reused, not recomputed; a
+    partial without its marker is not trusted."""
+    from jobs import engine
+    from jobs.options import parse_config
+    from tests.helpers import assert_run_shape
+
+    root, _, _, _ = results
+    out = str(tmp_path / "resume")
+    argv = ["--from", root, "--sources", "mean", "--chunk", "3", "--out", out]
+    cfg = parse_config(job.NeuronTypesConfig, argv, job.PROG)
+    _, _, chunks, stamps = job._setup(cfg)
+    assert len(chunks) == 2 * 2 * 2          # 2 models x 2 layers x channels {0-2, 3-4}
+    store = job.store(cfg, stamps, engine.resolve_device("cpu"))
+    from pipeline.neuron_inputs import measure_chunk
+
+    fake = measure_chunk(chunks[0])
+    fake = fake.set_column(fake.schema.get_field_index("type"), "type",
+                           pa.array(["resumed"] * fake.num_rows))
+    store.save(chunks[0].name, fake, {})
+    store.save(chunks[1].name, fake, {})     # ... and its marker removed below
+    (tmp_path / "resume" / "_partials" / store.fingerprint / f"{chunks[1].name}.done").unlink()
+    assert job.main(argv) == 0
+    rows = read_table(f"{out}/neuron_types.parquet").to_pandas()
+    assert (rows["type"] == "resumed").sum() == fake.num_rows == 3
+    info = read_json(f"{out}/run.json")
+    assert_run_shape(info)
+    assert info["counts"]["units_resumed"] == 1 and info["counts"]["units_computed"] == 7
+    assert info["throughput"]["unit"] == "patterns" and info["counts"]["patterns"] == len(rows)
+    assert os.listdir(f"{out}/_partials") == []
+
+
+def test_filters_of_any_model_are_its_first_conv_on_rgb(ray_cluster, tmp_path):
+    """mobilenet_v3_small: the first conv on RGB input is features.0.0, named by module path."""
+    from pipeline.preprocess import IMAGENET
+
+    model = build_model("mobilenet_v3_small", num_classes=4)
+    url = str(tmp_path / "mb.pt")
+    save_checkpoint(url, model, IMAGENET)
+    out = str(tmp_path / "out")
+    assert job.main(["--sources", "filter", "--checkpoint", f"mobilenet_v3_small={url}",
+                     "--out", out]) == 0
+    rows = read_table(f"{out}/neuron_types.parquet").to_pandas()
+    assert set(rows.layer) == {"features.0.0"} and set(rows.model) == {"mobilenet_v3_small"}
+    w = model.features[0][0].weight.detach().numpy()
+    ref = measure_batch(filter_to_stimulus(w, IMAGENET.state()), None)
+    assert rows.channel.tolist() == list(range(16))
+    np.testing.assert_allclose(rows.osi.to_numpy(float), ref["osi"], rtol=1e-6)
+    assert rows["type"].tolist() == list(ref["type"])

@@ -124,3 +124,21 @@ def test_unwritable_out_exits_2(tmp_path, capsys):
     assert exc.value.code == 2
     assert "is not writable" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def test_folder_out_gets_run_json_but_never_over_another_jobs(tmp_path):
+    import json
+
+    from tests.helpers import assert_run_shape
+
+    out = tmp_path / "rf"
+    assert main(["--model", "resnet18", "--input-size", "64", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert_run_shape(run)
+    assert run["job"] == "receptive_fields" and run["config"]["models"] == ["resnet18"]
+    assert run["counts"]["layers"] == pq.read_table(out / "receptive_fields.parquet").num_rows
+    analysis = tmp_path / "analysis"              # e.g. a jobs.analyze --out
+    analysis.mkdir()
+    (analysis / "run.json").write_text('{"job": "analyze"}')
+    assert main(["--model", "resnet18", "--input-size", "64", "--out", str(analysis)]) == 0
+    assert json.loads((analysis / "run.json").read_text()) == {"job": "analyze"}

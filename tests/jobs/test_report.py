@@ -242,6 +242,19 @@ def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
         assert needle in text
 
 
+def test_run_json_has_the_shared_shape(built: Path):
+    import json
+
+    from tests.helpers import assert_run_shape
+
+    run = json.loads((built / "run.json").read_text())
+    assert_run_shape(run)
+    assert run["job"] == "report" and run["config"]["figure_channels"] == 4
+    files = [p for p in built.rglob("*") if p.is_file() and p.name != "run.json"]
+    assert run["counts"]["files"] == len(files) and run["throughput"]["unit"] == "files"
+    assert run["counts"]["bytes"] == sum(p.stat().st_size for p in files)
+
+
 def test_topk_figure_places_each_patch_of_each_channel(built: Path):
     """Channel c, rank r of the figure has exactly the colour written into that patch."""
     from pipeline.report import cell_size

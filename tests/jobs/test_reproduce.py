@@ -1,19 +1,26 @@
 """jobs.reproduce end to end: the demo chain with --out on a real S3 server (moto, loopback).
 
-One small run (tiny class-folder data, 1 epoch) through every stage; then: every table is on S3,
-the credentials appear in no log and no run.json, a rerun skips every finished stage, and the
-README's pandas/duckdb snippet runs on a local copy of the output.
+One small chain run (tiny class-folder data, 1 epoch, 16 images analysed and ablated, one
+inactive-random fraction) through every stage, shared by the tests of this file; then: every
+table is on S3, the credentials appear in no log and no run.json, a rerun skips every finished
+stage, the README's pandas/duckdb snippet runs on a local copy of the output, given checkpoints
+skip training, and a second training seed adds only its own stages to the same output.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_run_shape
+
 SECRET_ID = "AKIAREPRODUCETEST0001"
 SECRET_KEY = "reproduce-secret-must-never-be-logged"
+MODELS = ("resnet34", "plainnet34")
 
 
 @pytest.fixture(scope="module")
@@ -39,26 +46,30 @@ def run(s3_server, tmp_path_factory):
             os.environ[k] = v if v is not None else os.environ.pop(k, "")
 
 
-def _reproduce(run, capsys, *extra):
+def _reproduce(run, *extra, out: str | None = None) -> str:
+    """Run the chain in this process (the fixture's Ray); returns its console (stdout+stderr)."""
     from jobs.reproduce import main
 
     argv = ["--train-data", str(run["data"] / "train"), "--data", str(run["data"] / "val"),
-            "--out", run["out"], "--epochs", "1", "--workers", "1", "--noise-seeds", "2",
-            "--actmax-layers", "conv3", *extra]
-    assert main(argv) == 0
-    return capsys.readouterr()
+            "--out", out or run["out"], "--epochs", "1", "--workers", "1", "--noise-seeds", "2",
+            "--limit", "16", "--fractions", "0.5", "--actmax-layers", "conv3", *extra]
+    text = io.StringIO()
+    with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+        rc = main(argv)
+    assert rc == 0, text.getvalue()[-3000:]
+    return text.getvalue()
 
 
 @pytest.fixture(scope="module")
-def first(run):
-    return {}
+def chain(run) -> str:
+    """The console of one full chain run into run["out"] (every test below reads its output)."""
+    return _reproduce(run)
 
 
-def test_chain_writes_every_table_to_s3_without_leaking_credentials(run, capsys, first):
+def test_chain_writes_every_table_to_s3_without_leaking_credentials(run, chain):
     import fsspec
 
-    captured = _reproduce(run, capsys)
-    first["log"] = captured.err
+    from pipeline.tables import read_json
     fs = fsspec.filesystem("s3")
     root = run["out"][len("s3://"):]
     expected = [
@@ -79,26 +90,28 @@ def test_chain_writes_every_table_to_s3_without_leaking_credentials(run, capsys,
         actmax = pd.read_parquet(f, columns=["model", "layer", "channel"])
     assert set(actmax.model) == {"resnet34", "plainnet34"} and set(actmax.layer) == {"conv3"}
     # credentials: in no log line and no run.json anywhere under --out
-    text = captured.out + captured.err
+    text = chain
     for path in fs.find(root):
         if path.endswith(".json"):
             text += fs.cat(path).decode()
     assert SECRET_KEY not in text and SECRET_ID not in text
-    assert re.search(r"\[6/6\] report done", captured.err)
+    assert re.search(r"\[6/6\] report done", chain)
+    info = read_json(f"{run['out']}/run.json")
+    assert_run_shape(info)
+    assert info["counts"]["stages_run"] == 2 * 4 + 2     # train, analyze, ablate, actmax x 2
+    ablate = info["details"]["commands"]["ablate:resnet34"]
+    assert ablate.startswith("python -m jobs.ablate ") and " --layer " not in ablate  # its pool1
 
 
-def test_rerun_skips_every_finished_stage(run, capsys, first):
-    if "log" not in first:
-        pytest.skip("the first run failed")
-    err = _reproduce(run, capsys).err
+def test_rerun_skips_every_finished_stage(run, chain):
+    # the report is rebuilt on every run: left out here, it is what the first run tested
+    err = _reproduce(run, "--stages", "train,analyze,ablate,actmax,neuron_types")
     for stage in ("train:resnet34", "train:plainnet34", "analyze:resnet34", "ablate:plainnet34",
                   "actmax:resnet34", "neuron_types"):
         assert f"{stage}: already complete" in err, err
 
 
-def test_readme_snippet_reads_the_tables(run, tmp_path, first):
-    if "log" not in first:
-        pytest.skip("the first run failed")
+def test_readme_snippet_reads_the_tables(run, tmp_path, chain):
     import fsspec
 
     fs = fsspec.filesystem("s3")
@@ -130,7 +143,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                          (["--noise-seeds", "0"], "--noise-seeds must be >= 1"),
                          (["--fractions", "0.5,2"], "--fractions item '2' is neither"),
                          (["--seeds", "2", "--checkpoint-resnet", str(tmp_path / "r.pt")],
-                          "use --seeds 1")):
+                          "use --seeds 1"),
+                         (["--models", "resnet34,vit_b_16"],
+                          "unknown model 'vit_b_16'; allowed: distinct names among alexnet,"),
+                         (["--models", "resnet50,vgg16"], "--layers is required for vgg16"),
+                         (["--models", "resnet50,vgg16", "--layers", "vgg16=features.4"],
+                          "--ablate-layer needs exactly one layer for vgg16"),
+                         (["--layers", "conv3"], "ablation layer pool1 of resnet34 is not among"),
+                         (["--checkpoints", "vgg16=s3://b/v.pt"],
+                          "MODEL one of --models (resnet34, plainnet34)")):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -138,49 +159,51 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "out" / "run.json").exists()
 
 
-def test_given_checkpoints_skip_training(run, capsys, first):
-    if "log" not in first:
-        pytest.skip("the first run failed")
+def test_any_pair_gets_per_model_layers_and_the_paper_pair_keeps_its_own():
+    """--models A,B: paper layers for the ResNet family, the given module paths for others;
+    the default keeps the paper pair, its layers and jobs.ablate's own --layer (pool1)."""
+    from jobs.reproduce import ReproduceConfig
+
+    paper = ReproduceConfig()
+    assert paper.models == MODELS
+    assert paper.layer_plan() == {m: ("pool1,conv3,conv7",) * 2 + (None,) for m in MODELS}
+    cfg = ReproduceConfig(models=("resnet50", "vgg16"), data="v", train_data="t",
+                          layers="conv3,conv7,vgg16=features.4,features.28",
+                          actmax_layers="vgg16=features.28", ablate_layer="vgg16=features.4,"
+                          "resnet50=conv3", checkpoints="vgg16=s3://b/v16.pt")
+    assert cfg.layer_plan() == {"resnet50": ("conv3,conv7", "conv3,conv7", "conv3"),
+                                "vgg16": ("features.4,features.28", "features.28", "features.4")}
+    assert cfg.given_checkpoints() == {"vgg16": "s3://b/v16.pt"}
+
+
+def test_given_checkpoints_skip_training(run, chain):
     import fsspec
 
     from pipeline.tables import read_json
 
     ckpt = {m: f"{run['out']}/train/{m}/model.pt" for m in ("resnet34", "plainnet34")}
     out = "s3://reproduce/given"
-    _reproduce({**run, "out": out}, capsys, "--checkpoint-resnet", ckpt["resnet34"],
-               "--checkpoint-plainnet", ckpt["plainnet34"], "--stages", "analyze")
+    _reproduce(run, "--checkpoint-resnet", ckpt["resnet34"], "--checkpoint-plainnet",
+               ckpt["plainnet34"], "--stages", "analyze", "--layers", "pool1", "--limit", "4",
+               out=out)
     fs = fsspec.filesystem("s3")
     assert not fs.exists("reproduce/given/train")
     assert fs.exists("reproduce/given/analysis/plainnet34/stimuli/topk.parquet")
-    assert read_json(f"{out}/run.json")["checkpoints"] == ckpt
+    assert read_json(f"{out}/run.json")["details"]["checkpoints"] == ckpt
     analysed = read_json(f"{out}/analysis/resnet34/run.json")["config"]["checkpoint"]
     assert analysed == ckpt["resnet34"]
 
 
-def _train_has_seed() -> bool:
-    """jobs.train --seed (issue 11): the multi-seed chain needs it."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "jobs.train", "--help"], capture_output=True,
-                         text=True, timeout=120).stdout
-    return re.search(r"--seed\b(?!-)", out) is not None
-
-
-def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run, capsys, first):
+def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run, chain):
     """--seeds 2 on the first run's output: seed 0's stages are complete and skipped, seed 1 is
     trained, analysed and ablated under seeds/1/, and the top-level census, ablation and Table 1
-    cover both. (Runs last: it adds seed 1 to the shared output.) Needs jobs.train --seed."""
-    if "log" not in first:
-        pytest.skip("the first run failed")
-    if not _train_has_seed():
-        pytest.skip("jobs.train has no --seed yet (issue 11): enable once it does")
+    cover both. (Runs last: it adds seed 1 to the shared output, and runs only what seed 1 adds.)"""
     import fsspec
     import pandas as pd
 
     from pipeline import layout
 
-    err = _reproduce(run, capsys, "--seeds", "2", "--stages", "train,analyze,ablate").err
+    err = _reproduce(run, "--seeds", "2", "--stages", "train,analyze,ablate")
     assert "train:resnet34: already complete" in err and "train:resnet34:seed1 ..." in err
     fs = fsspec.filesystem("s3")
     root = run["out"][len("s3://"):]

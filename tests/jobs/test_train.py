@@ -19,13 +19,16 @@ import pytest
 import torch
 import torchvision
 
+from jobs import engine
 from jobs import train as job
 from pipeline import tables
 from pipeline.checkpoint import load_checkpoint
 from pipeline.demo import DemoSpec, generate_demo_data
 from pipeline.models import build_model
 from pipeline.preprocess import WhiteningStats
-from pipeline.sources import build_manifest
+from pipeline.listing import build_manifest
+from pipeline.train import PRESETS, default_loader_workers, preset, write_model
+from tests.helpers import Die, assert_run_shape
 
 # crop-flip: these tests check the job's mechanics on 96 images; the demo's colour-blind
 # augmentation (hue rotation, grayscale) makes a 2-epoch loss decrease on them a coin toss.
@@ -82,7 +85,10 @@ def test_two_epochs_on_two_workers_lower_the_training_loss(first_run):
         assert 0 <= r["top1"] <= r["top5"] <= 1 and r["images_per_s"] > 0
     out = first_run["out"]
     run = tables.read_json(f"{out}/run.json")
+    assert_run_shape(run)
     assert run["counts"]["epochs"] == 2 and run["counts"]["zca_images"] == 96
+    assert run["counts"]["images_read"] == 2 * (96 + 32) and run["counts"]["units_computed"] == 2
+    assert run["device"]["workers"] == 2 and run["config"]["sync_bn"] is False
     fs, path = tables.fs_path(f"{out}/checkpoints")
     ckpts = [p for p in fs.ls(path, detail=True, refresh=True)
              if p["name"].rsplit("/", 1)[-1].startswith("checkpoint_") and p["type"] == "directory"]
@@ -91,7 +97,8 @@ def test_two_epochs_on_two_workers_lower_the_training_loss(first_run):
 
 def test_zca_of_the_parallel_pass_equals_a_single_pass(first_run, tiny):
     """The Ray tasks' merged sums give the matrix one process computes over the same crops."""
-    from pipeline.train import EvalResizeCrop, ImageDataset, collate
+    from pipeline.augment import EvalResizeCrop
+    from pipeline.traindata import ImageDataset, collate
 
     state = tables.read_json(f"{first_run['out']}/_partials/train.json")
     m = build_manifest(f"{tiny}/train")
@@ -106,7 +113,9 @@ def test_zca_of_the_parallel_pass_equals_a_single_pass(first_run, tiny):
 
 
 def test_model_pt_restores_model_and_whitening_and_reproduces_last_validation(first_run, tiny):
-    from pipeline.train import EvalResizeCrop, ImageDataset, collate, evaluate
+    from pipeline.augment import EvalResizeCrop
+    from pipeline.traindata import ImageDataset, collate
+    from pipeline.train import evaluate
 
     loaded = load_checkpoint(f"{first_run['out']}/model.pt")
     assert loaded.model_name == "resnet18" and loaded.preprocess.kind == "zca"
@@ -144,19 +153,23 @@ def test_a_different_setting_into_the_same_out_is_refused(first_run, capsys):
 
 
 def test_rerun_for_three_epochs_trains_only_the_third_and_survives_a_killed_worker(
-        first_run, tmp_path, monkeypatch):
+        first_run, tmp_path):
     out = first_run["out"]
-    marker = str(tmp_path / "killed")
-    # Rank 1 (on the second node) exits hard at batch 2 of epoch 3, once.
-    monkeypatch.setenv(job.FAULT_ENV, f"1:3:2:{marker}")
+    # Rank 1 (on the second node) exits hard at batch 2 of epoch 3, once (engine's test hook).
+    engine.set_test_hook(Die(str(tmp_path), ("rank1-epoch3-batch2",)))
     argv = [*first_run["argv"][:-4], "--epochs", "3", "--out", out]
-    assert job.main(argv) == 0
-    assert os.path.exists(marker)                # the worker really died mid-epoch
+    try:
+        assert job.main(argv) == 0
+    finally:
+        engine.set_test_hook(None)
+    assert os.path.exists(tmp_path / "rank1-epoch3-batch2")   # the worker really died mid-epoch
     rows = tables.read_table(f"{out}/metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[:2] == first_run["metrics"]      # finished epochs untouched, not recomputed
     assert rows[2]["train_images"] == 96 and rows[2]["lr"] == pytest.approx(0.05)
     assert load_checkpoint(f"{out}/model.pt").meta["epoch"] == 3
+    run = tables.read_json(f"{out}/run.json")
+    assert run["counts"]["epochs_trained"] == 1 and run["counts"]["units"] == 0   # ZCA reused
     # Once more with the same epochs: nothing left to train, nothing rewritten (run.json holds
     # the wall time of the run that wrote it).
     before = tables.read_bytes(f"{out}/run.json")
@@ -164,14 +177,40 @@ def test_rerun_for_three_epochs_trains_only_the_third_and_survives_a_killed_work
     assert tables.read_bytes(f"{out}/run.json") == before
 
 
+@pytest.fixture(scope="module")
+def few(tmp_path_factory) -> str:
+    """2 train / 1 val image per class: a VGG epoch of one step."""
+    root = str(tmp_path_factory.mktemp("few") / "data")
+    generate_demo_data(root, DemoSpec(train_per_class=2, val_per_class=1))
+    return root
+
+
+def test_a_tiny_vgg_run_writes_a_model_pt_that_loads_strictly_into_torchvision(cluster, few,
+                                                                              tmp_path):
+    """VGG trains at torchvision's width even under the demo preset (width 16 is the ResNet
+    family's knob), so model.pt is a torchvision vgg11 state_dict."""
+    out = str(tmp_path / "vgg")
+    assert job.main(["--data", f"{few}/train", "--val", f"{few}/val", "--model", "vgg11",
+                     "--epochs", "1", "--workers", "1", "--batch-size", "16", "--input-size",
+                     "32", "--zca-images", "16", "--out", out]) == 0
+    [row] = tables.read_table(f"{out}/metrics.parquet").to_pylist()
+    assert row["train_images"] == 16 and row["val_images"] == 8
+    loaded = load_checkpoint(f"{out}/model.pt")
+    assert loaded.model_name == "vgg11" and loaded.meta["recipe"]["width"] == 64
+    tv = torchvision.models.vgg11(num_classes=8)
+    tv.load_state_dict(torch.load(f"{out}/model.pt", weights_only=True)["state_dict"], strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(tv.eval()(x), loaded.model.eval()(x))
+
+
 def test_resnet34_model_pt_loads_into_torchvision(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet34", num_classes=5)
     zca = WhiteningStats().update(torch.rand(2, 3, 8, 8)).fit()
     last = {"state_dict": model.state_dict(), "model": "resnet34", "epoch": 1, "classes": list("abcde"),
-            "recipe": job.PRESETS["paper"].as_dict(), "history": [{"top1": 0.5}]}
+            "recipe": PRESETS["paper"].as_dict(), "history": [{"top1": 0.5}]}
     url = str(tmp_path / "model.pt")
-    job.write_model(url, last, zca)
+    write_model(url, last, zca)
     sd = torch.load(url, weights_only=True)["state_dict"]
     tv = torchvision.models.resnet34(num_classes=5)
     tv.load_state_dict(sd, strict=True)
@@ -185,10 +224,9 @@ def test_init_from_a_torchvision_state_dict(tmp_path):
     sd = torchvision.models.resnet18(num_classes=8).state_dict()
     path = str(tmp_path / "tv.pth")
     torch.save(sd, path)
-    cfg = job.TrainConfig(out=str(tmp_path / "o"), recipe=job.preset("demo", model="resnet18"),
-                          init=f"torchvision:{path}")
+    cfg = job.TrainConfig(out=str(tmp_path / "o"), model="resnet18", init=f"torchvision:{path}")
     state, cfg2 = job._load_init(cfg, num_classes=8)
-    assert cfg2.recipe.width == 64               # the weights fix the width
+    assert cfg.recipe.width == 16 and cfg2.recipe.width == 64   # the weights fix the width
     model = build_model("resnet18", num_classes=8, width=64)
     model.load_state_dict(state)                 # what each worker does before DDP
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
@@ -196,52 +234,43 @@ def test_init_from_a_torchvision_state_dict(tmp_path):
         job._load_init(cfg, num_classes=10)
 
 
+def test_the_demo_preset_trains_vgg_at_full_width_and_refuses_another_width(tmp_path):
+    assert job.TrainConfig(out=str(tmp_path), model="vgg16_bn").recipe.width == 64
+    assert job.TrainConfig(out=str(tmp_path), model="resnet50").recipe.width == 16
+    with pytest.raises(job.BadInput, match="width 16 applies to the ResNet family only"):
+        job.TrainConfig(out=str(tmp_path), model="vgg11", width=16)
+
+
 def test_bf16_and_the_seed_are_recorded_in_model_pt(tmp_path):
     zca = WhiteningStats().update(torch.rand(2, 3, 8, 8)).fit()
     model = build_model("resnet18", num_classes=3, width=4)
-    recipe = job.preset("paper", precision="bf16", seed=3).as_dict()
+    recipe = preset("paper", precision="bf16", seed=3).as_dict()
     last = {"state_dict": model.state_dict(), "model": "resnet18", "epoch": 1,
             "classes": list("abc"), "recipe": recipe, "history": [{"top1": 0.5}], "sync_bn": True}
-    job.write_model(str(tmp_path / "model.pt"), last, zca)
+    write_model(str(tmp_path / "model.pt"), last, zca)
     meta = load_checkpoint(str(tmp_path / "model.pt")).meta
     assert meta["recipe"]["precision"] == "bf16" and meta["recipe"]["seed"] == 3
     assert meta["sync_bn"] is True
 
 
 def test_any_worker_count_is_accepted_and_paper_loader_processes_come_from_the_cpus(tmp_path):
-    cfg = job.TrainConfig(out=str(tmp_path), recipe=job.preset("paper"), data="d", val="v",
-                          workers=3)
-    assert cfg.recipe.batch_size % cfg.workers and cfg.sync_bn   # 256 over 3: fine now
-    assert job.resolve_loader_workers(cfg, 48) == 15             # 16 CPUs per worker, one trains
-    assert job.resolve_loader_workers(cfg, 3) == 1               # at least one loader process
+    cfg = job.TrainConfig(out=str(tmp_path), preset="paper", data="d", val="v", workers=3)
+    assert cfg.recipe.batch_size % cfg.workers and cfg.sync_bn_on   # 256 over 3: fine now
+    assert default_loader_workers(cfg.recipe, 3, 48) == 15          # 16 CPUs per worker, one trains
+    assert default_loader_workers(cfg.recipe, 3, 3) == 1            # at least one loader process
     demo = job.TrainConfig(out=str(tmp_path), workers=3)
-    assert job.resolve_loader_workers(demo, 48) == 0 and not demo.sync_bn
-    assert not job.TrainConfig(out=str(tmp_path), recipe=job.preset("paper"), data="d", val="v",
-                               workers=1).sync_bn
-
-
-def test_quiet_lines_drops_ray_train_noise_with_its_traceback_and_keeps_the_rest():
-    report = "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'epoch': 1})"
-    lines = ["[09:00:01] [train] epoch 1/4 train_loss 1.0", report,
-             "Failed to send resource request for train-abc. If this only happens transiently "
-             "... it's safe to ignore this error.", "Traceback (most recent call last):",
-             '  File "x.py", line 58, in send_resource_request', "    ray.get(",
-             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
-             "WARNING: disk almost full", "Traceback (most recent call last):",
-             '  File "loop.py", line 3', "RuntimeError: a real failure"]
-    keep, muted = job.quiet_lines(lines)
-    assert keep == [lines[0], *lines[7:]] and not muted
-    # A noise line at the end of one batch mutes its traceback in the next.
-    keep, muted = job.quiet_lines(["Failed to query Ray Train Controller actor state."])
-    assert keep == [] and muted
-    assert job.quiet_lines(['  File "y.py", line 1', "epoch 2"], muted)[0] == ["epoch 2"]
+    assert default_loader_workers(demo.recipe, 3, 48) == 0 and not demo.sync_bn_on
+    assert not job.TrainConfig(out=str(tmp_path), preset="paper", data="d", val="v",
+                               workers=1).sync_bn_on
+    assert not job.TrainConfig(out=str(tmp_path), preset="paper", data="d", val="v",
+                               sync_bn=False).sync_bn_on
 
 
 def _sync_bn_loop(config: dict) -> None:
     """Each rank normalises its (unequal) share of one batch through SyncBatchNorm."""
     import ray.train
 
-    from pipeline.train import convert_sync_batchnorm
+    from pipeline.syncbn import convert_sync_batchnorm
 
     rank = ray.train.get_context().get_world_rank()
     bn = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.5)))
@@ -293,11 +322,11 @@ def unlabelled(tmp_path, tiny) -> str:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("model", "unknown model 'resnet35'; allowed: plainnet18, plainnet34, resnet18, resnet34"),
+    ("model", "argument --model: invalid choice: 'resnet35'"),
     ("loaders", "--loader-workers must be >= 0, got -1"),
     ("labels", "labels required but"),
     ("out", "is not writable"),
-    ("init", "--init 'x.pth' not understood; allowed: torchvision:PATH"),
+    ("init", "--init not understood; allowed: torchvision:PATH, got x.pth"),
     ("val", "--data needs --val"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny, unlabelled, tmp_path,

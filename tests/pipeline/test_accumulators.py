@@ -1,6 +1,8 @@
-"""Accumulators against brute force on tiny data, and merge(any split) == one pass."""
+"""Accumulators against brute force on tiny data, merge(any split) == one pass, the tie rule,
+device-resident state, and the eager and compiled scans against each other."""
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pipeline.accumulators import ChannelStats, PositiveMean, TopK, rf_box
+import pipeline.accumulators as accumulators
+from pipeline.accumulators import ChannelStats, PositiveMean, Scan, TopK, rf_box
 
 
 def _batches(seed: int, n: int = 11, c: int = 3, h: int = 5, w: int = 4, levels: int = 3):
@@ -112,7 +115,8 @@ def test_channel_stats_equals_brute_force():
     t = acc.to_table("m", "pool1").to_pydict()
     assert t["images"] == [len(acts)] * 3
     assert t["max"] == [float(np.float32(a[:, ch].max())) for ch in range(3)]
-    np.testing.assert_allclose(t["mean"], a.mean((0, 2, 3)), rtol=1e-12)
+    # per-image float32 sums added in float64 (see Scan): ~1e-7 off an exact sum
+    np.testing.assert_allclose(t["mean"], a.mean((0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(t["positive_fraction"], (a > 0).mean((0, 2, 3)), rtol=1e-12)
     assert t["inactive"] == [False, True, False]
 
@@ -122,8 +126,10 @@ def _all_accs(c=3):
             PositiveMean(c, 4, 3, 1, "all"), ChannelStats(c)]
 
 
-def _feed(accs, batch):
+def _feed(accs, batch, shared=False):
     acts, idx, images = batch
+    if shared:   # one Scan for every accumulator, as pipeline.analysis does
+        acts = Scan(acts)
     for a in accs:
         if isinstance(a, TopK):
             a.update(acts, idx)
@@ -153,12 +159,14 @@ def test_any_split_merged_in_any_order_equals_one_pass(seed, nbatch, data):
     perm = torch.randperm(1000, generator=g)
     batches, at = [], 0
     for s in sizes:
-        acts = torch.randint(0, 3, (s, 3, 5, 4), generator=g).float() * 0.5
+        # few levels (ties), negatives and both signed zeros (-0.0 ties with 0.0)
+        acts = (torch.randint(-2, 3, (s, 3, 5, 4), generator=g).float() * 0.5).clamp_min(-0.5)
+        acts = torch.where(torch.rand(acts.shape, generator=g) < 0.2, -0.0 * acts.abs(), acts)
         images = torch.randint(0, 256, (s, 3, 9, 8), generator=g, dtype=torch.uint8)
         batches.append((acts, perm[at:at + s], images)); at += s
     one = _all_accs()
     for b in batches:
-        _feed(one, b)
+        _feed(one, b, shared=data.draw(st.booleans()))
     groups = data.draw(st.lists(st.integers(0, 3), min_size=nbatch, max_size=nbatch))
     parts = {gid: _all_accs() for gid in set(groups)}
     for gid, b in zip(groups, batches):
@@ -195,3 +203,127 @@ def test_bad_arguments_are_rejected():
         TopK(3, 4).update(torch.zeros(2, 4, 3, 3), [0, 1])
     with pytest.raises(ValueError, match="cannot merge"):
         TopK(3, 4).merge(TopK(3, 5))
+
+
+def test_tie_rule_with_deliberate_ties():
+    """Equal activations across images, -0.0 against 0.0, negatives, several maxima per map, and
+    one image_index offered twice with different positions: (activation desc, image_index asc,
+    y asc, x asc), whatever the batching."""
+    acts = torch.zeros(6, 2, 3, 3)
+    acts[0, 0, 2, 2] = acts[0, 0, 1, 0] = 2.0            # two maxima: the first in raster order
+    acts[1, 0, 0, 1] = 2.0
+    acts[2, 0] = -0.0                                      # ties with image 3's 0.0
+    acts[4, 0] = -1.0
+    acts[5, 0, 2, 0] = 2.0
+    acts[:, 1] = torch.tensor([1.0, 1.0, -0.0, 0.0, 1.0, 1.0]).view(6, 1, 1)
+    indices = torch.tensor([9, 4, 7, 3, 8, 4])             # index 4 twice, at other positions
+    want = {n: _brute_topk(acts, indices, 5, n) for n in ("any", "center")}
+    for split in ([6], [1, 1, 1, 1, 1, 1], [4, 2], [2, 3, 1]):
+        for n in ("any", "center"):
+            parts, at = [], 0
+            for size in split:
+                parts.append(TopK(2, 5, n).update(acts[at:at + size], indices[at:at + size]))
+                at += size
+            merged = parts[-1]
+            for p in parts[-2::-1]:
+                merged.merge(p)
+            assert _as_rows(merged) == want[n], (split, n)
+    got = TopK(2, 6, "any").update(acts, indices)
+    assert got.image_index[0].tolist() == [4, 4, 9, 3, 7, 8]
+    assert (got.y[0].tolist(), got.x[0].tolist()) == ([0, 2, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0])
+
+
+def test_per_image_sums_do_not_depend_on_the_batch():
+    """The float32 per-image sums (Scan's justification) are the same bits in any batch."""
+    g = torch.Generator().manual_seed(4)
+    acts = torch.rand(5, 3, 37, 41, generator=g) * 100 - 20
+    whole = Scan(acts)
+    for i in range(5):
+        one = Scan(acts[i:i + 1])
+        assert torch.equal(whole.image_sum[i], one.image_sum[0])
+        assert torch.equal(whole.image_positive[i], one.image_positive[0])
+    single = Scan(acts[2:3, 1:2])                          # one (image, channel) row
+    assert torch.equal(single.image_sum[0, 0], whole.image_sum[2, 1])
+    f = acts.double().reshape(5, 3, -1)
+    np.testing.assert_allclose(whole.image_sum.numpy(), f.sum(2).numpy(), rtol=1e-6)
+    assert torch.equal(whole.image_positive, (f > 0).sum(2))
+    assert torch.equal(whole.image_max, acts.amax((2, 3)))
+
+
+def test_state_lives_on_the_activations_device_and_state_is_host_data():
+    acts, idx, images = _batches(seed=8)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    states = []
+    for dev in devices:
+        accs = _all_accs()
+        _feed(accs, (acts.to(dev), idx, images.to(dev)), shared=True)
+        for a in accs:
+            assert all(getattr(a, t).device.type == dev for t in a._tensors), (type(a), dev)
+            s = a.state()
+            assert all(isinstance(v, np.ndarray) for k, v in s.items() if k in a._tensors)
+        states.append(accs)
+        # merging a host-side state into a device-resident one stays on the device
+        back = [type(a).from_state(pickle.loads(pickle.dumps(a.state()))) for a in accs]
+        for a, b in zip(accs, back):
+            assert all(getattr(b, t).device.type == "cpu" for t in b._tensors)
+            a.merge(b)
+            assert all(getattr(a, t).device.type == dev for t in a._tensors)
+    for a, b in zip(states[0], states[-1]):
+        _assert_same(a, b)
+    # state() is a copy: mutating it leaves the accumulator alone
+    acc = states[0][0]
+    s = acc.state()
+    s["activation"][:] = -1
+    assert (acc.activation != -1).all()
+
+
+@pytest.mark.skipif(os.environ.get(accumulators.COMPILE_ENV, "").strip() == "0",
+                    reason="PREFERRED_STIMULI_COMPILE=0: torch.compile switched off")
+def test_compiled_scan_agrees_with_eager():
+    """The one compiled test (compiling costs ~10 s; PREFERRED_STIMULI_COMPILE=0 skips it): max,
+    counts and every top-k exactly, the float64 channel sums to 1e-6 (the eager CPU path sums
+    each image in float32)."""
+    g = torch.Generator().manual_seed(6)
+    acts = torch.relu(torch.randn(4, 3, 7, 6, generator=g)).round(decimals=1)   # ties
+    idx = torch.tensor([5, 1, 3, 2])
+    eager, comp = Scan(acts, compiled=False), Scan(acts, compiled=True)
+    assert torch.equal(eager.image_max, comp.image_max)
+    assert torch.equal(eager.image_positive, comp.image_positive)
+    np.testing.assert_allclose(eager.image_sum.numpy(), comp.image_sum.numpy(), rtol=1e-6)
+    for make in (lambda: TopK(3, 3, "any"), lambda: TopK(3, 3, "center")):
+        assert _as_rows(make().update(eager, idx)) == _as_rows(make().update(comp, idx))
+    ca, cb = ChannelStats(3).update(eager), ChannelStats(3).update(comp)
+    assert np.array_equal(ca.state()["max"], cb.state()["max"])
+    assert np.array_equal(ca.state()["positive"], cb.state()["positive"])
+    # a batch of another shape reuses the dynamic kernel
+    other = Scan(acts[:3, :2, :5], compiled=True)
+    assert torch.equal(other.image_max, acts[:3, :2, :5].amax((2, 3)))
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """A compiler failure warns once and leaves the eager results (the CI fallback path)."""
+    def broken(acts):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(accumulators._COMPILED, "fused", broken)
+    acts, idx, _ = _batches(seed=2)
+    with pytest.warns(RuntimeWarning, match="eager path"):
+        comp = ChannelStats(3).update(Scan(acts, compiled=True))
+    eager = ChannelStats(3).update(Scan(acts, compiled=False))
+    _assert_same(comp, eager)
+    assert accumulators._COMPILED["fused"] is accumulators._fused_failed
+
+
+def test_compile_switch_reads_the_environment(monkeypatch):
+    monkeypatch.delenv(accumulators.COMPILE_ENV, raising=False)
+    assert accumulators.use_compile() is False
+    monkeypatch.setenv(accumulators.COMPILE_ENV, "1")
+    assert accumulators.use_compile() is True and Scan(torch.zeros(1, 1, 1, 1)).compiled
+    monkeypatch.setenv(accumulators.COMPILE_ENV, "maybe")
+    with pytest.raises(ValueError, match="allowed: 0, 1"):
+        accumulators.use_compile()
+
+
+def test_image_index_range_is_checked():
+    with pytest.raises(ValueError, match=r"image_index must lie in \[0, 4294967296\)"):
+        TopK(3, 4).update(torch.zeros(1, 3, 2, 2), [-1])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline import actmax as am
-from pipeline.hooks import Trace
+from pipeline.hooks import Trace, capture
 from pipeline.layers import catalogue
 from pipeline.models import build_model
 from pipeline.preprocess import IMAGENET
@@ -241,3 +241,115 @@ def test_bad_channels_and_params_raise(resnet):
         am.maximize_channels(resnet, lay, [8], SIZE, IMAGENET)
     with pytest.raises(ValueError, match="pixel, decorrelated, fft"):
         am.Settings(param="lbfgs")
+
+
+# ------------------------------------------------------------ any CNN: module-path layers
+@pytest.fixture(scope="module")
+def squeezenet():
+    """squeezenet1_1 (Fire modules: a channel concatenation of a 1x1 and a 3x3 branch; ceil-mode
+    pools) with non-zero conv biases: torchvision initialises them at zero and the model has no
+    BN, so a fresh one maps the zero image to exact zeros (dead ReLU kinks); trained ones do not."""
+    torch.manual_seed(0)
+    model = build_model("squeezenet1_1", num_classes=8).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.uniform_(m.bias, -0.1, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    return am.calibrate_bn(build_model("mobilenet_v3_small", num_classes=8), SIZE, images=8)
+
+
+@pytest.fixture(scope="module")
+def rectangular():
+    """1x5 and 3x1 kernels with per-axis strides: a 7x9 RF whose rows and columns have their own
+    jump and feature size."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, (1, 5), stride=(1, 2), padding=(0, 2)), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, (3, 1), stride=(2, 1), padding=(1, 0)), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=(2, 1), padding=1), nn.BatchNorm2d(6), nn.ReLU())
+    return am.calibrate_bn(model, SIZE, images=8)
+
+
+def test_module_paths_pre_is_the_relu_input(resnet, squeezenet, rectangular):
+    cat = catalogue(squeezenet)
+    assert (cat["features.1"].point, cat["features.1"].pre) == ("features.1", "features.0")
+    fire = cat["features.3.expand3x3_activation"]
+    assert fire.pre == "features.3.expand3x3"
+    # a module that is not a ReLU (a conv, a Fire's concatenation) is measured at its output
+    assert cat["features.0"].pre == "features.0" and cat["features.4"].pre == "features.4"
+    assert [(k, v.pre) for k, v in catalogue(rectangular).items() if v.pre != v.point] == \
+        [("2", "1"), ("5", "4"), ("8", "7")]
+    # paper names keep their points; a ResNet's module paths get the same pre-ReLU values
+    from pipeline.layers import analysable_layers
+    lays = analysable_layers(resnet)
+    assert (lays["conv3"].point, lays["conv3"].pre) == ("layer1.0.relu2", "layer1.0.preact")
+    assert (lays["conv2"].point, lays["conv2"].pre) == ("layer1.0.relu1", "layer1.0.bn1")
+    assert lays["layer1.0.relu2"].pre == "layer1.0.preact" and lays["relu"].pre == "bn1"
+    assert lays["layer1.0.conv2"].pre == "layer1.0.conv2"
+    x = torch.randn(2, 3, SIZE, SIZE)
+    pre = capture(squeezenet, x, [fire], point="pre")[fire.name]
+    post = capture(squeezenet, x, [fire])[fire.name]
+    assert (pre < 0).any() and torch.equal(post, pre.clamp_min(0))
+
+
+@pytest.mark.parametrize("net, layer", [
+    ("squeezenet", "features.1"), ("squeezenet", "features.3.expand3x3_activation"),
+    ("squeezenet", "features.6.squeeze_activation"), ("mobilenet", "features.1.block.0.2"),
+    ("rectangular", "5"), ("rectangular", "8")])
+def test_objective_rises_and_crop_equals_full_image_on_any_cnn(request, net, layer):
+    """The pre-ReLU centre neuron of a ReLU module rises from the zero start, and optimising only
+    the geometry's RF window (per axis) gives the full-image result."""
+    model = request.getfixturevalue(net)
+    lay = catalogue(model)[layer]
+    size = 48 if net == "squeezenet" else SIZE
+    win = am.input_window(model, lay, size)
+    assert win is not None and (win.stop - win.start) * (win.stop_x - win.start_x) < size * size
+    crop = am.maximize_channels(model, lay, [0, 1, 2], size, IMAGENET, am.Settings(steps=8))
+    full = am.maximize_channels(model, lay, [0, 1, 2], size, IMAGENET,
+                                am.Settings(steps=8, crop=False))
+    assert (crop.end > crop.start + 1e-3).all(), (crop.start, crop.end)
+    assert crop.window == (win.start, win.stop, win.start_x, win.stop_x)
+    assert torch.allclose(crop.input, full.input, atol=1e-5)
+    assert torch.allclose(crop.end, full.end, atol=1e-4, rtol=1e-4)
+    assert (crop.y, crop.x) == (full.y, full.x) == (win.centre, win.centre_x)
+
+
+@pytest.mark.parametrize("net, layer", [
+    ("squeezenet", "features.6.squeeze_activation"), ("rectangular", "8"),
+    ("mobilenet", "features.1.block.0.2")])
+def test_window_is_the_gradient_support_per_axis(request, net, layer):
+    model = request.getfixturevalue(net)
+    lay = catalogue(model)[layer]
+    size = 48 if net == "squeezenet" else SIZE
+    win = am.input_window(model, lay, size)
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, size, size, requires_grad=True)
+    with Trace(model, [lay], point="pre", stop=True, detach=False) as tr:
+        tr.run(x)
+    a = tr.outputs[layer]
+    assert a.shape[-2:] == (win.feature_size, win.feature_size_x)
+    a[:, :, win.centre, win.centre_x].sum().backward()
+    rows, cols = np.nonzero(x.grad.abs().sum((0, 1)).numpy())
+    rf = am._field(model, lay, size).rf
+    for (lo, hi), start, stop, jump in (((rows.min(), rows.max()), win.start, win.stop, rf.jump),
+                                        ((cols.min(), cols.max()), win.start_x, win.stop_x,
+                                         rf.jump_x)):
+        assert start <= lo and hi == stop - 1           # tight at the far edge ...
+        assert lo - start < jump or start == 0           # ... rounded down to the jump only
+
+
+def test_global_context_layers_optimise_the_whole_image(mobilenet):
+    """After mobilenet_v3_small's first squeeze-and-excitation gate every neuron sees the whole
+    image: no window, the centre neuron of the full map, and the objective still rises."""
+    lay = catalogue(mobilenet)["features.1"]
+    assert am.input_window(mobilenet, lay, SIZE) is None
+    res = am.maximize_channels(mobilenet, lay, [1, 2], SIZE, IMAGENET, am.Settings(steps=8))
+    assert res.window == (0, SIZE, 0, SIZE) and (res.y, res.x) == (4, 4)
+    assert (res.end > res.start).all()
+    assert (res.input[:, :, 0].abs().sum() > 0) and (res.input[:, :, -1].abs().sum() > 0)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.analysis import AnalysisOptions, AnalysisResult, ShardRunner, layer_specs, state_nbytes
+from pipeline.analysis import (AnalysisOptions, AnalysisResult, ShardRunner, accumulator_timing,
+                               layer_specs, state_nbytes)
 from pipeline.hooks import capture
 from pipeline.layers import resolve_layers
 from pipeline.models import build_model
@@ -130,3 +131,30 @@ def test_state_round_trip_and_size(setup):
     specs = setup[2]
     assert state_nbytes(res.state()) >= sum(s.channels * 3 * s.size ** 2 * 8 for s in specs)
     assert res.images == 6
+
+
+def test_accumulator_timing_reports_the_floor_and_leaves_no_trace(setup):
+    """The jobs.bench helper: steady and cold ms per batch against one amax read."""
+    model, layers, specs, images, indices = setup
+    with torch.no_grad():
+        acts = capture(model, IMAGENET(images[:4].float() / 255), layers)
+    t = accumulator_timing(specs, AnalysisOptions(top_k=2), acts, images[:4], indices[:4],
+                           repeats=1, compile=False)
+    assert set(t) == {"accumulator_ms_per_batch", "accumulator_cold_ms_per_batch",
+                      "amax_floor_ms_per_batch", "accumulator_floor_ratio"}
+    assert all(v > 0 for v in t.values())
+    # one shared Scan per layer gives the same tables as accumulators fed one by one
+    res = AnalysisResult(specs, AnalysisOptions(top_k=2, mean_neurons=("center", "all")))
+    res.update(acts, images[:4], torch.as_tensor(indices[:4]))
+    for name, layer in res.layers.items():
+        solo = AnalysisResult([layer.spec], AnalysisOptions(top_k=2, mean_neurons=("center", "all")))
+        one = solo.layers[name]
+        for n, acc in one.topk.items():
+            acc.update(acts[name], indices[:4])
+            assert acc.to_table("m", name).equals(layer.topk[n].to_table("m", name))
+        for n, acc in one.mean.items():
+            acc.update(acts[name], images[:4])
+            assert acc.to_table("m", name).drop(["mean"]).equals(
+                layer.mean[n].to_table("m", name).drop(["mean"]))
+        one.channels.update(acts[name])
+        assert one.channels.to_table("m", name).equals(layer.channels.to_table("m", name))

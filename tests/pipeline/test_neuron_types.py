@@ -467,7 +467,7 @@ def test_normalize_filters_use_imagenet_covariance_unless_given():
 
 # ----------------------------------------------------------------------------- pipeline.neuron_patterns
 def test_pattern_extraction_and_counts():
-    from pipeline.actmax import png_bytes
+    from pipeline.images import png_bytes
     from pipeline.neuron_patterns import (PatternError, actmax_input_patterns, actmax_png_patterns,
                                           border_colour, data_neutral, mean_colours, mean_patterns,
                                           measure_rows, summarise, format_summary)
@@ -517,3 +517,34 @@ def test_stray_opposite_pixels_do_not_make_a_blob_double_opponent():
     assert m.chromatic_coherence < 0.5                            # ...but no green region
     assert classify(m) != "double-opponent"
     np.testing.assert_allclose(equal_signs(np.array([[[2.0, -1.0, 0.0]]])), [[[1.0, -1.0, 0.0]]])
+
+
+def test_rows_sort_in_display_order_for_any_names():
+    """Paper names in the paper's order first, other models and module paths as first listed."""
+    from pipeline.neuron_patterns import measure_rows, sort_rows, summarise
+
+    pat = [np.full((3, 5, 5), 0.5)]
+    keys = [("vgg16", "features.28"), ("vgg16", "features.3"), ("plainnet34", "conv3"),
+            ("resnet34", "pool1"), ("resnet34", "conv3")]
+    parts = [measure_rows(m, l, "mean", [0], pat, [GRAY], Thresholds()) for m, l in keys]
+    import pyarrow as pa
+
+    rows = sort_rows(pa.concat_tables(parts))
+    assert list(zip(rows.column("model").to_pylist(), rows.column("layer").to_pylist())) == [
+        ("resnet34", "pool1"), ("resnet34", "conv3"), ("plainnet34", "conv3"),
+        ("vgg16", "features.28"), ("vgg16", "features.3")]
+    summary = summarise(rows)
+    assert list(dict.fromkeys(summary.column("layer").to_pylist())) == [
+        "pool1", "conv3", "features.28", "features.3"]
+
+
+def test_stimulus_filters_find_the_first_conv_on_rgb():
+    from pipeline.models import build_model
+    from pipeline.neuron_patterns import first_conv, stimulus_filters
+
+    model = build_model("resnet18", num_classes=3, width=8)
+    name, w = stimulus_filters(model, IMAGENET.state())
+    assert name == "conv1" and w.shape == (8, 3, 7, 7)
+    np.testing.assert_allclose(w, filter_to_stimulus(model.conv1.weight.detach().numpy(),
+                                                     IMAGENET.state()))
+    assert first_conv(torch.nn.Sequential(torch.nn.Linear(3, 3))) is None

@@ -13,9 +13,10 @@ from PIL import Image
 
 from pipeline.models import build_model
 from pipeline.preprocess import ZCA, WhiteningStats
-from pipeline.train import (PRESETS, EvalResizeCrop, ImageDataset, Recipe, TrainTransform,
-                            build_optimizer, build_scheduler, collate, decode_rgb, evaluate,
-                            preset, topk_correct, train_epoch)
+from pipeline.augment import EvalResizeCrop, TrainTransform, decode_rgb
+from pipeline.traindata import ImageDataset, collate
+from pipeline.train import (PRESETS, Recipe, build_optimizer, build_scheduler, evaluate, preset,
+                            topk_correct, train_epoch)
 
 
 def _coord_image(side: int = 64) -> Image.Image:
@@ -241,7 +242,8 @@ def _tiny_net() -> torch.nn.Module:
 
 @pytest.mark.parametrize("world", [3, 7])
 def test_weighted_loss_gives_the_gradient_of_one_256_image_batch_for_any_worker_count(world):
-    from pipeline.train import GlobalBatchSampler, weighted_loss
+    from pipeline.train import weighted_loss
+    from pipeline.traindata import GlobalBatchSampler
 
     torch.manual_seed(0)
     net = _tiny_net().double()
@@ -267,7 +269,7 @@ def test_weighted_loss_gives_the_gradient_of_one_256_image_batch_for_any_worker_
 
 
 def test_global_batch_sampler_steps_agree_across_ranks_and_follow_the_seed():
-    from pipeline.train import GlobalBatchSampler, split_sizes
+    from pipeline.traindata import GlobalBatchSampler, split_sizes
 
     assert split_sizes(10, 3) == [4, 3, 3] and split_sizes(2, 3) == [1, 1, 0]
     ranks = [GlobalBatchSampler(70, 16, 3, r, seed=5) for r in range(3)]
@@ -288,7 +290,7 @@ def test_global_batch_sampler_steps_agree_across_ranks_and_follow_the_seed():
 
 
 def test_photometric_distortions_change_pixels_as_specified():
-    from pipeline.train import Photometric, apply_photometric
+    from pipeline.augment import Photometric, apply_photometric
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 8, 8, generator=g) * 0.8 + 0.1
@@ -334,7 +336,7 @@ def test_colour_augmentations_are_seeded_and_change_only_colours(augment):
 
 
 def test_sync_batchnorm_without_a_process_group_is_batchnorm_and_keeps_the_keys():
-    from pipeline.train import SyncBatchNorm, convert_sync_batchnorm
+    from pipeline.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=3, width=4)
@@ -379,3 +381,50 @@ def test_recipe_records_precision_augment_and_sync_bn_and_rejects_unknown_values
                     preset("paper", seed=7, precision="bf16"), True)
     assert row["seed"] == 7 and row["precision"] == "bf16" and row["sync_bn"] is True
     assert row["train_loss"] == 2.0 and row["top1"] == 0.5 and row["skipped"] == 1
+
+
+def test_an_optimizer_built_before_the_sync_batchnorm_conversion_still_trains_its_weights():
+    """convert_sync_batchnorm keeps BatchNorm's Parameter objects (as torch's does): before, the
+    CPU conversion made new ones and the optimizer kept stepping the orphaned originals."""
+    from pipeline.syncbn import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=3, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    convert_sync_batchnorm(model)
+    assert {id(p) for p in model.parameters()} == {id(p) for g in opt.param_groups
+                                                   for p in g["params"]}
+    before = model.bn1.weight.detach().clone()
+    model.train()(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward()
+    opt.step()
+    assert not torch.equal(model.bn1.weight.detach(), before)
+
+
+def test_training_runs_an_epoch_saves_and_resumes_to_the_same_state(tmp_path):
+    """Training.start / run_epoch / save, the pieces the Ray Train loop wires: a resumed state
+    equals the saved one, and the next epoch continues the schedule."""
+    from pipeline.train import Loaders, Training, preset
+
+    recipe = preset("demo", model="resnet18", width=4, batch_size=4, step_epochs=1, lr=0.1)
+    zca = ZCA([0, 0, 0], np.eye(3).tolist())
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g),
+             torch.tensor([0, 1, 2, 0]), 0)]
+
+    class Sampler:
+        step_sizes = [4]
+
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+    loaders = Loaders(data, Sampler(), data)
+    t = Training.start(recipe, ["a", "b", "c"], zca, torch.device("cpu"))
+    row = t.run_epoch(1, loaders)
+    assert (row["epoch"], row["train_images"], row["val_images"], row["lr"]) == (1, 4, 4, 0.1)
+    t.save(str(tmp_path / "ckpt.pt"))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    again = Training.start(recipe, ["a", "b", "c"], zca, torch.device("cpu"), restored=state)
+    assert again.epoch == 1 and again.history == t.history
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[k], v)
+    assert again.run_epoch(2, loaders)["lr"] == pytest.approx(0.01)   # lr / 10 after epoch 1
