@@ -100,28 +100,6 @@ class Setup:
     census: Any = None         # the census from --from; None: a census pass computes it
 
 
-def _job_model(cfg: AblateConfig, src: Any) -> JobModel:
-    """`load_job_model`, or (until jobs.common takes every supported CNN) a model beyond its
-    list: the checkpoint's, else an untrained torchvision build after torch.manual_seed(0)."""
-    import torch
-
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.models import build_model, model_names
-    from pipeline.preprocess import IMAGENET
-
-    classes, width = default_model_shape(src)
-    if cfg.model is None or cfg.model in model_names():
-        return load_job_model(cfg.checkpoint, cfg.model, num_classes=classes, width=width)
-    try:
-        c = load_checkpoint(cfg.checkpoint, cfg.model) if cfg.checkpoint else None
-    except CheckpointError as e:
-        raise BadInput(str(e)) from None
-    if c is not None:
-        return JobModel(c.model.eval(), c.model_name, c.preprocess, False, c.meta)
-    torch.manual_seed(0)
-    return JobModel(build_model(cfg.model, num_classes=classes).eval(), cfg.model, IMAGENET, True)
-
-
 def prepare(cfg: AblateConfig, con: Console) -> Setup:
     """Data, model, layer and (with --from) the census; every bad input surfaces here."""
     from pipeline.layers import resolve_layers
@@ -132,7 +110,8 @@ def prepare(cfg: AblateConfig, con: Console) -> Setup:
         src = resolve_data(cfg.data, limit=cfg.limit, require_labels=True)
     except SourceError as e:
         raise BadInput(str(e)) from None
-    jm = _job_model(cfg, src)
+    classes, width = default_model_shape(src)
+    jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=classes, width=width)
     try:   # an unknown layer, or no max-pooling layer to default to
         layers = resolve_layers(jm.model, cfg.layer or ablation.default_layer(jm.model))
     except ValueError as e:
