@@ -2,7 +2,9 @@
 
 A tiny resnet18 (width 8, 3 classes) has three conv1 channels forced dead (very negative BN
 bias), so pool1 has exactly those inactive channels; its numbers are checked against a plain
-evaluation and a brute-force census, and across shard counts, reruns and --from.
+evaluation and a brute-force census, and across shard counts, reruns and --from. A squeezenet1_1
+(a torchvision CNN without paper names) has channels of its first max-pool (`features.2`, the
+default layer there) forced dead; its ΔL equals a hand-written noisy forward.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jobs.ablate import main
+from pipeline.ablation import image_noise, random_count_subset
 from pipeline.ablation import evaluate, make_plan, random_subset
 from pipeline.accumulators import ChannelStats
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
@@ -28,7 +31,9 @@ from pipeline.hooks import capture
 from pipeline.layers import catalogue
 from pipeline.models import build_model
 from pipeline.preprocess import IMAGENET
-from pipeline.sources import EvalTransform, build_manifest, load_batch
+from pipeline.decode import EvalTransform, load_batch
+from pipeline.listing import build_manifest
+from tests.helpers import assert_run_shape
 
 DEAD = [1, 4, 6]
 CLASSES = ("ant", "bee", "cat")
@@ -72,7 +77,23 @@ def world(tmp_path_factory):
             Image.fromarray(img).save(root / "val" / name / f"{i:03d}.JPEG", quality=90)
     for name, dead, classes in (("dead", DEAD, 3), ("alive", [], 3), ("two", DEAD, 2)):
         save_checkpoint(str(root / f"{name}.pt"), _model(dead, classes), IMAGENET)
+    save_checkpoint(str(root / "squeeze.pt"), _squeezenet(), IMAGENET)
     return root
+
+
+SQUEEZE_DEAD = [2, 5, 9]
+
+
+def _squeezenet():
+    """squeezenet1_1 with SQUEEZE_DEAD channels of features.0 (hence of the max-pool
+    features.2 after its ReLU) forced dead, and a final conv scaled up so that noise moves
+    the loss."""
+    torch.manual_seed(0)
+    model = build_model("squeezenet1_1", num_classes=len(CLASSES)).eval()
+    with torch.no_grad():
+        model.features[0].bias[SQUEEZE_DEAD] = -1e4
+        model.classifier[1].weight.mul_(300)
+    return model
 
 
 def _run(args):
@@ -237,7 +258,11 @@ def test_a_model_without_inactive_channels_says_so(world, ray_cluster):
     (["--task-per", "seed"], "argument --task-per: invalid choice"),
     (["--layer", "fc"], "--layer must name one layer with channel maps"),
     (["--layer", "conv99"], "unknown layer 'conv99'; allowed"),
-    (["--model", "vgg16"], "unknown --model 'vgg16'; allowed"),
+    (["--model", "vit_b_16"], "argument --model: invalid choice: 'vit_b_16'"),
+    (["--model", "mobilenet_v3_small"], "has no max-pooling layer to default to; name one with "
+                                        "--layer"),
+    (["--checkpoint", "{root}/squeeze.pt", "--layer", "features.99"],
+     "unknown layer 'features.99'; allowed: all, or a module path"),
     (["--checkpoint", "{root}/two.pt"], "has 2 classes"),
     (["--from", "{root}/nowhere"], "channels.parquet does not exist"),
     (["--data", "{root}/missing"], "does not exist"),
@@ -247,7 +272,7 @@ def test_bad_input_is_one_line_and_exit_2(world, capsys, args, message):
     args = [a.replace("{root}", str(world)) for a in args]
     base = {"--data": str(world / "val"), "--checkpoint": str(world / "dead.pt")}
     for flag in ("--data", "--checkpoint"):
-        if flag not in args:
+        if flag not in args and not (flag == "--checkpoint" and "--model" in args):
             args = [flag, base[flag], *args]
     with pytest.raises(SystemExit) as e:
         main([*args, "--out", str(out)])
@@ -259,6 +284,8 @@ def test_bad_input_is_one_line_and_exit_2(world, capsys, args, message):
 
 def test_s3_data_and_output_match_the_local_run_and_a_rerun_resumes(world, runs, s3_bucket,
                                                                     capsys):
+    import json
+
     import fsspec
 
     fs = fsspec.filesystem("s3")
@@ -267,19 +294,24 @@ def test_s3_data_and_output_match_the_local_run_and_a_rerun_resumes(world, runs,
     args = ["--data", f"s3://{s3_bucket}/val", "--checkpoint", world / "dead.pt", *COMMON,
             "--seeds", "1", "--shards", "2", "--out", out]
     _run(args)
+    err = capsys.readouterr().err
+    # progress: census in images, evaluation in images x plans (6 plans of one seed)
+    assert "ablate: 21/21 images," in err and "ablate: 126/126 images evaluated, " in err
+    assert "images evaluated/s, ETA" in err
     local = [r for r in _read(runs["a"] / "ablation.parquet") if r["seed"] in (-1, 0)]
     with fs.open(f"{s3_bucket}/ablation/ablation.parquet", "rb") as f:
         assert pq.read_table(f).to_pylist() == local
     with fs.open(f"{s3_bucket}/ablation/table1.parquet", "rb") as f:
         t1 = pq.read_table(f).to_pylist()
     fs.rm(f"{s3_bucket}/ablation/table1.parquet")
-    capsys.readouterr()
     _run(args)
     err = capsys.readouterr().err
     # 2 shards x (clean + inactive-all + control + 3 subset sizes) for one seed
-    assert "census: 2 of 2 partials resumed" in err and "evaluate: 12 of 12 partials resumed" in err
+    assert "census: 2 of 2 units resumed" in err and "evaluate: 12 of 12 units resumed" in err
     with fs.open(f"{s3_bucket}/ablation/table1.parquet", "rb") as f:
         assert pq.read_table(f).to_pylist() == t1
+    counts = json.loads(fs.cat(f"{s3_bucket}/ablation/run.json"))["counts"]
+    assert (counts["units"], counts["units_resumed"], counts["units_computed"]) == (14, 14, 0)
 
 
 def test_exit_code_from_the_command_line(tmp_path):
@@ -289,50 +321,79 @@ def test_exit_code_from_the_command_line(tmp_path):
     assert proc.stderr.strip() == "python -m jobs.ablate: error: --seeds must be >= 1, got 0"
 
 
-def test_workers_run_in_strict_fp32_and_the_partials_key_records_it(world, runs, ray_cluster):
-    """TF32 is off inside every census/evaluation task of jobs.ablate and every jobs.analyze
-    actor (as each worker reports its torch.backends flags), although a plain Ray worker starts
-    with torch's defaults (cuDNN convolutions in TF32); both jobs' partial keys change with the
-    precision setting."""
+def test_units_run_in_strict_fp32_and_the_fingerprint_records_it(world, runs, ray_cluster):
+    """TF32 is off inside every census/evaluation unit (as each worker reports its
+    torch.backends flags), although a plain Ray worker starts with torch's defaults (cuDNN
+    convolutions in TF32); the partials' fingerprint changes with the precision setting."""
     import json
-    import math
 
     import ray
 
-    from jobs import ablate, analyze
+    from jobs import ablate, engine
+    from jobs.console import Console
+    from jobs.options import parse_config
     from pipeline.precision import current, setting, strict_flags
-    from pipeline.sources import shard_ranges
 
     default = ray.get(ray.remote(current).options(num_cpus=0).remote())
     assert default != strict_flags()
     info = json.loads((runs["a"] / "run.json").read_text())
-    assert info["precision"] == {**setting(), "workers": [strict_flags()]}
-    assert info["train_seed"] == 0
+    assert_run_shape(info)
+    assert info["details"]["precision"] == {**setting(), "workers": [strict_flags()]}
+    assert (info["details"]["train_seed"], info["details"]["layer"]) == (0, "pool1")
+    n = len(CLASSES) * PER_CLASS
+    assert info["counts"] | {"retries": 0} == info["counts"]
+    assert (info["counts"]["units"], info["counts"]["images_read"], info["counts"]["shards"],
+            info["counts"]["evaluations"]) == (1 + 11, n, 1, 11)   # census + 11 plans
+    assert info["throughput"]["unit"] == "images" and info["throughput"]["evaluate"] > 0
 
-    out = world / "analysis-strict"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert analyze.main(["--data", str(world / "val"), "--checkpoint", str(world / "dead.pt"),
-                             "--layers", "pool1", "--top-k", "1", "--shards", "1", "--workers",
-                             "1", "--resize", "32", "--crop", "32", "--device", "cpu",
-                             "--out", str(out)]) == 0
-    summary = json.loads((out / "run.json").read_text())
-    assert summary["precision"] == {**setting(), "workers": [strict_flags()]}
-    channels = _read(out / "stimuli" / "channels.parquet")
-    assert [r["channel"] for r in channels if r["inactive"]] == DEAD
-    cfg = analyze.Config(data=str(world / "val"), checkpoint=str(world / "dead.pt"),
-                         layers="pool1", top_k=1, out=str(out), resize=32, crop=32)
-    prep = analyze.prepare(cfg)
+    cfg = parse_config(ablate.AblateConfig, [str(a) for a in [
+        "--data", world / "val", "--checkpoint", world / "dead.pt", *COMMON, "--shards", "1",
+        "--out", runs["a"]]], ablate.PROG)
+    setup = ablate.prepare(cfg, Console("test"))
+    device = engine.resolve_device("cpu")
+    census = ablate.fingerprint(cfg, setup, device)
+    assert info["fingerprint"] == ablate.fingerprint(cfg, setup, device, DEAD)
+    for fp in (census, info["fingerprint"]):
+        assert (runs["a"] / "_partials" / fp).is_dir()
     tf32 = {**setting(), "tf32": True, "flags": default}
-    assert analyze.fingerprint(prep, "cpu") == summary["fingerprint"]
-    assert analyze.fingerprint(prep, "cpu", precision=tf32) != summary["fingerprint"]
+    assert ablate.fingerprint(cfg, setup, device, precision=tf32) != census
 
-    acfg = ablate.AblateConfig.from_args(ablate.build_parser().parse_args(
-        [str(a) for a in ["--data", world / "val", "--checkpoint", world / "dead.pt", *COMMON,
-                          "--shards", "1", "--out", runs["a"]]]))
-    aprep = ablate.prepare(acfg)
-    spec = ablate.model_spec(aprep.model, aprep.preprocess)
-    n, B = len(aprep.manifest), 4
-    ranges = [(a * B, min(b * B, n)) for a, b in shard_ranges(math.ceil(n / B), shards=1)]
-    key = ablate.partials_key(aprep, spec, ranges)
-    assert (runs["a"] / "_partials" / f"ablate-{key}").is_dir()
-    assert ablate.partials_key(aprep, spec, ranges, precision=tf32) != key
+
+def test_any_cnn_a_max_pool_of_squeezenet_gives_the_brute_force_delta_loss(world, ray_cluster):
+    """squeezenet1_1 (module-path layers): without --layer the first max-pool `features.2`;
+    the census equals a brute-force one and each row's ΔL equals the loss of the model's
+    forward written out by hand with the noise added after features.2, minus the clean loss."""
+    out = world / "squeeze-out"
+    _run(["--data", world / "val", "--checkpoint", world / "squeeze.pt", "--resize", "32",
+          "--crop", "32", "--eval-batch", "4", "--seeds", "1", "--fraction", "1ch",
+          "--device", "cpu", "--shards", "2", "--task-per", "shard", "--out", out])
+    loaded = load_checkpoint(str(world / "squeeze.pt"))
+    model, n = loaded.model, len(CLASSES) * PER_CLASS
+    batch = load_batch(build_manifest(str(world / "val")), np.arange(n), EvalTransform(32, 32))
+    x, labels = loaded.preprocess(batch.as_float()), torch.as_tensor(batch.labels)
+    with torch.no_grad():
+        head = model.features[:3](x)       # features.2: the max-pool
+
+        def loss(noise):
+            logits = torch.flatten(model.classifier(model.features[3:](head + noise)), 1)
+            return F.cross_entropy(logits, labels).item()
+
+        brute = [c for c in range(head.shape[1]) if (head[:, c] == 0).all()]
+        assert [r["channel"] for r in _read(out / "census.parquet") if r["inactive"]] == brute
+        assert set(SQUEEZE_DEAD) <= set(brute)
+        rows = _read(out / "ablation.parquet")
+        assert {r["layer"] for r in rows} == {"features.2"} and len(rows) == 4
+        clean = loss(torch.zeros_like(head))
+        noise = torch.stack([image_noise(0, i, head.shape[1:]) for i in range(n)])
+        for r in rows:
+            mask = torch.zeros(n, head.shape[1], 1, 1)
+            for i in range(n):
+                chans = (random_count_subset(0, i // 4, brute, 1)
+                         if r["condition"] == "inactive-random" else r["noised_channels"])
+                mask[i, chans if r["condition"] != "clean" else []] = 1
+            assert r["loss"] == pytest.approx(loss(noise * mask), rel=1e-5, abs=1e-6), r
+            assert r["delta_loss"] == pytest.approx(r["loss"] - clean, abs=1e-5)
+            assert r["condition"] == "clean" or abs(r["delta_loss"]) > 1e-3
+    t1 = _read(out / "table1.parquet")
+    assert [(r["layer"], r["inactive"], r["channels"]) for r in t1] == \
+        [("features.2", len(brute), 64)] * 2

@@ -1,4 +1,5 @@
-"""pipeline.ablation against brute force: noise, subsets, plans, evaluation sums, census."""
+"""pipeline.ablation and pipeline.table1 against brute force: noise, subsets, plans, evaluation
+sums, shard evaluation, census, Table 1."""
 from __future__ import annotations
 
 import math
@@ -12,14 +13,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ablation import (CONDITIONS, EvalSums, Subset, ablation_table, census_table,
-                               control_channels, derive_seed, evaluate, format_table1,
-                               image_noise, inactive_channels, make_plan, noise_edit,
-                               parse_subsets, random_count_subset, random_subset, table1)
+from pipeline import ablation
+from pipeline.ablation import (CONDITIONS, EvalSums, Subset, census_shard, control_channels,
+                               default_layer, derive_seed, eval_shard, evaluate, image_noise,
+                               make_plan, make_plans, merge_sums, noise_edit, parse_subsets,
+                               random_count_subset, random_subset)
 from pipeline.accumulators import ChannelStats
 from pipeline.hooks import capture
 from pipeline.layers import catalogue
+from pipeline.decode import Batch
 from pipeline.models import build_model
+from pipeline.precision import strict_flags
+from pipeline.table1 import (ablation_table, census_table, format_table1, inactive_channels,
+                             table1)
 
 DEAD = [1, 4, 6]
 
@@ -321,3 +327,48 @@ def test_table1_is_mean_and_std_across_training_seeds():
     assert (one["inactive"], one["inactive_channels"], one["std_across"]) == \
         (3, DEAD, "noise seeds")
     assert one["delta_loss_std"] == pytest.approx(statistics.stdev(d))
+
+
+def _batches(x, labels, idx, size):
+    """pipeline.decode.Batch objects as iter_batches yields them (uint8 images)."""
+    for a in range(0, len(idx), size):
+        yield Batch(x[a:a + size], idx[a:a + size], labels[a:a + size].numpy(), [])
+
+
+def test_shards_equal_a_single_pass_and_their_merge_is_exact():
+    """census_shard = ChannelStats of one forward; eval_shard over two minibatch-aligned
+    shards, merged, = each plan evaluated on every image at once; both in strict fp32."""
+    model = tiny_model(DEAD)
+    pool1 = catalogue(model)["pool1"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (12, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels, idx = torch.arange(12) % 10, np.arange(12)
+    pre = (lambda t: t * 2 - 1)
+    stats, skipped, flags = census_shard(model, pre, pool1, _batches(x, labels, idx, 4))
+    whole = capture(model, pre(x.float() / 255), [pool1])["pool1"]
+    assert stats.state().keys() == ChannelStats(8).update(whole).state().keys()
+    assert inactive_channels(census_table(stats.to_table("m", "pool1"), "m", "pool1", 8)) == DEAD
+    assert skipped == [] and flags == strict_flags()
+    plans = make_plans(DEAD, 8, [0], parse_subsets("1ch,0.5"), eval_batch=4)
+    assert [p.label for p in plans] == [
+        "clean_seed-1", "inactive-all_seed0", "inactive-random-1ch_seed0",
+        "inactive-random-0.5_seed0", "control-active_seed0"]
+    assert make_plans([], 8, [0], (), 4) == plans[:1]
+    parts = [eval_shard(model, pre, pool1, plans, _batches(x[a:b], labels[a:b], idx[a:b], 4), 4)
+             for a, b in ((8, 12), (0, 8))]
+    merged = merge_sums(parts[0][0], parts[1][0])
+    for plan in plans:
+        logits = evaluate(model, pool1, pre(x.float() / 255), idx, plan)
+        want = EvalSums(4).update(logits, labels, idx, plan.mask(idx, 8) if plan.noisy else None)
+        got = merged[plan.label].totals()
+        assert got["loss"] == pytest.approx(want.totals()["loss"], rel=1e-6)
+        assert {k: got[k] for k in ("images", "top1_count", "noised_per_image")} == \
+            {k: want.totals()[k] for k in ("images", "top1_count", "noised_per_image")}
+
+
+def test_default_layer_is_pool1_or_the_first_max_pool():
+    assert default_layer(tiny_model()) == "pool1"
+    assert default_layer(build_model("squeezenet1_1", num_classes=3)) == "features.2"
+    with pytest.raises(ValueError, match="no max-pooling layer.*--layer"):
+        default_layer(build_model("mobilenet_v3_small", num_classes=3))
+    assert ablation.table1 is table1   # the table builders are still importable from here
