@@ -125,6 +125,7 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
     """The partial store, keyed by all that decides a shard's numbers (not shards, workers or
     --out): model weights, manifest paths, layers, options, transform, batch shape, device and
     the strict-fp32 setting the workers run under (`precision`: default, pipeline.precision's)."""
+    from pipeline.accumulators import use_compile
     from pipeline.precision import setting
 
     paths = hashlib.sha256("\n".join(prep.manifest.table.column("path").to_pylist()).encode())
@@ -133,7 +134,9 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
             "options": asdict(prep.options), "transform": asdict(prep.transform),
             "root": "demo" if prep.demo_root else prep.manifest.root,
             "images": len(prep.manifest), "batch_size": prep.cfg.batch_size,
-            "precision": setting() if precision is None else precision}
+            "precision": setting() if precision is None else precision,
+            # eager and compiled scans differ in the last bits of the float sums
+            "compiled_scan": use_compile()}
     fp = engine.fingerprint(desc, engine.digest(prep.blob["state_dict"]), paths.digest(),
                             device=device)
     return engine.Store(prep.cfg.out, fp)

@@ -3,54 +3,23 @@
 The job infrastructure lives in its own modules (docs/architecture.md): jobs.options (options
 declared once, BadInput -> exit 2), jobs.engine (units, partials, resume, retries, merge,
 devices, fingerprints), jobs.runinfo (the one run.json writer), jobs.console (stage and progress
-lines, Ray start-up). The names re-exported here (`BadInput`, `fail`, `log`, `init_ray`,
-`package_versions`, ...) and the legacy helpers (`job_parser`, `bad_input_exits`,
-`resolve_device`, `Stopwatch`) keep the jobs not yet ported working; new code imports the
-modules above.
+lines, Ray start-up). `resolve_device` is this process's device (jobs.bench, one process);
+jobs that fan out resolve against the cluster with jobs.engine.resolve_device.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from jobs.console import init_ray as _init_ray
-from jobs.console import log
-from jobs.options import BadInput, JobFailed, fail
-from jobs.options import job_parser as _job_parser
-from jobs.runinfo import package_versions
+from jobs.options import BadInput
 
-__all__ = ["BadInput", "JobFailed", "fail", "job_parser", "bad_input_exits", "init_ray",
-           "resolve_device",
-           "check_writable", "package_versions", "Stopwatch", "log", "JobModel", "load_job_model",
+__all__ = ["resolve_device", "check_writable", "JobModel", "load_job_model",
            "JobData", "resolve_data", "default_model_shape", "eval_transform"]
 
 
-def job_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    """Legacy: jobs declared with jobs.options build their parser from their config."""
-    return _job_parser(name, doc)
-
-
-@contextlib.contextmanager
-def bad_input_exits(prog: str = "preferred-stimuli") -> Iterator[None]:
-    """Legacy (unported jobs): BadInput / ValueError / FileNotFoundError -> one line + exit 2.
-    Ported jobs use jobs.options.run_cli, where only BadInput becomes exit 2."""
-    try:
-        yield
-    except (BadInput, ValueError, FileNotFoundError, PermissionError) as e:
-        fail(prog, str(e).splitlines()[0] if str(e) else e.__class__.__name__)
-
-
-def init_ray(num_cpus: int | None = None, **kwargs) -> None:
-    """Legacy wrapper of jobs.console.init_ray that keeps Ray's console output (unported jobs)."""
-    _init_ray(num_cpus=num_cpus, quiet=False, **kwargs)
-
-
 def resolve_device(spec: str) -> str:
-    """Legacy: this process's device. Jobs resolve against the cluster: jobs.engine.resolve_device."""
+    """This process's device (auto | cpu | cuda); BadInput for cuda without a GPU."""
     import torch
 
     if spec not in ("auto", "cpu", "cuda"):
@@ -76,21 +45,6 @@ def check_writable(url: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure here means "not writable"
         raise BadInput(f"output {url} is not writable ({e.__class__.__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-class Stopwatch:
-    """Wall time per stage: `with sw("decode"): ...`; `sw.seconds` maps stage -> seconds."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +102,7 @@ def load_job_model(checkpoint: str | None, model: str | None, *, num_classes: in
 class JobData:
     url: str                   # the source actually read (the demo's val/ without --data)
     demo: bool                 # True: the embedded demo data
-    manifest: Any              # pipeline.sources.Manifest (cut to --limit)
+    manifest: Any              # pipeline.listing.Manifest (cut to --limit)
     demo_root: str | None = None   # the demo data's root (train/ and val/) when demo
 
 
@@ -156,7 +110,7 @@ def resolve_data(data: str | None, *, limit: int | None = None,
                  require_labels: bool = False) -> JobData:
     """`--data`, or the embedded demo data's val/ split; cut to the first `limit` images."""
     from pipeline.demo import ensure_demo_data
-    from pipeline.sources import Manifest, build_manifest
+    from pipeline.listing import Manifest, build_manifest
 
     demo = data is None
     root = ensure_demo_data().rstrip("/") if demo else None
@@ -184,7 +138,7 @@ def eval_transform(resize: int | None, crop: int | None, *, demo: bool, meta: di
     """Flags first, then the checkpoint's own evaluation transform (its training recipe), then
     the demo's (72 / 64) on demo data, else ImageNet's (256 / 224)."""
     from pipeline.demo import demo_transform
-    from pipeline.sources import EvalTransform
+    from pipeline.decode import EvalTransform
 
     recipe = (meta or {}).get("recipe") or {}
     if "eval_resize" in recipe and "eval_crop" in recipe:

@@ -50,7 +50,7 @@ from jobs.options import BadInput, JobFailed
 
 __all__ = ["Unit", "Result", "Task", "Pool", "Store", "RunStats", "Device", "Plan",
            "resolve_device", "fingerprint", "digest", "code_version", "run_units", "merge",
-           "set_test_hook"]
+           "set_test_hook", "current_test_hook"]
 
 _TEST_HOOK: Callable[["Unit"], None] | None = None
 
@@ -59,6 +59,12 @@ def set_test_hook(fn: Callable[["Unit"], None] | None) -> None:
     """Tests only: `fn(unit)` runs in the worker before each unit (fault injection)."""
     global _TEST_HOOK
     _TEST_HOOK = fn
+
+
+def current_test_hook() -> Callable[["Unit"], None] | None:
+    """The hook `set_test_hook` installed (None in production), for loops outside `run_units`
+    (the Ray Train loop) that call it themselves."""
+    return _TEST_HOOK
 
 
 # ------------------------------------------------------------------------------- the pieces
@@ -240,9 +246,11 @@ def fingerprint(*parts: Any, device: Device) -> str:
     bytes such as a weights digest) plus code, device, torch/cuDNN versions and precision."""
     import torch
 
+    from pipeline import precision
+
+    # precision.current() reads whichever TF32 API is in force (torch refuses to mix them)
     env = {"code": code_version(), "device": [device.kind, device.name], "torch": torch.__version__,
-           "cudnn": device.cudnn, "matmul_precision": torch.get_float32_matmul_precision(),
-           "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+           "cudnn": device.cudnn, "precision": precision.current()}
     h = hashlib.sha256(json.dumps(env, sort_keys=True).encode())
     for p in parts:
         h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())

@@ -283,7 +283,7 @@ class Chain:
 
     def combine_ablation(self) -> None:
         """ablation/{ablation,census}.parquet over every model and seed, and Table 1 from them."""
-        from pipeline.ablation import table1
+        from pipeline.table1 import table1
 
         url = {n: layout.combined(self.out, "ablation", n)
                for n in ("ablation", "census", "table1")}

@@ -291,7 +291,7 @@ def _fit(cfg: TrainConfig, train: Any, val: Any, state: dict, init: dict | None,
             "cfg": cfg, "train": ray.put(train), "val": ray.put(val), "classes": state["classes"],
             "preprocess": state["preprocess"], "threads": 1 + loaders, "loader_workers": loaders,
             "init": ray.put(init) if init is not None else None, "echo": echo,
-            "hook": engine._TEST_HOOK},
+            "hook": engine.current_test_hook()},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                    resources_per_worker=per_worker),
             run_config=ray.train.RunConfig(

@@ -40,7 +40,6 @@ Determinism (so that numbers do not depend on sharding, worker count or batch si
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -52,6 +51,7 @@ from torch import Tensor, nn
 
 from .hooks import Trace
 from .layers import Layer
+from .seeds import derive_seed
 
 __all__ = ["CONDITIONS", "derive_seed", "image_noise", "random_subset", "random_count_subset",
            "Subset", "parse_subsets", "DEFAULT_SUBSETS", "control_channels", "Plan", "make_plan",
@@ -61,12 +61,6 @@ __all__ = ["CONDITIONS", "derive_seed", "image_noise", "random_subset", "random_
 
 CONDITIONS = ("clean", "inactive-all", "inactive-random", "control-active")
 CLEAN_SEED = -1             # clean is deterministic: evaluated once, seed column -1
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from `parts`: SHA-256 of "/".join(parts), first 8 bytes little-endian."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _generator(*parts: int | str) -> torch.Generator:
@@ -443,17 +437,3 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"{getattr(model, 'name', 'this model')} has no max-pooling layer to "
                      f"default to; name one with --layer (a module path such as "
                      f"{next(iter(module_layers(model)), 'features.0')})")
-
-
-_TABLES = ("NEAR_DEAD_FRACTION", "CENSUS_SCHEMA", "census_table", "inactive_channels",
-           "ABLATION_SCHEMA", "TABLE1_SCHEMA", "ablation_table", "table1", "format_table1",
-           "no_inactive_note")
-
-
-def __getattr__(name: str) -> Any:
-    """The table builders moved to `pipeline.table1`; old imports from here keep working."""
-    if name in _TABLES:
-        from . import table1
-
-        return getattr(table1, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.sources import EvalTransform
+from pipeline.decode import EvalTransform
 
 __all__ = ["DEMO_IMAGE_SIZE", "DEMO_RESIZE", "DEMO_CROP", "DEMO_WIDTH", "DEMO_CLASSES",
            "DEMO_VERSION", "DemoSpec", "demo_transform", "generate_demo_data", "ensure_demo_data",

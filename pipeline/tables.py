@@ -1,7 +1,7 @@
 """Parquet and JSON I/O through fsspec: atomic writes, explicit schemas, local or s3://.
 
-Only this module, `pipeline.sources` and `pipeline.checkpoint` touch storage. A final table is
-written to a temporary name next to its destination and moved into place, so a reader never sees
+Only this module, `pipeline.listing`, `pipeline.decode` and `pipeline.checkpoint` touch storage.
+A final table is written to a temporary name next to its destination and moved into place, so a reader never sees
 half a table and a crashed run leaves no final output.
 
     write_table(table, "s3://bucket/out/stimuli/topk.parquet")

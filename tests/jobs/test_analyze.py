@@ -29,7 +29,8 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.geometry import cut_patch
 from pipeline.models import build_model
 from pipeline.preprocess import IMAGENET
-from pipeline.sources import EvalTransform, build_manifest, load_batch
+from pipeline.listing import build_manifest
+from pipeline.decode import EvalTransform, load_batch
 from pipeline.tables import read_json, read_table
 from jobs.options import parse_config
 from tests.helpers import assert_run_shape
@@ -127,6 +128,28 @@ def test_one_shard_equals_many_shards_and_workers_on_s3(single, data, s3_bucket)
         assert r["throughput"]["analyze"] > 0 and r["throughput"]["total"] > 0
         assert r["versions"]["torch"] and r["config"]["top_k"] == 3
         assert not r["details"]["untrained"] and r["details"]["model"] == "resnet18"
+
+
+def test_actors_run_in_strict_fp32_and_the_fingerprint_records_it(single, data):
+    """TF32 is off inside every analyze actor (each reports its torch.backends flags), although
+    a plain Ray worker starts with torch's defaults (cuDNN convolutions in TF32); the partials'
+    fingerprint changes with the precision setting."""
+    import ray
+
+    from jobs import engine
+    from pipeline.precision import current, setting, strict_flags
+
+    default = ray.get(ray.remote(current).options(num_cpus=0).remote())
+    assert default != strict_flags()
+    summary = read_json(f"{single}/run.json")
+    assert summary["details"]["precision"] == {**setting(), "workers": [strict_flags()]}
+    cfg = parse_config(job.Config, argv_for(data, single, "--shards", "1", "--workers", "1"),
+                       job.PROG)
+    prep = job.prepare(cfg)
+    device = engine.resolve_device("cpu")
+    assert job.store(prep, device).fingerprint == summary["fingerprint"]
+    tf32 = {**setting(), "tf32": True, "flags": default}
+    assert job.store(prep, device, precision=tf32).fingerprint != summary["fingerprint"]
 
 
 def test_tables_hold_the_design_columns_and_true_patches(single, data):

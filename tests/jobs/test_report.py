@@ -23,7 +23,7 @@ from PIL import Image
 from jobs import report as job
 from jobs.actmax import SCHEMA as ACTMAX_SCHEMA
 from jobs.neuron_types import SUMMARY_SCHEMA
-from pipeline import ablation
+from pipeline import table1 as ablation_tables
 from pipeline.checkpoint import save_checkpoint
 from pipeline.models import build_model
 from pipeline.neuron_types import TYPES
@@ -114,10 +114,10 @@ def make_results(root: Path, with_train: bool = True, rng_seed: int = 0) -> Path
                                 inactive_channels=inactive, noised_channels=inactive,
                                 noised_per_image=float(len(inactive)),
                                 fraction=0.5 if cond == "inactive-random" else None, note=""))
-    abl_t = pa.Table.from_pylist(abl, schema=ablation.ABLATION_SCHEMA)
-    census_t = pa.Table.from_pylist(census, schema=ablation.CENSUS_SCHEMA)
+    abl_t = pa.Table.from_pylist(abl, schema=ablation_tables.ABLATION_SCHEMA)
+    census_t = pa.Table.from_pylist(census, schema=ablation_tables.CENSUS_SCHEMA)
     write_table(abl_t, str(root / "ablation" / "ablation.parquet"))
-    write_table(ablation.table1(abl_t, census_t), str(root / "ablation" / "table1.parquet"))
+    write_table(ablation_tables.table1(abl_t, census_t), str(root / "ablation" / "table1.parquet"))
     write_table(census_t, str(root / "ablation" / "census.parquet"))
     am = []
     for model in MODELS:

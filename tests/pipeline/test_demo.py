@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.demo import (DEMO_CLASSES, DEMO_CROP, DEMO_IMAGE_SIZE, DEMO_RESIZE, DemoSpec,
                            default_demo_root, demo_transform, ensure_demo_data, generate_demo_data)
-from pipeline.sources import EvalTransform, build_manifest, load_batch
+from pipeline.listing import build_manifest
+from pipeline.decode import EvalTransform, load_batch
 
 
 def _digests(root) -> dict[str, str]:

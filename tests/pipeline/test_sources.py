@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.sources import (Batch, EmptySourceError, EvalTransform, Manifest, MissingLabelsError,
-                              SourceError, build_manifest, decode_image, iter_batches, load_batch,
-                              read_manifest, shard_ranges, write_manifest)
+from pipeline.decode import Batch, EvalTransform, decode_image, iter_batches, load_batch
+from pipeline.listing import (EmptySourceError, Manifest, MissingLabelsError, SourceError,
+                              build_manifest, read_manifest, shard_ranges, write_manifest)
 
 T = EvalTransform(resize=20, crop=16)
 
