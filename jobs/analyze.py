@@ -147,10 +147,10 @@ def plan(device: engine.Device, workers: int | None) -> tuple[engine.Plan, int]:
     (a quarter of its share decodes); a GPU actor reserves up to 8 CPUs for decoding."""
     if device.kind == "cuda":
         n = workers or device.gpus
-        dec = max(1, min(8, device.cpus // n))
+        dec = max(1, min(8, device.share(n)))
         return engine.Plan(n, {"num_gpus": 1, "num_cpus": dec}, 1), dec
     n = workers or max(1, device.cpus // 4)
-    share = max(1, device.cpus // n)
+    share = device.share(n)
     dec = max(1, share // 4)
     return engine.Plan(n, {"num_cpus": share}, max(1, share - dec)), dec
 

@@ -185,13 +185,19 @@ class Device:
     gpus: int
     cpus: int
     cudnn: int | None = None
+    node_cpus: int = 0       # CPUs of the largest node (0: unknown, taken as `cpus`)
+
+    def share(self, workers: int) -> int:
+        """CPUs each of `workers` may reserve: an even share of the cluster, but never more than
+        one node has (a worker asking for more could never be placed, and the job would wait)."""
+        return max(1, min(self.cpus // max(1, workers), self.node_cpus or self.cpus))
 
     def plan(self, workers: int | None = None, *, cpus_per_worker: int = 1) -> Plan:
         """`workers` (None/0: one per GPU, else one per `cpus_per_worker` CPUs) and their share."""
         if self.kind == "cuda":
             return Plan(workers or self.gpus, {"num_gpus": 1, "num_cpus": 1}, 1)
         n = workers or max(1, self.cpus // cpus_per_worker)
-        threads = max(1, self.cpus // n)
+        threads = self.share(n)
         return Plan(n, {"num_cpus": threads}, threads)
 
     def report(self, workers: int) -> dict:
@@ -212,12 +218,14 @@ def resolve_device(spec: str) -> Device:
         raise BadInput(f"invalid device {spec!r}; allowed: auto, cpu, cuda")
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    node_cpus = max((int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
+                     if n.get("Alive")), default=cpus)
     if spec == "cuda" and gpus == 0:
         raise BadInput("--device cuda asked for, but the Ray cluster has no GPU; use auto or cpu")
     if spec == "cpu" or gpus == 0:
-        return Device("cpu", platform.machine() or "cpu", gpus, cpus)
+        return Device("cpu", platform.machine() or "cpu", gpus, cpus, node_cpus=node_cpus)
     name, cudnn = ray.get(ray.remote(num_gpus=1, num_cpus=0)(_probe_gpu).remote())
-    return Device("cuda", name, gpus, cpus, cudnn)
+    return Device("cuda", name, gpus, cpus, cudnn, node_cpus)
 
 
 @functools.lru_cache(maxsize=1)

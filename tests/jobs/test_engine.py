@@ -234,6 +234,17 @@ def test_device_plan():
     assert cpu.plan(4) == engine.Plan(4, {"num_cpus": 4}, 4)
     gpu = engine.Device("cuda", "H200", 8, 64)
     assert gpu.plan(None) == engine.Plan(8, {"num_gpus": 1, "num_cpus": 1}, 1)
+    # two 1-CPU nodes: one worker may not ask for both CPUs (it could never be placed)
+    split = engine.Device("cpu", "x86_64", 0, 2, node_cpus=1)
+    assert split.plan(1) == engine.Plan(1, {"num_cpus": 1}, 1)
+    assert split.share(1) == 1 and cpu.share(1) == 16
+
+
+def test_resolve_device_knows_the_largest_node(ray_cluster):
+    import ray
+
+    largest = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    assert engine.resolve_device("cpu").node_cpus == largest
 
 
 def test_cuda_on_a_cpu_cluster_is_bad_input(ray_cluster):
