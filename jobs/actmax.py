@@ -23,13 +23,13 @@ import pyarrow as pa
 from jobs import engine
 from jobs.common import check_writable, load_job_model
 from jobs.console import Console, init_ray
-from jobs.options import BadInput, Options, at_least, build_parser as _build_parser, opt, run_cli
+from jobs.options import BadInput, Options, at_least, opt, run_cli
 from jobs.runinfo import write_run
 from pipeline.actmax import TABLE_SCHEMA as SCHEMA
 from pipeline.actmax import chunk_table, sort_rows
 from pipeline.models import supported_models
 
-__all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "build_parser", "main",
+__all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "main",
            "run", "chunk_table", "units", "store", "BadInput"]
 
 PROG = "python -m jobs.actmax"
@@ -91,8 +91,6 @@ class ActmaxConfig(Options):
         return Settings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Settings)})
 
 
-def build_parser():
-    return _build_parser(ActmaxConfig, PROG, __doc__)
 
 
 def parse_channels(spec: str, layer_name: str, n: int) -> list[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from jobs.common import check_writable
 from jobs.console import Console
-from jobs.options import BadInput, Options, at_least, build_parser as _build_parser, in_range, opt
+from jobs.options import BadInput, Options, at_least, in_range, opt
 from jobs.options import run_cli
 from jobs.runinfo import write_run
 
@@ -40,8 +40,6 @@ class DemoDataConfig(Options):
             raise BadInput("--train-per-class + --val-per-class must be >= 1")
 
 
-def build_parser():
-    return _build_parser(DemoDataConfig, PROG, __doc__)
 
 
 def run(cfg: DemoDataConfig) -> dict[str, int]:

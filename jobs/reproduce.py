@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 from jobs.common import check_writable
 from jobs.console import Console, init_ray
 from jobs.options import BadInput, JobFailed, Options, at_least, opt, run_cli
-from jobs.options import build_parser as _build_parser
 from jobs.runinfo import write_run
 from pipeline import layout, tables
 
@@ -171,8 +170,6 @@ class ReproduceConfig(Options):
         return plan
 
 
-def build_parser():
-    return _build_parser(ReproduceConfig, PROG, __doc__)
 
 
 def _run_job(name: str, argv: list[str]) -> None:

@@ -170,8 +170,13 @@ def test_every_job_the_infra_and_docs_start_exists_and_accepts_its_flags():
     for where, (module, *args) in commands:
         mod = importlib.import_module(module)
         assert callable(getattr(mod, "main", None)), f"{module} (named in {where}) has no main"
+        from jobs.options import Options, build_parser
+
+        config = [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, Options)
+                  and v.__module__ == mod.__name__]
+        assert len(config) == 1, f"{module} declares {len(config)} option dataclasses"
         try:
-            mod.build_parser().parse_args(args)
+            build_parser(config[0], mod.PROG, mod.__doc__).parse_args(args)
         except SystemExit as e:
             if e.code == 0:            # --help
                 continue
