@@ -2,13 +2,16 @@
 
 Every job falls back to this data when no --data is given, so the whole pipeline runs on a
 laptop without ImageNet. Each class is one photograph; its images are random square crops
-(random scale, position and horizontal flip) resized to DEMO_IMAGE_SIZE. Classes differ in
-content and colour, but crops of different regions and scales of one photo look unalike, so a
-small network needs to learn something to tell them apart. Colour alone would separate most
-classes (a colour wheel, a red retina), and networks trained on it learn colour detectors rather
-than the structure the method is meant to show: the demo training preset therefore rotates every
-training image's hue by a random amount and grays one in five (`pipeline.train.PRESETS["demo"]`,
-augment `crop-flip-hue-gray`), which leaves colour a weak cue.
+(random scale, position and horizontal flip) resized to DEMO_IMAGE_SIZE. Crops of different
+regions and scales of one photo look unalike, so a small network needs to learn something to
+tell them apart. The classes are chosen by structure: four natural colour photographs
+(astronaut, cat, coffee, rocket) and four grayscale textures and scenes (brick, grass, gravel,
+text). An earlier set (a colour wheel, a red retina, a stained slide, the Hubble deep field)
+could be told apart by colour alone: the networks learned colour detectors and their top-16
+patches were flat, saturated colour fields, which whitening (ZCA amplifies chroma) made the
+strongest stimuli of nearly every channel. The demo training preset also rotates every training
+image's hue by a random amount and grays one in five (`pipeline.train.PRESETS["demo"]`, augment
+`crop-flip-hue-gray`), which leaves colour a weak cue.
 
     root = ensure_demo_data()              # generated once, then cached; returns the root folder
     train = build_manifest(root + "/train", require_labels=True)
@@ -40,12 +43,12 @@ DEMO_IMAGE_SIZE = 72   # side of the JPEG crops written to disk
 DEMO_RESIZE = 72       # evaluation transform for the demo: shorter side -> 72
 DEMO_CROP = 64         # then centre crop 64
 DEMO_WIDTH = 16        # base width of the demo models
-DEMO_VERSION = 1       # bump when the generator changes: the cache folder name carries it
+DEMO_VERSION = 2       # bump when the generator changes: the cache folder name carries it
 
-# Colour photographs that ship inside scikit-image (no pooch download). Class = photograph;
+# Photographs that ship inside scikit-image (no pooch download), chosen by structure rather than
+# colour (see the module docstring). Class = photograph; grayscale ones are replicated to RGB;
 # labels follow the sorted names, as for any class-folder source.
-DEMO_CLASSES = ("astronaut", "chelsea", "coffee", "colorwheel", "hubble_deep_field",
-                "immunohistochemistry", "retina", "rocket")
+DEMO_CLASSES = ("astronaut", "brick", "chelsea", "coffee", "grass", "gravel", "rocket", "text")
 
 _MARKER = "_DEMO_COMPLETE.json"
 _SPLITS = ("train", "val")

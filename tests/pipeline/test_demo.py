@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.demo import (DEMO_CLASSES, DEMO_CROP, DEMO_IMAGE_SIZE, DEMO_RESIZE, DemoSpec,
-                           default_demo_root, demo_transform, ensure_demo_data, generate_demo_data)
+from pipeline.demo import (DEMO_CLASSES, DEMO_CROP, DEMO_IMAGE_SIZE, DEMO_RESIZE, DEMO_VERSION,
+                           DemoSpec, default_demo_root, demo_transform, ensure_demo_data,
+                           generate_demo_data)
 from pipeline.listing import build_manifest
 from pipeline.decode import EvalTransform, load_batch
 
@@ -53,10 +54,11 @@ def test_layout_decodes_as_class_folders(tmp_path):
 
 def test_default_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PREFERRED_STIMULI_DATA", str(tmp_path / "cache"))
-    assert default_demo_root(5) == str(tmp_path / "cache" / "demo-v1-seed5")
+    assert default_demo_root(5) == str(tmp_path / "cache" / f"demo-v{DEMO_VERSION}-seed5")
     monkeypatch.delenv("PREFERRED_STIMULI_DATA")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_demo_root() == str(tmp_path / "home" / ".cache" / "preferred-stimuli" / "demo-v1-seed0")
+    assert default_demo_root() == str(tmp_path / "home" / ".cache" / "preferred-stimuli"
+                                      / f"demo-v{DEMO_VERSION}-seed0")
 
 
 def test_ensure_demo_data_generates_once_and_classes_are_learnable(demo_root, _demo_cache):
