@@ -256,6 +256,10 @@ class Chain:
         if tables.exists(ckpt):
             recipe = load_checkpoint(ckpt, model).meta.get("recipe")
             self.recipes.update({(model, seed): recipe} if recipe else {})
+        elif "train" not in self.cfg.stages:   # nothing trained nor given: seeded stand-ins
+            self.checkpoints[(model, seed)] = None
+            self.con.warn(f"train:{model}: no checkpoint (stage not run, none given); the later "
+                          "stages study an untrained stand-in")
 
     def analyze(self, model: str, seed: int) -> None:
         argv = [*self.model(model, seed), "--out", layout.analysis_dir(self.out, model, seed),
