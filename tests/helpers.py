@@ -1,7 +1,10 @@
 """Small helpers shared by tests: free ports for Ray nodes, fault-injection hooks, run.json shape."""
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+from typing import Iterator
 
 
 def free_ports(n: int) -> list[int]:
@@ -15,6 +18,22 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2, store_mib: int = 200) -> Iterator[str]:
+    """A real local Ray cluster for one test module; yields its GCS address. `address="local"`
+    never joins a stale cluster; workers inherit the environment as it is now (start it after
+    the S3 server so that they see its AWS_* variables)."""
+    import ray
+
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             object_store_memory=store_mib * 1024 ** 2)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 # --- fault injection for jobs.engine (engine.set_test_hook); importable by Ray workers ----------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pipeline.models import build_model
 from pipeline.preprocess import IMAGENET
 from pipeline.decode import EvalTransform, load_batch
 from pipeline.listing import build_manifest
-from tests.helpers import assert_run_shape
+from tests.helpers import assert_run_shape, local_ray
 
 DEAD = [1, 4, 6]
 CLASSES = ("ant", "bee", "cat")
@@ -45,14 +44,9 @@ COMMON = ["--resize", "32", "--crop", "32", "--eval-batch", "4", "--seeds", "2",
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    # after s3_server: workers inherit the AWS_* variables that point at it
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
+    # after s3_server: Ray's workers inherit its AWS_* variables
+    with local_ray(2, 200) as address:
+        yield address
 
 
 def _model(dead, classes=len(CLASSES)):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,7 @@ from PIL import Image
 from jobs import actmax as job
 from jobs import engine
 from jobs.options import parse_config
-from tests.helpers import assert_run_shape
+from tests.helpers import assert_run_shape, local_ray
 from pipeline import actmax as am
 from pipeline.checkpoint import save_checkpoint
 from pipeline.layers import catalogue
@@ -27,13 +26,8 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
+    with local_ray(2, 200) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from pipeline.listing import build_manifest
 from pipeline.decode import EvalTransform, load_batch
 from pipeline.tables import read_json, read_table
 from jobs.options import parse_config
-from tests.helpers import assert_run_shape
+from tests.helpers import assert_run_shape, local_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 18
@@ -42,14 +42,9 @@ TABLES = ("topk", "mean", "channels")
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    # s3_server first: the AWS_* variables must be in the environment Ray's workers inherit.
-    import ray
-
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=200 * 1024 ** 2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    # after s3_server: Ray's workers inherit its AWS_* variables
+    with local_ray(2, 200) as address:
+        yield address
 
 
 def make_data(root: Path) -> dict:

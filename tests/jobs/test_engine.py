@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import random
 from dataclasses import dataclass
@@ -20,20 +19,15 @@ from jobs.console import Progress
 from jobs.engine import Pool, Result, Store, Task, Unit
 from jobs.options import (BadInput, JobFailed, Options, at_least, build_parser, opt, parse_config,
                           run_cli)
-from tests.helpers import Die, assert_run_shape
+from tests.helpers import Die, assert_run_shape, local_ray
 
 PLAN = engine.Plan(2, {"num_cpus": 1}, 1)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
+    with local_ray(2, 200) as address:
+        yield address
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pipeline.models import build_model
 from pipeline.neuron_types import TYPES, filter_to_stimulus, measure_batch
 from pipeline.preprocess import WhiteningStats
 from pipeline.tables import exists, read_json, read_table, write_table
+from tests.helpers import local_ray
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 EXPECTED = ["orientation-selective", "double-opponent", "single-opponent", "other", "empty"]
@@ -25,14 +26,9 @@ SIZES = {"pool1": 11, "conv3": 27}   # resnet18 receptive fields
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    # The S3 server's AWS_* variables must be set before Ray starts, so its workers inherit them.
-    import ray
-
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=200 * 1024 ** 2)
-    yield
-    ray.shutdown()
+    # after s3_server: Ray's workers inherit its AWS_* variables
+    with local_ray(2, 200) as address:
+        yield address
 
 
 def grid(s: int):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from jobs import train as job
 from pipeline import tables
 from pipeline.checkpoint import load_checkpoint
 from pipeline.demo import DemoSpec, generate_demo_data
+from tests.helpers import local_ray
 
 TOY = ["--preset", "paper", "--model", "resnet34", "--width", "4", "--input-size", "32",
        "--epochs", "1", "--zca-images", "32", "--workers", "2", "--loader-workers", "1"]
@@ -30,13 +30,8 @@ SEEDS = (0, 1)
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             object_store_memory=100 * 1024 ** 2)
-    yield
-    ray.shutdown()
+    with local_ray(4, 100) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
