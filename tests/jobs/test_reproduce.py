@@ -228,3 +228,17 @@ def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run
         assert row.inactive_mean == pytest.approx(sum(per_seed) / 2)
         clean = ablation[(ablation.model == model) & (ablation.condition == "clean")]
         assert row.clean_loss == pytest.approx(clean.loss.mean())
+
+
+def test_without_the_train_stage_or_a_checkpoint_later_stages_get_stand_ins(tmp_path):
+    """`--stages analyze,...` with nothing trained and no checkpoint given: the jobs are called
+    without --checkpoint (seeded untrained stand-ins), with a warning, not with a missing path."""
+    from jobs.console import Console
+    from jobs.reproduce import Chain, ReproduceConfig
+
+    con = Console("reproduce")
+    chain = Chain(ReproduceConfig(stages=("analyze",), out=str(tmp_path)), con)
+    chain.train("resnet34", 0)
+    assert chain.model("resnet34") == ["--model", "resnet34"]
+    assert chain.skipped == ["train:resnet34"]
+    assert any("untrained stand-in" in w for w in con.warnings)
