@@ -421,8 +421,11 @@ class ShardFeed:
         """(state, marker info) of shard [start, stop)."""
         from .precision import current
 
-        if not self.fed or self.fed[0] != (start, stop):
+        if not self.fed:
             self.feed(start, stop)
+        if self.fed[0] != (start, stop):   # the decode thread is on another shard: never mix
+            raise RuntimeError(f"shard {start}-{stop} asked for while {self.fed[0]} was fed "
+                               "first; shards must run in the order they are fed")
         self.fed.popleft()
         result, info = run_unit(self.runner, self.batches)
         return result.state(), {"start": start, "stop": stop, **info, "precision": current()}
