@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Sequence
 
 __all__ = ["BadInput", "JobFailed", "fail", "Opt", "opt", "Options", "at_least", "in_range",
-           "build_parser", "parse_config", "run_cli", "job_parser"]
+           "build_parser", "parse_config", "run_cli"]
 
 _MISSING = dataclasses.MISSING
 
@@ -152,11 +152,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
                 and action.option_strings):
             text += " (default: %(default)s)"
         return text
-
-
-def job_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    """A parser whose errors are one line + exit 2 (for jobs not yet declared with Options)."""
-    return _Parser(prog=f"python -m jobs.{name}", description=doc, formatter_class=_Formatter)
 
 
 def build_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentParser:
