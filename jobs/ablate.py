@@ -1,4 +1,4 @@
-"""Inactive channels of a layer and the noise ablation (the paper's Table 1), on jobs.engine.
+"""Inactive channels of a layer and the noise ablation (the paper's Table 1), on runtime.engine.
 
     python -m jobs.ablate --out ./results/ablation                       # demo data, untrained
     python -m jobs.ablate --data s3://b/imagenet/val --checkpoint s3://b/ckpt/resnet34.pt \\
@@ -18,12 +18,12 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from jobs import engine
-from jobs.common import (JobModel, check_writable, default_model_shape, eval_transform,
+from runtime import engine
+from runtime.inputs import (JobModel, check_writable, default_model_shape, eval_transform,
                          load_job_model, resolve_data)
-from jobs.console import Console, init_ray
-from jobs.options import BadInput, Options, at_least, opt, run_cli
-from jobs.runinfo import write_run
+from runtime.console import Console, init_ray
+from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.runinfo import write_run
 from pipeline import ablation, layout
 from pipeline.ablation import DEFAULT_SUBSETS, Subset, parse_subsets
 from pipeline.listing import SourceError, write_manifest
@@ -93,7 +93,7 @@ class Setup:
     """Everything checked and loaded before Ray starts."""
     jm: JobModel
     layer: Any                 # pipeline.layers.Layer
-    src: Any                   # jobs.common.JobData: url, demo, manifest
+    src: Any                   # runtime.inputs.JobData: url, demo, manifest
     transform: Any             # pipeline.decode.EvalTransform
     train_seed: int
     weights: bytes             # engine.digest of the weights

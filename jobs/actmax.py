@@ -3,7 +3,7 @@
     python -m jobs.actmax --checkpoint s3://bucket/ckpt/resnet34.pt --layers conv3,conv7 \\
         --channels all --out s3://bucket/results/actmax
 
-Each (layer, channel chunk) is one unit of jobs.engine: a Ray task optimises its channels as one
+Each (layer, channel chunk) is one unit of runtime.engine: a Ray task optimises its channels as one
 batch (row = channel) with `pipeline.actmax.maximize_channels` and stores its rows under
 `--out/_partials/<fingerprint>/`, then a marker; a rerun with the same settings skips finished
 chunks. The rows are merged into `actmax.parquet` (forward layer order, channels ascending), then
@@ -20,11 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from jobs import engine
-from jobs.common import check_writable, load_job_model
-from jobs.console import Console, init_ray
-from jobs.options import BadInput, Options, at_least, opt, run_cli
-from jobs.runinfo import write_run
+from runtime import engine
+from runtime.inputs import check_writable, load_job_model
+from runtime.console import Console, init_ray
+from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.runinfo import write_run
 from pipeline.actmax import TABLE_SCHEMA as SCHEMA
 from pipeline.actmax import chunk_table, sort_rows
 from pipeline.models import supported_models

@@ -5,7 +5,7 @@
         --layers pool1,conv3,conv7 --top-k 16 --out s3://bucket/results/analysis --shards 64
     python -m jobs.analyze --model vgg11_bn --layers features.10,features.17   # any torchvision CNN
 
-Each shard of the manifest is one unit of jobs.engine on a pool of long-lived actors (one per GPU,
+Each shard of the manifest is one unit of runtime.engine on a pool of long-lived actors (one per GPU,
 else one per 4 CPUs), each loading the model once and running ONE decode pipeline that reads on
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
@@ -21,12 +21,12 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
-from jobs import engine
-from jobs.common import (check_writable, default_model_shape, eval_transform, load_job_model,
+from runtime import engine
+from runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
                          resolve_data)
-from jobs.console import Console, init_ray
-from jobs.options import BadInput, Options, at_least, opt, run_cli
-from jobs.runinfo import write_run
+from runtime.console import Console, init_ray
+from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.runinfo import write_run
 from pipeline.analysis import ShardFeed
 
 PROG = "python -m jobs.analyze"
@@ -232,7 +232,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
 
 def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, workers: int,
             dec: int, st: engine.Store, stats: engine.RunStats, state: dict, n: dict) -> dict:
-    """run.json (jobs.runinfo): counts from the markers, the workers' precision flags."""
+    """run.json (runtime.runinfo): counts from the markers, the workers' precision flags."""
     from pipeline.analysis import state_nbytes
     from pipeline.precision import setting
 

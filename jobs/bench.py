@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from jobs.console import Console
-from jobs.options import BadInput, Options, at_least, opt, run_cli
+from runtime.console import Console
+from runtime.options import BadInput, Options, at_least, opt, run_cli
 from pipeline.models import supported_models
 
 PROG = "python -m jobs.bench"
@@ -84,7 +84,7 @@ def make_synthetic(folder: str, n: int, seed: int = 0) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Build the source and the model, measure, and return the JSON line's dictionary."""
-    from jobs.common import eval_transform, resolve_data, resolve_device
+    from runtime.inputs import eval_transform, resolve_data, resolve_device
     from pipeline import benchmark
     from pipeline.decode import default_cpus
     from pipeline.demo import DEMO_CROP, DEMO_WIDTH

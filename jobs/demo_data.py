@@ -15,11 +15,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from jobs.common import check_writable
-from jobs.console import Console
-from jobs.options import BadInput, Options, at_least, in_range, opt
-from jobs.options import run_cli
-from jobs.runinfo import write_run
+from runtime.inputs import check_writable
+from runtime.console import Console
+from runtime.options import BadInput, Options, at_least, in_range, opt
+from runtime.options import run_cli
+from runtime.runinfo import write_run
 
 PROG = "python -m jobs.demo_data"
 

@@ -6,7 +6,7 @@
 
 Patterns: the first conv on RGB input of each checkpoint (any model) in stimulus space, the
 mean preferred stimuli (stimuli/mean.parquet) and the actmax images (actmax.parquet); a
-reproduce root (training seed 0) holds all three. Each chunk of channels is one jobs.engine unit
+reproduce root (training seed 0) holds all three. Each chunk of channels is one runtime.engine unit
 reading only its own rows (a rerun resumes); `pipeline.neuron_inputs` finds and reads the
 inputs, `pipeline.neuron_patterns` measures them. Writes <out>/neuron_types.parquet,
 <out>/summary.parquet and <out>/run.json and prints the summary (docs/neuron_types.md).
@@ -19,11 +19,11 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from jobs import engine
-from jobs.common import check_writable
-from jobs.console import Console, init_ray
-from jobs.options import BadInput, Options, at_least, opt, run_cli
-from jobs.runinfo import write_run
+from runtime import engine
+from runtime.inputs import check_writable
+from runtime.console import Console, init_ray
+from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.runinfo import write_run
 from pipeline.neuron_patterns import (OUT_SCHEMA, SOURCES, SUMMARY_SCHEMA, PatternError,
                                       format_summary, sort_rows, summarise)
 

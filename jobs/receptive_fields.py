@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from jobs.common import check_writable
-from jobs.console import Console
-from jobs.options import BadInput, Options, opt, run_cli
+from runtime.inputs import check_writable
+from runtime.console import Console
+from runtime.options import BadInput, Options, opt, run_cli
 
 JOB = "receptive_fields"
 PROG = f"python -m jobs.{JOB}"
@@ -87,7 +87,7 @@ def run(cfg: Config) -> None:
     con.info(f"wrote {table.num_rows} rows to {url}")
     run_json = join(folder, "run.json") if folder else None
     if run_json and (not exists(run_json) or read_json(run_json).get("job") == JOB):
-        from jobs.runinfo import write_run   # never over another job's run.json (jobs.analyze)
+        from runtime.runinfo import write_run   # never over another job's run.json (jobs.analyze)
 
         write_run(folder, JOB, cfg.to_dict(), seconds=con.seconds, total_seconds=con.wall,
                   work=table.num_rows, unit="layers", warnings=con.warnings,

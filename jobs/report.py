@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from jobs.common import check_writable
-from jobs.console import Console
-from jobs.options import BadInput, Options, at_least, opt, run_cli
-from jobs.runinfo import write_run
+from runtime.inputs import check_writable
+from runtime.console import Console
+from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.runinfo import write_run
 
 __all__ = ["ReportConfig", "run", "main"]
 

@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from jobs.common import check_writable
-from jobs.console import Console, init_ray
-from jobs.options import BadInput, JobFailed, Options, at_least, opt, run_cli
-from jobs.runinfo import write_run
+from runtime.inputs import check_writable
+from runtime.console import Console, init_ray
+from runtime.options import BadInput, JobFailed, Options, at_least, opt, run_cli
+from runtime.runinfo import write_run
 from pipeline import layout, tables
 
 PROG = "python -m jobs.reproduce"

@@ -6,7 +6,7 @@
         --workers 8 --use-gpu --seed 0 --out s3://b/runs/resnet34-seed0
 
 Stages: (1) zca: the 3x3 ZCA colour whitening from a seeded sample of training images, one
-jobs.engine unit per slice (float64 sums, merged exactly); (2) train: a TorchTrainer runs DDP over
+runtime.engine unit per slice (float64 sums, merged exactly); (2) train: a TorchTrainer runs DDP over
 --workers; each epoch rank 0 reports a checkpoint and rewrites metrics.parquet, and the console
 shows one line; (3) model.pt (a pipeline.checkpoint file) and run.json. Rerunning into the same
 --out resumes from the last checkpoint; more --epochs continue the schedule. A failed worker is
@@ -22,11 +22,11 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from jobs import engine
-from jobs.common import check_writable
-from jobs.console import Console, init_ray, relay, worker_log
-from jobs.options import BadInput, JobFailed, Options, at_least, opt, run_cli
-from jobs.runinfo import write_run
+from runtime import engine
+from runtime.inputs import check_writable
+from runtime.console import Console, init_ray, relay, worker_log
+from runtime.options import BadInput, JobFailed, Options, at_least, opt, run_cli
+from runtime.runinfo import write_run
 from pipeline import tables
 from pipeline.augment import AUGMENTS
 from pipeline.train import PRECISIONS, PRESETS, Recipe, preset, train_models

@@ -323,9 +323,10 @@ def test_units_run_in_strict_fp32_and_the_fingerprint_records_it(world, runs, ra
 
     import ray
 
-    from jobs import ablate, engine
-    from jobs.console import Console
-    from jobs.options import parse_config
+    from jobs import ablate
+    from runtime import engine
+    from runtime.console import Console
+    from runtime.options import parse_config
     from pipeline.precision import current, setting, strict_flags
 
     default = ray.get(ray.remote(current).options(num_cpus=0).remote())

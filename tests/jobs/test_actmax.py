@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from jobs import actmax as job
-from jobs import engine
-from jobs.options import parse_config
+from runtime import engine
+from runtime.options import parse_config
 from tests.helpers import assert_run_shape, local_ray
 from pipeline import actmax as am
 from pipeline.checkpoint import save_checkpoint

@@ -32,7 +32,7 @@ from pipeline.preprocess import IMAGENET
 from pipeline.listing import build_manifest
 from pipeline.decode import EvalTransform, load_batch
 from pipeline.tables import read_json, read_table
-from jobs.options import parse_config
+from runtime.options import parse_config
 from tests.helpers import assert_run_shape, local_ray
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def argv_for(data: dict, out: str, *extra: str) -> list[str]:
 
 
 # the job in a subprocess, each unit slowed by the engine's test hook (a real kill needs a process)
-HOOKED = ("import sys; from jobs import analyze, engine; from tests.helpers import Sleep; "
+HOOKED = ("import sys; from jobs import analyze; from runtime import engine; from tests.helpers import Sleep; "
           "engine.set_test_hook(Sleep(float(sys.argv[1]))); sys.exit(analyze.main(sys.argv[2:]))")
 
 
@@ -131,7 +131,7 @@ def test_actors_run_in_strict_fp32_and_the_fingerprint_records_it(single, data):
     fingerprint changes with the precision setting."""
     import ray
 
-    from jobs import engine
+    from runtime import engine
     from pipeline.precision import current, setting, strict_flags
 
     default = ray.get(ray.remote(current).options(num_cpus=0).remote())

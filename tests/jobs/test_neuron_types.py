@@ -289,8 +289,8 @@ def test_malformed_mean_found_inside_a_ray_task_is_one_line(ray_cluster, tmp_pat
 def test_run_json_shape_and_resume_from_a_partial(results, tmp_path):
     """A finished unit's partial (same configuration and inputs) is reused, not recomputed; a
     partial without its marker is not trusted."""
-    from jobs import engine
-    from jobs.options import parse_config
+    from runtime import engine
+    from runtime.options import parse_config
     from tests.helpers import assert_run_shape
 
     root, _, _, _ = results

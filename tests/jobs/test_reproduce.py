@@ -233,7 +233,7 @@ def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run
 def test_without_the_train_stage_or_a_checkpoint_later_stages_get_stand_ins(tmp_path):
     """`--stages analyze,...` with nothing trained and no checkpoint given: the jobs are called
     without --checkpoint (seeded untrained stand-ins), with a warning, not with a missing path."""
-    from jobs.console import Console
+    from runtime.console import Console
     from jobs.reproduce import Chain, ReproduceConfig
 
     con = Console("reproduce")

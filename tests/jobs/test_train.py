@@ -19,7 +19,7 @@ import pytest
 import torch
 import torchvision
 
-from jobs import engine
+from runtime import engine
 from jobs import train as job
 from pipeline import tables
 from pipeline.checkpoint import load_checkpoint

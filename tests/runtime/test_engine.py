@@ -1,4 +1,4 @@
-"""jobs.engine, jobs.options, jobs.runinfo and jobs.console on one real local Ray cluster.
+"""runtime.engine, runtime.options, runtime.runinfo and runtime.console on one real local Ray cluster.
 
 Units run as tasks and on actor pools; a partial is trusted only with its marker; a rerun resumes;
 merging ignores completion order; dead workers are retried a bounded number of times; an actor
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from jobs import engine
-from jobs.console import Progress
-from jobs.engine import Pool, Result, Store, Task, Unit
-from jobs.options import (BadInput, JobFailed, Options, at_least, build_parser, opt, parse_config,
+from runtime import device, engine
+from runtime.console import Progress
+from runtime.engine import Pool, Result, Store, Task, Unit
+from runtime.options import (BadInput, JobFailed, Options, at_least, build_parser, opt, parse_config,
                           run_cli)
 from tests.helpers import Die, assert_run_shape, local_ray
 
@@ -206,7 +206,7 @@ def test_fingerprint_moves_with_every_ingredient(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
     monkeypatch.undo()
-    monkeypatch.setattr(engine, "code_version", lambda: "edited")
+    monkeypatch.setattr(device, "code_version", lambda: "edited")
     others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
     monkeypatch.undo()
     old = torch.get_float32_matmul_precision()
@@ -323,7 +323,7 @@ def test_progress_line_has_rate_and_eta():
 
 # ---------------------------------------------------------------------------------- run.json
 def test_run_report_shape_and_throughput():
-    from jobs.runinfo import run_report
+    from runtime.runinfo import run_report
 
     run = run_report("x", {"a": 1}, counts={"units": 2, "channels": 8},
                      seconds={"optimize": 2.0, "write": 0.5}, total_seconds=4.0, work=8,
@@ -338,7 +338,7 @@ def test_run_report_shape_and_throughput():
 def test_quiet_ray_log_goes_to_a_file(tmp_path):
     import logging
 
-    from jobs.console import _quiet_ray_logger
+    from runtime.console import _quiet_ray_logger
 
     logger = logging.getLogger("ray")
     saved = [(h, h.level) for h in logger.handlers]

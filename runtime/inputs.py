@@ -1,10 +1,7 @@
-"""What jobs share about models and data: the model to study, the images, their transform.
-
-The job infrastructure lives in its own modules (docs/architecture.md): jobs.options (options
-declared once, BadInput -> exit 2), jobs.engine (units, partials, resume, retries, merge,
-devices, fingerprints), jobs.runinfo (the one run.json writer), jobs.console (stage and progress
-lines, Ray start-up). `resolve_device` is this process's device (jobs.bench, one process);
-jobs that fan out resolve against the cluster with jobs.engine.resolve_device.
+"""What jobs share about their inputs: the output folder, the model to study, the images and
+their transform. Every bad input surfaces here as BadInput (exit 2). `resolve_device` is this
+process's device (jobs.bench, one process); jobs that fan out resolve against the cluster with
+runtime.device.resolve_device.
 """
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.options import BadInput
+from runtime.options import BadInput
 
 __all__ = ["resolve_device", "check_writable", "JobModel", "load_job_model",
            "JobData", "resolve_data", "default_model_shape", "eval_transform"]
