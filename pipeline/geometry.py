@@ -357,79 +357,109 @@ def _reshaped(g: _Geom, before: tuple[int, ...], after: tuple[int, ...], where: 
     raise NotImplementedError(f"{where}: a reshape from {before} to {after} moves the spatial axes")
 
 
+def _calls(node: fx.Node, functions: Any, methods: Any = ()) -> bool:
+    """The node calls one of `functions` (call_function) or one of `methods` (call_method)."""
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
 def _function_geom(node: fx.Node, ins: list[_Geom], first: _Geom | None, val_in: Any,
                    val_out: Any, where: str) -> _Geom | None:
-    """Geometry of a call_function / call_method node; None when it touches no image tensor."""
-    t, fn, meth = node.target, node.op == "call_function", node.op == "call_method"
+    """Geometry of a call_function / call_method node; None when it touches no image tensor.
+
+    `ins`: the geometries of all its image-tensor arguments; `first`, `val_in`: geometry and
+    meta value of its first argument; `val_out`: its meta result.
+    """
     ndim = val_in.dim() if isinstance(val_in, Tensor) else 0
-    if fn and t in _BINARY_FUNCTIONS or meth and t in _BINARY_METHODS:
+    if _calls(node, _BINARY_FUNCTIONS, _BINARY_METHODS):
         return _union(ins, where) if ins else None
     if not ins:
         return None  # shape arithmetic, constants: touches no tensor of the image
-    if fn and t in _ELEMENTWISE_FUNCTIONS or meth and t in _ELEMENTWISE_METHODS:
+    if _calls(node, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS):
         return first
-    if meth and t in _SHAPE_METHODS or fn and t is getattr:
+    if _calls(node, {getattr}, _SHAPE_METHODS):
         return None
-    if fn and t is torch.cat:
+    if _calls(node, {torch.cat}):
         dim = _arg(node, 1, "dim", 0)
         if not ins[0].flat and dim % max(ndim, 1) in ins[0].dims:
             raise NotImplementedError(f"{where}: concatenation along a spatial axis")
         return _union(ins, where)  # concatenated channels: the union over the branches
     if first is None:
         raise NotImplementedError(f"{where}: receptive field of this operation is not known")
-    if fn and t in (torch.flatten,) or meth and t == "flatten":
-        return _flatten(first, int(_arg(node, 1, "start_dim", 0)), ndim)
-    if fn and t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-        _nchw(first, ndim, where)
-        return _adaptive(first, _arg(node, 1, "output_size"), where)
-    if fn and t in (F.max_pool2d, F.avg_pool2d):
-        _nchw(first, ndim, where)
-        k = _arg(node, 1, "kernel_size")
-        s = _arg(node, 2, "stride") or k
-        p = _arg(node, 3, "padding", 0)
-        if t is F.max_pool2d:
-            d, ceil = _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False)
-        else:
-            d, ceil = 1, _arg(node, 4, "ceil_mode", False)
-        return _window(first, k, s, p, d, bool(ceil), where)
-    if fn and t in (torch.permute,) or meth and t == "permute":
-        order = _dims_arg(node, 1)
-        if first.flat:
-            return first
-        order = tuple(d % ndim for d in order)
-        return first.with_(dims=(order.index(first.dims[0]), order.index(first.dims[1])))
-    if fn and t is torch.transpose or meth and t == "transpose":
-        a, b = (int(_arg(node, 1, "dim0")) % ndim, int(_arg(node, 2, "dim1")) % ndim)
-        if first.flat:
-            return first
-        swap = {a: b, b: a}
-        return first.with_(dims=tuple(swap.get(d, d) for d in first.dims))
-    if fn and t is F.layer_norm:
+    return _one_map_geom(node, first, ndim, val_in, val_out, where)
+
+
+def _one_map_geom(node: fx.Node, g: _Geom, ndim: int, val_in: Any, val_out: Any,
+                  where: str) -> _Geom:
+    """Geometry of a function or method applied to one image tensor of geometry `g`."""
+    if _calls(node, {torch.flatten}, {"flatten"}):
+        return _flatten(g, int(_arg(node, 1, "start_dim", 0)), ndim)
+    if _calls(node, {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}):
+        _nchw(g, ndim, where)
+        return _adaptive(g, _arg(node, 1, "output_size"), where)
+    if _calls(node, {F.max_pool2d, F.avg_pool2d}):
+        _nchw(g, ndim, where)
+        return _pool_call(node, g, where)
+    if _calls(node, {torch.permute}, {"permute"}):
+        return _permuted(g, _dims_arg(node, 1), ndim)
+    if _calls(node, {torch.transpose}, {"transpose"}):
+        return _transposed(g, int(_arg(node, 1, "dim0")) % ndim, int(_arg(node, 2, "dim1")) % ndim)
+    if _calls(node, {F.layer_norm}):
         shape = _arg(node, 1, "normalized_shape")
-        return _last_dim_op(first, ndim, 1 if isinstance(shape, int) else len(shape), where)
-    if fn and t is torch.reshape or meth and t in ("view", "reshape"):
-        return _reshaped(first, tuple(val_in.shape), tuple(val_out.shape), where)
-    if fn and t in (torch.chunk, torch.split) or meth and t in ("chunk", "split"):
-        dim = _arg(node, 2, "dim", 0)
-        if not first.flat and dim % ndim in first.dims:
+        return _last_dim_op(g, ndim, 1 if isinstance(shape, int) else len(shape), where)
+    if _calls(node, {torch.reshape}, {"view", "reshape"}):
+        return _reshaped(g, tuple(val_in.shape), tuple(val_out.shape), where)
+    if _calls(node, {torch.chunk, torch.split}, {"chunk", "split"}):
+        if not g.flat and _arg(node, 2, "dim", 0) % ndim in g.dims:
             raise NotImplementedError(f"{where}: splitting along a spatial axis")
-        return first  # a tuple of tensors, each with the input's geometry
-    if fn and t is operator.getitem:
+        return g  # a tuple of tensors, each with the input's geometry
+    if _calls(node, {operator.getitem}):
         if isinstance(val_in, (tuple, list)):
-            return first  # an element of a chunk/split
+            return g  # an element of a chunk/split
         raise NotImplementedError(f"{where}: indexing a feature map")
-    if fn and t in (torch.mean, torch.amax, torch.sum) or meth and t in ("mean", "amax", "sum"):
-        dims = _arg(node, 1, "dim")
-        dims = {d % ndim for d in ((dims,) if isinstance(dims, int) else dims or range(ndim))}
-        if first.flat or not dims & set(first.dims):
-            return first
-        if not set(first.dims) <= dims:
-            raise NotImplementedError(f"{where}: reduction over one spatial axis")
-        keep = bool(_arg(node, 2, "keepdim", False))
-        out = _Geom(first.rows.everything(), first.cols.everything(), first.dims if keep else None,
-                    True)
-        return out
+    if _calls(node, {torch.mean, torch.amax, torch.sum}, {"mean", "amax", "sum"}):
+        return _reduced(g, _arg(node, 1, "dim"), ndim, node, where)
     raise NotImplementedError(f"{where}: receptive field of this operation is not known")
+
+
+def _pool_call(node: fx.Node, g: _Geom, where: str) -> _Geom:
+    """F.max_pool2d / F.avg_pool2d with their positional or keyword arguments."""
+    k = _arg(node, 1, "kernel_size")
+    s = _arg(node, 2, "stride") or k
+    p = _arg(node, 3, "padding", 0)
+    if node.target is F.max_pool2d:
+        d, ceil = _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False)
+    else:
+        d, ceil = 1, _arg(node, 4, "ceil_mode", False)
+    return _window(g, k, s, p, d, bool(ceil), where)
+
+
+def _permuted(g: _Geom, order: tuple[int, ...], ndim: int) -> _Geom:
+    """The spatial axes follow a permutation of the dims."""
+    if g.flat:
+        return g
+    order = tuple(d % ndim for d in order)
+    return g.with_(dims=(order.index(g.dims[0]), order.index(g.dims[1])))
+
+
+def _transposed(g: _Geom, a: int, b: int) -> _Geom:
+    """The spatial axes follow a swap of dims `a` and `b`."""
+    if g.flat:
+        return g
+    swap = {a: b, b: a}
+    return g.with_(dims=tuple(swap.get(d, d) for d in g.dims))
+
+
+def _reduced(g: _Geom, dims: Any, ndim: int, node: fx.Node, where: str) -> _Geom:
+    """mean / amax / sum over `dims` (None: all): over both spatial axes a global operator."""
+    dims = {d % ndim for d in ((dims,) if isinstance(dims, int) else dims or range(ndim))}
+    if g.flat or not dims & set(g.dims):
+        return g
+    if not set(g.dims) <= dims:
+        raise NotImplementedError(f"{where}: reduction over one spatial axis")
+    keep = bool(_arg(node, 2, "keepdim", False))
+    return _Geom(g.rows.everything(), g.cols.everything(), g.dims if keep else None, True)
 
 
 class _Tracer(fx.Tracer):
@@ -456,81 +486,98 @@ class _Trace:
     modules: list[tuple[str, fx.Node]]                  # (module path, its output node), in order
 
 
+_Env = dict[fx.Node, tuple[_Geom | None, Any]]  # geometry (None: no image) and meta value
+
+
 def _trace(module: nn.Module, input_size: int) -> _Trace:
     """Trace `module` in eval mode and propagate geometry and meta tensors through the graph."""
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"input size must be a positive integer, got {input_size!r}")
+    graph, module_calls = _inference_graph(module)
+    if sum(node.op == "placeholder" for node in graph.nodes) > 1:
+        raise ValueError("the module takes more than one input; RFs need one image")
+    modules = dict(module.named_modules())
+    env: _Env = {}
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                env[node] = _image_input(input_size)
+            elif node.op == "get_attr":  # a constant: sees no input pixel
+                env[node] = None, _meta(operator.attrgetter(str(node.target))(module))
+            elif node.op != "output":
+                env[node] = _propagate(node, modules, env)
+    return _Trace([(node, g, v) for node, (g, v) in env.items()], module_calls)
+
+
+def _inference_graph(module: nn.Module) -> tuple[fx.Graph, list[tuple[str, fx.Node]]]:
+    """The fx graph of `module` in eval mode (no auxiliary heads, no dropout / stochastic
+    depth) and the (module path, output node) of every module call; restores the mode."""
     was_training = module.training
-    module.eval()  # the inference graph: no auxiliary heads, no dropout / stochastic depth
+    module.eval()
     try:
         tracer = _Tracer()
         graph = tracer.trace(module)
     finally:
         module.train(was_training)
-    modules = dict(module.named_modules())
-    geom: dict[fx.Node, _Geom | None] = {}
-    value: dict[fx.Node, Any] = {}
-    placeholders = 0
-    out: list[tuple[fx.Node, _Geom | None, Any]] = []
+    return graph, tracer.module_outputs
 
-    def geoms_of(args: Any) -> list[_Geom]:
-        found: list[_Geom] = []
-        fx.node.map_arg(args, lambda n: found.append(geom[n]) if geom.get(n) is not None else None)
-        return found
 
-    def values(args: Any) -> Any:
-        return fx.node.map_arg(args, lambda n: value[n])
+def _image_input(input_size: int) -> tuple[_Geom, Tensor]:
+    """The input image: each pixel sees itself."""
+    axis = _Axis(0, 0, 1, input_size)
+    return _Geom(axis, axis), torch.empty(1, 3, input_size, input_size, device="meta")
 
-    with torch.no_grad():
-        for node in graph.nodes:
-            where = f"{node.op} {node.target}"
-            g: _Geom | None
-            if node.op == "placeholder":
-                placeholders += 1
-                if placeholders > 1:
-                    raise ValueError("the module takes more than one input; RFs need one image")
-                axis = _Axis(0, 0, 1, input_size)
-                g, v = _Geom(axis, axis), torch.empty(1, 3, input_size, input_size, device="meta")
-            elif node.op == "get_attr":
-                obj = module
-                for part in str(node.target).split("."):
-                    obj = getattr(obj, part)
-                g, v = None, _meta(obj)  # a constant: sees no input pixel
-            elif node.op == "output":
-                continue
-            else:
-                ins = geoms_of((node.args, node.kwargs))
-                first = node.args[0] if node.args else None
-                first_g = geom.get(first) if isinstance(first, fx.Node) else None
-                val_in = value.get(first) if isinstance(first, fx.Node) else None
-                args, kwargs = values(node.args), values(node.kwargs)
-                if node.op == "call_module":
-                    m = modules[node.target]
-                    state = {k: _meta(t) for k, t in
-                             [*m.named_parameters(), *m.named_buffers()]}
-                    was = m.training
-                    m.eval()
-                    try:
-                        v = torch.func.functional_call(m, state, tuple(args), dict(kwargs))
-                    finally:
-                        m.train(was)
-                    if first_g is None:
-                        raise ValueError(f"{where}: input carries no image geometry")
-                    g = _module_geom(m, first_g, val_in.dim(), where)
-                elif node.op == "call_function":
-                    v = node.target(*args, **kwargs)
-                    g = _function_geom(node, ins, first_g, val_in, v, where)
-                else:  # call_method
-                    v = getattr(args[0], node.target)(*args[1:], **kwargs)
-                    g = _function_geom(node, ins, first_g, val_in, v, where)
-                if g is not None and not g.flat and isinstance(v, Tensor):
-                    shape = (v.shape[g.dims[0]], v.shape[g.dims[1]])
-                    if shape != (g.rows.n, g.cols.n):  # the arithmetic must match PyTorch's
-                        raise AssertionError(f"{where}: predicted {g.rows.n}x{g.cols.n} "
-                                             f"neurons, PyTorch gives {shape[0]}x{shape[1]}")
-            geom[node], value[node] = g, v
-            out.append((node, g, v))
-    return _Trace(out, tracer.module_outputs)
+
+def _propagate(node: fx.Node, modules: dict[str, nn.Module],
+               env: _Env) -> tuple[_Geom | None, Any]:
+    """Geometry and meta value of a call_module / call_function / call_method node."""
+    where = f"{node.op} {node.target}"
+    first = node.args[0] if node.args else None
+    first_g, val_in = env[first] if isinstance(first, fx.Node) else (None, None)
+    args = fx.node.map_arg(node.args, lambda n: env[n][1])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n][1])
+    g: _Geom | None
+    if node.op == "call_module":
+        m = modules[node.target]
+        v = _call_on_meta(m, args, kwargs)
+        if first_g is None:
+            raise ValueError(f"{where}: input carries no image geometry")
+        g = _module_geom(m, first_g, val_in.dim(), where)
+    else:
+        if node.op == "call_function":
+            v = node.target(*args, **kwargs)
+        else:  # call_method
+            v = getattr(args[0], node.target)(*args[1:], **kwargs)
+        g = _function_geom(node, _image_args(node, env), first_g, val_in, v, where)
+    _check_grid(g, v, where)
+    return g, v
+
+
+def _image_args(node: fx.Node, env: _Env) -> list[_Geom]:
+    """Geometries of the node's arguments that carry the image, in order (repeats kept)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return [env[n][0] for n in found if env[n][0] is not None]
+
+
+def _check_grid(g: _Geom | None, v: Any, where: str) -> None:
+    """The predicted feature-map size must be PyTorch's (or the arithmetic is wrong)."""
+    if g is not None and not g.flat and isinstance(v, Tensor):
+        shape = (v.shape[g.dims[0]], v.shape[g.dims[1]])
+        if shape != (g.rows.n, g.cols.n):
+            raise AssertionError(f"{where}: predicted {g.rows.n}x{g.cols.n} "
+                                 f"neurons, PyTorch gives {shape[0]}x{shape[1]}")
+
+
+def _call_on_meta(m: nn.Module, args: Any, kwargs: Any) -> Any:
+    """`m(*args, **kwargs)` in eval mode with its parameters and buffers on the meta device."""
+    state = {k: _meta(t) for k, t in [*m.named_parameters(), *m.named_buffers()]}
+    was = m.training
+    m.eval()
+    try:
+        return torch.func.functional_call(m, state, tuple(args), dict(kwargs))
+    finally:
+        m.train(was)
 
 
 def _rf(g: _Geom) -> RF:
