@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.geometry import (RF, RF_SCHEMA, cut_patch, cut_patches, module_fields,
                                receptive_fields, rf_table)
@@ -295,6 +296,66 @@ def test_disagreeing_grids_and_unknown_operations_raise():
         module_fields(TwoBranch(_conv(1, 0, s=2), _conv(5, 0)), 8)
     with pytest.raises(NotImplementedError, match="Upsample"):
         module_fields(nn.Sequential(_conv(3, 1), nn.Upsample(scale_factor=2)), 8)
+
+
+class Functional(nn.Module):
+    """Layers written as functions and tensor methods (fx call_function / call_method nodes):
+    a channel split and concatenation, a functional pool in ceil mode, a channel shuffle and a
+    round trip through channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = _conv(3, 1, s=2), nn.Identity()
+
+    def forward(self, x):
+        a, b, c = torch.chunk(self.conv(x), 3, dim=1)
+        x = F.avg_pool2d(torch.cat([b, a.relu(), c], 1), 3, 2, 1, ceil_mode=True)
+        n, ch, h, w = x.size()
+        x = x.view(n, 3, 1, h, w).transpose(1, 2).reshape(n, ch, h, w)
+        return self.out(x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+
+
+def test_functions_and_methods_match_autograd():
+    rfs = check_module(Functional(), 16, ["conv", "out"])
+    assert rfs["conv"] == RF(size=3, jump=2, offset=0.0, feature_size=8)
+    # ceil mode: 5 windows of 3 with stride 2 over 8 neurons padded by 1
+    assert rfs["out"] == RF(size=7, jump=4, offset=0.0, feature_size=5)
+
+
+class Applies(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv, self.fn = _conv(3, 1), fn
+
+    def forward(self, x):
+        return self.fn(self.conv(x))
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+class ConvOfAConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.k = _conv(3, 1), nn.Parameter(torch.ones(1, 3, 8, 8))
+
+    def forward(self, x):
+        return self.conv(self.k) + x.mean()
+
+
+@pytest.mark.parametrize("module, error, match", [
+    (Applies(lambda x: x.sum(2)), NotImplementedError, "reduction over one spatial axis"),
+    (Applies(lambda x: x[:, :, 1]), NotImplementedError, "indexing a feature map"),
+    (Applies(lambda x: torch.chunk(x, 2, 3)[0]), NotImplementedError, "splitting along a spatial"),
+    (Applies(lambda x: x.reshape(1, 3, -1)), NotImplementedError, "moves the spatial axes"),
+    (TwoInputs(), ValueError, "more than one input"),
+    (ConvOfAConstant(), ValueError, "carries no image geometry"),
+])
+def test_untracked_operations_raise(module, error, match):
+    with pytest.raises(error, match=match):
+        module_fields(module, 8)
 
 
 def test_box_boxes_and_center_agree():
