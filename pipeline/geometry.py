@@ -381,8 +381,8 @@ def _function_geom(node: fx.Node, ins: list[_Geom], first: _Geom | None, val_in:
     if _calls(node, {getattr}, _SHAPE_METHODS):
         return None
     if _calls(node, {torch.cat}):
-        dim = _arg(node, 1, "dim", 0)
-        if not ins[0].flat and dim % max(ndim, 1) in ins[0].dims:
+        dim, nd = _arg(node, 1, "dim", 0), val_out.dim() if isinstance(val_out, Tensor) else 0
+        if not ins[0].flat and dim % max(nd, 1) in ins[0].dims:   # (the first argument is a list)
             raise NotImplementedError(f"{where}: concatenation along a spatial axis")
         return _union(ins, where)  # concatenated channels: the union over the branches
     if first is None:

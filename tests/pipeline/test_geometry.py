@@ -349,6 +349,7 @@ class ConvOfAConstant(nn.Module):
     (Applies(lambda x: x.sum(2)), NotImplementedError, "reduction over one spatial axis"),
     (Applies(lambda x: x[:, :, 1]), NotImplementedError, "indexing a feature map"),
     (Applies(lambda x: torch.chunk(x, 2, 3)[0]), NotImplementedError, "splitting along a spatial"),
+    (Applies(lambda x: torch.cat([x, x], 2)), NotImplementedError, "concatenation along a spatial"),
     (Applies(lambda x: x.reshape(1, 3, -1)), NotImplementedError, "moves the spatial axes"),
     (TwoInputs(), ValueError, "more than one input"),
     (ConvOfAConstant(), ValueError, "carries no image geometry"),
