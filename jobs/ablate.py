@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from runtime import engine
 from runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
-                            model_names, resolve_data)
+                            model_choices, resolve_data)
 from runtime.console import Console, init_ray
 from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from runtime.runinfo import Markers, write_run
@@ -48,7 +48,7 @@ class AblateConfig(Options):
     checkpoint: str | None = opt(None, "checkpoint URL (ours or a torchvision state_dict); "
                                  "default: a randomly initialised --model (UNTRAINED)")
     model: str | None = opt(None, "any supported CNN (resnet34, plainnet34, vgg11_bn ...); "
-                            "default: the checkpoint's, else resnet34", choices=model_names,
+                            "default: the checkpoint's, else resnet34", choices=model_choices,
                             metavar="NAME")
     layer: str | None = opt(None, "the layer counted and noised: paper name (pool1, conv3) or "
                             "module path (features.3); default: pool1 (ResNet family), else "

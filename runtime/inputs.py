@@ -11,7 +11,7 @@ from typing import Any
 
 from runtime.options import BadInput
 
-__all__ = ["resolve_device", "check_writable", "model_names", "JobModel", "load_job_model",
+__all__ = ["resolve_device", "check_writable", "model_choices", "JobModel", "load_job_model",
            "JobData", "resolve_data", "default_model_shape", "eval_transform"]
 
 
@@ -48,8 +48,8 @@ def check_writable(url: str) -> None:
 # What analyze, ablate and actmax share: the model to study and the images to show it.
 # ---------------------------------------------------------------------------------------------
 
-def model_names() -> list[str]:
-    """The supported model names: `choices=model_names` reads them (and imports torchvision)
+def model_choices() -> list[str]:
+    """The supported model names: `choices=model_choices` reads them (and imports torchvision)
     only when a parser is built."""
     from pipeline.models import supported_models
 
