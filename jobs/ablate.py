@@ -13,39 +13,30 @@ resumes from <out>/_partials/ (docs/ablation.md).
 """
 from __future__ import annotations
 
-import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from runtime import engine
-from runtime.inputs import (JobModel, check_writable, default_model_shape, eval_transform,
-                         load_job_model, resolve_data)
+from runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
+                            model_choices, resolve_data)
 from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, opt, run_cli
-from runtime.runinfo import write_run
-from pipeline import ablation, layout
+from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from runtime.runinfo import Markers, write_run
+from pipeline import ablation
 from pipeline.ablation import DEFAULT_SUBSETS, Subset, parse_subsets
+from pipeline.ablation_setup import AblationSetup as Setup, check_labels, read_census
 from pipeline.listing import SourceError, write_manifest
-from pipeline.precision import setting
 from pipeline.table1 import (ablation_table, census_table, format_table1, inactive_channels,
                              no_inactive_note, table1)
-from pipeline.tables import exists, join, read_json, read_table, write_table
+from pipeline.tables import exists, join, read_json, write_table
 
 PROG = "python -m jobs.ablate"
 
 
 def _fractions(text: str) -> tuple[Subset, ...]:
-    try:
+    with bad_input():
         return parse_subsets(text)
-    except ValueError as e:
-        raise BadInput(str(e)) from None
-
-
-def _models() -> list[str]:
-    from pipeline.models import supported_models
-
-    return supported_models()
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class AblateConfig(Options):
     checkpoint: str | None = opt(None, "checkpoint URL (ours or a torchvision state_dict); "
                                  "default: a randomly initialised --model (UNTRAINED)")
     model: str | None = opt(None, "any supported CNN (resnet34, plainnet34, vgg11_bn ...); "
-                            "default: the checkpoint's, else resnet34", choices=_models,
+                            "default: the checkpoint's, else resnet34", choices=model_choices,
                             metavar="NAME")
     layer: str | None = opt(None, "the layer counted and noised: paper name (pool1, conv3) or "
                             "module path (features.3); default: pool1 (ResNet family), else "
@@ -88,44 +79,20 @@ class AblateConfig(Options):
                         choices=("plan", "shard"))
 
 
-@dataclass
-class Setup:
-    """Everything checked and loaded before Ray starts."""
-    jm: JobModel
-    layer: Any                 # pipeline.layers.Layer
-    src: Any                   # runtime.inputs.JobData: url, demo, manifest
-    transform: Any             # pipeline.decode.EvalTransform
-    train_seed: int
-    weights: bytes             # engine.digest of the weights
-    census: Any = None         # the census from --from; None: a census pass computes it
-
-
 def prepare(cfg: AblateConfig, con: Console) -> Setup:
     """Data, model, layer and (with --from) the census; every bad input surfaces here."""
-    from pipeline.layers import resolve_layers
-    from pipeline.models import n_classes
-
     check_writable(cfg.out)
-    try:
+    with bad_input(SourceError):
         src = resolve_data(cfg.data, limit=cfg.limit, require_labels=True)
-    except SourceError as e:
-        raise BadInput(str(e)) from None
     classes, width = default_model_shape(src)
     jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=classes, width=width)
-    try:   # an unknown layer, or no max-pooling layer to default to
-        layers = resolve_layers(jm.model, cfg.layer or ablation.default_layer(jm.model))
-    except ValueError as e:
-        raise BadInput(str(e)) from None
-    if len(layers) != 1 or layers[0].name == "fc":
-        raise BadInput(f"--layer must name one layer with channel maps (pool1, conv2 ... or a "
-                       f"module path), got {cfg.layer!r}")
-    labels, classes = src.manifest.labels, n_classes(jm.model)
-    if int(labels.max()) >= classes or int(labels.min()) < 0:
-        raise BadInput(f"labels of {src.url} run 0..{int(labels.max())} but {jm.name} has "
-                       f"{classes} classes: the model does not cover this data set")
+    with bad_input():   # an unknown layer, no max-pooling layer to default to, labels past fc
+        layer = ablation.ablation_layer(jm.model, cfg.layer)
+        check_labels(src.manifest.labels, jm.model, src.url, jm.name)
     seed = int((jm.meta.get("recipe") or {}).get("seed") or 0)
-    s = Setup(jm, layers[0], src, eval_transform(cfg.resize, cfg.crop, demo=src.demo,
-              meta=jm.meta), seed if cfg.train_seed is None else cfg.train_seed,
+    s = Setup(jm.model, jm.name, jm.preprocess, jm.untrained, layer, src.url, src.manifest,
+              eval_transform(cfg.resize, cfg.crop, demo=src.demo, meta=jm.meta),
+              seed if cfg.train_seed is None else cfg.train_seed,
               engine.digest(jm.model.state_dict()))
     s.census = _census_from(cfg, s, con) if cfg.from_analysis else None
     if jm.warning:
@@ -136,16 +103,9 @@ def prepare(cfg: AblateConfig, con: Console) -> Setup:
 def _census_from(cfg: AblateConfig, s: Setup, con: Console) -> Any:
     """--from's channels.parquet as a census; a warning when its run.json names another
     checkpoint or data set (channel counts alone cannot tell other weights apart)."""
-    url, run = layout.stimuli_table(cfg.from_analysis, "channels"), join(cfg.from_analysis,
-                                                                         "run.json")
-    if not exists(url):
-        raise BadInput(f"--from {cfg.from_analysis}: {url} does not exist (run jobs.analyze "
-                       f"with --layers {s.layer.name} first)")
-    try:
-        census = census_table(read_table(url), s.jm.name, s.layer.name, s.layer.channels,
-                              s.train_seed)
-    except ValueError as e:
-        raise BadInput(f"--from {cfg.from_analysis}: {e}") from None
+    with bad_input(prefix=f"--from {cfg.from_analysis}: "):
+        census = read_census(cfg.from_analysis, s.model_name, s.layer, s.train_seed)
+    run = join(cfg.from_analysis, "run.json")
     theirs = read_json(run).get("config", {}) if exists(run) else {}
     for k in [k for k in ("checkpoint", "data") if theirs and theirs.get(k) != getattr(cfg, k)]:
         con.warn(f"--from {cfg.from_analysis} analysed {k} {theirs.get(k) or 'default'}, this "
@@ -155,14 +115,9 @@ def _census_from(cfg: AblateConfig, s: Setup, con: Console) -> Any:
 
 def fingerprint(cfg: AblateConfig, s: Setup, device: engine.Device,
                 inactive: Sequence[int] | None = None, precision: dict | None = None) -> str:
-    """The partials' folder: weights, preprocessing, data, layer, minibatch, transform and the
-    units' precision (pipeline.precision.setting(): strict fp32), plus the inactive set for the
-    evaluation. Not --shards, --seeds or --fraction: unit names hold ranges and plans."""
-    d = {"model": s.jm.name, "preprocess": s.jm.preprocess.state(), "data": s.src.url,
-         "images": len(s.src.manifest), "layer": s.layer.name, "eval_batch": cfg.eval_batch,
-         "transform": asdict(s.transform), "precision": precision or setting(),
-         "inactive": None if inactive is None else list(inactive)}
-    return engine.fingerprint(d, s.weights, device=device)
+    """The partials' folder: the weights and `Setup.key` (with --eval-batch)."""
+    return engine.fingerprint(s.key(cfg.eval_batch, inactive, precision), s.weights,
+                              device=device)
 
 
 def _resources(cfg: AblateConfig) -> tuple[engine.Device, engine.Plan]:
@@ -171,9 +126,7 @@ def _resources(cfg: AblateConfig) -> tuple[engine.Device, engine.Plan]:
     gpus = float(device.kind == "cuda") if cfg.gpus_per_task is None else cfg.gpus_per_task
     if device.kind == "cuda" and not gpus:
         device = engine.resolve_device("cpu")
-    workers = device.gpus / gpus if gpus else device.cpus / cfg.cpus_per_task
-    res = {"num_cpus": cfg.cpus_per_task, "num_gpus": gpus}
-    return device, engine.Plan(max(1, int(workers)), res, 1)
+    return device, device.task_plan(gpus, cfg.cpus_per_task)
 
 
 def _shard(model: Any, preprocess: Any, layer: Any, manifest: Any, transform: Any, batch: int,
@@ -182,11 +135,9 @@ def _shard(model: Any, preprocess: Any, layer: Any, manifest: Any, transform: An
     from pipeline.decode import iter_batches
 
     batches = iter_batches(manifest, start, stop, batch, transform)
-    if plans is None:
-        value, skipped, flags = ablation.census_shard(model, preprocess, layer, batches, device)
-    else:
-        value, skipped, flags = ablation.eval_shard(model, preprocess, layer, plans, batches,
-                                                    batch, device)
+    value, skipped, flags = (
+        ablation.census_shard(model, preprocess, layer, batches, device) if plans is None else
+        ablation.eval_shard(model, preprocess, layer, plans, batches, batch, device))
     return engine.Result(value, {"skipped": [list(k) for k in skipped], "precision": flags})
 
 
@@ -197,8 +148,8 @@ def _stage(con: Console, name: str, groups: list, ranges: list, work: engine.Tas
     def tag(g: list | None) -> str:
         return "" if g is None else f"{g[0].label}-" if len(g) == 1 else "all-"
 
-    units = [engine.Unit(f"{name}-{tag(g)}{a:09d}-{b:09d}", (g, a, b), (b - a) * len(g or [0]))
-             for g in groups for a, b in ranges]
+    units = [u for g in groups
+             for u in engine.range_units(f"{name}-{tag(g)}", ranges, g, weight=len(g or [0]))]
     with con.stage(name):
         stats = engine.run_units(units, work, store, plan=plan, progress=con.progress(
             sum(u.size for u in units), "images" if name == "census" else "images evaluated"))
@@ -215,17 +166,17 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
         s = prepare(cfg, con)
         init_ray(cfg.out)
         device, plan = _resources(cfg)
-    name, n = s.layer.name, len(s.src.manifest)
+    name, n = s.layer.name, len(s.manifest)
     ranges = ablation.minibatch_shards(n, cfg.eval_batch, cfg.shards)
-    con.info(f"{s.jm.name} {name}: {n} images from {s.src.url}, {len(ranges)} "
+    con.info(f"{s.model_name} {name}: {n} images from {s.data}, {len(ranges)} "
              f"shard(s) of {cfg.eval_batch}-image minibatches, {device.kind} x{plan.workers}")
-    work = engine.Task(_shard, s.jm.model, s.jm.preprocess, s.layer, s.src.manifest, s.transform,
+    work = engine.Task(_shard, s.model, s.preprocess, s.layer, s.manifest, s.transform,
                        cfg.eval_batch, device.kind)
     census, runs = s.census, []
     if census is None:
         stats, st = _stage(con, "census", [None], ranges, work,
                            engine.Store(cfg.out, fingerprint(cfg, s, device)), plan)
-        census, runs = census_table(stats.to_table(s.jm.name, name), s.jm.name, name,
+        census, runs = census_table(stats.to_table(s.model_name, name), s.model_name, name,
                                     s.layer.channels, s.train_seed), [st]
     inactive = inactive_channels(census)
     con.info(f"{name}: {len(inactive)} of {s.layer.channels} channels inactive "
@@ -248,12 +199,12 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
 def _write(cfg: AblateConfig, s: Setup, con: Console, census: Any, results: list) -> str:
     """manifest, census, ablation and table1.parquet; returns Table 1 as text."""
     if results[0][1]["images"] == 0:
-        raise BadInput(f"none of the {len(s.src.manifest)} images of {s.src.url} could be read")
+        raise BadInput(f"none of the {len(s.manifest)} images of {s.data} could be read")
     with con.stage("write"):
-        rows = ablation_table(s.jm.name, s.layer.name, inactive_channels(census), cfg.fraction,
+        rows = ablation_table(s.model_name, s.layer.name, inactive_channels(census), cfg.fraction,
                               results, list(range(cfg.seeds)), s.train_seed)
         t1 = table1(rows, census)
-        write_manifest(s.src.manifest, join(cfg.out, "manifest.parquet"))
+        write_manifest(s.manifest, join(cfg.out, "manifest.parquet"))
         for table, f in ((census, "census"), (rows, "ablation"), (t1, "table1")):
             write_table(table, join(cfg.out, f"{f}.parquet"))
     return format_table1(t1, census)
@@ -262,25 +213,15 @@ def _write(cfg: AblateConfig, s: Setup, con: Console, census: Any, results: list
 def _report(cfg: AblateConfig, s: Setup, con: Console, device: dict, store: engine.Store,
             runs: list[engine.RunStats], results: list, extra: dict) -> dict[str, Any]:
     """run.json: unit counts of both stages, skipped images, the precision each unit saw."""
-    infos = [i for r in runs for i in r.infos.values()]
-    skipped = sorted({k[0]: k for i in infos for k in i["skipped"]}.values())
-    n = len(s.src.manifest)
-    counts = {k: sum(r.counts()[k] for r in runs) for k in runs[0].counts()} | {
-        "images": n, "images_read": n - len(skipped), "images_skipped": len(skipped),
-        "shards": extra["shards"], "minibatches": math.ceil(n / cfg.eval_batch),
-        "evaluations": len(results)}
-    seen = [dict(f) for f in dict.fromkeys(tuple(sorted(i["precision"].items())) for i in infos)]
-    details = {"model": s.jm.name, "untrained": s.jm.untrained, "data": s.src.url,
-               "transform": asdict(s.transform), "layer": s.layer.name, "train_seed": s.train_seed,
-               "census_source": "census pass" if s.census is None else "--from",
-               "inactive_channels": extra["inactive_channels"],
-               "precision": {**setting(), "workers": seen}}
-    info = write_run(cfg.out, "ablate", cfg.to_dict(), device=device,
-                     fingerprint=store.fingerprint, counts=counts, skipped=[
-                         dict(zip(("image_index", "path", "reason"), k)) for k in skipped[:1000]],
-                     seconds=con.seconds, total_seconds=con.wall, work=n, unit="images",
-                     stage_work={"evaluate": sum(t["images"] for _, t in results)},
-                     warnings=con.warnings, details=details)
+    m = Markers.of(*runs)
+    skipped = m.skipped()
+    info = write_run(
+        cfg.out, "ablate", cfg.to_dict(), device=device, fingerprint=store.fingerprint,
+        counts=m.counts | s.counts(len(skipped), cfg.eval_batch, extra["shards"], len(results)),
+        skipped=skipped[:1000], seconds=con.seconds, total_seconds=con.wall,
+        work=len(s.manifest), unit="images",
+        stage_work={"evaluate": sum(t["images"] for _, t in results)}, warnings=con.warnings,
+        details=s.details(extra["inactive_channels"], m.precision()))
     con.info(f"wrote census, ablation and table1.parquet and run.json to {cfg.out}")
     return info
 

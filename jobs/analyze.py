@@ -14,19 +14,18 @@ tables (`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from runtime import engine
 from runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
                          resolve_data)
 from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, opt, run_cli
-from runtime.runinfo import write_run
+from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from runtime.runinfo import Markers, write_run
 from pipeline.analysis import ShardFeed
 
 PROG = "python -m jobs.analyze"
@@ -88,22 +87,13 @@ class Prepared:
     warnings: list[str]
 
 
-@contextlib.contextmanager
-def _user_input() -> Iterator[None]:
-    """The pipeline's ValueError / missing files here mean bad user input: BadInput (exit 2)."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        raise BadInput(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
-
 def prepare(cfg: Config) -> Prepared:
     from pipeline.analysis import AnalysisOptions, layer_specs, model_blob
     from pipeline.geometry import rf_table
     from pipeline.layers import catalogue, resolve_layers
 
-    check_writable(cfg.out)
-    with _user_input():
+    check_writable(cfg.out)   # the pipeline's ValueError or missing file: bad input (exit 2)
+    with bad_input(ValueError, FileNotFoundError, PermissionError, first_line=True):
         data = resolve_data(cfg.data, limit=cfg.limit)
         classes, width = default_model_shape(data)
         jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=classes, width=width,
@@ -142,19 +132,6 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
     return engine.Store(prep.cfg.out, fp)
 
 
-def plan(device: engine.Device, workers: int | None) -> tuple[engine.Plan, int]:
-    """(plan, decode threads): a CPU actor reserves its decode threads plus its torch threads
-    (a quarter of its share decodes); a GPU actor reserves up to 8 CPUs for decoding."""
-    if device.kind == "cuda":
-        n = workers or device.gpus
-        dec = max(1, min(8, device.share(n)))
-        return engine.Plan(n, {"num_gpus": 1, "num_cpus": dec}, 1), dec
-    n = workers or max(1, device.cpus // 4)
-    share = device.share(n)
-    dec = max(1, share // 4)
-    return engine.Plan(n, {"num_cpus": share}, max(1, share - dec)), dec
-
-
 class ShardWorker(ShardFeed):
     """A Pool worker: ShardFeed (one decode pipeline across its shards), results as Result."""
 
@@ -179,7 +156,7 @@ def units(prep: Prepared, workers: int) -> list[engine.Unit]:
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
               shard_ranges(n, shards=cfg.shards or max(2 * workers, math.ceil(n / 2000))))
-    return [engine.Unit(f"shard-{a:09d}-{b:09d}", (a, b), size=b - a) for a, b in ranges]
+    return engine.range_units("shard-", ranges)
 
 
 def run(cfg: Config, prep: Prepared | None = None) -> dict:
@@ -196,7 +173,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
             con.warn(w)
         init_ray(cfg.out)
         device = engine.resolve_device(cfg.device)
-        pl, dec = plan(device, cfg.workers)
+        pl, dec = device.decode_plan(cfg.workers)
         todo, st = units(prep, pl.workers), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
         write_manifest(prep.manifest, join(cfg.out, "manifest.parquet"))
@@ -222,9 +199,8 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         write_table(tables["channels"], join(cfg.out, "stimuli", "channels.parquet"))
         write_table(with_patches(tables["topk"], pngs), join(cfg.out, "stimuli", "topk.parquet"),
                     schema=TOPK_TABLE_SCHEMA)
-    info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state,
-                   {"images": n, "fresh": sum(fresh),
-                    "patches": sum(1 for v in pngs.values() if v)})
+    info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state, {
+        "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v)})
     con.info(f"done: {info['counts']['images_read']} images ({len(info['skipped'])} skipped) in "
              f"{con.wall:.1f} s -> {cfg.out}")
     return info
@@ -234,26 +210,20 @@ def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, wo
             dec: int, st: engine.Store, stats: engine.RunStats, state: dict, n: dict) -> dict:
     """run.json (runtime.runinfo): counts from the markers, the workers' precision flags."""
     from pipeline.analysis import state_nbytes
-    from pipeline.precision import setting
 
-    infos = [stats.infos[name] for name in stats.names]
-    skipped = sorted((tuple(s) for i in infos for s in i["skipped"]), key=lambda s: s[0])
-    read = sum(i["images"] for i in infos)
-    flags = [i["precision"] for i in infos]
+    m = Markers.of(stats)
+    read = sum(i["images"] for i in m.infos)
     return write_run(
         cfg.out, "analyze", cfg.to_dict(), device=device.report(workers),
-        fingerprint=st.fingerprint, skipped=[dict(zip(("image_index", "path", "reason"), s))
-                                             for s in skipped],
-        counts={**stats.counts(), "images_read": read, "images": n["images"],
+        fingerprint=st.fingerprint, skipped=m.skipped(),
+        counts={**m.counts, "images_read": read, "images": n["images"],
                 "shards": len(stats.names), "layers": len(prep.specs), "patches": n["patches"]},
         seconds=con.seconds, total_seconds=con.wall, work=read, unit="images",
         stage_work={"setup": n["images"], "analyze": n["fresh"]}, warnings=con.warnings,
         details={"model": prep.model_name, "untrained": prep.untrained,
                  "preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
                  "layers": [asdict(s) for s in prep.specs],
-                 "worker_state_bytes": state_nbytes(state),
-                 "precision": {**setting(), "workers": [f for k, f in enumerate(flags)
-                                                        if f not in flags[:k]]},
+                 "worker_state_bytes": state_nbytes(state), "precision": m.precision(),
                  "decode": {"threads": dec, "nvjpeg": device.kind == "cuda", "prefetch": 2}})
 
 

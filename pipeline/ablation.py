@@ -2,7 +2,8 @@
 
 Pure compute, no I/O and no Ray; `jobs.ablate` shards it, `pipeline.table1` turns the results
 into the census, ablation and Table 1 tables. Any supported CNN, any layer with channel maps
-(`default_layer`: `pool1` for the ResNet family, else the first max-pooling module). The pieces:
+(`ablation_layer`; by default `pool1` for the ResNet family, else the first max-pooling
+module). The pieces:
 
     stats, skipped, flags = census_shard(model, preprocess, layer, batches)  # ChannelStats
     plans = make_plans(inactive, C, seeds=[0, 1, 2], subsets=parse_subsets("1ch,0.25,0.5"),
@@ -57,7 +58,7 @@ __all__ = ["CONDITIONS", "derive_seed", "image_noise", "random_subset", "random_
            "Subset", "parse_subsets", "DEFAULT_SUBSETS", "control_channels", "Plan", "make_plan",
            "make_plans", "minibatch_shards", "batch_noise", "noise_edit", "evaluate",
            "per_image_scores", "EvalSums", "merge_sums", "census_shard", "eval_shard",
-           "default_layer"]
+           "default_layer", "ablation_layer"]
 
 CONDITIONS = ("clean", "inactive-all", "inactive-random", "control-active")
 CLEAN_SEED = -1             # clean is deterministic: evaluated once, seed column -1
@@ -437,3 +438,15 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"{getattr(model, 'name', 'this model')} has no max-pooling layer to "
                      f"default to; name one with --layer (a module path such as "
                      f"{next(iter(module_layers(model)), 'features.0')})")
+
+
+def ablation_layer(model: nn.Module, spec: str | None = None) -> Layer:
+    """The one layer with channel maps that `spec` names (paper name or module path; None:
+    `default_layer`). ValueError for an unknown name, several layers, or `fc`."""
+    from .layers import resolve_layers
+
+    layers = resolve_layers(model, spec or default_layer(model))
+    if len(layers) != 1 or layers[0].name == "fc":
+        raise ValueError(f"--layer must name one layer with channel maps (pool1, conv2 ... or a "
+                         f"module path), got {spec!r}")
+    return layers[0]

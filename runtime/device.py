@@ -3,6 +3,8 @@ fingerprint that guards resume (configuration, code, device, torch/cuDNN, precis
 
     device = resolve_device("auto")              # after init_ray(); BadInput for cuda without GPUs
     plan = device.plan(workers, cpus_per_worker=4)
+    plan, decode_threads = device.decode_plan(workers)  # actors that decode their own images
+    plan = device.task_plan(gpus=0.5, cpus=2)    # Ray tasks of a fixed share
     fp = fingerprint(cfg.to_dict(), digest(model.state_dict()), device=device)
 """
 from __future__ import annotations
@@ -48,6 +50,25 @@ class Device:
         n = workers or max(1, self.cpus // cpus_per_worker)
         threads = self.share(n)
         return Plan(n, {"num_cpus": threads}, threads)
+
+    def decode_plan(self, workers: int | None = None) -> tuple[Plan, int]:
+        """(plan, decode threads) for actors that decode their own images: a CPU actor reserves
+        its decode threads plus its torch threads (a quarter of its share decodes); a GPU actor
+        reserves up to 8 CPUs for decoding. `workers` None: one per GPU, else one per 4 CPUs."""
+        if self.kind == "cuda":
+            n = workers or self.gpus
+            dec = max(1, min(8, self.share(n)))
+            return Plan(n, {"num_gpus": 1, "num_cpus": dec}, 1), dec
+        n = workers or max(1, self.cpus // 4)
+        share = self.share(n)
+        dec = max(1, share // 4)
+        return Plan(n, {"num_cpus": share}, max(1, share - dec)), dec
+
+    def task_plan(self, gpus: float, cpus: float) -> Plan:
+        """Ray tasks of `gpus` GPUs (0: CPU tasks) and `cpus` CPUs each, as many at once as the
+        cluster holds."""
+        workers = self.gpus / gpus if gpus else self.cpus / cpus
+        return Plan(max(1, int(workers)), {"num_cpus": cpus, "num_gpus": gpus}, 1)
 
     def report(self, workers: int) -> dict:
         return {"kind": self.kind, "name": self.name, "workers": workers}

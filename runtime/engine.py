@@ -5,6 +5,7 @@
     fp = fingerprint(cfg.to_dict(), weights_digest, device=device)   # everything behind the numbers
     store = Store(cfg.out, fp)                           # <out>/_partials/<fp>/<unit>.pkl + .done
     units = [Unit("conv3-00000-00063", (layer, chans), size=64), ...]
+    units = range_units("shard-", shard_ranges(n, shards=64))   # shard-000000000-000002000 ...
     run = run_units(units, Task(fn, model), store, plan=plan, progress=bar)   # simple jobs
     run = run_units(units, Pool(ShardWorker, blob), store, plan=plan)        # model held by actors
     table = merge(store, run.names, combine)             # in unit order: completion order never matters
@@ -45,7 +46,7 @@ from runtime.console import Progress, log
 from runtime.device import Device, Plan, code_version, digest, fingerprint, resolve_device
 from runtime.options import JobFailed
 
-__all__ = ["Unit", "Result", "Task", "Pool", "Store", "RunStats", "Device", "Plan",
+__all__ = ["Unit", "range_units", "Result", "Task", "Pool", "Store", "RunStats", "Device", "Plan",
            "resolve_device", "fingerprint", "digest", "code_version", "run_units", "merge",
            "set_test_hook", "current_test_hook"]
 
@@ -70,6 +71,13 @@ class Unit:
     name: str                 # unique, file-name safe; partials are merged in name order
     args: tuple = ()          # what the worker receives after the shared arguments
     size: int = 1             # progress items it stands for (images, channels)
+
+
+def range_units(prefix: str, ranges: Sequence[tuple[int, int]], *head: Any,
+                weight: int = 1) -> list[Unit]:
+    """A unit per image range [a, b): named `<prefix><a:09d>-<b:09d>` (name order is image
+    order), args `(*head, a, b)`, size `(b - a) * weight` (e.g. images times plans)."""
+    return [Unit(f"{prefix}{a:09d}-{b:09d}", (*head, a, b), (b - a) * weight) for a, b in ranges]
 
 
 @dataclass

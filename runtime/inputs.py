@@ -11,7 +11,7 @@ from typing import Any
 
 from runtime.options import BadInput
 
-__all__ = ["resolve_device", "check_writable", "JobModel", "load_job_model",
+__all__ = ["resolve_device", "check_writable", "model_choices", "JobModel", "load_job_model",
            "JobData", "resolve_data", "default_model_shape", "eval_transform"]
 
 
@@ -47,6 +47,14 @@ def check_writable(url: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # What analyze, ablate and actmax share: the model to study and the images to show it.
 # ---------------------------------------------------------------------------------------------
+
+def model_choices() -> list[str]:
+    """The supported model names: `choices=model_choices` reads them (and imports torchvision)
+    only when a parser is built."""
+    from pipeline.models import supported_models
+
+    return supported_models()
+
 
 @dataclass
 class JobModel:

@@ -24,19 +24,21 @@ that lists such as the model names are read only when a parser is built. Every c
 Exit codes (`run_cli`): BadInput -> one line `PROG: error: ...` on stderr, exit 2, before any
 output is written; JobFailed (the job stopped for a reason that is not the user's input, e.g. no
 worker could start) -> one line, exit 1; any other exception keeps its traceback (a bug).
+`with bad_input():` turns the ValueError of a pipeline call on user input into BadInput.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-__all__ = ["BadInput", "JobFailed", "fail", "Opt", "opt", "Options", "at_least", "in_range",
-           "build_parser", "parse_config", "run_cli"]
+__all__ = ["BadInput", "JobFailed", "fail", "bad_input", "Opt", "opt", "Options", "at_least",
+           "in_range", "build_parser", "parse_config", "run_cli"]
 
 _MISSING = dataclasses.MISSING
 
@@ -52,6 +54,23 @@ class JobFailed(RuntimeError):
 def fail(prog: str, message: str, code: int = 2) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+@contextlib.contextmanager
+def bad_input(*errors: type[BaseException], prefix: str = "",
+              first_line: bool = False) -> Iterator[None]:
+    """Errors of the given types (default ValueError) raised inside are the user's input: they
+    leave as BadInput (exit 2) with `prefix` and their message (`first_line`: its first line,
+    else the error's type name when it has none).
+
+        with bad_input(prefix=f"--from {url}: "):
+            census = census_table(read_table(url), ...)
+    """
+    try:
+        yield
+    except errors or (ValueError,) as e:
+        text = (str(e).splitlines()[0] if str(e) else type(e).__name__) if first_line else str(e)
+        raise BadInput(prefix + text) from None
 
 
 def _first_line(e: BaseException) -> str:

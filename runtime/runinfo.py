@@ -16,18 +16,24 @@
 `throughput` is work items per second of each stage's wall time (the item is the job's unit of
 progress: images for analyze/ablate, channels for actmax). Readers find the same quantity under
 the same key in every job (never `wall`, `wall_s` or `total` elsewhere).
+
+`Markers.of(*runs)` reads what the units' markers of runtime.engine runs say together (unit
+counts, skipped images, the workers' precision flags) for jobs whose units report those.
 """
 from __future__ import annotations
 
 import importlib.metadata as md
 import platform
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["package_versions", "run_report", "write_run", "TOP_LEVEL", "COUNTS"]
+__all__ = ["package_versions", "run_report", "write_run", "Markers", "TOP_LEVEL", "COUNTS",
+           "SKIPPED"]
 
 TOP_LEVEL = ("job", "config", "versions", "device", "fingerprint", "counts", "skipped", "seconds",
              "throughput", "warnings", "details")
 COUNTS = ("units", "units_computed", "units_resumed", "retries", "images_read", "images_skipped")
+SKIPPED = ("image_index", "path", "reason")      # a `skipped` row; markers hold it as a list
 
 
 def package_versions() -> dict[str, str]:
@@ -69,3 +75,33 @@ def write_run(out: str, job: str, config: dict, **kwargs: Any) -> dict:
     info = run_report(job, config, **kwargs)
     write_json(join(out, "run.json"), info)
     return info
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The marker infos of one or more runtime.engine runs (RunStats), read together. Units
+    that decode images put `skipped` ([image_index, path, reason] lists) and `precision` (the
+    flags pipeline.precision.strict_fp32 saw) in their marker."""
+
+    infos: list[dict]               # every unit's marker info, run after run, in unit order
+    counts: dict[str, int]          # units, units_computed, units_resumed, retries: all runs
+
+    @classmethod
+    def of(cls, *runs: Any) -> "Markers":
+        infos = [r.infos[name] for r in runs for name in r.names]
+        counts = {k: sum(r.counts()[k] for r in runs) for k in runs[0].counts()}
+        return cls(infos, counts)
+
+    def skipped(self) -> list[dict]:
+        """run.json's `skipped` rows: each image once (several units may skip the same image),
+        by image index."""
+        once = {s[0]: s for i in self.infos for s in i["skipped"]}
+        return [dict(zip(SKIPPED, once[k])) for k in sorted(once)]
+
+    def precision(self) -> dict[str, Any]:
+        """The precision setting the units asked for and the distinct flags they ran under
+        (`workers`, in unit order): one entry when every worker honoured it."""
+        from pipeline.precision import setting
+
+        flags = [i["precision"] for i in self.infos]
+        return {**setting(), "workers": [f for k, f in enumerate(flags) if f not in flags[:k]]}

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ablation import (CONDITIONS, EvalSums, Subset, census_shard, control_channels,
-                               default_layer, derive_seed, eval_shard, evaluate, image_noise,
+from pipeline.ablation import (CONDITIONS, EvalSums, Subset, ablation_layer, census_shard,
+                               control_channels, default_layer, derive_seed, eval_shard,
+                               evaluate, image_noise,
                                make_plan, make_plans, merge_sums, noise_edit, parse_subsets,
                                random_count_subset, random_subset)
 from pipeline.accumulators import ChannelStats
@@ -370,3 +371,15 @@ def test_default_layer_is_pool1_or_the_first_max_pool():
     assert default_layer(build_model("squeezenet1_1", num_classes=3)) == "features.2"
     with pytest.raises(ValueError, match="no max-pooling layer.*--layer"):
         default_layer(build_model("mobilenet_v3_small", num_classes=3))
+
+
+def test_ablation_layer_is_one_layer_with_channel_maps():
+    model = tiny_model()
+    assert ablation_layer(model) == catalogue(model)["pool1"]
+    assert ablation_layer(model, "conv2") == catalogue(model)["conv2"]
+    assert ablation_layer(model, "maxpool").channels == 8
+    for spec in ("fc", "pool1,conv2"):
+        with pytest.raises(ValueError, match=f"--layer must name one layer.*got '{spec}'"):
+            ablation_layer(model, spec)
+    with pytest.raises(ValueError, match="nowhere"):
+        ablation_layer(model, "nowhere")

@@ -17,8 +17,8 @@ import pytest
 from runtime import device, engine
 from runtime.console import Progress
 from runtime.engine import Pool, Result, Store, Task, Unit
-from runtime.options import (BadInput, JobFailed, Options, at_least, build_parser, opt, parse_config,
-                          run_cli)
+from runtime.options import (BadInput, JobFailed, Options, at_least, bad_input, build_parser, opt,
+                             parse_config, run_cli)
 from tests.helpers import Die, assert_run_shape, local_ray
 
 PLAN = engine.Plan(2, {"num_cpus": 1}, 1)
@@ -234,6 +234,27 @@ def test_device_plan():
     assert split.share(1) == 1 and cpu.share(1) == 16
 
 
+def test_decode_and_task_plans():
+    cpu = engine.Device("cpu", "x86_64", 0, 16)
+    # 4 actors of 4 CPUs: one decodes, three compute
+    assert cpu.decode_plan() == (engine.Plan(4, {"num_cpus": 4}, 3), 1)
+    assert cpu.decode_plan(1) == (engine.Plan(1, {"num_cpus": 16}, 12), 4)
+    gpu = engine.Device("cuda", "H200", 8, 128)
+    assert gpu.decode_plan() == (engine.Plan(8, {"num_gpus": 1, "num_cpus": 8}, 1), 8)
+    assert gpu.decode_plan(2) == (engine.Plan(2, {"num_gpus": 1, "num_cpus": 8}, 1), 8)
+    assert cpu.task_plan(0, 3) == engine.Plan(5, {"num_cpus": 3, "num_gpus": 0}, 1)
+    assert gpu.task_plan(0.5, 1) == engine.Plan(16, {"num_cpus": 1, "num_gpus": 0.5}, 1)
+    assert cpu.task_plan(0, 64) == engine.Plan(1, {"num_cpus": 64, "num_gpus": 0}, 1)
+
+
+def test_range_units_name_args_and_size():
+    units = engine.range_units("evaluate-all-", [(0, 64), (64, 100)], "plans", weight=3)
+    assert units == [Unit("evaluate-all-000000000-000000064", ("plans", 0, 64), 192),
+                     Unit("evaluate-all-000000064-000000100", ("plans", 64, 100), 108)]
+    assert [u.name for u in units] == sorted(u.name for u in units)    # name order = image order
+    assert engine.range_units("shard-", [(5, 9)]) == [Unit("shard-000000005-000000009", (5, 9), 4)]
+
+
 def test_resolve_device_knows_the_largest_node(ray_cluster):
     import ray
 
@@ -313,6 +334,22 @@ def test_only_bad_input_becomes_exit_2(capsys):
     assert run_cli("prog", None, Demo, lambda cfg: None, ["--out", "x"]) == 0
 
 
+def test_bad_input_turns_the_named_errors_into_bad_input():
+    with pytest.raises(BadInput) as e:
+        with bad_input(prefix="--from x: "):
+            raise ValueError("no rows\nsecond line")
+    assert str(e.value) == "--from x: no rows\nsecond line" and e.value.__cause__ is None
+    with pytest.raises(BadInput, match="^missing.parquet$"):
+        with bad_input(ValueError, FileNotFoundError, first_line=True):
+            raise FileNotFoundError("missing.parquet\nmore")
+    with pytest.raises(BadInput, match="^KeyError$"):
+        with bad_input(KeyError, first_line=True):
+            raise KeyError()
+    with pytest.raises(TypeError):                                      # not named: a bug
+        with bad_input():
+            raise TypeError("a real bug")
+
+
 def test_progress_line_has_rate_and_eta():
     bar = Progress("actmax: ", total=100, unit="channels", done=20)
     bar.t0 -= 10.0                      # 10 s ago, 20 resumed: they do not count in the rate
@@ -333,6 +370,26 @@ def test_run_report_shape_and_throughput():
     assert run["throughput"] == {"unit": "channels", "optimize": 4.0, "write": 4.0, "total": 2.0}
     assert run["counts"]["images_skipped"] == 1 and run["counts"]["units_resumed"] == 0
     assert run["seconds"] == {"optimize": 2.0, "write": 0.5, "total": 4.0}
+
+
+def test_markers_of_several_runs_count_skip_once_and_list_distinct_precision():
+    from pipeline.precision import setting
+    from runtime.runinfo import Markers
+
+    strict, tf32 = {"matmul": "ieee", "cudnn": False}, {"cudnn": True, "matmul": "tf32"}
+    census = engine.RunStats(["c-1", "c-0"], computed=1, resumed=1, infos={
+        "c-0": {"skipped": [[9, "b.JPEG", "truncated"]], "precision": strict},
+        "c-1": {"skipped": [[2, "a.JPEG", "empty"]], "precision": tf32}})
+    evaluate = engine.RunStats(["e-0"], computed=1, retries=2, infos={
+        "e-0": {"skipped": [[9, "b.JPEG", "truncated"], [2, "a.JPEG", "empty"]],
+                "precision": dict(reversed(strict.items()))}})
+    m = Markers.of(census, evaluate)
+    assert m.counts == {"units": 3, "units_computed": 2, "units_resumed": 1, "retries": 2}
+    assert m.infos == [census.infos["c-1"], census.infos["c-0"], evaluate.infos["e-0"]]
+    assert m.skipped() == [{"image_index": 2, "path": "a.JPEG", "reason": "empty"},
+                           {"image_index": 9, "path": "b.JPEG", "reason": "truncated"}]
+    assert m.precision() == {**setting(), "workers": [tf32, strict]}     # unit order, once each
+    assert Markers.of(engine.RunStats([])).skipped() == []
 
 
 def test_quiet_ray_log_goes_to_a_file(tmp_path):
