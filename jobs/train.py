@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 import torch
@@ -31,18 +31,15 @@ from pipeline import tables, trainrun
 from pipeline.augment import AUGMENTS
 from pipeline.demo import ensure_demo_data
 from pipeline.preprocess import preprocess_from_state
-from pipeline.train import (METRICS_SCHEMA, PRECISIONS, PRESETS, Recipe, Training, arrow_storage,
-                            configure_torch, make_loaders, metrics_table,
-                            preset, train_models, training_sources, write_model, zca_moments)
+from pipeline.train import (PRECISIONS, PRESETS, Recipe, Training, arrow_storage, configure_torch,
+                            make_loaders, preset, train_models, training_sources, write_metrics,
+                            write_model, zca_moments)
 
 PROG = "python -m jobs.train"
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_NAME = "checkpoints"            # Ray Train's run folder under --out
 STATE_FILE = "_partials/train.json"
 RAY_LOG = "_logs/ray-train.log"     # all output Ray forwards from the training processes
-RECIPE_FLAGS = ("model", "width", "input_size", "epochs", "batch_size", "lr", "momentum",
-                "weight_decay", "step_epochs", "zca_images", "seed", "precision", "augment",
-                "sync_bn")       # the flags that override a field of the preset's Recipe
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,10 @@ class TrainConfig(Options):
 
     @property
     def recipe(self) -> Recipe:
-        return preset(self.preset, **{k: getattr(self, k) for k in RECIPE_FLAGS})
+        """The preset, each flag named after a Recipe field overriding that field."""
+        names = {f.name for f in fields(Recipe)}
+        return preset(self.preset, **{f.name: getattr(self, f.name) for f in fields(self)
+                                      if f.name in names})
 
     @property
     def sync_bn_on(self) -> bool:
@@ -171,10 +171,6 @@ def _checkpoint(ckpt: Any) -> dict | None:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
-def _write_metrics(out: str, history: list[dict]) -> None:
-    tables.write_table(metrics_table(history), tables.join(out, "metrics.parquet"), METRICS_SCHEMA)
-
-
 def train_loop(lc: dict[str, Any]) -> None:
     """Per-worker function of TorchTrainer: wiring only; pipeline.train.Training does the work."""
     import ray
@@ -195,7 +191,7 @@ def train_loop(lc: dict[str, Any]) -> None:
                         rank, lc["loader_workers"], pin_memory=device.type == "cuda")
     if rank == 0 and restored is not None:
         lc["echo"].put_nowait(f"resuming after epoch {t.epoch}")
-        _write_metrics(cfg.out, t.history)
+        write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
     for epoch in range(t.epoch + 1, r.epochs + 1):
         faults = (lambda i, e=epoch: hook(engine.Unit(f"rank{rank}-epoch{e}-batch{i}"))
                   ) if hook else None                        # tests only (engine.set_test_hook)
@@ -206,7 +202,7 @@ def train_loop(lc: dict[str, Any]) -> None:
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp)
                              if rank == 0 else None)
         if rank == 0:
-            _write_metrics(cfg.out, t.history)
+            write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
             lc["echo"].put_nowait(trainrun.epoch_line(row, r.epochs))
 
 
@@ -248,7 +244,7 @@ def _finish(cfg: TrainConfig, con: Console, device: engine.Device, state: dict, 
             before: int) -> dict:
     """model.pt, metrics.parquet and run.json from the last checkpoint."""
     write_model(tables.join(cfg.out, "model.pt"), last, preprocess_from_state(state["preprocess"]))
-    _write_metrics(cfg.out, last["history"])
+    write_metrics(tables.join(cfg.out, "metrics.parquet"), last["history"])
     config = trainrun.run_config(cfg.to_dict(), cfg.recipe, loaders, cfg.sync_bn_on)
     return write_run(cfg.out, "train", config, device=device.report(cfg.workers),
                      seconds=con.seconds, total_seconds=con.wall, warnings=con.warnings,

@@ -45,7 +45,7 @@ __all__ = ["Recipe", "PRESETS", "PRECISIONS", "preset", "train_models", "build_o
            "evaluate", "weighted_loss", "restore_training_state", "epoch_row", "seed_everything",
            "METRICS_SCHEMA", "Training", "Loaders", "make_loaders", "zca_moments",
            "default_loader_workers", "write_model", "arrow_storage", "configure_torch", "metrics_table",
-           "EvalResizeCrop", "ImageDataset", "collate", "training_sources"]
+           "write_metrics", "EvalResizeCrop", "ImageDataset", "collate", "training_sources"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -501,6 +501,13 @@ class Training:
 
 def metrics_table(history: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(history), METRICS_SCHEMA)
+
+
+def write_metrics(url: str, history: Sequence[dict[str, Any]]) -> None:
+    """metrics.parquet: one row per finished epoch, the whole table rewritten atomically."""
+    from .tables import write_table
+
+    write_table(metrics_table(history), url, METRICS_SCHEMA)
 
 
 def zca_moments(urls: Sequence[str], resize: int, crop: int,

@@ -1,16 +1,17 @@
-"""The bookkeeping of one training run around `pipeline.train`, without Ray: the --init weights,
-the check that a rerun into the same folder is the same run, the ZCA sample and its record, the
-console's epoch line, the run report's numbers, the run's identity and config, and the training
-workers' plan.
+"""A training run's bookkeeping around `pipeline.train`, without Ray: the --init weights, the
+check that a rerun into the same folder is the same run, the ZCA sample and its record, the
+workers' plan, the console's epoch line and the run report.
 
     init, width = load_init("torchvision:r18.pth", "resnet18", num_classes=8)
-    state = prior_state(f"{out}/_partials/train.json", identity, out)   # None: a fresh run
-    urls = zca_sample(train_manifest, recipe.zca_images, recipe.seed)
-    saved = zca_state(merged_stats, unit_infos, len(units), fingerprint, recipe.zca_eps)
-    write_run(out, "train", config, **run_report(last, state, before, (len(train), len(val)), None))
+    state = prior_state(f"{out}/_partials/train.json", run_identity(recipe, data=data), out)
+    urls = zca_sample(train_manifest, recipe.zca_images, recipe.seed)   # engine units: slices
+    state = zca_state(merged_whitening_stats, unit_infos, n_units, fingerprint, recipe.zca_eps)
+    plan = worker_plan(recipe, 8, None, gpu=True, sync_bn=True, cluster=ray_cluster_resources)
+    write_run(out, "train", run_config(flags, recipe, plan.loaders, True),
+              **run_report(last_checkpoint, state, before, (len(train), len(val)), None))
 
-A refusal is a ValueError whose text is one line for the user (`jobs.train` reports it as bad
-input, exit 2).
+A refusal is a ValueError whose text is one line for the user; `jobs.train` turns it into
+BadInput (exit 2) in one place.
 """
 from __future__ import annotations
 
@@ -114,8 +115,8 @@ def run_report(last: dict[str, Any], state: dict[str, Any], before: int, sizes: 
     history, zca = list(last["history"]), state["zca"]
     h = history_counts(history, before)
     counts = {**(zca_counts or {}), "train_images": sizes[0], "val_images": sizes[1],
-              "classes": len(state["classes"]), "epochs": last["epoch"],
-              "zca_images": zca["images"], "zca_skipped": zca["skipped"], "zca_shards": zca["shards"],
+              "classes": len(state["classes"]), "epochs": last["epoch"], "zca_images": zca["images"],
+              "zca_skipped": zca["skipped"], "zca_shards": zca["shards"],
               **{k: h[k] for k in ("images_read", "images_skipped", "epochs_trained",
                                    "skipped_per_epoch")}}
     return {"fingerprint": zca.get("fingerprint", ""), "counts": counts,
