@@ -16,7 +16,8 @@ The paper's recipe (SGD momentum 0.9, weight decay 1e-4, lr 0.01 divided by 10 e
 photometric distortions, ZCA colour whitening, fp32, BatchNorm over the global batch) is
 `PRESETS["paper"]`; `PRESETS["demo"]` is the same structure scaled to the embedded demo data.
 Images and augmentation: `pipeline.augment`; datasets, samplers, loaders: `pipeline.traindata`;
-synchronised BatchNorm: `pipeline.syncbn`.
+synchronised BatchNorm: `pipeline.syncbn`; a run's bookkeeping (--init, resume checks, the ZCA
+record, the run report): `pipeline.trainrun`.
 
 Models: the ResNet family and its PlainNets at any base width, and VGG (vgg11 ... vgg19, with or
 without BatchNorm) at torchvision's fixed width (`train_models`). A preset's width (the demo's
@@ -44,7 +45,7 @@ __all__ = ["Recipe", "PRESETS", "PRECISIONS", "preset", "train_models", "build_o
            "evaluate", "weighted_loss", "restore_training_state", "epoch_row", "seed_everything",
            "METRICS_SCHEMA", "Training", "Loaders", "make_loaders", "zca_moments",
            "default_loader_workers", "write_model", "arrow_storage", "configure_torch", "metrics_table",
-           "EvalResizeCrop", "ImageDataset", "collate", "training_sources", "history_counts"]
+           "write_metrics", "EvalResizeCrop", "ImageDataset", "collate", "training_sources"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -502,6 +503,13 @@ def metrics_table(history: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(history), METRICS_SCHEMA)
 
 
+def write_metrics(url: str, history: Sequence[dict[str, Any]]) -> None:
+    """metrics.parquet: one row per finished epoch, the whole table rewritten atomically."""
+    from .tables import write_table
+
+    write_table(metrics_table(history), url, METRICS_SCHEMA)
+
+
 def zca_moments(urls: Sequence[str], resize: int, crop: int,
                 read: Callable[[str], bytes]) -> tuple[Any, int, int]:
     """(WhiteningStats, images read, images skipped) of some training images' eval crops
@@ -577,13 +585,3 @@ def training_sources(train_url: str, val_url: str) -> tuple[Any, Any, list[str]]
                          f"class list")
     return train, val, classes
 
-
-def history_counts(history: Sequence[dict[str, Any]], after: int) -> dict[str, Any]:
-    """Run-report counts of the epochs after `after` (those this run trained)."""
-    new = [h for h in history if h["epoch"] > after]
-    return {"images_read": sum(h["train_images"] + h["val_images"] for h in new),
-            "images_skipped": sum(h["skipped"] for h in new), "epochs_trained": len(new),
-            "images_trained": sum(h["train_images"] for h in new),
-            "skipped_per_epoch": [h["skipped"] for h in new],
-            "images_per_s_mean": (math.fsum(h["images_per_s"] for h in new) / len(new)
-                                  if new else None)}

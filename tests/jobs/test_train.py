@@ -220,20 +220,6 @@ def test_resnet34_model_pt_loads_into_torchvision(tmp_path):
     assert loaded.model_name == "resnet34" and loaded.preprocess.state() == zca.state()
 
 
-def test_init_from_a_torchvision_state_dict(tmp_path):
-    sd = torchvision.models.resnet18(num_classes=8).state_dict()
-    path = str(tmp_path / "tv.pth")
-    torch.save(sd, path)
-    cfg = job.TrainConfig(out=str(tmp_path / "o"), model="resnet18", init=f"torchvision:{path}")
-    state, cfg2 = job._load_init(cfg, num_classes=8)
-    assert cfg.recipe.width == 16 and cfg2.recipe.width == 64   # the weights fix the width
-    model = build_model("resnet18", num_classes=8, width=64)
-    model.load_state_dict(state)                 # what each worker does before DDP
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
-    with pytest.raises(job.BadInput, match="has 8 classes but the data has 10"):
-        job._load_init(cfg, num_classes=10)
-
-
 def test_the_demo_preset_trains_vgg_at_full_width_and_refuses_another_width(tmp_path):
     assert job.TrainConfig(out=str(tmp_path), model="vgg16_bn").recipe.width == 64
     assert job.TrainConfig(out=str(tmp_path), model="resnet50").recipe.width == 16
@@ -328,6 +314,7 @@ def unlabelled(tmp_path, tiny) -> str:
     ("out", "is not writable"),
     ("init", "--init not understood; allowed: torchvision:PATH, got x.pth"),
     ("val", "--data needs --val"),
+    ("init-classes", "has 10 classes but the data has 8"),   # pipeline's ValueError -> exit 2
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny, unlabelled, tmp_path,
                                                          capsys):
@@ -340,7 +327,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny, un
         "out": [*data, "--out", str(tmp_path / "a_file" / "out")],
         "init": [*data, "--init", "x.pth", "--out", out],
         "val": ["--data", f"{tiny}/train", "--out", out],
+        "init-classes": [*data, "--model", "resnet18", "--init",
+                         f"torchvision:{tmp_path / 'tv.pth'}", "--out", out],
     }[case]
+    if case == "init-classes":
+        torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "tv.pth")
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit) as e:
         job.main(argv)
