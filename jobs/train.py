@@ -10,13 +10,11 @@ runtime.engine unit per slice (float64 sums, merged exactly); (2) train: TorchTr
 over --workers, and each epoch rank 0 reports a checkpoint, rewrites metrics.parquet and prints a
 line; (3) model.pt (a pipeline.checkpoint file) and run.json. The same --out resumes from the
 last checkpoint (more --epochs continue the schedule), as does a replaced failed worker
-(--max-failures times). Ray's and the workers' output: <out>/_logs/. See docs/training.md.
+(--max-failures times). Ray Train wiring: jobs/trainer.py. Logs: <out>/_logs/. See docs/training.md.
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
@@ -24,20 +22,18 @@ import torch
 
 from runtime import engine
 from runtime.inputs import check_writable
-from runtime.console import Console, init_ray, relay, worker_log
-from runtime.options import BadInput, JobFailed, Options, at_least, opt, run_cli
+from jobs.trainer import fit
+from runtime.console import Console, init_ray, worker_log
+from runtime.options import BadInput, Options, at_least, opt, run_cli
 from runtime.runinfo import write_run
 from pipeline import tables, trainrun
 from pipeline.augment import AUGMENTS
 from pipeline.demo import ensure_demo_data
 from pipeline.preprocess import preprocess_from_state
-from pipeline.train import (PRECISIONS, PRESETS, Recipe, Training, arrow_storage, configure_torch,
-                            make_loaders, preset, train_models, training_sources, write_metrics,
-                            write_model, zca_moments)
+from pipeline.train import (PRECISIONS, PRESETS, Recipe, preset, train_models, training_sources,
+                            write_metrics, write_model, zca_moments)
 
 PROG = "python -m jobs.train"
-CHECKPOINT_FILE = "checkpoint.pt"
-RUN_NAME = "checkpoints"            # Ray Train's run folder under --out
 STATE_FILE = "_partials/train.json"
 RAY_LOG = "_logs/ray-train.log"     # all output Ray forwards from the training processes
 
@@ -163,82 +159,6 @@ def _fit_zca(cfg: TrainConfig, train: Any, device: engine.Device,
     return state, stats
 
 
-def _checkpoint(ckpt: Any) -> dict | None:
-    """The checkpoint.pt in a Ray Train checkpoint (None: no checkpoint)."""
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-
-
-def train_loop(lc: dict[str, Any]) -> None:
-    """Per-worker function of TorchTrainer: wiring only; pipeline.train.Training does the work."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    cfg: TrainConfig = lc["cfg"]
-    r, ctx, hook = cfg.recipe, ray.train.get_context(), lc["hook"]
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    configure_torch(device, r.precision, 1 + lc["loader_workers"])
-    restored = _checkpoint(ray.train.get_checkpoint())
-    t = Training.start(r, lc["classes"], preprocess_from_state(lc["preprocess"]), device,
-                       init=ray.get(lc["init"]) if lc["init"] is not None else None,
-                       restored=restored, sync_bn=cfg.sync_bn_on)
-    t.model = ray.train.torch.prepare_model(t.model)        # DDP
-    data = make_loaders(ray.get(lc["train"]), ray.get(lc["val"]), r, tables.read_bytes, world,
-                        rank, lc["loader_workers"], pin_memory=device.type == "cuda")
-    if rank == 0 and restored is not None:
-        lc["echo"].put_nowait(f"resuming after epoch {t.epoch}")
-        write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
-    for epoch in range(t.epoch + 1, r.epochs + 1):
-        faults = (lambda i, e=epoch: hook(engine.Unit(f"rank{rank}-epoch{e}-batch{i}"))
-                  ) if hook else None                        # tests only (engine.set_test_hook)
-        row = t.run_epoch(epoch, data, world, rank, on_batch=faults)
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                t.save(os.path.join(tmp, CHECKPOINT_FILE))
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp)
-                             if rank == 0 else None)
-        if rank == 0:
-            write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
-            lc["echo"].put_nowait(trainrun.epoch_line(row, r.epochs))
-
-
-def _fit(cfg: TrainConfig, train: Any, val: Any, state: dict, init: dict | None,
-         con: Console) -> tuple[dict, int]:
-    """The TorchTrainer run; returns (the last checkpoint's contents, loader processes)."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    plan = trainrun.worker_plan(cfg.recipe, cfg.workers, cfg.loader_workers, cfg.use_gpu,
-                                cfg.sync_bn_on, ray.cluster_resources())
-    con.info(plan.summary)
-    if plan.shortfall:
-        con.warn(plan.shortfall)
-    # Ray Train's Prometheus metrics want the dashboard's agent, which init_ray does not start.
-    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-    storage, fs = arrow_storage(cfg.out, dict(os.environ))
-    with relay(con) as echo:
-        trainer = TorchTrainer(train_loop, train_loop_config={
-            "cfg": cfg, "train": ray.put(train), "val": ray.put(val), "classes": state["classes"],
-            "preprocess": state["preprocess"], "loader_workers": plan.loaders, "echo": echo,
-            "init": ray.put(init) if init is not None else None,
-            "hook": engine.current_test_hook()},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                                   resources_per_worker=plan.resources),
-            run_config=ray.train.RunConfig(
-                name=RUN_NAME, storage_path=storage, storage_filesystem=fs,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)))
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise JobFailed("training ended without a checkpoint")
-    return _checkpoint(result.checkpoint), plan.loaders
-
-
 def _finish(cfg: TrainConfig, con: Console, device: engine.Device, state: dict, last: dict,
             loaders: int, sizes: tuple[int, int], zca: engine.RunStats | None,
             before: int) -> dict:
@@ -276,7 +196,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         else:
             con.info(f"resuming the run in {cfg.out}: ZCA and settings from {STATE_FILE}")
         with con.stage("train"):
-            last, loaders = _fit(cfg, train, val, state, init, con)
+            last, loaders = fit(cfg, train, val, state, init, con)
     info = _finish(cfg, con, device, state, last, loaders, (len(train), len(val)), zca, before)
     final = info["details"]["final"]
     con.info(f"done: {last['epoch']} epochs, top1 {final.get('top1', float('nan')):.3f}, "
