@@ -236,9 +236,13 @@ def test_without_the_train_stage_or_a_checkpoint_later_stages_get_stand_ins(tmp_
     from runtime.console import Console
     from jobs.reproduce import Chain, ReproduceConfig
 
+    from pipeline.chain import analyze_argv
+
     con = Console("reproduce")
-    chain = Chain(ReproduceConfig(stages=("analyze",), out=str(tmp_path)), con)
+    cfg = ReproduceConfig(stages=("analyze",), out=str(tmp_path))
+    chain = Chain(cfg, con)
     chain.train("resnet34", 0)
-    assert chain.model("resnet34") == ["--model", "resnet34"]
+    assert analyze_argv(cfg, "resnet34", 0, *chain.trained("resnet34"))[:2] == [
+        "--model", "resnet34"]
     assert chain.skipped == ["train:resnet34"]
     assert any("untrained stand-in" in w for w in con.warnings)
