@@ -7,8 +7,9 @@
     python -m jobs.reproduce --models resnet50,vgg16 --checkpoints resnet50=r50.pt,vgg16=v16.pt \\
         --layers pool1,conv7,vgg16=features.4,features.28 --ablate-layer vgg16=features.4
 
-Each stage runs its job in this process (one Ray, one console) unless its final output exists
-under --out (local or s3://); an interrupted stage resumes from its own partials. --out has
+Each stage runs its job in this process (one Ray; the job's console nested in the chain's: its
+warnings, epochs and long progress lines show) unless its final output exists under --out
+(local or s3://); an interrupted stage resumes from its own partials. --out has
 pipeline/layout.py's layout; training seeds s >= 1 (--seeds) go under seeds/<s>/, the combined
 census, ablation and Table 1 cover every seed, actmax, neuron types and the report use seed 0.
 Per-model options take a comma list in which `MODEL=` starts that model's items (items before
@@ -106,8 +107,8 @@ class Chain:
         self.gpus = 0
 
     def stage(self, name: str, job: str, argv: list[str], done: str | None) -> None:
-        """`jobs.<job>.main(argv)` in this process (one Ray, one console) unless the stage is
-        not asked for or its final output `done` exists; a failure stops the chain."""
+        """`jobs.<job>.main(argv)` in this process (one Ray, its console nested in ours) unless
+        the stage is not asked for or its final output `done` exists; a failure stops the chain."""
         kind, tag = name.split(":")[0], chain.stage_tag(name)
         if kind not in self.cfg.stages or (done and tables.exists(done)):
             self.skipped.append(name)
@@ -117,7 +118,8 @@ class Chain:
         self.commands[name] = shlex.join(["python", "-m", f"jobs.{job}", *argv])
         self.con.info(f"{tag} ...")
         t0 = time.perf_counter()
-        rc = importlib.import_module(f"jobs.{job}").main(argv)
+        with self.con.nest(name):       # the job keeps its warnings, epochs, long progress lines
+            rc = importlib.import_module(f"jobs.{job}").main(argv)
         if rc not in (None, 0):
             raise JobFailed(f"jobs.{job} exited with {rc}; rerun the same command to resume")
         self.seconds[name] = round(time.perf_counter() - t0, 2)
