@@ -192,7 +192,7 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     text = _write(cfg, s, con, census, results)
     info = _report(cfg, s, con, device.report(plan.workers), store, [*runs, st], results,
                    {"shards": len(ranges), "inactive_channels": inactive})
-    print(text, flush=True)
+    con.result(text)
     return info
 
 

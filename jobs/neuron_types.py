@@ -162,7 +162,7 @@ def run(cfg: NeuronTypesConfig) -> dict:
             "checkpoints": [u for _, u in found.checkpoints]}})
     if st is not None:
         st.clear()
-    print(format_summary(summary), flush=True)
+    con.result(format_summary(summary))
     return info
 
 

@@ -58,7 +58,7 @@ class ReportConfig(Options):
 
 
 def run(cfg: ReportConfig) -> str:
-    """Build the report; returns the URL of its index.html."""
+    """Build the report; prints the URL of its index.html (con.result) and returns it."""
     from pipeline.report import render_report
     from pipeline.report.load import ReportInputError, load_inputs
     from pipeline.tables import join, write_bytes
@@ -81,11 +81,12 @@ def run(cfg: ReportConfig) -> str:
               details={"source": cfg.root, "missing": inputs.missing})
     index = join(cfg.report_url, "index.html")
     con.info(f"{n} files, {size / 1e6:.1f} MB -> {index}")
+    con.result(index)
     return index
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(PROG, __doc__, ReportConfig, lambda cfg: print(run(cfg)), argv)
+    return run_cli(PROG, __doc__, ReportConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,19 @@
         bar.update(64)                          # "actmax: 64/128 channels, 21.3 channels/s, ETA 0:03"
     con.seconds                                 # {"optimize": 3.2}: the run report's stages
     con.warn("no --checkpoint: ...")            # warnings stay visible, prefixed WARNING
+    con.result(table_text)                      # a job's big printout (Table 1): stdout
 
-Everything goes to stderr (stdout stays for a job's result, e.g. a path). A progress line is
-printed at most every `every` seconds and once at the end, so a log file stays readable
-(tqdm's `{rate_fmt} {remaining}` without carriage returns). `init_ray` starts or joins Ray with
-its own chatter routed to `<out>/_logs/ray.log` (local --out) and the workers' output left in
-Ray's session logs; Ray's errors and the job's warnings stay on the console.
+Everything but `result` goes to stderr (stdout stays for a job's result, e.g. a path or a table).
+A progress line is printed at most every `every` seconds and once at the end, so a log file stays
+readable (tqdm's `{rate_fmt} {remaining}` without carriage returns). `init_ray` starts or joins
+Ray with its own chatter routed to `<out>/_logs/ray.log` (local --out) and the workers' output
+left in Ray's session logs; Ray's errors and the job's warnings stay on the console.
+
+A chain (jobs.reproduce) runs each sub-job inside `with con.nest("ablate:resnet34"):`. A Console
+made inside that block is nested: it keeps its warnings, its `tick` lines (train's epochs) and the
+progress lines of stages long enough to print one before they end, all prefixed by the chain's
+stage (`reproduce: ablate:resnet34: evaluate 64/128 images, ...`); its `info` and stage lines and
+its `result` are dropped, so the chain's console holds one start and one end line per stage.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ import time
 from typing import Iterator
 
 __all__ = ["log", "Console", "Progress", "init_ray", "format_seconds", "worker_log", "relay"]
+
+_NESTING: list[str] = []     # the chain stages now running (Console.nest), innermost last
 
 
 def log(msg: str) -> None:
@@ -41,10 +50,12 @@ class Progress:
     """Counts work done against a total; prints `done/total unit, rate, ETA` now and then."""
 
     def __init__(self, prefix: str, total: int, unit: str, done: int = 0,
-                 every: float = 10.0) -> None:
+                 every: float = 10.0, final: bool = True) -> None:
         self.prefix, self.total, self.unit, self.every = prefix, total, unit, every
         self.done = self.start_done = done          # resumed work does not count in the rate
         self.t0 = self.last = time.perf_counter()
+        self.final = final      # False: the closing line only after a periodic one (a long stage)
+        self.printed = 0
 
     @property
     def rate(self) -> float:
@@ -59,42 +70,74 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.perf_counter()
-        if self.done >= self.total or now - self.last >= self.every:
-            self.last = now
+        if (self.done >= self.total and (self.final or self.printed)
+                or now - self.last >= self.every):
+            self.last, self.printed = now, self.printed + 1
             log(self.line())
 
 
 class Console:
-    """Stage lines and stage timings of one job (`seconds` feeds the run report)."""
+    """Stage lines and stage timings of one job (`seconds` feeds the run report); nested when
+    made inside a chain's `nest` block (module docstring)."""
 
     def __init__(self, job: str) -> None:
         self.job = job
+        self.outer = _NESTING[-1] if _NESTING else None   # "reproduce: ablate:resnet34" nested
         self.seconds: dict[str, float] = {}
         self.warnings: list[str] = []
+        self.current: str | None = None                   # the stage now running
         self.t0 = time.perf_counter()
 
+    @property
+    def nested(self) -> bool:
+        return self.outer is not None
+
     def info(self, msg: str) -> None:
-        log(f"{self.job}: {msg}")
+        """Setup and stage chatter: dropped when nested."""
+        if not self.nested:
+            log(f"{self.job}: {msg}")
+
+    def tick(self, msg: str) -> None:
+        """A line of a long stage's progress (an epoch's metrics): shown nested too."""
+        log(f"{self.outer or self.job}: {msg}")
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
-        log(f"{self.job}: WARNING: {msg}")
+        log(f"{self.outer or self.job}: WARNING: {msg}")
+
+    def result(self, text: str) -> None:
+        """A job's big printout (Table 1, a summary) on stdout; the chain shows none."""
+        if not self.nested:
+            print(text, flush=True)
 
     @contextlib.contextmanager
     def stage(self, name: str, quiet: bool = False) -> Iterator[None]:
         if not quiet:
             self.info(f"{name} ...")
-        t = time.perf_counter()
+        t, before, self.current = time.perf_counter(), self.current, name
         try:
             yield
         finally:
             dt = time.perf_counter() - t
             self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            self.current = before
         if not quiet:
             self.info(f"{name} done in {dt:.1f} s")
 
+    @contextlib.contextmanager
+    def nest(self, name: str) -> Iterator[None]:
+        """Consoles made inside the block are the chain stage `name`'s sub-job (nested)."""
+        _NESTING.append(f"{self.job}: {name}")
+        try:
+            yield
+        finally:
+            _NESTING.pop()
+
     def progress(self, total: int, unit: str, done: int = 0, every: float = 10.0) -> Progress:
-        return Progress(f"{self.job}: ", total, unit, done, every)
+        if not self.nested:
+            return Progress(f"{self.job}: ", total, unit, done, every)
+        return Progress(f"{self.outer}: {self.current + ' ' if self.current else ''}", total,
+                        unit, done, every, final=False)
 
     @property
     def wall(self) -> float:
@@ -141,7 +184,7 @@ def worker_log(url: str):
 @contextlib.contextmanager
 def relay(con: Console):
     """A `ray.util.queue.Queue` that remote code puts lines into (`queue.put_nowait(text)`);
-    a driver thread prints them through `con.info` while the block runs, so a job's progress
+    a driver thread prints them through `con.tick` while the block runs, so a job's progress
     lines reach the console even when Ray does not forward worker output (jobs.train's epochs)."""
     from ray.util.queue import Empty, Queue
 
@@ -150,7 +193,7 @@ def relay(con: Console):
     def pump() -> None:
         while True:
             try:
-                con.info(queue.get(timeout=0.5))
+                con.tick(queue.get(timeout=0.5))
             except Empty:
                 if stop.is_set():
                     return

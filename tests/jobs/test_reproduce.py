@@ -103,6 +103,65 @@ def test_chain_writes_every_table_to_s3_without_leaking_credentials(run, chain):
     assert ablate.startswith("python -m jobs.ablate ") and " --layer " not in ablate  # its pool1
 
 
+PROGRESS = re.compile(r"\d+/\d+ .*/s, ETA \d+:\d\d$")
+
+
+def test_chain_console_is_one_screen_of_stage_epoch_and_progress_lines(chain):
+    """The sub-jobs' consoles are nested: no Table 1, no neuron-type summary, no setup or
+    sub-stage chatter; what is left is a start and an end line per stage, the epochs, the
+    final line, and progress lines of stages long enough to print one, named by their stage."""
+    stamp = re.compile(r"\[\d\d:\d\d:\d\d\] ")      # our lines; Ray's own have none
+    lines = [line for line in chain.strip().splitlines() if stamp.match(line)]
+    assert "Table 1" not in chain and "double-opponent" not in chain, chain
+    assert all(line[11:].startswith("reproduce: ") for line in lines), chain
+    progress = [line for line in lines if PROGRESS.search(line)]
+    assert all(re.search(r"reproduce: (train|analyze|ablate|actmax):\w+: \w+ \d+/", line)
+               or "reproduce: neuron_types: " in line for line in progress), progress
+    others = [line[len("[00:00:00] reproduce: "):] for line in lines
+              if line not in progress and "WARNING" not in line]
+    epochs = [o for o in others if re.fullmatch(r"train:\w+: epoch 1/1 .*", o)]
+    assert sorted(e.split(":")[1] for e in epochs) == sorted(MODELS), others
+    rest = [o for o in others if o not in epochs]
+    stages = [f"{s}:{m}" for s in ("train", "analyze", "ablate", "actmax") for m in MODELS]
+    assert len(rest) == 2 * (len(stages) + 2) + 1, rest     # + neuron_types, report, done
+    for name in [*stages, "neuron_types", "report"]:
+        assert sum(bool(re.fullmatch(rf"\[\d/6\] {name} (\.\.\.|done in .* s)", o))
+                   for o in rest) == 2, (name, rest)
+
+
+def test_a_job_run_alone_prints_table1_and_nested_prints_none(run, chain):
+    """jobs.ablate's own command from run.json: alone it prints Table 1 (stdout) and its stage
+    lines; inside the chain's nest block, its console keeps none of them."""
+    import shlex
+
+    from jobs.ablate import main
+    from pipeline.tables import read_json
+    from runtime.console import Console
+
+    argv = shlex.split(read_json(f"{run['out']}/run.json")["details"]["commands"]
+                       ["ablate:resnet34"])[3:]
+    i = argv.index("--out")
+
+    def ablate(out: str, nested: bool) -> tuple[str, str]:
+        argv[i + 1] = out
+        so, se = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+            if nested:
+                with Console("reproduce").nest("ablate:resnet34"):
+                    assert main(argv) == 0
+            else:
+                assert main(argv) == 0
+        return so.getvalue(), se.getvalue()
+
+    out, err = ablate(f"{run['out']}-alone/ablation", nested=False)
+    assert out.startswith("Table 1: validation loss change") and "resnet34" in out, out
+    assert re.search(r"ablate: evaluate done in", err) and "ablate: wrote census" in err, err
+    out, err = ablate(f"{run['out']}-nested/ablation", nested=True)
+    assert out == "", out
+    assert all(PROGRESS.search(line) and line.split("] ", 1)[1].startswith(
+        "reproduce: ablate:resnet34: ") for line in err.splitlines()), err
+
+
 def test_rerun_skips_every_finished_stage(run, chain):
     # the report is rebuilt on every run: left out here, it is what the first run tested
     err = _reproduce(run, "--stages", "train,analyze,ablate,actmax,neuron_types")
@@ -236,9 +295,13 @@ def test_without_the_train_stage_or_a_checkpoint_later_stages_get_stand_ins(tmp_
     from runtime.console import Console
     from jobs.reproduce import Chain, ReproduceConfig
 
+    from pipeline.chain import analyze_argv
+
     con = Console("reproduce")
-    chain = Chain(ReproduceConfig(stages=("analyze",), out=str(tmp_path)), con)
+    cfg = ReproduceConfig(stages=("analyze",), out=str(tmp_path))
+    chain = Chain(cfg, con)
     chain.train("resnet34", 0)
-    assert chain.model("resnet34") == ["--model", "resnet34"]
+    assert analyze_argv(cfg, "resnet34", 0, *chain.trained("resnet34"))[:2] == [
+        "--model", "resnet34"]
     assert chain.skipped == ["train:resnet34"]
     assert any("untrained stand-in" in w for w in con.warnings)
