@@ -179,10 +179,9 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
         census, runs = census_table(stats.to_table(s.model_name, name), s.model_name, name,
                                     s.layer.channels, s.train_seed), [st]
     inactive = inactive_channels(census)
-    con.info(f"{name}: {len(inactive)} of {s.layer.channels} channels inactive "
-             f"({'census' if s.census is None else '--from'}): {inactive}")
-    if not inactive:
-        con.info(no_inactive_note(name))
+    con.tick(f"{name}: {len(inactive)} of {s.layer.channels} channels inactive "   # the chain too
+             f"({'census' if s.census is None else '--from'}): "
+             f"{inactive if inactive else no_inactive_note(name)}")
     plans = ablation.make_plans(inactive, s.layer.channels, range(cfg.seeds), cfg.fraction,
                                 cfg.eval_batch)
     store = engine.Store(cfg.out, fingerprint(cfg, s, device, inactive))

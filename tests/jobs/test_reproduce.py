@@ -121,7 +121,10 @@ def test_chain_console_is_one_screen_of_stage_epoch_and_progress_lines(chain):
               if line not in progress and "WARNING" not in line]
     epochs = [o for o in others if re.fullmatch(r"train:\w+: epoch 1/1 .*", o)]
     assert sorted(e.split(":")[1] for e in epochs) == sorted(MODELS), others
-    rest = [o for o in others if o not in epochs]
+    census = [o for o in others
+              if re.fullmatch(r"ablate:\w+: pool1: \d+ of \d+ channels inactive .*", o)]
+    assert sorted(c.split(":")[1] for c in census) == sorted(MODELS), others   # one line each
+    rest = [o for o in others if o not in epochs and o not in census]
     stages = [f"{s}:{m}" for s in ("train", "analyze", "ablate", "actmax") for m in MODELS]
     assert len(rest) == 2 * (len(stages) + 2) + 1, rest     # + neuron_types, report, done
     for name in [*stages, "neuron_types", "report"]:
@@ -158,8 +161,10 @@ def test_a_job_run_alone_prints_table1_and_nested_prints_none(run, chain):
     assert re.search(r"ablate: evaluate done in", err) and "ablate: wrote census" in err, err
     out, err = ablate(f"{run['out']}-nested/ablation", nested=True)
     assert out == "", out
-    assert all(PROGRESS.search(line) and line.split("] ", 1)[1].startswith(
-        "reproduce: ablate:resnet34: ") for line in err.splitlines()), err
+    lines = err.splitlines()
+    assert sum("channels inactive" in line for line in lines) == 1, err    # the census line
+    assert all((PROGRESS.search(line) or "channels inactive" in line) and line.split("] ", 1)[1]
+               .startswith("reproduce: ablate:resnet34: ") for line in lines), err
 
 
 def test_rerun_skips_every_finished_stage(run, chain):
