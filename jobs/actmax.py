@@ -23,7 +23,7 @@ import pyarrow as pa
 from runtime import engine
 from runtime.inputs import check_writable, load_job_model
 from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from runtime.runinfo import write_run
 from pipeline.actmax import TABLE_SCHEMA as SCHEMA
 from pipeline.actmax import chunk_table, sort_rows
@@ -80,10 +80,8 @@ class ActmaxConfig(Options):
                      "is exact (slower, same result)", flag="--no-crop")
 
     def check(self) -> None:
-        try:
+        with bad_input():
             self.settings()        # the parameterisation's own ranges
-        except ValueError as e:
-            raise BadInput(str(e)) from None
 
     def settings(self):
         from pipeline.actmax import Settings
@@ -133,10 +131,8 @@ def _setup(cfg: ActmaxConfig) -> _Setup:
                               int(recipe.get("eval_crop", jm.meta.get("input_size", 224))))
     if jm.untrained:   # BN statistics from noise, else the zero start is a dead fixed point
         calibrate_bn(jm.model, size, seed=cfg.seed)
-    try:
+    with bad_input():                # pipeline's message lists the allowed names
         layers = resolve_layers(jm.model, cfg.layers)
-    except ValueError as e:          # pipeline's message lists the allowed names
-        raise BadInput(str(e)) from None
     channels = {layer.name: parse_channels(cfg.channels, layer.name, layer.channels)
                 for layer in layers}
     return _Setup(jm.model.eval(), jm.name, jm.preprocess, size, jm.untrained, layers, channels)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from runtime.console import Console
-from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from pipeline.models import supported_models
 
 PROG = "python -m jobs.bench"
@@ -95,13 +95,11 @@ def run(cfg: Config) -> dict[str, Any]:
             url = make_synthetic(cfg.data or tmp, cfg.synthetic) if cfg.synthetic else cfg.data
             data = resolve_data(url)
             transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
-        try:
+        with bad_input(first_line=True):   # the message lists what is allowed
             runner = benchmark.bench_runner(
                 cfg.model, cfg.layers, transform.crop, cfg.top_k, cfg.mean_all,
                 cfg.width or (DEMO_WIDTH if transform.crop <= DEMO_CROP else 64), device,
                 cfg.batch_size)
-        except ValueError as e:   # the message lists what is allowed
-            raise BadInput(str(e).splitlines()[0]) from None
         timing = benchmark.Timing(cfg.images, cfg.batch_size, cfg.repeats, cpus,
                                   cfg.scaling_images, device)
         with con.stage("measure"):

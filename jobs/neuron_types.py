@@ -22,7 +22,7 @@ import pyarrow as pa
 from runtime import engine
 from runtime.inputs import check_writable
 from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from runtime.runinfo import write_run
 from pipeline.neuron_patterns import (OUT_SCHEMA, SOURCES, SUMMARY_SCHEMA, PatternError,
                                       format_summary, sort_rows, summarise)
@@ -67,10 +67,8 @@ class NeuronTypesConfig(Options):
 
         if not self.out.strip():
             raise BadInput("--out is empty; give a local folder or an s3:// URL")
-        try:
+        with bad_input():
             check_options(self.sources, self.neutral, self.thresholds)
-        except ValueError as e:
-            raise BadInput(str(e)) from None
         if "mean" in self.wants and not self.sources_from:
             raise BadInput("--from is required for the 'mean' source; give an analysis output")
 
@@ -87,14 +85,12 @@ def _setup(cfg: NeuronTypesConfig):
     """Inputs, filters, chunks and input stamps; every bad input surfaces here, before writing."""
     from pipeline import neuron_inputs as ni
 
-    try:
+    with bad_input():                     # InputError, PatternError: the message names the file
         found = ni.discover(cfg.sources_from, cfg.actmax, cfg.checkpoints, "mean" in cfg.wants,
                             require=cfg.sources or ())
         prep, filters = ni.load_filters(found.checkpoints)
         chunks = ni.plan_chunks(found, cfg.wants, cfg.neuron, cfg.neutral, prep, cfg.thresholds,
                                 cfg.chunk)
-    except ValueError as e:               # InputError, PatternError: the message names the file
-        raise BadInput(str(e)) from None
     urls = found.mean + found.actmax + [u for _, u in found.checkpoints]
     return found, filters, chunks, [ni.stamp(u) for u in urls]
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from runtime.inputs import check_writable
 from runtime.console import Console
-from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.options import Options, at_least, bad_input, opt, run_cli
 from runtime.runinfo import write_run
 
 __all__ = ["ReportConfig", "run", "main"]
@@ -65,10 +65,8 @@ def run(cfg: ReportConfig) -> str:
 
     con = Console("report")
     with con.stage("read", quiet=True):
-        try:
+        with bad_input(ReportInputError):
             inputs = load_inputs(cfg.root, warn=con.warn)
-        except ReportInputError as e:
-            raise BadInput(str(e)) from None
         check_writable(cfg.report_url)
     n, size = 0, 0
     with con.stage("render"):

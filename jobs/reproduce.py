@@ -26,7 +26,7 @@ from typing import Sequence
 
 from runtime.inputs import check_writable
 from runtime.console import Console, init_ray
-from runtime.options import BadInput, JobFailed, Options, at_least, opt, run_cli
+from runtime.options import JobFailed, Options, at_least, bad_input, opt, run_cli
 from runtime.runinfo import write_run
 from pipeline import chain, layout, tables
 from pipeline.chain import PAPER_LAYERS, PAPER_MODELS, STAGES, Layers, items, stage_name
@@ -70,10 +70,8 @@ class ReproduceConfig(Options):
 
     def check(self) -> None:
         """pipeline.chain's checks; their ValueError is the user's input: BadInput."""
-        try:
+        with bad_input():
             chain.check(self)
-        except ValueError as e:
-            raise BadInput(str(e)) from None
 
     def given_checkpoints(self) -> dict[str, str]:
         """model -> checkpoint URL given instead of training."""

@@ -24,7 +24,7 @@ from runtime import engine
 from runtime.inputs import check_writable
 from jobs.trainer import fit
 from runtime.console import Console, init_ray, worker_log
-from runtime.options import BadInput, Options, at_least, opt, run_cli
+from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from runtime.runinfo import write_run
 from pipeline import tables, trainrun
 from pipeline.augment import AUGMENTS
@@ -91,10 +91,8 @@ class TrainConfig(Options):
             raise BadInput("--val given without --data; give both, or neither for the demo data")
         if self.data is not None and self.val is None:
             raise BadInput("--data needs --val (the validation source for the per-epoch metrics)")
-        try:
+        with bad_input():
             self.recipe
-        except ValueError as e:
-            raise BadInput(str(e)) from None
 
     @property
     def recipe(self) -> Recipe:
@@ -120,14 +118,12 @@ def _inputs(cfg: TrainConfig) -> tuple[TrainConfig, tuple[Any, Any, list[str]], 
     write. The pipeline refuses bad input with ValueError: it becomes BadInput here, only here."""
     root = ensure_demo_data() if cfg.data is None else None
     init = None
-    try:
+    with bad_input(ValueError, FileNotFoundError):    # one line naming the source or setting
         sources = training_sources(cfg.data or f"{root}/train", cfg.val or f"{root}/val")
         if cfg.init is not None:                      # the weights fix the width
             init, width = trainrun.load_init(cfg.init, cfg.recipe.model, len(sources[2]))
             cfg = replace(cfg, width=width)
         state = trainrun.prior_state(tables.join(cfg.out, STATE_FILE), cfg.identity(), cfg.out)
-    except (ValueError, FileNotFoundError) as e:      # one line naming the source or setting
-        raise BadInput(str(e)) from None
     return cfg, sources, init, state
 
 
