@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, PositiveMean,
-                           Scan, TopK)
+from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, ImageIndex,
+                           PositiveMean, Scan, TopK)
 from .geometry import module_fields
 from .hooks import Trace
 from .layers import Layer
@@ -131,7 +131,7 @@ class LayerResult:
                      for n in options.mean_neurons}
         self.channels = ChannelStats(c)
 
-    def update(self, acts: Tensor, images: Tensor, indices: Tensor) -> None:
+    def update(self, acts: Tensor, images: Tensor, indices: "Tensor | ImageIndex") -> None:
         scan = Scan(acts, compiled=self.compile)
         for acc in self.topk.values():
             acc.update(scan, indices)
@@ -179,6 +179,7 @@ class AnalysisResult:
     def update(self, acts: dict[str, Tensor], images: Tensor, indices: Tensor) -> None:
         """One batch: `acts` per layer (N, C, H, W) on any device, uint8 `images` (N, 3, H, W),
         `indices` (N,) image_index. State stays on the activations' device (no host copy)."""
+        indices = ImageIndex(indices, images.shape[0])      # checked once for every layer
         for name, layer in self.layers.items():
             layer.update(acts[name], images, indices)
 
