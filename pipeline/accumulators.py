@@ -39,6 +39,7 @@ Activations must not be NaN (a NaN has no place in a top-k).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -144,7 +145,33 @@ def _fused_failed(acts: Tensor) -> None:  # marker: compilation failed once in t
     return None
 
 
-_RAMPS: dict[int, Tensor] = {}     # length -> float32 L, L-1, ..., 1 (`Scan.first_max`)
+_SCRATCH = threading.local()
+
+
+def _take(nbytes: int, device: torch.device) -> Tensor:
+    """A byte buffer; on CPU from this thread's free list when one of that size was given back
+    (`_give`): its pages are already mapped, a new buffer faults on each 4 KiB written."""
+    free = _SCRATCH.__dict__.setdefault("free", {}).get(nbytes) if device.type == "cpu" else None
+    return free.pop() if free else torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _give(buf: Tensor) -> None:
+    """Return a `_take` buffer for reuse (CPU; at most 8 of a size are kept per thread)."""
+    if buf.device.type == "cpu":
+        free = _SCRATCH.__dict__.setdefault("free", {}).setdefault(buf.numel(), [])
+        if len(free) < 8:
+            free.append(buf)
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A CPU work buffer of `shape`, reused per thread and name (a fresh large buffer costs a
+    page fault per 4 KiB written, as much as the work in it); contents are left over."""
+    numel = int(np.prod(shape))
+    t = getattr(_SCRATCH, name, None)
+    if t is None or t.numel() < numel or t.dtype != dtype:
+        t = torch.empty(numel, dtype=dtype)
+        setattr(_SCRATCH, name, t)
+    return t[:numel].view(shape)
 # Eager CPU path: the scan reduces rows in blocks of about _SCAN_BYTES (measured on a 32 MiB L3:
 # 2-4 MiB best, 1 MiB +10 %, 0.5 MiB +25 %: per-call overhead); the first-maximum search and the
 # centre-mean matmul work on blocks of _BLOCK_BYTES.
@@ -159,15 +186,13 @@ class _Positives:
     `per` <= 127 words at a time: each byte of such a sum is the count of its byte lane (at
     most 127 < 256: no carry into the next byte, and below 2**63: no overflow), so the bytes
     of the (rows, groups) sums, summed once more, are the counts. Rows are padded with False
-    to groups * per * 8 bytes."""
+    to groups * per * 8 bytes. One per thread and block shape, reused (`_blocked`)."""
 
     def __init__(self, rows: int, length: int):
         words = -(-length // 8)
         self.groups = -(-words // 127)
         self.per = -(-words // self.groups)
-        width = self.groups * self.per * 8
-        self.flags = (torch.zeros if width != length else torch.empty)(rows, width,
-                                                                         dtype=torch.bool)
+        self.flags = torch.zeros(rows, self.groups * self.per * 8, dtype=torch.bool)
         self.view = self.flags.numpy()[:, :length]
         self.part = torch.empty(rows, self.groups, dtype=torch.int64)
 
@@ -185,7 +210,13 @@ def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Ten
     (element `at` too: read later from the whole tensor, one per row, it would cost a cache and
     TLB miss each). One block: no element copy (None), the fewest calls."""
     total, length = f.shape
-    count = _Positives(min(step, total), length)
+    rows = min(step, total)
+    cache = _SCRATCH.__dict__.setdefault("positives", {})
+    count = cache.get((rows, length))
+    if count is None:
+        if len(cache) >= 16:       # a few layer shapes per run; at most ~1 MiB each
+            cache.clear()
+        count = cache[rows, length] = _Positives(rows, length)
     src = f.detach().numpy()
     if total <= step:
         p = torch.empty(total, dtype=torch.int64)
@@ -296,30 +327,25 @@ class Scan:
         got = self._cache.get("center")
         return self.acts[:, :, self.h // 2, self.w // 2] if got is None else got
 
-    def first_max(self, n: Tensor, c: Tensor) -> Tensor:
-        """Raster position (y*W + x) of the first maximum of images n, channels c (1-D each):
-        the smallest y, then x. `argmax` returns that, but its CPU kernel is ~5x slower than
-        `amax`; there the rows, copied a cache-sized block at a time, become `row == max` as
-        0.0/1.0 times the descending ramp L, L-1, ..., 1, whose maximum L - p is at the first
-        maximal position p (exact: L < 2**24; -0.0 equals 0.0 here as in argmax)."""
-        flat = self.acts.reshape(self.n * self.c, -1)     # a view when contiguous
-        rows = n * self.c + c
-        total, length = rows.shape[0], flat.shape[1]
-        if self.device.type != "cpu" or flat.dtype != torch.float32 or length >= 2 ** 24:
-            return flat.index_select(0, rows).argmax(1)
-        ramp = _RAMPS.get(length)
-        if ramp is None:
-            ramp = _RAMPS[length] = torch.arange(length, 0, -1, dtype=torch.float32)
-        top = self.image_max.reshape(-1).index_select(0, rows).unsqueeze(1)
-        step = max(1, _BLOCK_BYTES // (4 * length))
-        buf = torch.empty(min(step, total), length)
-        out = torch.empty(total)
+    def first_max(self, rows: np.ndarray) -> np.ndarray:
+        """Raster positions (y*W + x) of the first maximum of rows `rows` (image * C + channel)
+        of the activations on the host: the smallest y, then x (numpy's `argmax` returns the
+        first maximal index, -0.0 equal to 0.0, like torch's, and is ~10x faster on CPU).
+        Rows are gathered a cache-sized block at a time."""
+        flat = self.acts.detach().reshape(self.n * self.c, -1)
+        if flat.dtype not in (torch.float32, torch.float64, torch.float16):
+            return flat[torch.from_numpy(rows)].argmax(1).numpy()
+        src = flat.numpy()
+        total, length = len(rows), src.shape[1]
+        step = max(1, _BLOCK_BYTES // (src.itemsize * max(length, 1)))
+        if total <= step:
+            return src[rows].argmax(1)
+        buf = _scratch("rows", (step, length), flat.dtype).numpy()
+        out = np.empty(total, np.int64)
         for i in range(0, total, step):
-            b = buf[:min(step, total - i)]
-            torch.index_select(flat, 0, rows[i:i + step], out=b)
-            torch.eq(b, top[i:i + step], out=b).mul_(ramp)
-            torch.amax(b, 1, out=out[i:i + step])
-        return length - out.to(torch.int64)
+            part = rows[i:i + step]
+            out[i:i + len(part)] = np.take(src, part, axis=0, out=buf[:len(part)]).argmax(1)
+        return out
 
     def first_max_all(self) -> Tensor:
         """(N, C) positions of every image's first maximum (the device path: no host sync)."""
@@ -335,12 +361,29 @@ def _scan(acts: "Tensor | Scan", channels: int) -> Scan:
 
 class ImageIndex:
     """The image_index of one batch, checked once ((N,) int64 on the host, each in
-    [0, 2**32)): pass it to every `TopK.update` of the batch instead of re-checking per call."""
+    [0, 2**32)): pass it to every `TopK.update` of the batch instead of re-checking per call.
+    `distinct`: no index twice (computed on first use)."""
 
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "_distinct", "_low")
 
     def __init__(self, indices: "Tensor | np.ndarray | ImageIndex", n: int):
         self.tensor = _as_index(indices, n)
+        self._distinct: bool | None = None
+        self._low: np.ndarray | None = None
+
+    @property
+    def low(self) -> np.ndarray:
+        """image_index - 2**32 (numpy): the low half of `_order_key`, and its offset."""
+        if self._low is None:
+            self._low = self.tensor.numpy() - MAX_IMAGE_INDEX
+        return self._low
+
+    @property
+    def distinct(self) -> bool:
+        if self._distinct is None:
+            t = self.tensor
+            self._distinct = len(t) < 2 or bool((t.sort().values.diff() != 0).all())
+        return self._distinct
 
 
 def _as_index(indices: "Tensor | np.ndarray | ImageIndex", n: int) -> Tensor:
@@ -367,6 +410,19 @@ def _order_key(val: Tensor, idx: Tensor) -> Tensor:
     bits = (val.to(torch.float32) + 0.0).view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return torch.add(idx - MAX_IMAGE_INDEX, ordered.to(torch.int64), alpha=-MAX_IMAGE_INDEX)
+
+
+def _pick(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """a[i, cols[i, j]] for 2-D arrays (`np.take_along_axis` costs ~5x more per call)."""
+    a = np.ascontiguousarray(a)
+    return a.reshape(-1)[cols + (np.arange(len(a)) * a.shape[1])[:, None]]
+
+
+def _order_key_np(val: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """`_order_key` in numpy (the CPU path), `low` = image_index - 2**32."""
+    bits = (val + np.float32(0.0)).view(np.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return low - ordered.astype(np.int64) * MAX_IMAGE_INDEX
 
 
 class _OnDevice:
@@ -420,73 +476,90 @@ class TopK(_OnDevice):
     def update(self, acts: "Tensor | Scan", indices: "Tensor | np.ndarray | ImageIndex"
                ) -> "TopK":
         scan = _scan(acts, self.channels)
-        n, c, w = scan.n, self.channels, scan.w
-        idx = _as_index(indices, n)
-        if n == 0:
+        ix = indices if isinstance(indices, ImageIndex) else ImageIndex(indices, scan.n)
+        _as_index(ix, scan.n)
+        if scan.n == 0:
             return self
         if self.activation.device != scan.device:
             self._to(scan.device)
-        cpu = scan.device.type == "cpu"
         val = (scan.center if self.neuron == "center" else scan.image_max).T
         if val.dtype != torch.float32:
             val = val.float()
-        full = self.activation.shape[1] == self.k
-        # A candidate can enter only if its key is not worse than the k-th best key of state
-        # and batch together (the state is sorted: when full, its last entry bounds that). On
-        # CPU the test is free (no device sync), and in a long run it is false for almost every
-        # candidate: no position, no merge. First the cheap necessary condition (activation >=
-        # the k-th's; -0.0 >= 0.0 holds, as their keys tie), then the keys.
-        if cpu and full and not bool((val >= self.activation[:, -1:]).any()):
-            return self
-        idx = idx.to(scan.device, non_blocking=True)
-        key = _order_key(val, idx)                                       # (C, n)
-        need = None
-        if cpu:
-            if full:
-                kth = self._key[:, -1:]
-            else:
-                both = torch.cat([self._key, key], 1)
-                kth = both.kthvalue(min(self.k, both.shape[1]), 1, keepdim=True).values
-            need = key <= kth
-            if full and not bool(need.any()):
-                return self
-        self._keep(val, key, self._positions(scan, need))
+        if scan.device.type == "cpu":
+            self._update_host(scan, ix, val.detach().numpy())
+        else:
+            self._update_device(scan, ix, val)
         return self
 
-    def _positions(self, scan: Scan, need: Tensor | None) -> Tensor:
-        """(C, n) y * 2**32 + x of the candidates: the centre, or each image's first maximum,
-        computed on CPU only where `need` (the others keep 0 and are never selected: at least k
-        candidates are strictly better); on an accelerator for all (no host sync)."""
-        c, n, h, w = self.channels, scan.n, scan.h, scan.w
-        if self.neuron == "center":
-            return torch.full((c, n), (h // 2) * MAX_IMAGE_INDEX + w // 2, dtype=torch.int64,
-                              device=scan.device)
-        if need is None:
-            pos = scan.first_max_all().T
+    def _update_host(self, scan: Scan, ix: ImageIndex, val: np.ndarray) -> None:
+        """CPU: the (C, N) candidates in numpy (a torch call costs ~3 us of dispatch, a numpy
+        one ~1 us, and a batch takes ~30 of them). A candidate can enter only if its key is not
+        worse than the k-th best key of the state (sorted: its last entry, when full); in a long
+        run that is false for almost every candidate: no position, no merge. First the cheap
+        necessary condition (activation >= the k-th's; -0.0 >= 0.0 holds, as their keys tie),
+        then the keys."""
+        act = self.activation.numpy()
+        full = act.shape[1] == self.k
+        if full and not (val >= act[:, -1:]).any():
+            return
+        key = _order_key_np(val, ix.low)                                  # (C, N)
+        if full and not (key <= self._key.numpy()[:, -1:]).any():
+            return
+        n, c = key.shape[1], self.channels
+        if n > self.k and ix.distinct:
+            # Only a channel's k best candidates of the batch can enter (any other has k better
+            # ones in the batch alone); distinct image indices make their keys distinct.
+            cols = np.argpartition(key, self.k - 1, axis=1)[:, :self.k]
+            key, val = _pick(key, cols), _pick(val, cols)
         else:
-            cs, ns = need.nonzero(as_tuple=True)
-            pos = torch.zeros(c, n, dtype=torch.int64)
-            if cs.numel():
-                pos[cs, ns] = scan.first_max(ns, cs)
-        return pos + (pos // w) * (MAX_IMAGE_INDEX - w)          # y*w + x -> y*2**32 + x
+            cols = np.broadcast_to(np.arange(n), key.shape)
+        if self.neuron == "center":
+            pos = np.full(key.shape, (scan.h // 2) * MAX_IMAGE_INDEX + scan.w // 2, np.int64)
+        else:
+            p = scan.first_max((cols * c + np.arange(c)[:, None]).reshape(-1)).reshape(key.shape)
+            pos = p + (p // scan.w) * (MAX_IMAGE_INDEX - scan.w)      # y*w + x -> y*2**32 + x
+        self._keep_host(val, key, pos)
 
-    def _keep(self, val: Tensor, key: Tensor, pos: Tensor) -> None:
-        """Merge (C, n) candidates (activation, order key, y * 2**32 + x) into the state: the k
-        best of both in the total order. Sorting the keys decides, unless two of the first k+1
-        are equal (one image_index offered twice with the same activation): then (y, x) breaks
-        the tie, by a stable sort on it before the one on the keys."""
+    def _keep_host(self, val: np.ndarray, key: np.ndarray, pos: np.ndarray) -> None:
+        """Merge (C, m) candidates (activation, order key, y * 2**32 + x) into the state: the k
+        best of both in the total order, (key, then y, x) by one `lexsort` per row; (y, x) only
+        matters for one image_index offered twice with the same activation."""
+        allkey = np.concatenate([self._key.numpy(), key], 1)
+        allpos = np.concatenate([self._pos.numpy(), pos], 1)
+        order = np.lexsort((allpos, allkey), axis=-1)[:, :self.k]
+        keys = _pick(allkey, order)
+        act = np.concatenate([self.activation.numpy(), val], 1)
+        self._key = torch.from_numpy(keys)
+        self.image_index = torch.from_numpy(keys & (MAX_IMAGE_INDEX - 1))   # the low half
+        self.activation = torch.from_numpy(_pick(act, order))
+        self._pos = torch.from_numpy(_pick(allpos, order))
+
+    def _update_device(self, scan: Scan, ix: ImageIndex, val: Tensor) -> None:
+        """An accelerator: the same in torch, without the host-synchronising early exits; the
+        first maxima of every image in one argmax pass."""
+        key = _order_key(val, ix.tensor.to(scan.device, non_blocking=True))     # (C, N)
+        pos = None
+        if self.neuron == "any":
+            pos = scan.first_max_all().T
+            pos = pos + (pos // scan.w) * (MAX_IMAGE_INDEX - scan.w)
+        if scan.n > self.k and ix.distinct:
+            key, cols = key.topk(self.k, dim=1, largest=False, sorted=False)
+            val = torch.gather(val, 1, cols)
+            pos = None if pos is None else torch.gather(pos, 1, cols)
+        if pos is None:
+            pos = torch.full(val.shape, (scan.h // 2) * MAX_IMAGE_INDEX + scan.w // 2,
+                             dtype=torch.int64, device=scan.device)
+        self._keep_device(val, key, pos)
+
+    def _keep_device(self, val: Tensor, key: Tensor, pos: Tensor) -> None:
+        """`_keep_host` in torch: a stable sort on (y, x), then a stable one on the keys."""
         allkey = torch.cat([self._key, key], 1)
         allpos = torch.cat([self._pos, pos], 1)
-        m = min(self.k, allkey.shape[1])
-        sk, order = allkey.sort(dim=1, stable=True)
-        head = sk[:, :m + 1]
-        if bool((head[:, 1:] == head[:, :-1]).any()):
-            first = allpos.argsort(dim=1, stable=True)
-            order = torch.gather(first, 1, torch.gather(allkey, 1, first).argsort(dim=1, stable=True))
-            sk = torch.gather(allkey, 1, order)
-        order = order[:, :m]
-        self._key = sk[:, :m]
-        self.image_index = self._key & (MAX_IMAGE_INDEX - 1)        # the key's low half
+        first = allpos.argsort(dim=1, stable=True)
+        then = torch.gather(allkey, 1, first).argsort(dim=1, stable=True)
+        order = torch.gather(first, 1, then)[:, :self.k]
+        self._key = torch.gather(allkey, 1, order)
+        self.image_index = self._key & (MAX_IMAGE_INDEX - 1)
         self.activation = torch.gather(torch.cat([self.activation, val], 1), 1, order)
         self._pos = torch.gather(allpos, 1, order)
 
@@ -494,7 +567,10 @@ class TopK(_OnDevice):
         if (other.channels, other.k, other.neuron) != (self.channels, self.k, self.neuron):
             raise ValueError("cannot merge TopK accumulators of different shape or neuron")
         dev = self.device
-        self._keep(*(t.to(dev) for t in (other.activation, other._key, other._pos)))
+        if dev.type == "cpu":
+            self._keep_host(*(t.cpu().numpy() for t in (other.activation, other._key, other._pos)))
+        else:
+            self._keep_device(*(t.to(dev) for t in (other.activation, other._key, other._pos)))
         return self
 
     def state(self) -> dict[str, Any]:
@@ -555,7 +631,8 @@ class PositiveMean(_OnDevice):
     # float32 partial sums stay exact while they stay below 2**24 (integers in uint8 units).
     _EXACT_F32 = 2 ** 24
     _FLUSH_IMAGES = (_EXACT_F32 - 1) // 255
-    _DEFER_BYTES = 4 << 20       # centre crops waiting for the matmul, per accumulator
+    _DEFER_BYTES = 4 << 20       # centre crops waiting for the matmul, per accumulator,
+    _DEFER_IMAGES = 1024         # and at most this many images (< _FLUSH_IMAGES)
     _tensors = ("count", "sum", "weight")
     _stored = ("_count", "_sum", "_weight")
 
@@ -574,6 +651,7 @@ class PositiveMean(_OnDevice):
         self._box: tuple[int, int, int, int] | None = None
         self._crops: Tensor | None = None
         self._masks: Tensor | None = None
+        self._bufs: tuple[Tensor, Tensor] = ()          # their `_take` buffers
         self._pn = 0
 
     @property
@@ -600,10 +678,14 @@ class PositiveMean(_OnDevice):
         n, c = self._pn, self.channels
         a, b, l, r = self._box
         masks = self._masks[:, :n]
-        step = max(1, _BLOCK_BYTES // (4 * self._crops.shape[1]))
+        size = self._crops.shape[1]
+        step = max(1, _BLOCK_BYTES // (4 * size))
+        cpu = self._crops.device.type == "cpu"
+        buf = _scratch("crops", (min(step, n), size), torch.float32) if cpu else None
         out = None
         for i in range(0, n, step):
-            crops = self._crops[i:min(i + step, n)].to(torch.float32)
+            part = self._crops[i:min(i + step, n)]
+            crops = buf[:len(part)].copy_(part) if cpu else part.to(torch.float32)
             out = (torch.mm(masks[:, i:i + step], crops) if out is None
                    else out.addmm_(masks[:, i:i + step], crops))
         cnt = masks.sum(1)
@@ -611,6 +693,10 @@ class PositiveMean(_OnDevice):
         self._sum[:, :, a:b, l:r] += out.view(c, 3, b - a, r - l)
         self._weight[:, a:b, l:r] += cnt.to(torch.float64).view(c, 1, 1)
         self._pn = 0
+        for buf in self._bufs:
+            _give(buf)
+        self._crops = self._masks = None
+        self._bufs = ()
         return self
 
     def _padded(self, images: Tensor, h: int, w: int) -> Tensor:
@@ -653,17 +739,19 @@ class PositiveMean(_OnDevice):
             self._count += mask.sum(1)
             return
         box, size = (y0 - top, y1 - top, x0 - left, x1 - left), 3 * (y1 - y0) * (x1 - x0)
-        cap = max(1, min(self._DEFER_BYTES // size, self._FLUSH_IMAGES))
+        cap = max(1, min(self._DEFER_BYTES // size, self._DEFER_IMAGES))
         for i in range(0, n, cap):
             m = min(cap, n - i)
             if not self._fits(box, m, images):
                 self.flush()
-                if not self._fits(box, m, images):      # another box, dtype or device
-                    self._box = box
-                    self._crops = images.new_empty(cap, size)
-                    self._masks = torch.empty(c, cap, device=images.device)
+                self._box = box
+                self._bufs = (_take(cap * size * images.element_size(), images.device),
+                              _take(c * cap * 4, images.device))
+                self._crops = self._bufs[0].view(images.dtype).view(cap, size)
+                self._masks = self._bufs[1].view(torch.float32).view(c, cap)
             p = self._pn
-            self._crops[p:p + m].view(m, 3, y1 - y0, x1 - x0).copy_(images[i:i + m, :, y0:y1, x0:x1])
+            self._crops[p:p + m].view(m, 3, y1 - y0, x1 - x0).copy_(
+                images[i:i + m, :, y0:y1, x0:x1])
             self._masks[:, p:p + m] = mask[:, i:i + m]
             self._pn += m
 
