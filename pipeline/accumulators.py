@@ -412,12 +412,6 @@ def _order_key(val: Tensor, idx: Tensor) -> Tensor:
     return torch.add(idx - MAX_IMAGE_INDEX, ordered.to(torch.int64), alpha=-MAX_IMAGE_INDEX)
 
 
-def _pick(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """a[i, cols[i, j]] for 2-D arrays (`np.take_along_axis` costs ~5x more per call)."""
-    a = np.ascontiguousarray(a)
-    return a.reshape(-1)[cols + (np.arange(len(a)) * a.shape[1])[:, None]]
-
-
 def _order_key_np(val: np.ndarray, low: np.ndarray) -> np.ndarray:
     """`_order_key` in numpy (the CPU path), `low` = image_index - 2**32."""
     bits = (val + np.float32(0.0)).view(np.int32)
@@ -510,7 +504,8 @@ class TopK(_OnDevice):
             # Only a channel's k best candidates of the batch can enter (any other has k better
             # ones in the batch alone); distinct image indices make their keys distinct.
             cols = np.argpartition(key, self.k - 1, axis=1)[:, :self.k]
-            key, val = _pick(key, cols), _pick(val, cols)
+            flat = cols + (np.arange(c) * n)[:, None]
+            key, val = key.reshape(-1)[flat], np.ascontiguousarray(val).reshape(-1)[flat]
         else:
             cols = np.broadcast_to(np.arange(n), key.shape)
         if self.neuron == "center":
@@ -527,12 +522,13 @@ class TopK(_OnDevice):
         allkey = np.concatenate([self._key.numpy(), key], 1)
         allpos = np.concatenate([self._pos.numpy(), pos], 1)
         order = np.lexsort((allpos, allkey), axis=-1)[:, :self.k]
-        keys = _pick(allkey, order)
+        flat = order + (np.arange(len(allkey)) * allkey.shape[1])[:, None]
+        keys = allkey.reshape(-1)[flat]
         act = np.concatenate([self.activation.numpy(), val], 1)
         self._key = torch.from_numpy(keys)
         self.image_index = torch.from_numpy(keys & (MAX_IMAGE_INDEX - 1))   # the low half
-        self.activation = torch.from_numpy(_pick(act, order))
-        self._pos = torch.from_numpy(_pick(allpos, order))
+        self.activation = torch.from_numpy(act.reshape(-1)[flat])
+        self._pos = torch.from_numpy(allpos.reshape(-1)[flat])
 
     def _update_device(self, scan: Scan, ix: ImageIndex, val: Tensor) -> None:
         """An accelerator: the same in torch, without the host-synchronising early exits; the
@@ -632,7 +628,7 @@ class PositiveMean(_OnDevice):
     _EXACT_F32 = 2 ** 24
     _FLUSH_IMAGES = (_EXACT_F32 - 1) // 255
     _DEFER_BYTES = 4 << 20       # centre crops waiting for the matmul, per accumulator,
-    _DEFER_IMAGES = 1024         # and at most this many images (< _FLUSH_IMAGES)
+    _DEFER_IMAGES = 1024         # and at most this many images (and _FLUSH_IMAGES)
     _tensors = ("count", "sum", "weight")
     _stored = ("_count", "_sum", "_weight")
 
@@ -739,7 +735,7 @@ class PositiveMean(_OnDevice):
             self._count += mask.sum(1)
             return
         box, size = (y0 - top, y1 - top, x0 - left, x1 - left), 3 * (y1 - y0) * (x1 - x0)
-        cap = max(1, min(self._DEFER_BYTES // size, self._DEFER_IMAGES))
+        cap = max(1, min(self._DEFER_BYTES // size, self._DEFER_IMAGES, self._FLUSH_IMAGES))
         for i in range(0, n, cap):
             m = min(cap, n - i)
             if not self._fits(box, m, images):
