@@ -9,23 +9,36 @@ Each accumulator follows one shape (see STYLE.md, item 4):
     acc.to_table(model=..., layer=...) # rows of DESIGN.md's tables
 
 Speed: one read of the activations. `Scan(acts)` reduces a batch of one layer once to small
-(N, C) per-image figures (maximum, sum, positive count, centre value); every
-accumulator of that layer updates from the same `Scan` (pass it instead of `acts`; a plain
-tensor is wrapped). The first-maximum position is computed only for the images that can enter
-a top-k. Accumulator state lives on the activations' device (moved there on the first update)
-and crosses to the host only in `state()` / `to_table()`: no per-batch device-to-host copy, and
-top-k merges on the device. `Scan(acts, compiled=True)` (or `PREFERRED_STIMULI_COMPILE=1`,
-see `use_compile`) fuses the max, sum and count into one torch.compile'd kernel.
+(N, C) per-image figures (maximum, sum, positive count, centre value); every accumulator of
+that layer updates from the same `Scan` (pass it instead of `acts`; a plain tensor is wrapped).
+On CPU the scan runs over cache-sized blocks of rows: the first pass (amax) reads memory, the
+float32 sum, the centre copy and the positive count (`_Positives`: one bool byte per value and
+integer sums of those bytes) read the block from cache. The first-maximum position is computed
+only for the images that can enter a top-k (numpy's argmax: ~10x torch's on CPU); the CPU
+top-k merge itself runs in numpy (a handful of small arrays per batch, where a torch call's
+dispatch costs more than its work). The centre mean's crops wait, `_DEFER_BYTES` of them, for
+one matmul (`PositiveMean.flush`, called by everything that reads the state). Accumulator
+state lives on the activations' device (moved there on the first update) and crosses to the
+host only in `state()` / `to_table()`: no per-batch device-to-host copy, and top-k merges on
+the device. `Scan(acts, compiled=True)` (or `PREFERRED_STIMULI_COMPILE=1`, see `use_compile`)
+fuses the max, sum and count into one torch.compile'd kernel. Timings: docs/analysis.md.
 
 Exactness (results are the same for any split of the data and any merge order):
-- `TopK` keeps, per channel, the k best under (activation desc, image_index asc, y asc, x asc);
-  one sort on an int64 key (order-preserving bits of the activation, then image_index), after a
-  stable sort on (y, x). The order is total and each image offers one candidate per channel, so
-  the result is the same bits for any split. Per image, `any` takes the first maximum in raster
-  order (smallest y, then x), exactly as `torch.max` did.
-- `PositiveMean` sums the RF patches in uint8 units (0..255): each batch's partial sum is a
-  float32 matmul of a 0/1 mask with integers, at most 255 * N < 2**24 (batches are cut to keep
-  it so), hence exact; the float64 state holds integers below 2**53: exact and order-independent.
+- `TopK` keeps, per channel, the k best under (activation desc, image_index asc, y asc, x asc):
+  an int64 key (order-preserving bits of the activation, then image_index), ties of the key
+  (one image_index offered twice with the same activation) broken by (y, x) (a lexsort on CPU;
+  stable sorts on (y, x), then the key, elsewhere). The order is total and each image offers
+  one candidate per channel, so the result is the same bits for any split. Of a batch larger
+  than k only each channel's k best keys go on to the merge (the others have k better ones in
+  the batch alone); that preselection runs only when the batch's image indices are distinct,
+  so that those keys are distinct and the k best unique. Per image, `any` takes the first
+  maximum in raster order (smallest y, then x), exactly as `torch.max` did.
+- `PositiveMean` sums the RF patches in uint8 units (0..255). Centre: a float32 matmul of the
+  0/1 masks with the waiting crops, over at most `_FLUSH_IMAGES` = 65,793 images (255 * 65,793
+  = 2**24 - 1), so every partial sum, in any order, with or without FMA, is an integer below
+  2**24: exact; `all`: float32 correlations of chunks small enough for the same bound. The
+  float64 state holds integers below 2**53: exact and order-independent. When the matmul runs
+  (which batches it groups) changes nothing.
 - `ChannelStats` keeps max (exact), integer counts (exact) and a float64 sum of activations for
   the mean. Eager on CPU, each image's sum (at most H*W values) is a float32 sum whose bits do
   not depend on the batch (see `Scan`), and the per-image sums are added in float64; the
@@ -99,7 +112,7 @@ def use_compile() -> bool:
     """Whether `Scan` fuses its reductions with torch.compile when not told: environment variable
     PREFERRED_STIMULI_COMPILE = 1 (on) or 0 / unset (off), read at call time. Off by default:
     compiling costs 10-25 s per process (too much for tests and short runs), and on CPU it takes
-    a full-size ResNet34 batch from ~2.7x to ~1.9x one `amax` read (see docs/analysis.md)."""
+    a full-size ResNet34 batch from ~1.85x to ~1.4x one `amax` read (see docs/analysis.md)."""
     v = os.environ.get(COMPILE_ENV, "0").strip().lower()
     if v in ("1", "true", "on", "yes"):
         return True
@@ -172,6 +185,8 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         t = torch.empty(numel, dtype=dtype)
         setattr(_SCRATCH, name, t)
     return t[:numel].view(shape)
+
+
 # Eager CPU path: the scan reduces rows in blocks of about _SCAN_BYTES (measured on a 32 MiB L3:
 # 2-4 MiB best, 1 MiB +10 %, 0.5 MiB +25 %: per-call overhead); the first-maximum search and the
 # centre-mean matmul work on blocks of _BLOCK_BYTES.
@@ -234,18 +249,20 @@ def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Ten
         count(src[i * step:i * step + len(blk)], po)
     return m, s, p, e
 
+
 class Scan:
     """One layer's batch reduced once to small per-(image, channel) figures, shared by every
     accumulator of the layer. Figures are computed on first use and cached:
 
     image_max (N, C) float32, image_sum (N, C) float64, image_positive (N, C) int64,
-    center (N, C) the centre neuron (H//2, W//2), and `first_max(n, c)` the raster position of
-    an image's first maximum (computed only for the few images that can enter a top-k).
+    center (N, C) the centre neuron (H//2, W//2), `totals()` their per-channel sums, and
+    `first_max(rows)` the raster position of an image's first maximum (computed only for the
+    few images that can enter a top-k).
 
     `compiled`: fuse max, sum and count into one torch.compile'd kernel (None: `use_compile()`).
-    Eager CPU: one pass over cache-sized blocks of (image, channel) rows, each block reduced
-    three times while it sits in cache: max, float32 sum, and the count as the float32 sum of
-    `a > 0` written as 0.0/1.0 into a reused buffer (exact: counts <= H*W < 2**24).
+    Eager CPU (`_blocked`): one pass over cache-sized blocks of (image, channel) rows, each block
+    read from memory once (amax) and then, while it sits in cache, summed in float32, its
+    centre column copied, and its positive values counted (`_Positives`, exact integers).
     Why a float32 sum per image is fine: it adds at most H*W values of one image in an order
     fixed by H*W alone (the CPU kernel parallelises over images, never inside one; a single
     (image, channel) row is doubled so that this holds for it too), so an image's sum is the same
@@ -269,7 +286,7 @@ class Scan:
 
     def _fill(self) -> None:
         """Per (image, channel): `max`, `sum` and `pos` (positive count), in whatever dtype the
-        path yields (eager CPU: float32 sums and counts); the properties convert."""
+        path yields (eager CPU: float32 sums, int64 counts); the properties convert."""
         if self.compiled and self.n:
             out = _compiled_fused(self.acts)
             if out is not None:
@@ -678,14 +695,15 @@ class PositiveMean(_OnDevice):
         step = max(1, _BLOCK_BYTES // (4 * size))
         cpu = self._crops.device.type == "cpu"
         buf = _scratch("crops", (min(step, n), size), torch.float32) if cpu else None
-        out = None
+        out = _scratch("out", (c, size), torch.float32) if cpu else masks.new_empty(c, size)
         for i in range(0, n, step):
             part = self._crops[i:min(i + step, n)]
             crops = buf[:len(part)].copy_(part) if cpu else part.to(torch.float32)
-            out = (torch.mm(masks[:, i:i + step], crops) if out is None
-                   else out.addmm_(masks[:, i:i + step], crops))
+            out.addmm_(masks[:, i:i + step], crops, beta=1 if i else 0)
         cnt = masks.sum(1)
         self._count += cnt.to(torch.int64)
+        if cpu:      # the float64 copy in a reused buffer (a new one faults on every page)
+            out = _scratch("sums", out.shape, torch.float64).copy_(out)
         self._sum[:, :, a:b, l:r] += out.view(c, 3, b - a, r - l)
         self._weight[:, a:b, l:r] += cnt.to(torch.float64).view(c, 1, 1)
         self._pn = 0
