@@ -11,8 +11,10 @@ and the synthetic JPEGs come back as bytes for the caller to write.
 `cpus` threads, then 1 and 2 threads on `scaling_images` files; on CUDA also nvJPEG), the whole
 forward, the forward truncated after the deepest analysed layer, the analysis step (truncated
 forward plus every accumulator), files to accumulator state end to end, and the accumulators alone
-against the floor of reading the activations once. In-memory passes run `repeats` times after a
-warm-up and the best counts (a loaded machine slows some repeats, never speeds one up).
+against the floor of reading the activations once (`pipeline.analysis.accumulator_timing`).
+In-memory passes run in turn, `repeats` rounds after a warm-up round, and each one's best counts
+(a loaded machine slows some repeats, never speeds one up; running in turn, the passes meet the
+same machine and the same allocator state).
 `bench_actmax` measures activation maximization: all channels of a layer batched vs one channel
 through the whole network.
 """
