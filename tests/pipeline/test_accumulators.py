@@ -393,3 +393,25 @@ def test_centre_mean_equals_brute_force_whenever_it_flushes(monkeypatch, defer):
     """Crops wait for `defer` images at most; any flush point gives the same sums."""
     monkeypatch.setattr(PositiveMean, "_DEFER_IMAGES", defer)
     test_positive_mean_equals_brute_force(7, 2, -3, "center")
+
+
+@pytest.mark.parametrize("neuron", ["any", "center"])
+def test_accelerator_top_k_path_agrees_with_the_host_path(neuron):
+    """TopK's accelerator path (torch, no host synchronisation), run here on CPU tensors, keeps
+    the same state as the numpy host path: batches larger than k, an index twice, merges."""
+    g = torch.Generator().manual_seed(13)
+    acts = torch.randint(0, 3, (40, 3, 5, 4), generator=g).float()
+    indices = torch.randperm(500, generator=g)[:40]
+    indices[11] = indices[10]
+    host, dev = TopK(3, 4, neuron), TopK(3, 4, neuron)
+    for i in range(0, 40, 9):
+        scan = Scan(acts[i:i + 9])
+        ix = accumulators.ImageIndex(indices[i:i + 9], len(scan.acts))
+        host.update(scan, ix)
+        dev._update_device(scan, ix, (scan.center if neuron == "center" else scan.image_max).T)
+    assert _as_rows(dev) == _as_rows(host) == _brute_topk(acts, indices, 4, neuron)
+    other = TopK.from_state(host.state())        # every entry offered twice: ties everywhere
+    dev._keep_device(other.activation, other._key, other._pos)
+    host.merge(other)
+    assert _as_rows(dev) == _as_rows(host)
+    _assert_same(dev, host)
