@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, PositiveMean,
-                           Scan, TopK)
+from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, ImageIndex,
+                           PositiveMean, Scan, TopK)
 from .geometry import module_fields
 from .hooks import Trace
 from .layers import Layer
@@ -131,13 +131,18 @@ class LayerResult:
                      for n in options.mean_neurons}
         self.channels = ChannelStats(c)
 
-    def update(self, acts: Tensor, images: Tensor, indices: Tensor) -> None:
+    def update(self, acts: Tensor, images: Tensor, indices: "Tensor | ImageIndex") -> None:
         scan = Scan(acts, compiled=self.compile)
         for acc in self.topk.values():
             acc.update(scan, indices)
         for acc in self.mean.values():
             acc.update(scan, images)
         self.channels.update(scan)
+
+    def flush(self) -> None:
+        """Add what waits (the centre means' crops, `PositiveMean.flush`) into the state."""
+        for acc in self.mean.values():
+            acc.flush()
 
     def merge(self, other: "LayerResult") -> None:
         if other.spec != self.spec or other.topk.keys() != self.topk.keys() \
@@ -176,11 +181,21 @@ class AnalysisResult:
     def images(self) -> int:
         return next(iter(self.layers.values())).channels.images if self.layers else 0
 
-    def update(self, acts: dict[str, Tensor], images: Tensor, indices: Tensor) -> None:
+    def update(self, acts: dict[str, Tensor], images: Tensor, indices: Tensor
+               ) -> "AnalysisResult":
         """One batch: `acts` per layer (N, C, H, W) on any device, uint8 `images` (N, 3, H, W),
         `indices` (N,) image_index. State stays on the activations' device (no host copy)."""
+        indices = ImageIndex(indices, images.shape[0])      # checked once for every layer
         for name, layer in self.layers.items():
             layer.update(acts[name], images, indices)
+        return self
+
+    def flush(self) -> "AnalysisResult":
+        """Add what waits for later batches into the state (`state()`, `merge()` and `tables()`
+        do it themselves; timings call it to count the work)."""
+        for layer in self.layers.values():
+            layer.flush()
+        return self
 
     def merge(self, other: "AnalysisResult") -> "AnalysisResult":
         if other.layers.keys() != self.layers.keys():
@@ -251,21 +266,24 @@ def state_nbytes(state: Any) -> int:
 
 def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: dict[str, Tensor],
                        images: Tensor, indices: Tensor, repeats: int = 5,
-                       compile: bool | None = None) -> dict[str, float]:
+                       compile: bool | None = None, updates: int = 8) -> dict[str, float]:
     """Milliseconds per batch of `AnalysisResult.update` on captured activations, against the
     memory floor: one `amax` read of the same activations (`acts.amax((0, 2, 3))` per layer).
 
     `accumulator_ms_per_batch`: the steady state of a long run, where a batch's images rarely
-    enter a top-k (the result first holds stronger images, `2 * acts + 1`).
-    `accumulator_cold_ms_per_batch`: a fresh result each time, where every image may enter (the
-    first batch of a shard: the first-maximum positions are computed for them).
-    The three timings are interleaved, best of `repeats` each, after one untimed round, so that a
+    enter a top-k: the result first holds k images stronger than any here (every activation
+    max + 1), then takes `updates` updates and a `flush` (the centre-mean matmul waits for
+    several batches: timing one update alone would leave it out), per batch.
+    `accumulator_cold_ms_per_batch`: a fresh result, one update and its flush, where every image
+    may enter (the first batch of a shard: first-maximum positions are computed for them).
+    The timings are interleaved, best of `repeats` each, after one untimed round, so that a
     noisy neighbour hurts them alike; CUDA is synchronised around each timing.
     """
     import time
 
     indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
     dev = next(iter(acts.values())).device
+    updates = max(1, updates)
 
     def timed(fn) -> float:
         if dev.type == "cuda":
@@ -276,18 +294,25 @@ def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: d
             torch.cuda.synchronize(dev)
         return (time.perf_counter() - t0) * 1e3
 
+    def steady() -> None:
+        for _ in range(updates):
+            warm.update(acts, images, indices)
+        warm.flush()
+
     with torch.no_grad():
         warm = AnalysisResult(specs, options, compile)
-        warm.update({k: v * 2 + 1 for k, v in acts.items()}, images, indices)
+        warm.update({k: torch.full_like(v, float(v.max()) + 1) for k, v in acts.items()},
+                    images, indices)
         runs = {
-            "hot": lambda: warm.update(acts, images, indices),
-            "cold": lambda: AnalysisResult(specs, options, compile).update(acts, images, indices),
+            "hot": steady,
+            "cold": lambda: AnalysisResult(specs, options, compile).update(
+                acts, images, indices).flush(),
             "floor": lambda: [a.amax((0, 2, 3)) for a in acts.values()],
         }
         best = {k: float("inf") for k in runs}
         for r in range(max(1, repeats) + 1):
             for k, fn in runs.items():
-                t = timed(fn)
+                t = timed(fn) / (updates if k == "hot" else 1)
                 if r:
                     best[k] = min(best[k], t)
     return {"accumulator_ms_per_batch": round(best["hot"], 3),

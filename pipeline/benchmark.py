@@ -11,8 +11,10 @@ and the synthetic JPEGs come back as bytes for the caller to write.
 `cpus` threads, then 1 and 2 threads on `scaling_images` files; on CUDA also nvJPEG), the whole
 forward, the forward truncated after the deepest analysed layer, the analysis step (truncated
 forward plus every accumulator), files to accumulator state end to end, and the accumulators alone
-against the floor of reading the activations once. In-memory passes run `repeats` times after a
-warm-up and the best counts (a loaded machine slows some repeats, never speeds one up).
+against the floor of reading the activations once (`pipeline.analysis.accumulator_timing`).
+In-memory passes run in turn, `repeats` rounds after a warm-up round, and each one's best counts
+(a loaded machine slows some repeats, never speeds one up; running in turn, the passes meet the
+same machine and the same allocator state).
 `bench_actmax` measures activation maximization: all channels of a layer batched vs one channel
 through the whole network.
 """
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 
 __all__ = ["Timing", "synthetic_jpeg", "synthetic_name", "paper_state_bytes", "decode_seconds",
-           "best_of", "accumulator_ms", "bench_runner", "measure", "summary_lines",
-           "bench_actmax"]
+           "best_of", "interleaved", "accumulator_figures", "bench_runner", "measure",
+           "summary_lines", "bench_actmax"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,19 @@ def decode_seconds(manifest: Any, transform: Any, idx: np.ndarray, batch_size: i
         torch.set_num_threads(threads)
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Fastest seconds of each function over `repeats` rounds that call them in turn, after one
+    untimed round: a noisy neighbour (or the allocator's page faults) hurts each alike."""
+    best = {k: float("inf") for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
     """Fastest of `repeats` timed calls after one warm-up (allocator, kernels, first calls)."""
     fn()
@@ -140,39 +155,18 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def accumulator_ms(runner: Any, batches: list) -> tuple[float, float]:
-    """ms per batch of `AnalysisResult.update` on captured activations, and of reading the same
-    activations once (per-channel amax: the floor any accumulator pays)."""
-    device = runner.device.type
-    captured = []
-    for x, ix in batches:
-        images = x.to(runner.device, non_blocking=True)
-        captured.append((runner.activations(images), images, ix))
-    _sync(device)
+def accumulator_figures(runner: Any, batch: tuple, repeats: int) -> dict[str, float]:
+    """`pipeline.analysis.accumulator_timing` on the activations of one batch: the accumulators
+    in a long run's steady state and on a fresh result, against one `amax` read of the same
+    activations (the floor any accumulator pays)."""
+    from .analysis import accumulator_timing
 
-    def accumulate() -> float:
-        res = runner.new_result()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for acts, images, ix in captured:
-                res.update(acts, images, ix)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    def floor() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for acts, _, _ in captured:
-                for a in acts.values():
-                    a.amax(dim=(0, 2, 3))
-        _sync(device)
-        return time.perf_counter() - t0
-
-    accumulate(), floor()   # warm-up
-    acc = min(accumulate() for _ in range(2))
-    flo = min(floor() for _ in range(2))
-    k = max(len(captured), 1)
-    return acc / k * 1e3, flo / k * 1e3
+    x, ix = batch
+    images = x.to(runner.device, non_blocking=True)
+    acts = runner.activations(images)
+    _sync(runner.device.type)
+    return accumulator_timing(runner.specs, runner.options, acts, images, ix, repeats=repeats,
+                              compile=runner.compile)
 
 
 def _decode_figures(manifest: Any, transform: Any, idx: np.ndarray, t: Timing
@@ -243,8 +237,9 @@ def _model_seconds(runner: Any, batches: list, t: Timing) -> dict[str, float]:
         _sync(t.device)
         state["bytes"] = state_nbytes(res.state())
 
-    return {"forward": best_of(forward, t.repeats), "analysis": best_of(analysis, t.repeats),
-            "truncated": best_of(truncated, t.repeats), "state_bytes": state["bytes"]}
+    best = interleaved({"forward": forward, "analysis": analysis, "truncated": truncated},
+                       t.repeats)
+    return best | {"state_bytes": state["bytes"]}
 
 
 def bench_runner(model_name: str, layers: str, crop: int, top_k: int = 16,
@@ -296,7 +291,7 @@ def measure(runner: Any, manifest: Any, transform: Any, t: Timing) -> dict[str, 
     torch.set_num_threads(t.cpus)
     try:
         s = _model_seconds(runner, batches, t)
-        acc_ms, floor_ms = accumulator_ms(runner, batches[:8])
+        acc = accumulator_figures(runner, batches[0], t.repeats)
         e2e = len(idx) / _end_to_end_seconds(runner, manifest, transform, idx, t, False)
         if t.device == "cuda":
             dec["end_to_end_nvjpeg_images_per_s"] = round(
@@ -310,10 +305,12 @@ def measure(runner: Any, manifest: Any, transform: Any, t: Timing) -> dict[str, 
         "truncated_forward_images_per_s": round(n / s["truncated"], 2),
         "ratio": round(s["forward"] / s["analysis"], 3),
         "end_to_end_images_per_s": round(e2e, 2),
-        "accumulator_ms_per_batch": round(acc_ms, 3), "amax_floor_ms_per_batch": round(floor_ms, 3),
-        "accumulator_over_amax_floor": round(acc_ms / max(floor_ms, 1e-9), 2),
-        "accumulator_over_truncated_forward": round(acc_ms / 1e3 / (s["truncated"] / len(batches)),
-                                                    3),
+        "accumulator_ms_per_batch": acc["accumulator_ms_per_batch"],
+        "accumulator_cold_ms_per_batch": acc["accumulator_cold_ms_per_batch"],
+        "amax_floor_ms_per_batch": acc["amax_floor_ms_per_batch"],
+        "accumulator_over_amax_floor": acc["accumulator_floor_ratio"],
+        "accumulator_over_truncated_forward": round(
+            acc["accumulator_ms_per_batch"] / 1e3 / (s["truncated"] / len(batches)), 3),
         "decode_over_analysis": round(dec["decode_images_per_s"] / ana, 3),
         "end_to_end_over_analysis": round(e2e / ana, 3),
         "projected_seconds_50k": round(50_000 / max(e2e, dec.get(
@@ -336,8 +333,9 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"x{r['decode_scaling_2_over_1']:.2f}){nv}",
         f"end to end {r['end_to_end_images_per_s']:9.1f} img/s  (files to accumulator state; "
         f"50,000 images in {r['projected_seconds_50k']:.0f} s)",
-        f"accumulators {r['accumulator_ms_per_batch']:.2f} ms/batch (reading the activations "
-        f"once: {r['amax_floor_ms_per_batch']:.2f} ms)",
+        f"accumulators {r['accumulator_ms_per_batch']:.2f} ms/batch, steady state (fresh: "
+        f"{r['accumulator_cold_ms_per_batch']:.2f}; reading the activations once: "
+        f"{r['amax_floor_ms_per_batch']:.2f} ms, x{r['accumulator_over_amax_floor']:.2f})",
         f"worker state {r['worker_state_bytes'] / 2**20:.2f} MiB here; paper layers of a "
         f"full-size resnet34 at 224: {r['paper_worker_state_bytes'] / 2**20:.2f} MiB"]
 

@@ -327,3 +327,91 @@ def test_compile_switch_reads_the_environment(monkeypatch):
 def test_image_index_range_is_checked():
     with pytest.raises(ValueError, match=r"image_index must lie in \[0, 4294967296\)"):
         TopK(3, 4).update(torch.zeros(1, 3, 2, 2), [-1])
+
+
+@pytest.mark.parametrize("neuron", ["any", "center"])
+def test_topk_of_batches_larger_than_k_equals_brute_force(neuron):
+    """Batches of more than k images: only each channel's k best candidates of a batch go on
+    (distinct indices), or all of them (an index twice in a batch); shards merged as state."""
+    g = torch.Generator().manual_seed(11)
+    acts = torch.randint(0, 4, (60, 3, 5, 4), generator=g).float()        # many exact ties
+    acts[7:9] = acts[7:9] * -1.0                                            # and -0.0
+    indices = torch.randperm(1000, generator=g)[:60]
+    indices[21] = indices[20]                                               # once twice
+    want = _brute_topk(acts, indices, 4, neuron)
+    for sizes in ([60], [13, 17, 30], [25, 35]):
+        parts, at = [], 0
+        for size in sizes:
+            acc = TopK(3, 4, neuron)
+            for i in range(at, at + size, 9):
+                stop = min(i + 9, at + size)
+                acc.update(acts[i:stop], indices[i:stop])
+            parts.append(TopK.from_state(pickle.loads(pickle.dumps(acc.state()))))
+            at += size
+        merged = parts[0]
+        for p in parts[1:]:
+            merged.merge(p)
+        assert _as_rows(merged) == want, sizes
+
+
+def test_blocked_scan_and_first_maximum_equal_brute_force(monkeypatch):
+    """The eager scan in many cache blocks (several rows each, some left over) and rows whose
+    length is no multiple of 8 or needs several 127-word groups; the first-maximum search in
+    blocks too; layers of other shapes in between (the reused count buffers)."""
+    monkeypatch.setattr(accumulators, "_SCAN_BYTES", 3 * 4 * 1517)
+    monkeypatch.setattr(accumulators, "_BLOCK_BYTES", 2 * 4 * 1517)
+    g = torch.Generator().manual_seed(12)
+    for shape in [(5, 3, 37, 41), (4, 2, 3, 5), (7, 3, 37, 41), (6, 5, 16, 16)]:
+        acts = torch.randint(-2, 3, shape, generator=g).float() * torch.rand(shape, generator=g)
+        scan = Scan(acts)
+        f = acts.reshape(*shape[:2], -1)
+        assert torch.equal(scan.image_max, f.amax(2))
+        assert torch.equal(scan.image_positive, (f > 0).sum(2))
+        np.testing.assert_allclose(scan.image_sum.numpy(), f.double().sum(2).numpy(), rtol=1e-6,
+                                   atol=1e-6 * float(f.abs().sum(2).max()))   # float32 sums
+        assert torch.equal(scan.center, acts[:, :, shape[2] // 2, shape[3] // 2])
+        indices = torch.arange(shape[0])
+        acc = TopK(shape[1], 3, "any").update(scan, indices)
+        assert _as_rows(acc) == _brute_topk(acts, indices, 3, "any")
+
+
+def test_centre_mean_sums_stay_exact_past_float32_integers(monkeypatch):
+    """255 * images passes 2**24 (float32's last exact integer): the waiting crops are summed
+    at most `_FLUSH_IMAGES` images at a time, so the float64 state is still exact."""
+    monkeypatch.setattr(PositiveMean, "_DEFER_IMAGES", 10 ** 6)
+    monkeypatch.setattr(PositiveMean, "_DEFER_BYTES", 10 ** 9)
+    n = PositiveMean._FLUSH_IMAGES + 10
+    assert 255 * n > 2 ** 24
+    acc = PositiveMean(1, 1, 1, 0, "center")
+    acc.update(torch.ones(n, 1, 1, 1), torch.full((n, 3, 1, 1), 255, dtype=torch.uint8))
+    assert acc.sum.flatten().tolist() == [255.0 * n] * 3
+    assert acc.count.tolist() == [n] and acc.weight.flatten().tolist() == [float(n)]
+
+
+@pytest.mark.parametrize("defer", [1, 3, 1024])
+def test_centre_mean_equals_brute_force_whenever_it_flushes(monkeypatch, defer):
+    """Crops wait for `defer` images at most; any flush point gives the same sums."""
+    monkeypatch.setattr(PositiveMean, "_DEFER_IMAGES", defer)
+    test_positive_mean_equals_brute_force(7, 2, -3, "center")
+
+
+@pytest.mark.parametrize("neuron", ["any", "center"])
+def test_accelerator_top_k_path_agrees_with_the_host_path(neuron):
+    """TopK's accelerator path (torch, no host synchronisation), run here on CPU tensors, keeps
+    the same state as the numpy host path: batches larger than k, an index twice, merges."""
+    g = torch.Generator().manual_seed(13)
+    acts = torch.randint(0, 3, (40, 3, 5, 4), generator=g).float()
+    indices = torch.randperm(500, generator=g)[:40]
+    indices[11] = indices[10]
+    host, dev = TopK(3, 4, neuron), TopK(3, 4, neuron)
+    for i in range(0, 40, 9):
+        scan = Scan(acts[i:i + 9])
+        ix = accumulators.ImageIndex(indices[i:i + 9], len(scan.acts))
+        host.update(scan, ix)
+        dev._update_device(scan, ix, (scan.center if neuron == "center" else scan.image_max).T)
+    assert _as_rows(dev) == _as_rows(host) == _brute_topk(acts, indices, 4, neuron)
+    other = TopK.from_state(host.state())        # every entry offered twice: ties everywhere
+    dev._keep_device(other.activation, other._key, other._pos)
+    host.merge(other)
+    assert _as_rows(dev) == _as_rows(host)
+    _assert_same(dev, host)
