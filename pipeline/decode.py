@@ -27,13 +27,14 @@ Training's validation (`pipeline.train.EvalResizeCrop`) and the analysis both go
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -237,6 +238,37 @@ def _cat_async(fs, paths: list[str]) -> list[bytes | BaseException]:
 
 # ----------------------------------------------------------------------------- batches
 
+class _Files:
+    """The bytes of one batch's files (fetched concurrently on S3, else read by whichever thread
+    decodes them), and their decoding; failures come back as a reason string, never raised."""
+
+    def __init__(self, urls: list[str], data: list) -> None:
+        self.urls, self.data = urls, data
+
+    def read(self, k: int) -> bytes | str:
+        d = self.data[k]
+        if d is None:       # a synchronous filesystem (local disk, NFS): read in this thread
+            try:
+                fs, path = _fs(self.urls[k])
+                d = _read_small(fs, path)
+            except Exception as e:  # noqa: BLE001
+                d = e
+        if isinstance(d, BaseException):
+            return "read failed: " + _reason(d)
+        if isinstance(d, str):  # already a reason (read by the nvJPEG branch)
+            return d
+        return d if d else "empty file"
+
+    def decoded(self, k: int, transform: EvalTransform) -> torch.Tensor | str:
+        d = self.read(k)
+        if isinstance(d, str):
+            return d
+        try:
+            return decode_image(d, transform)
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+            return "decode failed: " + _reason(e)
+
+
 class Decoder:
     """Files -> Batch with `cpus` threads; optionally nvJPEG for the JPEGs (`nvjpeg=True`).
 
@@ -277,57 +309,80 @@ class Decoder:
 
     def load(self, manifest: Manifest, indices: Sequence[int] | np.ndarray) -> Batch:
         """Read and decode the given images. Unreadable ones go to `skipped`; never raises for them."""
+        return self.submit(manifest, indices)()
+
+    def submit(self, manifest: Manifest, indices: Sequence[int] | np.ndarray
+               ) -> Callable[[], Batch]:
+        """Start reading and decoding; the returned call waits for the Batch. On the CPU path
+        every image is queued on the pool at once and written into its row of the batch, so a
+        caller that submits the next batch before collecting this one (Prefetcher) leaves no
+        thread idle at batch boundaries, and no serial stacking copy follows."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(manifest)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"image_index out of range 0..{n - 1}")
         paths = manifest._paths()
         urls = [_resolve(manifest.root, paths[i]) for i in idx]
-        data = _prefetch_async(urls)
-
-        def read(k: int) -> bytes | str:
-            d = data[k]
-            if d is None:       # a synchronous filesystem (local disk, NFS): read in this thread
-                try:
-                    fs, path = _fs(urls[k])
-                    d = _read_small(fs, path)
-                except Exception as e:  # noqa: BLE001
-                    d = e
-            if isinstance(d, BaseException):
-                return "read failed: " + _reason(d)
-            if isinstance(d, str):  # already a reason (read by the nvJPEG branch)
-                return d
-            return d if d else "empty file"
-
-        def cpu(k: int) -> torch.Tensor | str:
-            d = read(k)
-            if isinstance(d, str):
-                return d
-            try:
-                return decode_image(d, self.transform)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-                return "decode failed: " + _reason(e)
-
-        results: list[torch.Tensor | str]
-        on_gpu: set[int] = set()
+        files = _Files(urls, _prefetch_async(urls))
         if self.nvjpeg:
-            raw = self._map(read, list(range(len(idx))))
-            data = list(raw)    # type: ignore[assignment]  # bytes or a reason, read once
-            gpu_ks = [k for k, d in enumerate(raw)
-                      if isinstance(d, bytes) and (jpeg_info(d) or (0, 0, 0))[2] == 3]
-            results = [None] * len(idx)  # type: ignore[list-item]
-            for k, im in zip(gpu_ks, self._nvjpeg([raw[k] for k in gpu_ks])):  # type: ignore[misc]
-                if im is not None:
-                    results[k] = im
-                    on_gpu.add(k)
-            rest = [k for k in range(len(idx)) if k not in on_gpu]
-            for k, r in zip(rest, self._map(cpu, rest)):
-                results[k] = r
-        else:
-            results = self._map(cpu, list(range(len(idx))))
+            batch = self._load_nvjpeg(manifest, idx, paths, files)
+            return lambda: batch
+        c = self.transform.crop
+        out = torch.empty((len(idx), 3, c, c), dtype=torch.uint8,
+                          pin_memory=self.device.type == "cuda")
 
+        def into(k: int) -> str | None:
+            r = files.decoded(k, self.transform)
+            if isinstance(r, str):
+                return r
+            out[k].copy_(r)
+            return None
+
+        if len(idx) <= 1 or self.cpus == 1:
+            reasons = [into(k) for k in range(len(idx))]
+            return lambda: self._batch(manifest, idx, paths, out, reasons)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="decode")
+        # a few images per task: fewer futures, still balanced (4 tasks per thread and batch)
+        step = max(1, len(idx) // (4 * self.cpus))
+        futures = [self._pool.submit(lambda a: [into(k) for k in range(a, min(a + step, len(idx)))],
+                                     a) for a in range(0, len(idx), step)]
+        return lambda: self._batch(manifest, idx, paths, out,
+                                   [r for f in futures for r in f.result()])
+
+    def _batch(self, manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
+               out: torch.Tensor, reasons: list[str | None]) -> Batch:
+        """The Batch of the rows that decoded (`reasons[k]` None), on the decoder's device."""
+        keep = [k for k, r in enumerate(reasons) if r is None]
+        skipped = [(int(idx[k]), paths[idx[k]], r) for k, r in enumerate(reasons) if r is not None]
+        if len(keep) < len(reasons):
+            out = out[torch.as_tensor(keep, dtype=torch.int64)]
+            if self.device.type == "cuda" and len(keep):
+                out = out.pin_memory()
+        images = out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
+        kept = idx[keep] if keep else np.empty(0, dtype=np.int64)
+        labels = manifest.labels[kept].astype(np.int64) if keep else np.empty(0, dtype=np.int64)
+        return Batch(images=images, indices=kept.astype(np.int64), labels=labels, skipped=skipped)
+
+    def _load_nvjpeg(self, manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
+                     files: "_Files") -> Batch:
+        """Complete 3-component JPEGs as one GPU batch; every other file on the CPU path."""
+        raw = self._map(files.read, list(range(len(idx))))
+        files.data = list(raw)       # bytes or a reason, read once
+        gpu_ks = [k for k, d in enumerate(raw)
+                  if isinstance(d, bytes) and (jpeg_info(d) or (0, 0, 0))[2] == 3]
+        results: list[torch.Tensor | str | None] = [None] * len(idx)
+        on_gpu: set[int] = set()
+        for k, im in zip(gpu_ks, self._nvjpeg([raw[k] for k in gpu_ks])):  # type: ignore[misc]
+            if im is not None:
+                results[k] = im
+                on_gpu.add(k)
+        rest = [k for k in range(len(idx)) if k not in on_gpu]
+        for k, r in zip(rest, self._map(lambda k: files.decoded(k, self.transform), rest)):
+            results[k] = r
         keep = [k for k, r in enumerate(results) if isinstance(r, torch.Tensor)]
-        skipped = [(int(idx[k]), paths[idx[k]], r) for k, r in enumerate(results) if isinstance(r, str)]
+        skipped = [(int(idx[k]), paths[idx[k]], r) for k, r in enumerate(results)
+                   if isinstance(r, str)]
         images = self._assemble(results, keep, on_gpu)
         kept = idx[keep] if keep else np.empty(0, dtype=np.int64)
         labels = manifest.labels[kept].astype(np.int64) if keep else np.empty(0, dtype=np.int64)
@@ -415,24 +470,40 @@ class Prefetcher:
 
         def produce() -> None:
             stream = torch.cuda.Stream(self.decoder.device) if cuda else None
+
+            def side():   # decoding and copies on the side stream (CUDA)
+                return torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
+
+            def emit(u: int, last: bool, collect: Callable[[], Batch]) -> None:
+                with side():
+                    batch = collect()
+                    event = torch.cuda.Event() if cuda else None
+                    if event is not None:
+                        event.record(stream)
+                batch.unit, batch.last = u, last
+                while not stop.is_set():
+                    try:
+                        q.put((batch, event, None), timeout=0.1)
+                        return
+                    except queue.Full:
+                        continue
+
             try:
+                # The batch submitted before is collected once the next one is queued on the
+                # decoder (no idle thread between batches); a unit's last batch is collected
+                # at once, since the next unit may arrive only after this one is finished.
+                ahead = None
                 for u, last, idx in self._chunks(units):
                     if stop.is_set():
                         return
-                    if stream is not None:
-                        with torch.cuda.stream(stream):
-                            batch = self.decoder.load(self.manifest, idx)
-                            event = torch.cuda.Event()
-                            event.record(stream)
-                    else:
-                        batch, event = self.decoder.load(self.manifest, idx), None
-                    batch.unit, batch.last = u, last
-                    while not stop.is_set():
-                        try:
-                            q.put((batch, event, None), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    with side():
+                        nxt = (u, last, self.decoder.submit(self.manifest, idx))
+                    if ahead is not None:
+                        emit(*ahead)
+                    ahead = nxt
+                    if last:
+                        emit(*ahead)
+                        ahead = None
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
                 q.put((None, None, e))
                 return

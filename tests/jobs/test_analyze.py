@@ -219,19 +219,23 @@ def _feed_across_shards(prep, FeedSpec, ShardFeed) -> None:
 
     spec = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, None, "cpu", 4, 1, 1)
     feeder, events = ShardFeed(prep.blob, spec), []
-    load, step = feeder.decoder.load, feeder.runner.step
+    submit, step = feeder.decoder.submit, feeder.runner.step
 
-    def logged_load(manifest, idx):
-        batch = load(manifest, idx)
-        events.append(("decoded", int(idx[0])))
-        return batch
+    def logged_submit(manifest, idx):
+        collect = submit(manifest, idx)
+
+        def decoded():
+            batch = collect()
+            events.append(("decoded", int(idx[0])))
+            return batch
+        return decoded
 
     def slow_step(result, images, indices):
         time.sleep(0.3)                  # computing takes longer than decoding the next batch
         step(result, images, indices)
         events.append(("computed", int(indices[-1])))
 
-    feeder.decoder.load, feeder.runner.step = logged_load, slow_step
+    feeder.decoder.submit, feeder.runner.step = logged_submit, slow_step
     feeder.feed(0, 8)
     feeder.feed(8, N_GOOD + 1)
     first, info = feeder.run(0, 8)

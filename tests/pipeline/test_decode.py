@@ -119,10 +119,10 @@ class _CountingDecoder(Decoder):
         self.calls: list[list[int]] = []
         self.lock = threading.Lock()
 
-    def load(self, manifest, indices) -> Batch:
+    def submit(self, manifest, indices):
         with self.lock:
             self.calls.append(list(map(int, indices)))
-        return super().load(manifest, indices)
+        return super().submit(manifest, indices)
 
 
 def test_prefetcher_runs_across_shard_boundaries(tmp_path):
@@ -154,6 +154,33 @@ def test_prefetcher_runs_across_shard_boundaries(tmp_path):
         assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
         with pytest.raises(ValueError, match="not inside"):
             list(Prefetcher(m, dec, batch_size=2).run([(0, 2), (5, 99)]))
+
+
+def test_prefetcher_hands_over_a_units_last_batch_before_the_next_unit_arrives(tmp_path):
+    """An actor feeds its next shard only after finishing this one: the read-ahead across
+    batches must never hold back a unit's last batch waiting for the next unit (a deadlock)."""
+    import queue
+
+    _folder(tmp_path, sizes=[(40 + i, 50) for i in range(5)])
+    m = build_manifest(str(tmp_path))
+    fed: queue.Queue = queue.Queue()
+    fed.put((0, 5))
+
+    def units():
+        while (u := fed.get()) is not None:
+            yield u
+
+    got: list = []
+    with Decoder(EvalTransform(32, 32), cpus=2) as dec:
+        it = Prefetcher(m, dec, batch_size=2, depth=2).run(units())
+        reader = threading.Thread(target=lambda: got.extend(next(it) for _ in range(3)))
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "the unit's last batch was held back"
+        fed.put(None)
+        assert list(it) == []
+    assert [(b.indices.tolist(), b.last) for b in got] == [([0, 1], False), ([2, 3], False),
+                                                          ([4], True)]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
