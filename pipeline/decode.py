@@ -462,54 +462,55 @@ class Prefetcher:
             for a in range(0, idx.size, self.batch_size):
                 yield u, a + self.batch_size >= idx.size, idx[a:a + self.batch_size]
 
+    def _produce(self, units: Iterable, q: queue.Queue, stop: threading.Event) -> None:
+        """The background thread: submit, collect and queue batches; an error goes in the queue.
+        The batch submitted before is collected once the next one is queued on the decoder (no
+        idle thread between batches); a unit's last batch is collected at once, since the next
+        unit may arrive only after this one is finished (an actor feeds shard by shard)."""
+        cuda = self.decoder.device.type == "cuda"
+        stream = torch.cuda.Stream(self.decoder.device) if cuda else None
+
+        def side():   # decoding and copies on the side stream (CUDA)
+            return torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
+
+        def emit(u: int, last: bool, collect: Callable[[], Batch]) -> None:
+            with side():
+                batch = collect()
+                event = torch.cuda.Event() if cuda else None
+                if event is not None:
+                    event.record(stream)
+            batch.unit, batch.last = u, last
+            while not stop.is_set():
+                try:
+                    q.put((batch, event, None), timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        try:
+            ahead = None
+            for u, last, idx in self._chunks(units):
+                if stop.is_set():
+                    return
+                with side():
+                    nxt = (u, last, self.decoder.submit(self.manifest, idx))
+                if ahead is not None:
+                    emit(*ahead)
+                ahead = nxt
+                if last:
+                    emit(*ahead)
+                    ahead = None
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put((None, None, e))
+            return
+        q.put((None, None, None))
+
     def run(self, units: Iterable) -> Iterator[Batch]:
         """Batches of every unit in order (units are read lazily, so a queue may feed them)."""
         q: queue.Queue = queue.Queue(self.depth)
         stop = threading.Event()
-        cuda = self.decoder.device.type == "cuda"
-
-        def produce() -> None:
-            stream = torch.cuda.Stream(self.decoder.device) if cuda else None
-
-            def side():   # decoding and copies on the side stream (CUDA)
-                return torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
-
-            def emit(u: int, last: bool, collect: Callable[[], Batch]) -> None:
-                with side():
-                    batch = collect()
-                    event = torch.cuda.Event() if cuda else None
-                    if event is not None:
-                        event.record(stream)
-                batch.unit, batch.last = u, last
-                while not stop.is_set():
-                    try:
-                        q.put((batch, event, None), timeout=0.1)
-                        return
-                    except queue.Full:
-                        continue
-
-            try:
-                # The batch submitted before is collected once the next one is queued on the
-                # decoder (no idle thread between batches); a unit's last batch is collected
-                # at once, since the next unit may arrive only after this one is finished.
-                ahead = None
-                for u, last, idx in self._chunks(units):
-                    if stop.is_set():
-                        return
-                    with side():
-                        nxt = (u, last, self.decoder.submit(self.manifest, idx))
-                    if ahead is not None:
-                        emit(*ahead)
-                    ahead = nxt
-                    if last:
-                        emit(*ahead)
-                        ahead = None
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-                q.put((None, None, e))
-                return
-            q.put((None, None, None))
-
-        worker = threading.Thread(target=produce, name="prefetch", daemon=True)
+        worker = threading.Thread(target=self._produce, args=(units, q, stop), name="prefetch",
+                                  daemon=True)
         worker.start()
         try:
             while True:
