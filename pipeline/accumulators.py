@@ -62,8 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .geometry import RF
+
 __all__ = ["TopK", "PositiveMean", "ChannelStats", "Scan", "ImageIndex", "use_compile",
-           "COMPILE_ENV", "TOPK_SCHEMA", "MEAN_SCHEMA", "CHANNELS_SCHEMA", "rf_box", "rf_padding"]
+           "COMPILE_ENV", "TOPK_SCHEMA", "MEAN_SCHEMA", "CHANNELS_SCHEMA"]
 
 TOPK_NEURONS = ("any", "center")
 MEAN_NEURONS = ("center", "all")
@@ -87,25 +89,6 @@ CHANNELS_SCHEMA = pa.schema([
     ("positive_fraction", pa.float64()), ("inactive", pa.bool_()),
     ("positions", pa.int64()), ("positive", pa.int64()), ("sum", pa.float64()),
 ])
-
-
-def rf_box(y: int, x: int, jump: int, first: int) -> tuple[int, int]:
-    """(top, left) of the RF of neuron (y, x), `first` being the top (= left) of neuron 0's RF.
-
-    With DESIGN.md's geometry, first = offset - (size-1)/2 (`pipeline.geometry.RF.boxes`).
-    """
-    return first + jump * y, first + jump * x
-
-
-def rf_padding(in_size: int, feature_size: int, size: int, jump: int, first: int) -> tuple[int, int]:
-    """(before, after) padding of an input side so that neuron y's RF starts at row j*y.
-
-    Negative values crop. The padded side is exactly size + jump*(feature_size-1) long, the
-    shape a stride-`jump` correlation with a `size` kernel needs to yield `feature_size` outputs.
-    """
-    before = -first
-    total = size + jump * (feature_size - 1)
-    return before, total - in_size - before
 
 
 def use_compile() -> bool:
@@ -653,6 +636,7 @@ class PositiveMean(_OnDevice):
         if neuron not in MEAN_NEURONS:
             raise ValueError(f"unknown neuron {neuron!r}; allowed: {', '.join(MEAN_NEURONS)}")
         self.channels, self.size, self.jump, self.first = int(channels), int(size), int(jump), int(first)
+        self.rf = RF.square_grid(self.size, self.jump, self.first)   # its boxes: geometry's
         self.neuron = neuron
         self.images = 0
         self._count = torch.zeros(channels, dtype=torch.int64)
@@ -715,8 +699,8 @@ class PositiveMean(_OnDevice):
 
     def _padded(self, images: Tensor, h: int, w: int) -> Tensor:
         """Images padded (zeros) or cropped so that neuron (y, x)'s RF starts at (j*y, j*x)."""
-        top, bottom = rf_padding(images.shape[2], h, self.size, self.jump, self.first)
-        left, right = rf_padding(images.shape[3], w, self.size, self.jump, self.first)
+        top, bottom = self.rf.padding(images.shape[2], h)
+        left, right = self.rf.padding(images.shape[3], w)
         return F.pad(images, (left, right, top, bottom))
 
     def update(self, acts: "Tensor | Scan", images: Tensor) -> "PositiveMean":
@@ -745,7 +729,7 @@ class PositiveMean(_OnDevice):
         time, as the other layers' activations push it out of cache in between."""
         n, c, h, w = scan.shape
         s = self.size
-        top, left = rf_box(h // 2, w // 2, self.jump, self.first)
+        top, left, _ = self.rf.box(h // 2, w // 2)
         y0, y1 = max(top, 0), min(top + s, images.shape[2])
         x0, x1 = max(left, 0), min(left + s, images.shape[3])
         mask = torch.gt(scan.center.T, 0)                                  # (C, N)

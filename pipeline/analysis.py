@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, ImageIndex,
                            PositiveMean, Scan, TopK)
-from .geometry import module_fields
+from .geometry import RF, module_fields
 from .hooks import Trace
 from .layers import Layer
 from .preprocess import Preprocess
@@ -56,8 +56,12 @@ class LayerSpec:
     first: int         # top (= left) input row of neuron 0's RF; may be negative
     feature_size: int  # H = W of the feature map for the analysed input size
 
+    @property
+    def rf(self) -> RF:
+        return RF.square_grid(self.size, self.jump, self.first, self.feature_size)
+
     def box(self, y: int, x: int) -> tuple[int, int]:
-        return self.first + self.jump * y, self.first + self.jump * x
+        return self.rf.box(y, x)[:2]
 
 
 def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[LayerSpec]:

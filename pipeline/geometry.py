@@ -104,6 +104,20 @@ class RF:
         left = round(self.offset_x - (self.size_x - 1) / 2) - (self.size - self.size_x) // 2
         return top, left
 
+    @classmethod
+    def square_grid(cls, size: int, jump: int, first: int, feature_size: int = 0) -> "RF":
+        """The square RF whose neuron (0, 0) box starts at row = column `first`: the view the
+        analysis cuts patches with (pipeline.analysis.LayerSpec, accumulators.PositiveMean)."""
+        return cls(size=size, jump=jump, offset=first + (size - 1) / 2, feature_size=feature_size)
+
+    def padding(self, in_size: int, feature_size: int) -> tuple[int, int]:
+        """(before, after) padding of an input side (square RF) so that neuron y's box starts
+        at row jump*y; negative values crop. The padded side is size + jump*(feature_size-1)
+        long: what a stride-`jump` correlation with a `size` kernel needs for `feature_size`
+        outputs."""
+        before = -self._firsts()[0]
+        return before, self.size + self.jump * (feature_size - 1) - in_size - before
+
     def box(self, y: int, x: int) -> tuple[int, int, int]:
         """(top, left, size) of neuron (y, x)'s square; may be negative or run past the image."""
         top, left = self._firsts()

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import pipeline.accumulators as accumulators
-from pipeline.accumulators import ChannelStats, PositiveMean, Scan, TopK, rf_box
+from pipeline.accumulators import ChannelStats, PositiveMean, Scan, TopK
+from pipeline.geometry import RF
 
 
 def _batches(seed: int, n: int = 11, c: int = 3, h: int = 5, w: int = 4, levels: int = 3):
@@ -89,7 +90,7 @@ def test_positive_mean_equals_brute_force(size, jump, first, neuron):
         for ch in range(c):
             for y, x in positions:
                 if acts[i, ch, y, x] > 0:
-                    top, left = rf_box(y, x, jump, first)
+                    top, left, _ = RF.square_grid(size, jump, first).box(y, x)
                     p, m = _patch(images[i], top, left, size)
                     want_sum[ch] += p; want_w[ch] += m; want_n[ch] += 1
     assert np.array_equal(acc.sum.numpy(), want_sum)
