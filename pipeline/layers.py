@@ -112,17 +112,11 @@ def _relu_inputs(model: nn.Module) -> dict[str, list[str]]:
     """For each ReLU/ReLU6 module the forward calls: the module paths (innermost first) whose
     output is that ReLU's input, e.g. {"features.2": ["features.1"]}; [] when a function
     computes it (`relu(x + f(x))`). A symbolic trace of the eval graph (no tensors)."""
-    from .geometry import _Tracer   # records the node each (leaf or container) call returns
+    from .geometry import _inference_graph   # the node each (leaf or container) call returns
 
-    was_training = model.training
-    model.eval()
-    try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-    finally:
-        model.train(was_training)
+    graph, module_outputs = _inference_graph(model)
     producers: dict[fx.Node, list[str]] = {}
-    for path, node in tracer.module_outputs:
+    for path, node in module_outputs:
         producers.setdefault(node, []).append(path)
     modules = dict(model.named_modules())
     return {str(n.target): producers.get(n.args[0], []) for n in graph.nodes
