@@ -364,12 +364,21 @@ class ImageIndex:
     [0, 2**32)): pass it to every `TopK.update` of the batch instead of re-checking per call.
     `distinct`: no index twice (computed on first use)."""
 
-    __slots__ = ("tensor", "_distinct", "_low")
+    __slots__ = ("tensor", "_distinct", "_low", "_dev")
 
     def __init__(self, indices: "Tensor | np.ndarray | ImageIndex", n: int):
         self.tensor = _as_index(indices, n)
         self._distinct: bool | None = None
         self._low: np.ndarray | None = None
+        self._dev: Tensor | None = None
+
+    def on(self, device: torch.device) -> Tensor:
+        """The indices on `device`, copied there once per batch (not once per accumulator)."""
+        if device.type == "cpu":
+            return self.tensor
+        if self._dev is None or self._dev.device != device:
+            self._dev = self.tensor.to(device, non_blocking=True)
+        return self._dev
 
     @property
     def low(self) -> np.ndarray:
@@ -533,7 +542,7 @@ class TopK(_OnDevice):
     def _update_device(self, scan: Scan, ix: ImageIndex, val: Tensor) -> None:
         """An accelerator: the same in torch, without the host-synchronising early exits; the
         first maxima of every image in one argmax pass."""
-        key = _order_key(val, ix.tensor.to(scan.device, non_blocking=True))     # (C, N)
+        key = _order_key(val, ix.on(scan.device))                               # (C, N)
         pos = None
         if self.neuron == "any":
             pos = scan.first_max_all().T
@@ -762,7 +771,7 @@ class PositiveMean(_OnDevice):
         n, c, h, w = scan.shape
         s = self.size
         pos = scan.acts > 0
-        self._count += pos.sum((0, 2, 3))
+        self._count += scan.image_positive.sum(0)       # the scan's exact counts, no second pass
         pad = self._padded(images, h, w)
         # Chunk the images so that each float32 partial sum (<= 255*chunk*H*W) stays exact.
         chunk = max(1, self._EXACT_F32 // (255 * h * w))

@@ -25,12 +25,11 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from .accumulators import (CHANNELS_SCHEMA, MEAN_SCHEMA, TOPK_SCHEMA, ChannelStats, ImageIndex,
-                           PositiveMean, Scan, TopK)
+from .accumulators import (CHANNELS_SCHEMA, MEAN_NEURONS, MEAN_SCHEMA, TOPK_NEURONS, TOPK_SCHEMA,
+                           ChannelStats, ImageIndex, PositiveMean, Scan, TopK)
 from .geometry import RF, module_fields
 from .hooks import Trace
 from .layers import Layer
@@ -74,7 +73,7 @@ def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[
             raise ValueError("layer fc has no spatial map to analyse; allowed: conv1, pool1, "
                              "conv2 ... or a module path")
         rf = fields[layer.point]
-        top, left = (int(v[0]) for v in rf.boxes(torch.zeros(1), torch.zeros(1)))
+        top, left, _ = rf.box(0, 0)
         if not rf.square or top != left:   # the tables' boxes are squares on a square grid
             raise ValueError(f"layer {layer.name} has a non-square receptive field or feature "
                              f"map; the analysis needs square ones")
@@ -112,11 +111,11 @@ class AnalysisOptions:
         if self.top_k < 1:
             raise ValueError(f"top-k must be a positive integer, got {self.top_k}")
         for n in self.topk_neurons:
-            if n not in ("any", "center"):
-                raise ValueError(f"unknown top-k neuron {n!r}; allowed: any, center")
+            if n not in TOPK_NEURONS:
+                raise ValueError(f"unknown top-k neuron {n!r}; allowed: {', '.join(TOPK_NEURONS)}")
         for n in self.mean_neurons:
-            if n not in ("center", "all"):
-                raise ValueError(f"unknown mean neuron {n!r}; allowed: center, all")
+            if n not in MEAN_NEURONS:
+                raise ValueError(f"unknown mean neuron {n!r}; allowed: {', '.join(MEAN_NEURONS)}")
 
 
 class LayerResult:
@@ -185,7 +184,7 @@ class AnalysisResult:
     def images(self) -> int:
         return next(iter(self.layers.values())).channels.images if self.layers else 0
 
-    def update(self, acts: dict[str, Tensor], images: Tensor, indices: Tensor
+    def update(self, acts: dict[str, Tensor], images: Tensor, indices: "Tensor | np.ndarray"
                ) -> "AnalysisResult":
         """One batch: `acts` per layer (N, C, H, W) on any device, uint8 `images` (N, 3, H, W),
         `indices` (N,) image_index. State stays on the activations' device (no host copy)."""
@@ -224,9 +223,10 @@ class AnalysisResult:
             for acc in layer.topk.values():
                 t = acc.to_table(model, name)
                 sp = layer.spec
-                top = pc.add(pc.multiply(t["y"], sp.jump), sp.first).cast(pa.int32())
-                left = pc.add(pc.multiply(t["x"], sp.jump), sp.first).cast(pa.int32())
-                t = t.append_column("top", top).append_column("left", left)
+                top, left = sp.rf.boxes(torch.from_numpy(t["y"].to_numpy()),
+                                        torch.from_numpy(t["x"].to_numpy()))
+                t = t.append_column("top", pa.array(top.numpy().astype(np.int32)))
+                t = t.append_column("left", pa.array(left.numpy().astype(np.int32)))
                 t = t.append_column("size", pa.array(np.full(t.num_rows, sp.size, np.int32)))
                 topk.append(t)
             mean += [acc.to_table(model, name) for acc in layer.mean.values()]
@@ -283,7 +283,6 @@ def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: d
     The timings are interleaved, best of `repeats` each, after one untimed round, so that a
     noisy neighbour hurts them alike; CUDA is synchronised around each timing.
     """
-    import time
 
     indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
     dev = next(iter(acts.values())).device
@@ -376,7 +375,7 @@ class ShardRunner:
         acts = {k: v[:n] for k, v in acts.items()}
         # no_grad, not inference_mode: accumulator state must stay updatable outside it (merge).
         with torch.no_grad():
-            result.update(acts, images, torch.as_tensor(np.asarray(indices), dtype=torch.int64))
+            result.update(acts, images, indices)          # checked once there (ImageIndex)
 
     def run(self, batches: Iterable[tuple[Tensor, np.ndarray]]) -> AnalysisResult:
         result = self.new_result()
