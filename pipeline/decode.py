@@ -43,7 +43,7 @@ import torch
 from .listing import Manifest, SourceError, _fs, _read_small, _resolve
 
 __all__ = ["EvalTransform", "Batch", "Decoder", "Prefetcher", "decode_rgb", "resize_crop",
-           "decode_image", "jpeg_info", "read_many", "load_batch", "iter_batches", "default_cpus"]
+           "decode_image", "jpeg_info", "load_batch", "iter_batches", "default_cpus"]
 
 _FETCH_CONCURRENCY = 64     # simultaneous requests per batch on async filesystems (S3)
 _SOF = {0xC0, 0xC1, 0xC2}   # baseline, extended, progressive Huffman: what both decoders take
@@ -184,19 +184,6 @@ def _reason(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- bytes
 
-def read_many(urls: Sequence[str]) -> list[bytes | BaseException]:
-    """Fetch whole files; async filesystems (S3) concurrently. Failures come back as exceptions."""
-    out = _prefetch_async(urls)
-    for i, d in enumerate(out):
-        if d is None:
-            try:
-                fs, path = _fs(urls[i])
-                out[i] = _read_small(fs, path)
-            except Exception as e:  # noqa: BLE001
-                out[i] = e
-    return out  # type: ignore[return-value]
-
-
 def _prefetch_async(urls: Sequence[str]) -> list[bytes | BaseException | None]:
     """Bytes (or the exception) for URLs on async filesystems, fetched concurrently; None elsewhere."""
     out: list[bytes | BaseException | None] = [None] * len(urls)
@@ -237,6 +224,16 @@ def _cat_async(fs, paths: list[str]) -> list[bytes | BaseException]:
 
 
 # ----------------------------------------------------------------------------- batches
+
+def _rows(manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
+          reasons: list[str | None], images: torch.Tensor) -> Batch:
+    """The Batch of the rows whose reason is None (`images` holds just those); the others are
+    `skipped` with their reason."""
+    kept = idx[[k for k, r in enumerate(reasons) if r is None]].astype(np.int64)
+    skipped = [(int(idx[k]), paths[idx[k]], r) for k, r in enumerate(reasons) if r is not None]
+    return Batch(images=images, indices=kept, labels=manifest.labels[kept].astype(np.int64),
+                 skipped=skipped)
+
 
 class _Files:
     """The bytes of one batch's files (fetched concurrently on S3, else read by whichever thread
@@ -289,12 +286,15 @@ class Decoder:
         self.nvjpeg = nvjpeg
         self._pool: ThreadPoolExecutor | None = None
 
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="decode")
+        return self._pool
+
     def _map(self, fn, items: list) -> list:
         if len(items) <= 1 or self.cpus == 1:
             return [fn(it) for it in items]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="decode")
-        return list(self._pool.map(fn, items))
+        return list(self._executor().map(fn, items))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -341,11 +341,9 @@ class Decoder:
         if len(idx) <= 1 or self.cpus == 1:
             reasons = [into(k) for k in range(len(idx))]
             return lambda: self._batch(manifest, idx, paths, out, reasons)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="decode")
         # a few images per task: fewer futures, still balanced (4 tasks per thread and batch)
         step = max(1, len(idx) // (4 * self.cpus))
-        futures = [self._pool.submit(lambda a: [into(k) for k in range(a, min(a + step, len(idx)))],
+        futures = [self._executor().submit(lambda a: [into(k) for k in range(a, min(a + step, len(idx)))],
                                      a) for a in range(0, len(idx), step)]
         return lambda: self._batch(manifest, idx, paths, out,
                                    [r for f in futures for r in f.result()])
@@ -354,15 +352,12 @@ class Decoder:
                out: torch.Tensor, reasons: list[str | None]) -> Batch:
         """The Batch of the rows that decoded (`reasons[k]` None), on the decoder's device."""
         keep = [k for k, r in enumerate(reasons) if r is None]
-        skipped = [(int(idx[k]), paths[idx[k]], r) for k, r in enumerate(reasons) if r is not None]
         if len(keep) < len(reasons):
             out = out[torch.as_tensor(keep, dtype=torch.int64)]
             if self.device.type == "cuda" and len(keep):
                 out = out.pin_memory()
         images = out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
-        kept = idx[keep] if keep else np.empty(0, dtype=np.int64)
-        labels = manifest.labels[kept].astype(np.int64) if keep else np.empty(0, dtype=np.int64)
-        return Batch(images=images, indices=kept.astype(np.int64), labels=labels, skipped=skipped)
+        return _rows(manifest, idx, paths, reasons, images)
 
     def _load_nvjpeg(self, manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
                      files: "_Files") -> Batch:
@@ -381,12 +376,8 @@ class Decoder:
         for k, r in zip(rest, self._map(lambda k: files.decoded(k, self.transform), rest)):
             results[k] = r
         keep = [k for k, r in enumerate(results) if isinstance(r, torch.Tensor)]
-        skipped = [(int(idx[k]), paths[idx[k]], r) for k, r in enumerate(results)
-                   if isinstance(r, str)]
-        images = self._assemble(results, keep, on_gpu)
-        kept = idx[keep] if keep else np.empty(0, dtype=np.int64)
-        labels = manifest.labels[kept].astype(np.int64) if keep else np.empty(0, dtype=np.int64)
-        return Batch(images=images, indices=kept.astype(np.int64), labels=labels, skipped=skipped)
+        reasons = [r if isinstance(r, str) else None for r in results]
+        return _rows(manifest, idx, paths, reasons, self._assemble(results, keep, on_gpu))
 
     def _nvjpeg(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
         """Decode on the GPU as one batch and resize there; None where it failed (CPU retries)."""
