@@ -130,14 +130,17 @@ def _resources(cfg: AblateConfig) -> tuple[engine.Device, engine.Plan]:
 
 
 def _shard(model: Any, preprocess: Any, layer: Any, manifest: Any, transform: Any, batch: int,
-           device: str, plans: list | None, start: int, stop: int) -> engine.Result:
-    """One unit: the census (plans None) or the plans' evaluation sums of images [start, stop)."""
-    from pipeline.decode import iter_batches
+           device: str, cpus: int | None, plans: list | None, start: int,
+           stop: int) -> engine.Result:
+    """One unit: the census (plans None) or the plans' evaluation sums of images [start, stop),
+    decoded with `cpus` threads (the CPUs the task reserved; None: all it sees, on a GPU)."""
+    from pipeline.decode import Decoder, iter_batches
 
-    batches = iter_batches(manifest, start, stop, batch, transform)
-    value, skipped, flags = (
-        ablation.census_shard(model, preprocess, layer, batches, device) if plans is None else
-        ablation.eval_shard(model, preprocess, layer, plans, batches, batch, device))
+    with Decoder(transform, cpus=cpus) as dec:
+        batches = iter_batches(manifest, start, stop, batch, transform, decoder=dec)
+        value, skipped, flags = (
+            ablation.census_shard(model, preprocess, layer, batches, device) if plans is None
+            else ablation.eval_shard(model, preprocess, layer, plans, batches, batch, device))
     return engine.Result(value, {"skipped": [list(k) for k in skipped], "precision": flags})
 
 
@@ -171,7 +174,8 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     con.info(f"{s.model_name} {name}: {n} images from {s.data}, {len(ranges)} "
              f"shard(s) of {cfg.eval_batch}-image minibatches, {device.kind} x{plan.workers}")
     work = engine.Task(_shard, s.model, s.preprocess, s.layer, s.manifest, s.transform,
-                       cfg.eval_batch, device.kind)
+                       cfg.eval_batch, device.kind,
+                       max(1, int(cfg.cpus_per_task)) if device.kind == "cpu" else None)
     census, runs = s.census, []
     if census is None:
         stats, st = _stage(con, "census", [None], ranges, work,

@@ -95,7 +95,8 @@ class Batch:
 
 
 def default_cpus() -> int:
-    """CPUs this process may run on (a Ray worker's affinity, else the machine's)."""
+    """CPUs this process may run on (its affinity, else the machine's). A Ray task or actor
+    sees every CPU of its node, not the ones it reserved: jobs pass their reservation."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
