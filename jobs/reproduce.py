@@ -20,13 +20,12 @@ from __future__ import annotations
 import importlib
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 from runtime.inputs import check_writable
 from runtime.console import Console, init_ray
-from runtime.options import JobFailed, Options, at_least, bad_input, opt, run_cli
+from runtime.options import Options, at_least, bad_input, opt, run_cli
 from runtime.runinfo import write_run
 from pipeline import chain, layout, tables
 from pipeline.chain import PAPER_LAYERS, PAPER_MODELS, STAGES, Layers, items, stage_name
@@ -114,14 +113,11 @@ class Chain:
                    else f"already complete under {self.out}")
             return self.con.info(f"{tag}: {why}, skipped")
         self.commands[name] = shlex.join(["python", "-m", f"jobs.{job}", *argv])
-        self.con.info(f"{tag} ...")
-        t0 = time.perf_counter()
-        with self.con.nest(name):       # the job keeps its warnings, epochs, long progress lines
-            rc = importlib.import_module(f"jobs.{job}").main(argv)
-        if rc not in (None, 0):
-            raise JobFailed(f"jobs.{job} exited with {rc}; rerun the same command to resume")
-        self.seconds[name] = round(time.perf_counter() - t0, 2)
-        self.con.info(f"{tag} done in {self.seconds[name]:.1f} s")
+        # the job keeps its warnings, epochs and long progress lines; a bad input or a failure
+        # leaves it as SystemExit with its own one-line error, which stops the chain
+        with self.con.stage(name, label=tag), self.con.nest(name):
+            importlib.import_module(f"jobs.{job}").main(argv)
+        self.seconds[name] = round(self.con.seconds[name], 2)
 
     def trained(self, model: str, seed: int = 0) -> tuple[Layers, str | None, dict | None]:
         """What the later stages of a model need: its layers, checkpoint and training recipe."""

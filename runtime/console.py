@@ -111,9 +111,11 @@ class Console:
             print(text, flush=True)
 
     @contextlib.contextmanager
-    def stage(self, name: str, quiet: bool = False) -> Iterator[None]:
+    def stage(self, name: str, quiet: bool = False, label: str | None = None) -> Iterator[None]:
+        """Times the block as `name` (run.json's seconds); its lines say `label` (default name)."""
+        label = label or name
         if not quiet:
-            self.info(f"{name} ...")
+            self.info(f"{label} ...")
         t, before, self.current = time.perf_counter(), self.current, name
         try:
             yield
@@ -122,7 +124,7 @@ class Console:
             self.seconds[name] = self.seconds.get(name, 0.0) + dt
             self.current = before
         if not quiet:
-            self.info(f"{name} done in {dt:.1f} s")
+            self.info(f"{label} done in {dt:.1f} s")
 
     @contextlib.contextmanager
     def nest(self, name: str) -> Iterator[None]:
