@@ -185,9 +185,10 @@ def _reason(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- bytes
 
-def _prefetch_async(urls: Sequence[str]) -> list[bytes | BaseException | None]:
-    """Bytes (or the exception) for URLs on async filesystems, fetched concurrently; None elsewhere."""
-    out: list[bytes | BaseException | None] = [None] * len(urls)
+def _prefetch_async(urls: Sequence[str]) -> list:
+    """Bytes (or the exception) for URLs on async filesystems, fetched concurrently; elsewhere
+    the (filesystem, path) to read them from (resolved once, here)."""
+    out: list = [None] * len(urls)
     groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
     for i, u in enumerate(urls):
         try:
@@ -199,6 +200,8 @@ def _prefetch_async(urls: Sequence[str]) -> list[bytes | BaseException | None]:
             g = groups.setdefault(id(fs), (fs, [], []))
             g[1].append(i)
             g[2].append(p)
+        else:
+            out[i] = (fs, p)
     for fs, members, paths in groups.values():
         for i, v in zip(members, _cat_async(fs, paths)):
             out[i] = v
@@ -240,15 +243,14 @@ class _Files:
     """The bytes of one batch's files (fetched concurrently on S3, else read by whichever thread
     decodes them), and their decoding; failures come back as a reason string, never raised."""
 
-    def __init__(self, urls: list[str], data: list) -> None:
-        self.urls, self.data = urls, data
+    def __init__(self, data: list) -> None:
+        self.data = data        # bytes, an exception, or (filesystem, path) to read
 
     def read(self, k: int) -> bytes | str:
         d = self.data[k]
-        if d is None:       # a synchronous filesystem (local disk, NFS): read in this thread
+        if isinstance(d, tuple):    # a synchronous filesystem (local disk, NFS): read in this thread
             try:
-                fs, path = _fs(self.urls[k])
-                d = _read_small(fs, path)
+                d = _read_small(*d)
             except Exception as e:  # noqa: BLE001
                 d = e
         if isinstance(d, BaseException):
@@ -324,7 +326,7 @@ class Decoder:
             raise IndexError(f"image_index out of range 0..{n - 1}")
         paths = manifest._paths()
         urls = [_resolve(manifest.root, paths[i]) for i in idx]
-        files = _Files(urls, _prefetch_async(urls))
+        files = _Files(_prefetch_async(urls))
         if self.nvjpeg:
             batch = self._load_nvjpeg(manifest, idx, paths, files)
             return lambda: batch
