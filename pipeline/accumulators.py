@@ -64,7 +64,7 @@ from torch import Tensor
 
 from .geometry import RF
 
-__all__ = ["TopK", "PositiveMean", "ChannelStats", "Scan", "ImageIndex", "use_compile",
+__all__ = ["TopK", "update_topk", "PositiveMean", "ChannelStats", "Scan", "ImageIndex", "use_compile",
            "COMPILE_ENV", "TOPK_SCHEMA", "MEAN_SCHEMA", "CHANNELS_SCHEMA"]
 
 TOPK_NEURONS = ("any", "center")
@@ -184,7 +184,14 @@ class _Positives:
     `per` <= 127 words at a time: each byte of such a sum is the count of its byte lane (at
     most 127 < 256: no carry into the next byte, and below 2**63: no overflow), so the bytes
     of the (rows, groups) sums, summed once more, are the counts. Rows are padded with False
-    to groups * per * 8 bytes. One per thread and block shape, reused (`_blocked`)."""
+    to groups * per * 8 bytes. One per thread and block shape, reused (`_blocked`).
+
+    The sums run on the calling thread, in slices below torch's parallel grain (`_SERIAL`
+    elements): the flags sit in this core's cache, and a second thread reading half of them from
+    another core's cache made the count ~2.5x slower (102 vs 43 us for 1024 rows of 256 at 2
+    threads; the intra-op threads win nothing on so little work)."""
+
+    _SERIAL = 16384          # elements per torch.sum: below at::internal::GRAIN_SIZE (32768)
 
     def __init__(self, rows: int, length: int):
         words = -(-length // 8)
@@ -198,8 +205,12 @@ class _Positives:
         k = len(block)
         np.greater(block, 0, out=self.view[:k])
         words = self.flags[:k].view(torch.int64).view(k, self.groups, self.per)
-        torch.sum(words, 2, out=self.part[:k])
-        torch.sum(self.part[:k].view(torch.uint8), 1, out=out)
+        step = max(1, self._SERIAL // (self.groups * self.per))
+        for i in range(0, k, step):
+            torch.sum(words[i:i + step], 2, out=self.part[i:i + step])
+        step = max(1, self._SERIAL // (self.groups * 8))
+        for i in range(0, k, step):
+            torch.sum(self.part[i:i + step].view(torch.uint8), 1, out=out[i:i + step])
 
 
 def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -217,9 +228,9 @@ def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Ten
         count = cache[rows, length] = _Positives(rows, length)
     src = f.detach().numpy()
     if total <= step:
-        p = torch.empty(total, dtype=torch.int64)
+        m, s, p = f.amax(1), f.sum(1), torch.empty(total, dtype=torch.int64)
         count(src, p)
-        return f.amax(1), f.sum(1), p, None
+        return m, s, p, None
     m = torch.empty(total, dtype=f.dtype)
     s = torch.empty(total, dtype=torch.float32)
     p = torch.empty(total, dtype=torch.int64)
@@ -389,9 +400,9 @@ class ImageIndex:
 
     @property
     def distinct(self) -> bool:
-        if self._distinct is None:
-            t = self.tensor
-            self._distinct = len(t) < 2 or bool((t.sort().values.diff() != 0).all())
+        if self._distinct is None:        # numpy: torch's sort and diff took ~100 us here
+            t = np.sort(self.tensor.numpy())
+            self._distinct = bool((t[1:] != t[:-1]).all())
         return self._distinct
 
 
@@ -478,66 +489,19 @@ class TopK(_OnDevice):
 
     def update(self, acts: "Tensor | Scan", indices: "Tensor | np.ndarray | ImageIndex"
                ) -> "TopK":
-        scan = _scan(acts, self.channels)
-        ix = indices if isinstance(indices, ImageIndex) else ImageIndex(indices, scan.n)
-        _as_index(ix, scan.n)
-        if scan.n == 0:
-            return self
-        if self.activation.device != scan.device:
-            self._to(scan.device)
-        val = (scan.center if self.neuron == "center" else scan.image_max).T
-        if val.dtype != torch.float32:
-            val = val.float()
-        if scan.device.type == "cpu":
-            self._update_host(scan, ix, val.detach().numpy())
-        else:
-            self._update_device(scan, ix, val)
+        update_topk([(self, _scan(acts, self.channels))], indices)
         return self
 
-    def _update_host(self, scan: Scan, ix: ImageIndex, val: np.ndarray) -> None:
-        """CPU: the (C, N) candidates in numpy (a torch call costs ~3 us of dispatch, a numpy
-        one ~1 us, and a batch takes ~30 of them). A candidate can enter only if its key is not
-        worse than the k-th best key of the state (sorted: its last entry, when full); in a long
-        run that is false for almost every candidate: no position, no merge. First the cheap
-        necessary condition (activation >= the k-th's; -0.0 >= 0.0 holds, as their keys tie),
-        then the keys."""
-        act = self.activation.numpy()
-        full = act.shape[1] == self.k
-        if full and not (val >= act[:, -1:]).any():
-            return
-        key = _order_key_np(val, ix.low)                                  # (C, N)
-        if full and not (key <= self._key.numpy()[:, -1:]).any():
-            return
-        n, c = key.shape[1], self.channels
-        if n > self.k and ix.distinct:
-            # Only a channel's k best candidates of the batch can enter (any other has k better
-            # ones in the batch alone); distinct image indices make their keys distinct.
-            cols = np.argpartition(key, self.k - 1, axis=1)[:, :self.k]
-            flat = cols + (np.arange(c) * n)[:, None]
-            key, val = key.reshape(-1)[flat], np.ascontiguousarray(val).reshape(-1)[flat]
-        else:
-            cols = np.broadcast_to(np.arange(n), key.shape)
-        if self.neuron == "center":
-            pos = np.full(key.shape, (scan.h // 2) * MAX_IMAGE_INDEX + scan.w // 2, np.int64)
-        else:
-            p = scan.first_max((cols * c + np.arange(c)[:, None]).reshape(-1)).reshape(key.shape)
-            pos = p + (p // scan.w) * (MAX_IMAGE_INDEX - scan.w)      # y*w + x -> y*2**32 + x
-        self._keep_host(val, key, pos)
+    def _values(self, scan: Scan) -> Tensor:
+        """(C, N) float32 candidates of the batch: the centre value or each image's maximum."""
+        val = (scan.center if self.neuron == "center" else scan.image_max).detach().T
+        return val if val.dtype == torch.float32 else val.float()
 
-    def _keep_host(self, val: np.ndarray, key: np.ndarray, pos: np.ndarray) -> None:
-        """Merge (C, m) candidates (activation, order key, y * 2**32 + x) into the state: the k
-        best of both in the total order, (key, then y, x) by one `lexsort` per row; (y, x) only
-        matters for one image_index offered twice with the same activation."""
-        allkey = np.concatenate([self._key.numpy(), key], 1)
-        allpos = np.concatenate([self._pos.numpy(), pos], 1)
-        order = np.lexsort((allpos, allkey), axis=-1)[:, :self.k]
-        flat = order + (np.arange(len(allkey)) * allkey.shape[1])[:, None]
-        keys = allkey.reshape(-1)[flat]
-        act = np.concatenate([self.activation.numpy(), val], 1)
-        self._key = torch.from_numpy(keys)
-        self.image_index = torch.from_numpy(keys & (MAX_IMAGE_INDEX - 1))   # the low half
-        self.activation = torch.from_numpy(act.reshape(-1)[flat])
-        self._pos = torch.from_numpy(allpos.reshape(-1)[flat])
+    def _set(self, act: np.ndarray, key: np.ndarray, pos: np.ndarray) -> None:
+        self._key = torch.from_numpy(key)
+        self.image_index = torch.from_numpy(key & (MAX_IMAGE_INDEX - 1))   # the low half
+        self.activation = torch.from_numpy(act)
+        self._pos = torch.from_numpy(pos)
 
     def _update_device(self, scan: Scan, ix: ImageIndex, val: Tensor) -> None:
         """An accelerator: the same in torch, without the host-synchronising early exits; the
@@ -557,7 +521,7 @@ class TopK(_OnDevice):
         self._keep_device(val, key, pos)
 
     def _keep_device(self, val: Tensor, key: Tensor, pos: Tensor) -> None:
-        """`_keep_host` in torch: a stable sort on (y, x), then a stable one on the keys."""
+        """`_keep` in torch: a stable sort on (y, x), then a stable one on the keys."""
         allkey = torch.cat([self._key, key], 1)
         allpos = torch.cat([self._pos, pos], 1)
         first = allpos.argsort(dim=1, stable=True)
@@ -573,7 +537,9 @@ class TopK(_OnDevice):
             raise ValueError("cannot merge TopK accumulators of different shape or neuron")
         dev = self.device
         if dev.type == "cpu":
-            self._keep_host(*(t.cpu().numpy() for t in (other.activation, other._key, other._pos)))
+            self._set(*_keep(*(t.numpy() for t in (self.activation, self._key, self._pos)),
+                             *(t.cpu().numpy() for t in (other.activation, other._key, other._pos)),
+                             self.k))
         else:
             self._keep_device(*(t.to(dev) for t in (other.activation, other._key, other._pos)))
         return self
@@ -607,6 +573,97 @@ class TopK(_OnDevice):
             "y": pa.array(y.reshape(-1).astype(np.int32)),
             "x": pa.array(x.reshape(-1).astype(np.int32)),
         }, schema=TOPK_SCHEMA)
+
+
+def update_topk(pairs: "list[tuple[TopK, Scan]]",
+                indices: "Tensor | np.ndarray | ImageIndex") -> None:
+    """Update several `TopK` from one batch, each from its layer's `Scan` (a layer's `any` and
+    `center`, every analysed layer's). On CPU the accumulators of the same k and fill are
+    updated together: their (C, N) candidates stacked into one array, so that the ~25 numpy
+    calls a batch needs (each ~1-5 us, as much as its work at batch 64) run once, not once per
+    accumulator. Rows never mix (every step works per row), so each accumulator gets exactly
+    what its own update would give. Elsewhere each updates on its device."""
+    if not pairs:
+        return
+    n = pairs[0][1].n
+    ix = indices if isinstance(indices, ImageIndex) else ImageIndex(indices, n)
+    groups: dict[tuple[int, int], list[tuple[TopK, Scan]]] = {}
+    for acc, scan in pairs:
+        _as_index(ix, _scan(scan, acc.channels).n)
+        if scan.n == 0:
+            continue
+        if acc.activation.device != scan.device:
+            acc._to(scan.device)
+        if scan.device.type == "cpu":
+            groups.setdefault((acc.k, acc.activation.shape[1]), []).append((acc, scan))
+        else:
+            acc._update_device(scan, ix, acc._values(scan))
+    for group in groups.values():
+        _update_host(group, ix)
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _update_host(group: "list[tuple[TopK, Scan]]", ix: ImageIndex) -> None:
+    """CPU update of TopKs of one k and fill, rows stacked (`update_topk`), in numpy (a torch
+    call costs ~3 us of dispatch, a numpy one ~1 us). A candidate can enter only if its key is
+    not worse than the k-th best key of its row's state (sorted: its last entry, when full); in
+    a long run that is false for almost every candidate: no position, no merge. First the cheap
+    necessary condition (activation >= the k-th's; -0.0 >= 0.0 holds, as their keys tie), then
+    the keys."""
+    k = group[0][0].k
+    val = _stacked([acc._values(scan).numpy() for acc, scan in group])          # (R, N)
+    act = _stacked([acc.activation.numpy() for acc, _ in group])
+    full = act.shape[1] == k
+    if full and not (val >= act[:, -1:]).any():
+        return
+    key = _order_key_np(val, ix.low)
+    state_key = _stacked([acc._key.numpy() for acc, _ in group])
+    if full and not (key <= state_key[:, -1:]).any():
+        return
+    rows, n = key.shape
+    if n > k and ix.distinct:
+        # Only a row's k best candidates of the batch can enter (any other has k better ones in
+        # the batch alone); distinct image indices make their keys distinct.
+        cols = np.argpartition(key, k - 1, axis=1)[:, :k]
+        flat = cols + (np.arange(rows) * n)[:, None]
+        key, val = key.reshape(-1)[flat], val.reshape(-1)[flat]
+    else:
+        cols = np.broadcast_to(np.arange(n), key.shape)
+    # A candidate worse than its row's k-th key is beaten by k entries and never kept: its
+    # position (a tie-break among equal keys only) is never read, so it is not searched for.
+    enter = key <= state_key[:, -1:] if full else np.ones(key.shape, bool)
+    pos, r = np.zeros(key.shape, np.int64), 0
+    for acc, scan in group:
+        c, e = acc.channels, enter[r:r + acc.channels]
+        if acc.neuron == "center":
+            pos[r:r + c] = (scan.h // 2) * MAX_IMAGE_INDEX + scan.w // 2
+        elif e.any():
+            p = scan.first_max((cols[r:r + c] * c + np.arange(c)[:, None])[e])
+            pos[r:r + c][e] = p + (p // scan.w) * (MAX_IMAGE_INDEX - scan.w)
+        r += c                                                      # y*w + x -> y*2**32 + x
+    act, key, pos = _keep(act, state_key, _stacked([acc._pos.numpy() for acc, _ in group]),
+                          val, key, pos, k)
+    r = 0
+    for acc, _ in group:
+        acc._set(act[r:r + acc.channels], key[r:r + acc.channels], pos[r:r + acc.channels])
+        r += acc.channels
+
+
+def _keep(act: np.ndarray, key: np.ndarray, pos: np.ndarray, new_act: np.ndarray,
+          new_key: np.ndarray, new_pos: np.ndarray, k: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge (R, m) candidates (activation, order key, y * 2**32 + x) into (R, m') state rows:
+    the k best of both in the total order, (key, then y, x) by one `lexsort` per row; (y, x)
+    only matters for one image_index offered twice with the same activation."""
+    allkey = np.concatenate([key, new_key], 1)
+    allpos = np.concatenate([pos, new_pos], 1)
+    order = np.lexsort((allpos, allkey), axis=-1)[:, :k]
+    flat = order + (np.arange(len(allkey)) * allkey.shape[1])[:, None]
+    return (np.concatenate([act, new_act], 1).reshape(-1)[flat], allkey.reshape(-1)[flat],
+            allpos.reshape(-1)[flat])
 
 
 class PositiveMean(_OnDevice):
@@ -755,7 +812,9 @@ class PositiveMean(_OnDevice):
                 self._bufs = (_take(cap * size * images.element_size(), images.device),
                               _take(c * cap * 4, images.device))
                 self._crops = self._bufs[0].view(images.dtype).view(cap, size)
-                self._masks = self._bufs[1].view(torch.float32).view(c, cap)
+                # zeroed: the matmul may load (and mask off) floats past a block's last column,
+                # and a leftover denormal or NaN there made it ~3x slower (microcode assists)
+                self._masks = self._bufs[1].view(torch.float32).view(c, cap).zero_()
             p = self._pn
             self._crops[p:p + m].view(m, 3, y1 - y0, x1 - x0).copy_(
                 images[i:i + m, :, y0:y1, x0:x1])

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .accumulators import (CHANNELS_SCHEMA, MEAN_NEURONS, MEAN_SCHEMA, TOPK_NEURONS, TOPK_SCHEMA,
-                           ChannelStats, ImageIndex, PositiveMean, Scan, TopK)
+                           ChannelStats, ImageIndex, PositiveMean, Scan, TopK, update_topk)
 from .geometry import RF, module_fields
 from .hooks import Trace
 from .layers import Layer
@@ -134,10 +134,18 @@ class LayerResult:
                      for n in options.mean_neurons}
         self.channels = ChannelStats(c)
 
-    def update(self, acts: Tensor, images: Tensor, indices: "Tensor | ImageIndex") -> None:
-        scan = Scan(acts, compiled=self.compile)
-        for acc in self.topk.values():
-            acc.update(scan, indices)
+    def scan(self, acts: Tensor) -> Scan:
+        return Scan(acts, compiled=self.compile)
+
+    def update(self, acts: "Tensor | Scan", images: Tensor, indices: "Tensor | ImageIndex"
+               ) -> None:
+        scan = acts if isinstance(acts, Scan) else self.scan(acts)
+        update_topk([(acc, scan) for acc in self.topk.values()], indices)
+        self.update_rest(scan, images)
+
+    def update_rest(self, scan: Scan, images: Tensor) -> None:
+        """Every accumulator but the top-k (`AnalysisResult.update` does those of all layers
+        at once)."""
         for acc in self.mean.values():
             acc.update(scan, images)
         self.channels.update(scan)
@@ -189,8 +197,11 @@ class AnalysisResult:
         """One batch: `acts` per layer (N, C, H, W) on any device, uint8 `images` (N, 3, H, W),
         `indices` (N,) image_index. State stays on the activations' device (no host copy)."""
         indices = ImageIndex(indices, images.shape[0])      # checked once for every layer
+        scans = {name: layer.scan(acts[name]) for name, layer in self.layers.items()}
+        update_topk([(acc, scans[name]) for name, layer in self.layers.items()
+                     for acc in layer.topk.values()], indices)     # one stacked update on CPU
         for name, layer in self.layers.items():
-            layer.update(acts[name], images, indices)
+            layer.update_rest(scans[name], images)
         return self
 
     def flush(self) -> "AnalysisResult":

@@ -416,3 +416,43 @@ def test_accelerator_top_k_path_agrees_with_the_host_path(neuron):
     host.merge(other)
     assert _as_rows(dev) == _as_rows(host)
     _assert_same(dev, host)
+
+
+def test_stacked_top_k_update_equals_each_accumulator_alone_and_brute_force():
+    """`update_topk` stacks the accumulators of one batch (both neurons of layers with other
+    channel counts and sizes) into one numpy update; each must end exactly where its own update
+    and brute force put it, through batches larger and smaller than k, an index offered twice
+    (no preselection then), and an accumulator whose fill differs (updated in its own group)."""
+    g = torch.Generator().manual_seed(21)
+    layers = [torch.randint(0, 3, (30, c, h, w), generator=g).float()
+              for c, h, w in ((3, 5, 4), (2, 3, 3), (4, 6, 6))]
+    indices = torch.randperm(400, generator=g)[:30]
+    indices[17] = indices[16]
+    stacked = [TopK(a.shape[1], 5, n) for a in layers for n in ("any", "center")]
+    alone = [TopK(a.shape[1], 5, n) for a in layers for n in ("any", "center")]
+    late = TopK(layers[0].shape[1], 5, "any")          # starts later: another fill, own group
+    for i, j in ((0, 2), (2, 11), (11, 12), (12, 30)):
+        scans = [Scan(a[i:j]) for a in layers]
+        pairs = [(acc, scans[m // 2]) for m, acc in enumerate(stacked)]
+        if i >= 2:
+            pairs.append((late, scans[0]))
+        accumulators.update_topk(pairs, indices[i:j])
+        for m, acc in enumerate(alone):
+            acc.update(layers[m // 2][i:j], indices[i:j])
+    for m, acc in enumerate(stacked):
+        a = layers[m // 2]
+        assert _as_rows(acc) == _as_rows(alone[m]) == _brute_topk(a, indices, 5, acc.neuron)
+    assert _as_rows(late) == _brute_topk(layers[0][2:], indices[2:], 5, "any")
+
+
+def test_top_k_position_breaks_a_tie_at_the_kth_entry_of_a_full_state():
+    """An image offered again with the k-th entry's activation (the same key) at an earlier
+    position takes that rank with its own (y, x), also when the state is full (the host path
+    searches positions only for candidates that can enter: this one can)."""
+    a = torch.zeros(2, 1, 3, 3)
+    a[0, 0, 1, 1], a[1, 0, 2, 2] = 5, 3
+    b = torch.zeros(1, 1, 3, 3)
+    b[0, 0, 1, 0] = 3
+    acc = TopK(1, 2, "any").update(a, [7, 9]).update(b, [9])
+    assert _as_rows(acc) == [[(-5.0, 7, 1, 1), (-3.0, 9, 1, 0)]]
+    assert _as_rows(acc) == _brute_topk(torch.cat([a, b]), [7, 9, 9], 2, "any")
