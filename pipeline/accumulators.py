@@ -161,11 +161,13 @@ def _give(buf: Tensor) -> None:
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A CPU work buffer of `shape`, reused per thread and name (a fresh large buffer costs a
-    page fault per 4 KiB written, as much as the work in it); contents are left over."""
+    page fault per 4 KiB written, as much as the work in it); contents are left over, zeros at
+    first (never stray bits: a matmul may load past its operand's end, and a denormal there
+    is slow)."""
     numel = int(np.prod(shape))
     t = getattr(_SCRATCH, name, None)
     if t is None or t.numel() < numel or t.dtype != dtype:
-        t = torch.empty(numel, dtype=dtype)
+        t = torch.zeros(numel, dtype=dtype)
         setattr(_SCRATCH, name, t)
     return t[:numel].view(shape)
 
@@ -332,11 +334,14 @@ class Scan:
 
     @property
     def center(self) -> Tensor:
-        """(N, C) the centre neuron (H//2, W//2); the blocked scan copies it on its way."""
+        """(N, C) the centre neuron (H//2, W//2); the blocked scan copies it on its way, else
+        it is gathered once here (the centre top-k and the centre mean both read it)."""
         if "max" not in self._cache:
             self._fill()
         got = self._cache.get("center")
-        return self.acts[:, :, self.h // 2, self.w // 2] if got is None else got
+        if got is None:
+            got = self._cache["center"] = self.acts[:, :, self.h // 2, self.w // 2].contiguous()
+        return got
 
     def first_max(self, rows: np.ndarray) -> np.ndarray:
         """Raster positions (y*W + x) of the first maximum of rows `rows` (image * C + channel)

@@ -234,8 +234,8 @@ class AnalysisResult:
             for acc in layer.topk.values():
                 t = acc.to_table(model, name)
                 sp = layer.spec
-                top, left = sp.rf.boxes(torch.from_numpy(t["y"].to_numpy()),
-                                        torch.from_numpy(t["x"].to_numpy()))
+                top, left = sp.rf.boxes(torch.tensor(t["y"].to_numpy()),     # Arrow's buffers
+                                        torch.tensor(t["x"].to_numpy()))     # are read-only
                 t = t.append_column("top", pa.array(top.numpy().astype(np.int32)))
                 t = t.append_column("left", pa.array(left.numpy().astype(np.int32)))
                 t = t.append_column("size", pa.array(np.full(t.num_rows, sp.size, np.int32)))
