@@ -207,12 +207,13 @@ class _Positives:
         k = len(block)
         np.greater(block, 0, out=self.view[:k])
         words = self.flags[:k].view(torch.int64).view(k, self.groups, self.per)
+        part = self.part[:k]
         step = max(1, self._SERIAL // (self.groups * self.per))
         for i in range(0, k, step):
-            torch.sum(words[i:i + step], 2, out=self.part[i:i + step])
+            torch.sum(words[i:i + step], 2, out=part[i:i + step])
         step = max(1, self._SERIAL // (self.groups * 8))
         for i in range(0, k, step):
-            torch.sum(self.part[i:i + step].view(torch.uint8), 1, out=out[i:i + step])
+            torch.sum(part[i:i + step].view(torch.uint8), 1, out=out[i:i + step])
 
 
 def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

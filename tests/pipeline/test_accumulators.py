@@ -14,6 +14,9 @@ import pipeline.accumulators as accumulators
 from pipeline.accumulators import ChannelStats, PositiveMean, Scan, TopK
 from pipeline.geometry import RF
 
+# A torch warning here is a bug (e.g. an `out=` slice of the wrong length, which torch resizes).
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")
+
 
 def _batches(seed: int, n: int = 11, c: int = 3, h: int = 5, w: int = 4, levels: int = 3):
     """Activations with many exact ties (few integer levels, many zeros) and shuffled indices."""
