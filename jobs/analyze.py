@@ -51,7 +51,8 @@ class Config(Options):
     shard_size: int | None = opt(None, "images per shard instead", check=at_least(1))
     workers: int | None = opt(None, "Ray actors (default: one per GPU, else one per 4 CPUs)",
                               check=at_least(1))
-    batch_size: int = opt(64, "images per forward pass", check=at_least(1))
+    batch_size: int | None = opt(None, "images per forward pass (default: 64 at 224 px and "
+                                 "above, up to 256 for smaller crops)", check=at_least(1))
     limit: int | None = opt(None, "analyse only the first N images", check=at_least(1))
     device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)",
                       choices=("auto", "cpu", "cuda"))
@@ -85,10 +86,11 @@ class Prepared:
     rf_table: Any
     untrained: bool
     warnings: list[str]
+    batch_size: int              # --batch-size, else pipeline.analysis.default_batch_size
 
 
 def prepare(cfg: Config) -> Prepared:
-    from pipeline.analysis import AnalysisOptions, layer_specs, model_blob
+    from pipeline.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
     from pipeline.geometry import rf_table
     from pipeline.layers import catalogue, resolve_layers
 
@@ -108,7 +110,8 @@ def prepare(cfg: Config) -> Prepared:
                               mean_neurons=("center", "all") if cfg.mean_all else ("center",))
     return Prepared(cfg, jm.name, model_blob(jm.model, jm.name, jm.preprocess), specs, options,
                     data.manifest, transform, data.demo_root, rf, jm.untrained,
-                    [jm.warning] if jm.warning else [])
+                    [jm.warning] if jm.warning else [],
+                    cfg.batch_size or default_batch_size(transform.crop))
 
 
 def store(prep: Prepared, device: engine.Device, precision: dict | None = None) -> engine.Store:
@@ -123,7 +126,7 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
             "preprocess": prep.blob["preprocess"], "layers": [asdict(s) for s in prep.specs],
             "options": asdict(prep.options), "transform": asdict(prep.transform),
             "root": "demo" if prep.demo_root else prep.manifest.root,
-            "images": len(prep.manifest), "batch_size": prep.cfg.batch_size,
+            "images": len(prep.manifest), "batch_size": prep.batch_size,
             "precision": setting() if precision is None else precision,
             # eager and compiled scans differ in the last bits of the float sums
             "compiled_scan": use_compile()}
@@ -183,7 +186,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
              f"({pl.resources}, {dec} decode threads), layers "
              f"{','.join(s.name for s in prep.specs)}")
     work = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, prep.demo_root,
-                    device.kind, cfg.batch_size, pl.threads, dec)
+                    device.kind, prep.batch_size, pl.threads, dec)
     fresh: list[int] = []                       # images of the shards computed by this run
     with con.stage("analyze"):
         stats = engine.run_units(todo, engine.Pool(ShardWorker, prep.blob, work, inflight=2), st,

@@ -35,7 +35,8 @@ PROG = "python -m jobs.bench"
 class Config(Options):
     device: str = opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))
     images: int = opt(256, "images timed per pass", check=at_least(1))
-    batch_size: int = opt(64, "images per forward pass", check=at_least(1))
+    batch_size: int | None = opt(None, "images per forward pass (default: jobs.analyze's, 256 "
+                                 "at demo size, 64 at 224 px)", check=at_least(1))
     model: str = opt("resnet34", "any torchvision CNN by name (random weights)",
                      choices=supported_models)
     width: int | None = opt(None, "ResNet base width (default 16 for demo-size crops, else 64)",
@@ -86,6 +87,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Build the source and the model, measure, and return the JSON line's dictionary."""
     from runtime.inputs import eval_transform, resolve_data, resolve_device
     from pipeline import benchmark
+    from pipeline.analysis import default_batch_size
     from pipeline.decode import default_cpus
     from pipeline.demo import DEMO_CROP, DEMO_WIDTH
 
@@ -95,12 +97,12 @@ def run(cfg: Config) -> dict[str, Any]:
             url = make_synthetic(cfg.data or tmp, cfg.synthetic) if cfg.synthetic else cfg.data
             data = resolve_data(url)
             transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
+        batch = cfg.batch_size or default_batch_size(transform.crop)
         with bad_input(first_line=True):   # the message lists what is allowed
             runner = benchmark.bench_runner(
                 cfg.model, cfg.layers, transform.crop, cfg.top_k, cfg.mean_all,
-                cfg.width or (DEMO_WIDTH if transform.crop <= DEMO_CROP else 64), device,
-                cfg.batch_size)
-        timing = benchmark.Timing(cfg.images, cfg.batch_size, cfg.repeats, cpus,
+                cfg.width or (DEMO_WIDTH if transform.crop <= DEMO_CROP else 64), device, batch)
+        timing = benchmark.Timing(cfg.images, batch, cfg.repeats, cpus,
                                   cfg.scaling_images, device)
         with con.stage("measure"):
             res = benchmark.measure(runner, data.manifest, transform, timing)

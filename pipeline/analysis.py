@@ -32,6 +32,7 @@ from .accumulators import (CHANNELS_SCHEMA, MEAN_NEURONS, MEAN_SCHEMA, TOPK_NEUR
                            ChannelStats, ImageIndex, PositiveMean, Scan, TopK, update_topk)
 from .geometry import RF, module_fields
 from .hooks import Trace
+from .hostmem import keep_freed_memory
 from .layers import Layer
 from .preprocess import Preprocess
 
@@ -88,6 +89,16 @@ def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str,
     return {"model": name, "width": getattr(model, "width", 64), "num_classes": n_classes(model),
             "preprocess": preprocess.state(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def default_batch_size(crop: int) -> int:
+    """Images per forward pass when none is given: as many pixels as 64 images of 224 px
+    (3.2 M), as a power of two within [64, 256]: 64 at 224 px and above, 128 at 128 px, 256 at
+    the demo's 64 px. Below ~160 px a batch of 64 is so little work that per-batch costs (each
+    layer's dispatch, the accumulators' ~100 small calls) weigh: at 64 px (resnet34 width 16,
+    2 CPU threads) 256 analyses ~14 % more images per second than 64."""
+    n = 64 * 224 * 224 // max(1, crop * crop)
+    return max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
 
 
 def runner_from_blob(blob: dict[str, Any], specs: list[LayerSpec], options: "AnalysisOptions",
@@ -341,6 +352,7 @@ class ShardRunner:
     One forward per batch through `pipeline.hooks.Trace`, stopped after the deepest requested
     layer. On CUDA: inference mode, channels_last, one non-blocking host-to-device copy of the
     uint8 batch (4x smaller than float), statistics reduced on the device in float32/float64.
+    On CPU the process keeps freed memory for the next batch (`pipeline.hostmem`).
     """
 
     def __init__(self, model: nn.Module, preprocess: Preprocess, specs: list[LayerSpec],
@@ -350,6 +362,8 @@ class ShardRunner:
 
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            keep_freed_memory()     # no page faults through fresh activations every batch
         self.model = model.eval().to(self.device)
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)

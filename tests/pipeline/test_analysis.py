@@ -158,3 +158,9 @@ def test_accumulator_timing_reports_the_floor_and_leaves_no_trace(setup):
                 layer.mean[n].to_table("m", name).drop(["mean"]))
         one.channels.update(acts[name])
         assert one.channels.to_table("m", name).equals(layer.channels.to_table("m", name))
+
+
+def test_default_batch_size_holds_about_64_images_of_224_px_in_powers_of_two():
+    from pipeline.analysis import default_batch_size
+    assert [default_batch_size(c) for c in (32, 64, 112, 128, 160, 224, 256, 299, 1024)] == \
+        [256, 256, 256, 128, 64, 64, 64, 64, 64]
