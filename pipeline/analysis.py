@@ -148,12 +148,6 @@ class LayerResult:
     def scan(self, acts: Tensor) -> Scan:
         return Scan(acts, compiled=self.compile)
 
-    def update(self, acts: "Tensor | Scan", images: Tensor, indices: "Tensor | ImageIndex"
-               ) -> None:
-        scan = acts if isinstance(acts, Scan) else self.scan(acts)
-        update_topk([(acc, scan) for acc in self.topk.values()], indices)
-        self.update_rest(scan, images)
-
     def update_rest(self, scan: Scan, images: Tensor) -> None:
         """Every accumulator but the top-k (`AnalysisResult.update` does those of all layers
         at once)."""
