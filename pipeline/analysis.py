@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -284,6 +284,19 @@ def state_nbytes(state: Any) -> int:
     return 0
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Fastest seconds of each function over `repeats` rounds that call them in turn, after one
+    untimed round: a noisy neighbour (or the allocator's page faults) hurts each alike."""
+    best = {k: float("inf") for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: dict[str, Tensor],
                        images: Tensor, indices: Tensor, repeats: int = 5,
                        compile: bool | None = None, updates: int = 8) -> dict[str, float]:
@@ -304,14 +317,12 @@ def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: d
     dev = next(iter(acts.values())).device
     updates = max(1, updates)
 
-    def timed(fn) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return (time.perf_counter() - t0) * 1e3
+    def synced(fn):
+        def run() -> None:
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        return run
 
     def steady() -> None:
         for _ in range(updates):
@@ -328,12 +339,8 @@ def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: d
                 acts, images, indices).flush(),
             "floor": lambda: [a.amax((0, 2, 3)) for a in acts.values()],
         }
-        best = {k: float("inf") for k in runs}
-        for r in range(max(1, repeats) + 1):
-            for k, fn in runs.items():
-                t = timed(fn) / (updates if k == "hot" else 1)
-                if r:
-                    best[k] = min(best[k], t)
+        secs = interleaved({k: synced(fn) for k, fn in runs.items()}, max(1, repeats))
+        best = {k: v * 1e3 / (updates if k == "hot" else 1) for k, v in secs.items()}
     return {"accumulator_ms_per_batch": round(best["hot"], 3),
             "accumulator_cold_ms_per_batch": round(best["cold"], 3),
             "amax_floor_ms_per_batch": round(best["floor"], 3),

@@ -23,13 +23,15 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from .analysis import interleaved
+
 __all__ = ["Timing", "synthetic_jpeg", "synthetic_name", "paper_state_bytes", "decode_seconds",
-           "best_of", "interleaved", "accumulator_figures", "bench_runner", "measure",
+           "interleaved", "accumulator_figures", "bench_runner", "measure",
            "summary_lines", "bench_actmax"]
 
 
@@ -129,30 +131,6 @@ def decode_seconds(manifest: Any, transform: Any, idx: np.ndarray, batch_size: i
             return time.perf_counter() - t0, kept
     finally:
         torch.set_num_threads(threads)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Fastest seconds of each function over `repeats` rounds that call them in turn, after one
-    untimed round: a noisy neighbour (or the allocator's page faults) hurts each alike."""
-    best = {k: float("inf") for k in fns}
-    for r in range(repeats + 1):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r:
-                best[k] = min(best[k], time.perf_counter() - t0)
-    return best
-
-
-def best_of(fn: Callable[[], Any], repeats: int) -> float:
-    """Fastest of `repeats` timed calls after one warm-up (allocator, kernels, first calls)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def accumulator_figures(runner: Any, batch: tuple, repeats: int) -> dict[str, float]:

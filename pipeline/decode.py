@@ -34,13 +34,13 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import fsspec
 import numpy as np
 import torch
 
-from .listing import Manifest, SourceError, _fs, _read_small, _resolve
+from .listing import Manifest, SourceError, _fs, _read_small
 
 __all__ = ["EvalTransform", "Batch", "Decoder", "Prefetcher", "decode_rgb", "resize_crop",
            "decode_image", "jpeg_info", "load_batch", "iter_batches", "default_cpus"]
@@ -235,7 +235,7 @@ def _rows(manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
     `skipped` with their reason."""
     kept = idx[[k for k, r in enumerate(reasons) if r is None]].astype(np.int64)
     skipped = [(int(idx[k]), paths[idx[k]], r) for k, r in enumerate(reasons) if r is not None]
-    return Batch(images=images, indices=kept, labels=manifest.labels[kept].astype(np.int64),
+    return Batch(images=images, indices=kept, labels=manifest.labels[kept],
                  skipped=skipped)
 
 
@@ -272,8 +272,8 @@ class _Files:
 class Decoder:
     """Files -> Batch with `cpus` threads; optionally nvJPEG for the JPEGs (`nvjpeg=True`).
 
-    `device` is where batches land: "cpu", or "cuda" (CPU-decoded rows are stacked in pinned
-    memory and copied without blocking; nvJPEG rows never leave the GPU). The thread pool lives
+    `device` is where batches land: "cpu", or "cuda" (CPU-decoded rows are written into a pinned
+    buffer and copied without blocking; nvJPEG rows never leave the GPU). The thread pool lives
     as long as the decoder: one per worker, reused for every batch. `close()` ends it.
     """
 
@@ -294,10 +294,20 @@ class Decoder:
             self._pool = ThreadPoolExecutor(self.cpus, thread_name_prefix="decode")
         return self._pool
 
+    def _dispatch(self, fn: Callable[[int], Any], n: int) -> Callable[[], list]:
+        """fn(0), ..., fn(n - 1) on the pool, a few per task (4 tasks per thread: fewer futures,
+        still balanced); the returned call waits for the results, in order. With one thread (or
+        one item) nothing runs before that call, so a caller that submits the next batch first
+        (Prefetcher) does not decode it ahead of the one it hands over."""
+        if n <= 1 or self.cpus == 1:
+            return lambda: [fn(k) for k in range(n)]
+        step = max(1, n // (4 * self.cpus))
+        futures = [self._executor().submit(lambda a: [fn(k) for k in range(a, min(a + step, n))],
+                                           a) for a in range(0, n, step)]
+        return lambda: [r for f in futures for r in f.result()]
+
     def _map(self, fn, items: list) -> list:
-        if len(items) <= 1 or self.cpus == 1:
-            return [fn(it) for it in items]
-        return list(self._executor().map(fn, items))
+        return self._dispatch(lambda k: fn(items[k]), len(items))()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -325,11 +335,9 @@ class Decoder:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"image_index out of range 0..{n - 1}")
         paths = manifest._paths()
-        urls = [_resolve(manifest.root, paths[i]) for i in idx]
-        files = _Files(_prefetch_async(urls))
-        if self.nvjpeg:
-            batch = self._load_nvjpeg(manifest, idx, paths, files)
-            return lambda: batch
+        files = _Files(_prefetch_async(manifest.urls(idx)))
+        if self.nvjpeg:     # decoded when collected: its GPU work precedes that batch's event
+            return lambda: self._load_nvjpeg(manifest, idx, paths, files)
         c = self.transform.crop
         out = torch.empty((len(idx), 3, c, c), dtype=torch.uint8,
                           pin_memory=self.device.type == "cuda")
@@ -341,15 +349,8 @@ class Decoder:
             out[k].copy_(r)
             return None
 
-        if len(idx) <= 1 or self.cpus == 1:
-            reasons = [into(k) for k in range(len(idx))]
-            return lambda: self._batch(manifest, idx, paths, out, reasons)
-        # a few images per task: fewer futures, still balanced (4 tasks per thread and batch)
-        step = max(1, len(idx) // (4 * self.cpus))
-        futures = [self._executor().submit(lambda a: [into(k) for k in range(a, min(a + step, len(idx)))],
-                                     a) for a in range(0, len(idx), step)]
-        return lambda: self._batch(manifest, idx, paths, out,
-                                   [r for f in futures for r in f.result()])
+        reasons = self._dispatch(into, len(idx))
+        return lambda: self._batch(manifest, idx, paths, out, reasons())
 
     def _batch(self, manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
                out: torch.Tensor, reasons: list[str | None]) -> Batch:
@@ -403,8 +404,6 @@ class Decoder:
         c = self.transform.crop
         if not keep:
             return torch.empty((0, 3, c, c), dtype=torch.uint8, device=self.device)
-        if self.device.type == "cpu":
-            return torch.stack([results[k] for k in keep])
         host = [k for k in keep if k not in on_gpu]
         if not host:
             return torch.stack([results[k] for k in keep])

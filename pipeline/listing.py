@@ -92,14 +92,20 @@ class Manifest:
         return cached[1]
 
     def __getstate__(self) -> dict:
-        # Ray pickles manifests to every worker: the path list is rebuilt there on first use.
-        return {k: v for k, v in self.__dict__.items() if k != "_path_cache"}
+        # Ray pickles manifests to every worker: the path and label caches are rebuilt there.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_path_cache", "_label_cache")}
 
     @property
     def labels(self) -> np.ndarray:
-        """int64 labels in image_index order, -1 where unknown."""
-        col = self.table.column("label")
-        return np.asarray(col.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+        """int64 labels in image_index order, -1 where unknown (built once per table, like
+        `_paths`: every decoded batch reads it; read-only)."""
+        cached = self.__dict__.get("_label_cache")
+        if cached is None or cached[0] is not self.table:
+            col = self.table.column("label").fill_null(-1).to_numpy(zero_copy_only=False)
+            labels = np.array(col, dtype=np.int64)
+            labels.setflags(write=False)
+            cached = self.__dict__["_label_cache"] = (self.table, labels)
+        return cached[1]
 
     @property
     def has_labels(self) -> bool:
