@@ -26,7 +26,7 @@ from runtime.runinfo import Markers, write_run
 from pipeline import ablation
 from pipeline.ablation import DEFAULT_SUBSETS, Subset, parse_subsets
 from pipeline.ablation_setup import AblationSetup as Setup, check_labels, read_census
-from pipeline.listing import SourceError, write_manifest
+from pipeline.listing import write_manifest
 from pipeline.table1 import (ablation_table, census_table, format_table1, inactive_channels,
                              no_inactive_note, table1)
 from pipeline.tables import exists, join, read_json, write_table
@@ -82,8 +82,7 @@ class AblateConfig(Options):
 def prepare(cfg: AblateConfig, con: Console) -> Setup:
     """Data, model, layer and (with --from) the census; every bad input surfaces here."""
     check_writable(cfg.out)
-    with bad_input(SourceError):
-        src = resolve_data(cfg.data, limit=cfg.limit, require_labels=True)
+    src = resolve_data(cfg.data, limit=cfg.limit, require_labels=True)
     classes, width = default_model_shape(src)
     jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=classes, width=width)
     with bad_input():   # an unknown layer, no max-pooling layer to default to, labels past fc
@@ -192,20 +191,21 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     groups = [plans] if cfg.task_per == "shard" else [[p] for p in plans]
     sums, st = _stage(con, "evaluate", groups, ranges, work, store, plan)
     results = [(p, sums[p.label].totals()) for p in plans]
-    text = _write(cfg, s, con, census, results)
+    text = _write(cfg, s, con, census, inactive, results)
     info = _report(cfg, s, con, device.report(plan.workers), store, [*runs, st], results,
                    {"shards": len(ranges), "inactive_channels": inactive})
     con.result(text)
     return info
 
 
-def _write(cfg: AblateConfig, s: Setup, con: Console, census: Any, results: list) -> str:
+def _write(cfg: AblateConfig, s: Setup, con: Console, census: Any, inactive: list[int],
+           results: list) -> str:
     """manifest, census, ablation and table1.parquet; returns Table 1 as text."""
     if results[0][1]["images"] == 0:
         raise BadInput(f"none of the {len(s.manifest)} images of {s.data} could be read")
     with con.stage("write"):
-        rows = ablation_table(s.model_name, s.layer.name, inactive_channels(census), cfg.fraction,
-                              results, list(range(cfg.seeds)), s.train_seed)
+        rows = ablation_table(s.model_name, s.layer.name, inactive, cfg.fraction, results,
+                              list(range(cfg.seeds)), s.train_seed)
         t1 = table1(rows, census)
         write_manifest(s.manifest, join(cfg.out, "manifest.parquet"))
         for table, f in ((census, "census"), (rows, "ablation"), (t1, "table1")):

@@ -94,7 +94,8 @@ def prepare(cfg: Config) -> Prepared:
     from pipeline.geometry import rf_table
     from pipeline.layers import catalogue, resolve_layers
 
-    check_writable(cfg.out)   # the pipeline's ValueError or missing file: bad input (exit 2)
+    check_writable(cfg.out)
+    # the pipeline's ValueError or missing file: bad input (exit 2)
     with bad_input(ValueError, FileNotFoundError, PermissionError, first_line=True):
         data = resolve_data(cfg.data, limit=cfg.limit)
         classes, width = default_model_shape(data)

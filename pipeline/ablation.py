@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import Trace
-from .layers import Layer
+from .layers import Layer, resolve_layers
 from .seeds import derive_seed
 
 __all__ = ["CONDITIONS", "derive_seed", "image_noise", "random_subset", "random_count_subset",
@@ -443,8 +443,6 @@ def default_layer(model: nn.Module) -> str:
 def ablation_layer(model: nn.Module, spec: str | None = None) -> Layer:
     """The one layer with channel maps that `spec` names (paper name or module path; None:
     `default_layer`). ValueError for an unknown name, several layers, or `fc`."""
-    from .layers import resolve_layers
-
     layers = resolve_layers(model, spec or default_layer(model))
     if len(layers) != 1 or layers[0].name == "fc":
         raise ValueError(f"--layer must name one layer with channel maps (pool1, conv2 ... or a "

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.options import BadInput
+from runtime.options import BadInput, bad_input
 
 __all__ = ["resolve_device", "check_writable", "model_choices", "JobModel", "load_job_model",
            "JobData", "resolve_data", "default_model_shape", "eval_transform"]
@@ -115,12 +115,13 @@ def resolve_data(data: str | None, *, limit: int | None = None,
                  require_labels: bool = False) -> JobData:
     """`--data`, or the embedded demo data's val/ split; cut to the first `limit` images."""
     from pipeline.demo import ensure_demo_data
-    from pipeline.listing import Manifest, build_manifest
+    from pipeline.listing import Manifest, SourceError, build_manifest
 
     demo = data is None
     root = ensure_demo_data().rstrip("/") if demo else None
     url = f"{root}/val" if demo else data
-    manifest = build_manifest(url, require_labels=require_labels)
+    with bad_input(SourceError):    # missing, empty or unlabelled: the user's input (exit 2)
+        manifest = build_manifest(url, require_labels=require_labels)
     if len(manifest) == 0:
         raise BadInput(f"data source {url} holds no images")
     if limit is not None:

@@ -69,8 +69,7 @@ def bad_input(*errors: type[BaseException], prefix: str = "",
     try:
         yield
     except errors or (ValueError,) as e:
-        text = (str(e).splitlines()[0] if str(e) else type(e).__name__) if first_line else str(e)
-        raise BadInput(prefix + text) from None
+        raise BadInput(prefix + (_first_line(e) if first_line else str(e))) from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -50,7 +50,7 @@ def test_bench_prints_figures_and_json(capsys):
 @pytest.mark.parametrize("argv", [["--images", "0"], ["--cpus", "0"], ["--synthetic", "-1"],
                                   ["--synthetic", "4", "--data", "s3://bucket/x"],
                                   ["--model", "vit_b_16"], ["--model", "mobilenet_v3_small"],
-                                  ["--layers", "conv99"]])
+                                  ["--layers", "conv99"], ["--data", "/nonexistent/images"]])
 def test_bench_bad_input_exits_2(capsys, argv):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
