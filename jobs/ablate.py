@@ -1,4 +1,4 @@
-"""Inactive channels of a layer and the noise ablation (the paper's Table 1), on runtime.engine.
+"""Inactive channels of a layer and the noise ablation (the paper's Table 1), on jobs.runtime.engine.
 
     python -m jobs.ablate --out ./results/ablation                       # demo data, untrained
     python -m jobs.ablate --data s3://b/imagenet/val --checkpoint s3://b/ckpt/resnet34.pt \\
@@ -17,19 +17,19 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from runtime import engine
-from runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
+from jobs.runtime import engine
+from jobs.runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
                             model_choices, resolve_data)
-from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from runtime.runinfo import Markers, write_run
-from pipeline import ablation
-from pipeline.ablation import DEFAULT_SUBSETS, Subset, parse_subsets
-from pipeline.ablation_setup import AblationSetup as Setup, check_labels, read_census
-from pipeline.listing import write_manifest
-from pipeline.table1 import (ablation_table, census_table, format_table1, inactive_channels,
+from jobs.runtime.console import Console, init_ray
+from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from jobs.runtime.runinfo import Markers, write_run
+from pipeline.ablation import noise as ablation
+from pipeline.ablation.noise import DEFAULT_SUBSETS, Subset, parse_subsets
+from pipeline.ablation.setup import AblationSetup as Setup, check_labels, read_census
+from pipeline.data.listing import write_manifest
+from pipeline.ablation.table1 import (ablation_table, census_table, format_table1, inactive_channels,
                              no_inactive_note, table1)
-from pipeline.tables import exists, join, read_json, write_table
+from pipeline.results.tables import exists, join, read_json, write_table
 
 PROG = "python -m jobs.ablate"
 
@@ -133,7 +133,7 @@ def _shard(model: Any, preprocess: Any, layer: Any, manifest: Any, transform: An
            stop: int) -> engine.Result:
     """One unit: the census (plans None) or the plans' evaluation sums of images [start, stop),
     decoded with `cpus` threads (the CPUs the task reserved; None: all it sees, on a GPU)."""
-    from pipeline.decode import Decoder, iter_batches
+    from pipeline.data.decode import Decoder, iter_batches
 
     with Decoder(transform, cpus=cpus) as dec:
         batches = iter_batches(manifest, start, stop, batch, transform, decoder=dec)

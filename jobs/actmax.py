@@ -3,8 +3,8 @@
     python -m jobs.actmax --checkpoint s3://bucket/ckpt/resnet34.pt --layers conv3,conv7 \\
         --channels all --out s3://bucket/results/actmax
 
-Each (layer, channel chunk) is one unit of runtime.engine: a Ray task optimises its channels as one
-batch (row = channel) with `pipeline.actmax.maximize_channels` and stores its rows under
+Each (layer, channel chunk) is one unit of jobs.runtime.engine: a Ray task optimises its channels as one
+batch (row = channel) with `pipeline.actmax.optimize.maximize_channels` and stores its rows under
 `--out/_partials/<fingerprint>/`, then a marker; a rerun with the same settings skips finished
 chunks. The rows are merged into `actmax.parquet` (forward layer order, channels ascending), then
 `run.json` is written and the partials removed. Any torchvision CNN (`--model`), layers by paper
@@ -20,14 +20,14 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from runtime import engine
-from runtime.inputs import check_writable, load_job_model
-from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from runtime.runinfo import write_run
-from pipeline.actmax import TABLE_SCHEMA as SCHEMA
-from pipeline.actmax import chunk_table, sort_rows
-from pipeline.models import supported_models
+from jobs.runtime import engine
+from jobs.runtime.inputs import check_writable, load_job_model
+from jobs.runtime.console import Console, init_ray
+from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from jobs.runtime.runinfo import write_run
+from pipeline.actmax.optimize import TABLE_SCHEMA as SCHEMA
+from pipeline.actmax.optimize import chunk_table, sort_rows
+from pipeline.models.zoo import supported_models
 
 __all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "main",
            "run", "chunk_table", "units", "store", "BadInput"]
@@ -84,7 +84,7 @@ class ActmaxConfig(Options):
             self.settings()        # the parameterisation's own ranges
 
     def settings(self):
-        from pipeline.actmax import Settings
+        from pipeline.actmax.optimize import Settings
 
         return Settings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Settings)})
 
@@ -93,7 +93,7 @@ class ActmaxConfig(Options):
 
 def parse_channels(spec: str, layer_name: str, n: int) -> list[int]:
     """"all" | "0-63" | "0,5,7" | "0-3,8" -> sorted unique channels; BadInput names 0-(n-1)."""
-    from pipeline.actmax import channel_list
+    from pipeline.actmax.optimize import channel_list
 
     try:
         return channel_list(spec, n)
@@ -109,7 +109,7 @@ class _Setup:
     preprocess: Any
     input_size: int
     untrained: bool
-    layers: list                                   # pipeline.layers.Layer
+    layers: list                                   # pipeline.models.layers.Layer
     channels: dict[str, list[int]]                 # layer name -> its channels
 
     @property
@@ -120,9 +120,9 @@ class _Setup:
 
 def _setup(cfg: ActmaxConfig) -> _Setup:
     """Load or build the model and resolve layers/channels: all bad input surfaces here."""
-    from pipeline.actmax import calibrate_bn
-    from pipeline.demo import DEMO_CLASSES, DEMO_CROP, DEMO_WIDTH
-    from pipeline.layers import resolve_layers
+    from pipeline.actmax.optimize import calibrate_bn
+    from pipeline.data.demo import DEMO_CLASSES, DEMO_CROP, DEMO_WIDTH
+    from pipeline.models.layers import resolve_layers
 
     jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=len(DEMO_CLASSES),
                         width=DEMO_WIDTH, seed=cfg.seed)
@@ -165,7 +165,7 @@ def store(cfg: ActmaxConfig, setup: _Setup, device: engine.Device) -> engine.Sto
 
 def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline import tables
+    from pipeline.results import tables
 
     con = Console("actmax")
     with con.stage("setup", quiet=True):

@@ -5,7 +5,7 @@
         --layers pool1,conv3,conv7 --top-k 16 --out s3://bucket/results/analysis --shards 64
     python -m jobs.analyze --model vgg11_bn --layers features.10,features.17   # any torchvision CNN
 
-Each shard of the manifest is one unit of runtime.engine on a pool of long-lived actors (one per GPU,
+Each shard of the manifest is one unit of jobs.runtime.engine on a pool of long-lived actors (one per GPU,
 else one per 4 CPUs), each loading the model once and running ONE decode pipeline that reads on
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
@@ -20,13 +20,13 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from runtime import engine
-from runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
+from jobs.runtime import engine
+from jobs.runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
                          resolve_data)
-from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from runtime.runinfo import Markers, write_run
-from pipeline.analysis import ShardFeed
+from jobs.runtime.console import Console, init_ray
+from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from jobs.runtime.runinfo import Markers, write_run
+from pipeline.stats.analysis import ShardFeed
 
 PROG = "python -m jobs.analyze"
 PARTIAL_FORMAT = 2          # bump when the partial state layout changes: old partials are ignored
@@ -77,22 +77,22 @@ class Prepared:
 
     cfg: Config
     model_name: str
-    blob: dict                   # pipeline.analysis.model_blob: what workers rebuild it from
-    specs: list                  # pipeline.analysis.LayerSpec
-    options: Any                 # pipeline.analysis.AnalysisOptions
-    manifest: Any                # pipeline.listing.Manifest (after --limit)
-    transform: Any               # pipeline.decode.EvalTransform
+    blob: dict                   # pipeline.stats.analysis.model_blob: what workers rebuild it from
+    specs: list                  # pipeline.stats.analysis.LayerSpec
+    options: Any                 # pipeline.stats.analysis.AnalysisOptions
+    manifest: Any                # pipeline.data.listing.Manifest (after --limit)
+    transform: Any               # pipeline.data.decode.EvalTransform
     demo_root: str | None
     rf_table: Any
     untrained: bool
     warnings: list[str]
-    batch_size: int              # --batch-size, else pipeline.analysis.default_batch_size
+    batch_size: int              # --batch-size, else pipeline.stats.analysis.default_batch_size
 
 
 def prepare(cfg: Config) -> Prepared:
-    from pipeline.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
-    from pipeline.geometry import rf_table
-    from pipeline.layers import catalogue, resolve_layers
+    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
+    from pipeline.models.rf_catalogue import rf_table
+    from pipeline.models.layers import catalogue, resolve_layers
 
     check_writable(cfg.out)
     # the pipeline's ValueError or missing file: bad input (exit 2)
@@ -118,9 +118,9 @@ def prepare(cfg: Config) -> Prepared:
 def store(prep: Prepared, device: engine.Device, precision: dict | None = None) -> engine.Store:
     """The partial store, keyed by all that decides a shard's numbers (not shards, workers or
     --out): model weights, manifest paths, layers, options, transform, batch shape, device and
-    the strict-fp32 setting the workers run under (`precision`: default, pipeline.precision's)."""
-    from pipeline.accumulators import use_compile
-    from pipeline.precision import setting
+    the strict-fp32 setting the workers run under (`precision`: default, pipeline.models.precision's)."""
+    from pipeline.stats.accumulators import use_compile
+    from pipeline.models.precision import setting
 
     paths = hashlib.sha256("\n".join(prep.manifest.table.column("path").to_pylist()).encode())
     desc = {"format": PARTIAL_FORMAT, "model": prep.model_name,
@@ -146,7 +146,7 @@ class ShardWorker(ShardFeed):
 def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
     import ray
 
-    from pipeline.stimuli import patch_groups, render_group
+    from pipeline.stats.stimuli import patch_groups, render_group
 
     task, man = ray.remote(render_group).options(num_cpus=1), ray.put(prep.manifest)
     refs = [task.remote(man, prep.transform, rows, prep.demo_root)
@@ -155,7 +155,7 @@ def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
 
 
 def units(prep: Prepared, workers: int) -> list[engine.Unit]:
-    from pipeline.listing import shard_ranges
+    from pipeline.data.listing import shard_ranges
 
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
@@ -165,10 +165,10 @@ def units(prep: Prepared, workers: int) -> list[engine.Unit]:
 
 def run(cfg: Config, prep: Prepared | None = None) -> dict:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.analysis import AnalysisResult, FeedSpec, merge_states
-    from pipeline.listing import write_manifest
-    from pipeline.stimuli import TOPK_TABLE_SCHEMA, with_patches
-    from pipeline.tables import join, write_table
+    from pipeline.stats.analysis import AnalysisResult, FeedSpec, merge_states
+    from pipeline.data.listing import write_manifest
+    from pipeline.stats.stimuli import TOPK_TABLE_SCHEMA, with_patches
+    from pipeline.results.tables import join, write_table
 
     con = Console("analyze")
     with con.stage("setup", quiet=True):
@@ -212,8 +212,8 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
 
 def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, workers: int,
             dec: int, st: engine.Store, stats: engine.RunStats, state: dict, n: dict) -> dict:
-    """run.json (runtime.runinfo): counts from the markers, the workers' precision flags."""
-    from pipeline.analysis import state_nbytes
+    """run.json (jobs.runtime.runinfo): counts from the markers, the workers' precision flags."""
+    from pipeline.stats.analysis import state_nbytes
 
     m = Markers.of(stats)
     read = sum(i["images"] for i in m.infos)

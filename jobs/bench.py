@@ -6,7 +6,7 @@
     python -m jobs.bench --synthetic 5000 --images 5000 --device cuda --json   # ImageNet-size JPEGs
     python -m jobs.bench --model mobilenet_v3_small --layers features.1.block.0.2,features.3
 
-It times, on the same images and model (`pipeline.benchmark.measure`, which says how): decoding
+It times, on the same images and model (`pipeline.stats.benchmark.measure`, which says how): decoding
 files into model-ready batches (`--cpus` threads, then 1 and 2; nvJPEG on CUDA), the whole forward,
 the forward truncated after the deepest analysed layer, the analysis step (truncated forward plus
 every accumulator; `--mean-all` adds the channel-wide mean), files to accumulator state end to end,
@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from runtime.console import Console
-from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from pipeline.models import supported_models
+from jobs.runtime.console import Console
+from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from pipeline.models.zoo import supported_models
 
 PROG = "python -m jobs.bench"
 
@@ -67,8 +67,8 @@ class Config(Options):
 
 def make_synthetic(folder: str, n: int, seed: int = 0) -> str:
     """Write `n` synthetic validation-style JPEGs into a local folder (kept if already there)."""
-    from pipeline.benchmark import synthetic_jpeg, synthetic_name
-    from pipeline.decode import default_cpus
+    from pipeline.stats.benchmark import synthetic_jpeg, synthetic_name
+    from pipeline.data.decode import default_cpus
 
     def write(i: int) -> None:
         path = os.path.join(folder, synthetic_name(i))
@@ -85,11 +85,11 @@ def make_synthetic(folder: str, n: int, seed: int = 0) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Build the source and the model, measure, and return the JSON line's dictionary."""
-    from runtime.inputs import eval_transform, resolve_data, resolve_device
-    from pipeline import benchmark
-    from pipeline.analysis import default_batch_size
-    from pipeline.decode import default_cpus
-    from pipeline.demo import DEMO_CROP, DEMO_WIDTH
+    from jobs.runtime.inputs import eval_transform, resolve_data, resolve_device
+    from pipeline.stats import benchmark
+    from pipeline.stats.analysis import default_batch_size
+    from pipeline.data.decode import default_cpus
+    from pipeline.data.demo import DEMO_CROP, DEMO_WIDTH
 
     con, device, cpus = Console("bench"), resolve_device(cfg.device), cfg.cpus or default_cpus()
     with tempfile.TemporaryDirectory(prefix="bench-synthetic-") as tmp:
@@ -112,7 +112,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body(cfg: Config) -> None:
-        from pipeline.benchmark import summary_lines
+        from pipeline.stats.benchmark import summary_lines
 
         res = run(cfg)
         print("\n".join(summary_lines(res)))

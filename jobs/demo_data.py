@@ -15,11 +15,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from runtime.inputs import check_writable
-from runtime.console import Console
-from runtime.options import BadInput, Options, at_least, in_range, opt
-from runtime.options import run_cli
-from runtime.runinfo import write_run
+from jobs.runtime.inputs import check_writable
+from jobs.runtime.console import Console
+from jobs.runtime.options import BadInput, Options, at_least, in_range, opt
+from jobs.runtime.options import run_cli
+from jobs.runtime.runinfo import write_run
 
 PROG = "python -m jobs.demo_data"
 
@@ -46,8 +46,8 @@ def run(cfg: DemoDataConfig) -> dict[str, int]:
     """Generate into a local temporary folder, then move (or upload) train/ and val/ into place."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.demo import DemoSpec, generate_demo_data
-    from pipeline.tables import fs_path, join
+    from pipeline.data.demo import DemoSpec, generate_demo_data
+    from pipeline.results.tables import fs_path, join
 
     fs, base = fs_path(cfg.out)
     existing = [s for s in ("train", "val") if fs.exists(join(base, s))]

@@ -6,9 +6,9 @@
 
 Patterns: the first conv on RGB input of each checkpoint (any model) in stimulus space, the
 mean preferred stimuli (stimuli/mean.parquet) and the actmax images (actmax.parquet); a
-reproduce root (training seed 0) holds all three. Each chunk of channels is one runtime.engine unit
-reading only its own rows (a rerun resumes); `pipeline.neuron_inputs` finds and reads the
-inputs, `pipeline.neuron_patterns` measures them. Writes <out>/neuron_types.parquet,
+reproduce root (training seed 0) holds all three. Each chunk of channels is one jobs.runtime.engine unit
+reading only its own rows (a rerun resumes); `pipeline.census.inputs` finds and reads the
+inputs, `pipeline.census.patterns` measures them. Writes <out>/neuron_types.parquet,
 <out>/summary.parquet and <out>/run.json and prints the summary (docs/neuron_types.md).
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from runtime import engine
-from runtime.inputs import check_writable
-from runtime.console import Console, init_ray
-from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from runtime.runinfo import write_run
-from pipeline.neuron_patterns import (OUT_SCHEMA, SOURCES, SUMMARY_SCHEMA, PatternError,
+from jobs.runtime import engine
+from jobs.runtime.inputs import check_writable
+from jobs.runtime.console import Console, init_ray
+from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from jobs.runtime.runinfo import write_run
+from pipeline.census.patterns import (OUT_SCHEMA, SOURCES, SUMMARY_SCHEMA, PatternError,
                                       format_summary, sort_rows, summarise)
 
 __all__ = ["NeuronTypesConfig", "OUT_SCHEMA", "SUMMARY_SCHEMA", "format_summary", "store", "main",
@@ -63,7 +63,7 @@ class NeuronTypesConfig(Options):
                      check=at_least(0))
 
     def check(self) -> None:
-        from pipeline.neuron_inputs import check_options
+        from pipeline.census.inputs import check_options
 
         if not self.out.strip():
             raise BadInput("--out is empty; give a local folder or an s3:// URL")
@@ -83,7 +83,7 @@ class NeuronTypesConfig(Options):
 
 def _setup(cfg: NeuronTypesConfig):
     """Inputs, filters, chunks and input stamps; every bad input surfaces here, before writing."""
-    from pipeline import neuron_inputs as ni
+    from pipeline.census import inputs as ni
 
     with bad_input():                     # InputError, PatternError: the message names the file
         found = ni.discover(cfg.sources_from, cfg.actmax, cfg.checkpoints, "mean" in cfg.wants,
@@ -103,7 +103,7 @@ def store(cfg: NeuronTypesConfig, stamps: list, device: engine.Device) -> engine
 
 def _measure_units(cfg: NeuronTypesConfig, chunks: list, stamps: list, con: Console):
     """The chunks as engine units (resume, bounded retries) -> (rows, stats, store, device)."""
-    from pipeline.neuron_inputs import measure_chunk
+    from pipeline.census.inputs import measure_chunk
 
     units = [engine.Unit(c.name, (c,), size=c.channels[1] - c.channels[0]) for c in chunks]
     con.info(f"{len(units)} unit(s) over {len({(c.source, c.model, c.layer) for c in chunks})} "
@@ -124,8 +124,8 @@ def _measure_units(cfg: NeuronTypesConfig, chunks: list, stamps: list, con: Cons
 
 def run(cfg: NeuronTypesConfig) -> dict:
     """The census after argument parsing; returns run.json."""
-    from pipeline.neuron_inputs import filter_rows
-    from pipeline.tables import join, write_table
+    from pipeline.census.inputs import filter_rows
+    from pipeline.results.tables import join, write_table
 
     con = Console("neuron_types")
     with con.stage("setup", quiet=True):      # inputs, then the filters (tiny: on the driver)

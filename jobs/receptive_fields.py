@@ -3,7 +3,7 @@
     python -m jobs.receptive_fields --model resnet34,plainnet34 --input-size 224 --out results/
     python -m jobs.receptive_fields --model densenet121 --list    # every analysable layer
 
-Arithmetic on the module graph (pipeline.geometry, no Ray), for any supported torchvision CNN
+Arithmetic on the module graph (pipeline.models.geometry, no Ray), for any supported torchvision CNN
 and the PlainNets at any input size. Prints the table; writes it as Parquet to a `.parquet`
 --out, or as receptive_fields.parquet (with run.json) into a folder --out. Rows: paper names for
 the ResNet family, module paths otherwise; columns as RF_SCHEMA (the contract's, then per axis
@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from runtime.inputs import check_writable
-from runtime.console import Console
-from runtime.options import BadInput, Options, opt, run_cli
+from jobs.runtime.inputs import check_writable
+from jobs.runtime.console import Console
+from jobs.runtime.options import BadInput, Options, opt, run_cli
 
 JOB = "receptive_fields"
 PROG = f"python -m jobs.{JOB}"
@@ -42,7 +42,7 @@ class Config(Options):
                             "with its geometry and write nothing", flag="--list")
 
     def check(self) -> None:
-        from pipeline.models import build_model, supported_models
+        from pipeline.models.zoo import build_model, supported_models
 
         allowed = supported_models()
         if not self.models:
@@ -59,16 +59,16 @@ class Config(Options):
 
     @property
     def table_url(self) -> str:
-        from pipeline.tables import join
+        from pipeline.results.tables import join
 
         return self.out if self.out.endswith(".parquet") else join(self.out, TABLE_NAME)
 
 
 def run(cfg: Config) -> None:
     """Print (and, without --list, write) the table; run.json goes into a folder --out."""
-    from pipeline.geometry import RF_SCHEMA
-    from pipeline.rf_catalogue import COLUMNS, LIST_COLUMNS, format_rf_table, rf_catalogue, rf_notes
-    from pipeline.tables import exists, join, read_json, write_table
+    from pipeline.models.rf_catalogue import (COLUMNS, LIST_COLUMNS, RF_SCHEMA, format_rf_table,
+                                              rf_catalogue, rf_notes)
+    from pipeline.results.tables import exists, join, read_json, write_table
 
     con = Console(JOB)
     url = cfg.table_url
@@ -87,7 +87,7 @@ def run(cfg: Config) -> None:
     con.info(f"wrote {table.num_rows} rows to {url}")
     run_json = join(folder, "run.json") if folder else None
     if run_json and (not exists(run_json) or read_json(run_json).get("job") == JOB):
-        from runtime.runinfo import write_run   # never over another job's run.json (jobs.analyze)
+        from jobs.runtime.runinfo import write_run   # never over another job's run.json (jobs.analyze)
 
         write_run(folder, JOB, cfg.to_dict(), seconds=con.seconds, total_seconds=con.wall,
                   work=table.num_rows, unit="layers", warnings=con.warnings,

@@ -3,7 +3,7 @@
     python -m jobs.report --out ./results                # -> ./results/report/index.html
     python -m jobs.report --out s3://bucket/run1 --report ./report-run1
 
-Reads the layout `jobs.reproduce` writes (pipeline.layout: analysis/<model>/…, ablation/…,
+Reads the layout `jobs.reproduce` writes (pipeline.results.layout: analysis/<model>/…, ablation/…,
 actmax/…, train/<model>/…, neuron_types/…; training seed 0); a single job's output folder
 (receptive_fields.parquet and stimuli/ at its top, or actmax.parquet, ablation.parquet …)
 works too. Missing parts become a "not available" section. Needs no Ray and no GPU; opens from
@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from runtime.inputs import check_writable
-from runtime.console import Console
-from runtime.options import Options, at_least, bad_input, opt, run_cli
-from runtime.runinfo import write_run
+from jobs.runtime.inputs import check_writable
+from jobs.runtime.console import Console
+from jobs.runtime.options import Options, at_least, bad_input, opt, run_cli
+from jobs.runtime.runinfo import write_run
 
 __all__ = ["ReportConfig", "run", "main"]
 
@@ -46,7 +46,7 @@ class ReportConfig(Options):
 
     @property
     def report_url(self) -> str:
-        from pipeline import layout
+        from pipeline.results import layout
 
         return (self.report or layout.stage_dir(self.root, "report")).rstrip("/")
 
@@ -61,7 +61,7 @@ def run(cfg: ReportConfig) -> str:
     """Build the report; prints the URL of its index.html (con.result) and returns it."""
     from pipeline.report import render_report
     from pipeline.report.load import ReportInputError, load_inputs
-    from pipeline.tables import join, write_bytes
+    from pipeline.results.tables import join, write_bytes
 
     con = Console("report")
     with con.stage("read", quiet=True):

@@ -10,7 +10,7 @@
 Each stage runs its job in this process (one Ray; the job's console nested in the chain's: its
 warnings, epochs and long progress lines show) unless its final output exists under --out
 (local or s3://); an interrupted stage resumes from its own partials. --out has
-pipeline/layout.py's layout; training seeds s >= 1 (--seeds) go under seeds/<s>/, the combined
+pipeline/results/layout.py's layout; training seeds s >= 1 (--seeds) go under seeds/<s>/, the combined
 census, ablation and Table 1 cover every seed, actmax, neuron types and the report use seed 0.
 Per-model options take a comma list in which `MODEL=` starts that model's items (items before
 any `MODEL=` apply to every model). Ray's log: <out>/_logs/ray.log; commands run: run.json.
@@ -23,12 +23,14 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from runtime.inputs import check_writable
-from runtime.console import Console, init_ray
-from runtime.options import Options, at_least, bad_input, opt, run_cli
-from runtime.runinfo import write_run
-from pipeline import chain, layout, tables
-from pipeline.chain import PAPER_LAYERS, PAPER_MODELS, STAGES, Layers, items, stage_name
+from jobs.runtime.inputs import check_writable
+from jobs.runtime.console import Console, init_ray
+from jobs.runtime.options import Options, at_least, bad_input, opt, run_cli
+from jobs.runtime.runinfo import write_run
+from jobs import chain
+from pipeline.results import layout
+from pipeline.results import tables
+from jobs.chain import PAPER_LAYERS, PAPER_MODELS, STAGES, Layers, items, stage_name
 
 PROG = "python -m jobs.reproduce"
 
@@ -40,7 +42,7 @@ class ReproduceConfig(Options):
     preset: str = opt("demo", "demo (embedded data, small models) or paper")
     models: tuple[str, ...] = opt(PAPER_MODELS, "the models compared, comma list (default: "
                                   f"{','.join(PAPER_MODELS)}); any of "
-                                  "pipeline.models.supported_models()", parse=items)
+                                  "pipeline.models.zoo.supported_models()", parse=items)
     train_data: str | None = opt(None, "training images (class folders, s3:// ok)")
     data: str | None = opt(None, "validation images (any layout of docs/data.md)")
     checkpoint_resnet: str | None = opt(None, "resnet34 checkpoint (ours or torchvision's) to "
@@ -68,7 +70,7 @@ class ReproduceConfig(Options):
                                   f"{','.join(STAGES)})", parse=items)
 
     def check(self) -> None:
-        """pipeline.chain's checks; their ValueError is the user's input: BadInput."""
+        """jobs.chain's checks; their ValueError is the user's input: BadInput."""
         with bad_input():
             chain.check(self)
 
@@ -125,7 +127,7 @@ class Chain:
                 self.recipes.get((model, seed)))
 
     def train(self, model: str, seed: int) -> None:
-        from pipeline.checkpoint import load_checkpoint
+        from pipeline.models.checkpoint import load_checkpoint
 
         ckpt = self.given.get(model) or layout.checkpoint(self.out, model, seed)
         self.checkpoints[(model, seed)] = ckpt
@@ -154,7 +156,7 @@ class Chain:
 
     def combine_ablation(self) -> None:
         """ablation/{ablation,census}.parquet over every model and seed, and Table 1 from them."""
-        from pipeline.table1 import table1
+        from pipeline.ablation.table1 import table1
 
         url = {n: layout.combined(self.out, "ablation", n)
                for n in ("ablation", "census", "table1")}

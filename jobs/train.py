@@ -6,9 +6,9 @@
         --workers 8 --use-gpu --seed 0 --out s3://b/runs/resnet34-seed0
 
 Stages: (1) zca: the 3x3 ZCA colour whitening from a seeded sample of training images, one
-runtime.engine unit per slice (float64 sums, merged exactly); (2) train: TorchTrainer runs DDP
+jobs.runtime.engine unit per slice (float64 sums, merged exactly); (2) train: TorchTrainer runs DDP
 over --workers, and each epoch rank 0 reports a checkpoint, rewrites metrics.parquet and prints a
-line; (3) model.pt (a pipeline.checkpoint file) and run.json. The same --out resumes from the
+line; (3) model.pt (a pipeline.models.checkpoint file) and run.json. The same --out resumes from the
 last checkpoint (more --epochs continue the schedule), as does a replaced failed worker
 (--max-failures times). Ray Train wiring: jobs/trainer.py. Logs: <out>/_logs/. See docs/training.md.
 """
@@ -20,17 +20,18 @@ from typing import Any, Sequence
 
 import torch
 
-from runtime import engine
-from runtime.inputs import check_writable
+from jobs.runtime import engine
+from jobs.runtime.inputs import check_writable
 from jobs.trainer import fit
-from runtime.console import Console, init_ray, worker_log
-from runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from runtime.runinfo import write_run
-from pipeline import tables, trainrun
-from pipeline.augment import AUGMENTS
-from pipeline.demo import ensure_demo_data
-from pipeline.preprocess import preprocess_from_state
-from pipeline.train import (PRECISIONS, PRESETS, Recipe, preset, train_models, training_sources,
+from jobs.runtime.console import Console, init_ray, worker_log
+from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from jobs.runtime.runinfo import write_run
+from pipeline.results import tables
+from pipeline.train import run as trainrun
+from pipeline.data.augment import AUGMENTS
+from pipeline.data.demo import ensure_demo_data
+from pipeline.data.preprocess import preprocess_from_state
+from pipeline.train.recipe import (PRECISIONS, PRESETS, Recipe, preset, train_models, training_sources,
                             write_metrics, write_model, zca_moments)
 
 PROG = "python -m jobs.train"

@@ -1,9 +1,9 @@
 """The Ray Train side of jobs.train: what each TorchTrainer worker runs, and the trainer around it.
 
 `fit(cfg, ...)` starts a TorchTrainer over `cfg.workers` DDP ranks; each runs `train_loop`:
-restore the last Ray Train checkpoint (if any), build pipeline.train.Training, then per epoch
+restore the last Ray Train checkpoint (if any), build pipeline.train.recipe.Training, then per epoch
 report a checkpoint (rank 0) and rewrite metrics.parquet, with one console line through
-runtime.console.relay. The computation itself is pipeline.train's; this module is wiring only.
+jobs.runtime.console.relay. The computation itself is pipeline.train.recipe's; this module is wiring only.
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from runtime import engine
-from runtime.console import Console, relay
-from runtime.options import JobFailed
-from pipeline import tables, trainrun
-from pipeline.preprocess import preprocess_from_state
-from pipeline.train import Training, arrow_storage, configure_torch, make_loaders, write_metrics
+from jobs.runtime import engine
+from jobs.runtime.console import Console, relay
+from jobs.runtime.options import JobFailed
+from pipeline.results import tables
+from pipeline.train import run as trainrun
+from pipeline.data.preprocess import preprocess_from_state
+from pipeline.train.recipe import Training, arrow_storage, configure_torch, make_loaders, write_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_NAME = "checkpoints"            # Ray Train's run folder under --out
@@ -33,7 +34,7 @@ def _checkpoint(ckpt: Any) -> dict | None:
 
 
 def train_loop(lc: dict[str, Any]) -> None:
-    """Per-worker function of TorchTrainer: wiring only; pipeline.train.Training does the work."""
+    """Per-worker function of TorchTrainer: wiring only; pipeline.train.recipe.Training does the work."""
     import ray
     import ray.train
     import ray.train.torch

@@ -3,7 +3,7 @@
     def test_x(s3_bucket):                     # a fresh, empty bucket on the session's server
         url = f"s3://{s3_bucket}/data"          # s3fs/boto3 find the server through AWS_* env vars
 
-`demo_root` is the embedded demo data set (pipeline.demo), generated at most once per session in a
+`demo_root` is the embedded demo data set (pipeline.data.demo), generated at most once per session in a
 session temporary folder: PREFERRED_STIMULI_DATA points there for the whole session, so tests
 (and jobs they run in-process) never write into ~/.cache.
 
@@ -44,7 +44,7 @@ def _demo_cache(tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def demo_root(_demo_cache: str) -> str:
     """Root (local folder with train/ and val/) of the default demo data, seed 0."""
-    from pipeline.demo import ensure_demo_data
+    from pipeline.data.demo import ensure_demo_data
 
     return ensure_demo_data()
 

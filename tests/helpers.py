@@ -36,7 +36,7 @@ def local_ray(num_cpus: int = 2, store_mib: int = 200) -> Iterator[str]:
         ray.shutdown()
 
 
-# --- fault injection for runtime.engine (engine.set_test_hook); importable by Ray workers ----------
+# --- fault injection for jobs.runtime.engine (engine.set_test_hook); importable by Ray workers ----------
 
 class Sleep:
     """Hook: sleep before every unit, so that a test can kill something mid-run."""
@@ -70,7 +70,7 @@ class Die:
 
 def assert_run_shape(run: dict) -> None:
     """What every job's run.json shares (the tests of every ported job call this)."""
-    from runtime import runinfo
+    from jobs.runtime import runinfo
 
     assert set(run) == set(runinfo.TOP_LEVEL)
     assert set(runinfo.COUNTS) <= set(run["counts"])

@@ -1,9 +1,9 @@
 """The static HTML report: the paper's figures and tables rendered from the Parquet results alone.
 
 Pure functions: they take pyarrow tables (or pandas frames) and numpy arrays and return PNG bytes
-and HTML; only `load` opens files (it reads the results through `pipeline.layout`).
+and HTML; only `load` opens files (it reads the results through `pipeline.results.layout`).
 `jobs.report` calls `load_inputs` and `render_report` and writes what the latter yields
-(relative path, bytes) under `<out>/report/` through `pipeline.tables`.
+(relative path, bytes) under `<out>/report/` through `pipeline.results.tables`.
 
     inputs = load.load_inputs(out)      # or ReportInputs(topk=..., mean=..., rf=...), any None
     for rel_path, data in render_report(inputs, ReportOptions()):
@@ -15,7 +15,7 @@ Built from parts, one module per concern:
   (models and layers from the tables, each layer's geometry, decoded tiles);
 - `order`: the display order (the paper's names in the paper's order, others in table order);
 - `frames`: the tables as display strings (Table 1, census, receptive fields, neuron types);
-- `images`: the mosaics every figure is (PNG encode/decode: `pipeline.images`);
+- `images`: the mosaics every figure is (PNG encode/decode: `pipeline.results.png`);
 - `sections`: one function per section of index.html; `atlas`: the per-layer pages;
 - `templates/`: the Jinja2 markup (autoescaped), `templating` its environment;
 - `render`: `render_report`, which runs the sections in order.

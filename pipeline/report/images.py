@@ -1,7 +1,7 @@
 """The report's pictures: tiles and the mosaics the figures are made of.
 
 Pure numpy/PIL; nothing here knows about tables or HTML. PNG encode/decode is
-`pipeline.images` (re-exported here for the report's callers). Every figure is a mosaic of equal
+`pipeline.results.png` (re-exported here for the report's callers). Every figure is a mosaic of equal
 tiles on white, so a test can find tile i at a computable pixel position (see `mosaic`).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.images import decode_png, png_bytes
+from pipeline.results.png import decode_png, png_bytes
 
 __all__ = ["png_bytes", "decode_png", "mean_image", "filter_images", "cell_size", "fit_tile",
            "blank", "mosaic", "topk_grid", "crop_center_rf", "is_true", "Figure", "ImageSink",
@@ -132,7 +132,7 @@ def topk_grid(patches: list[bytes | None], cell: int, cols: int = 4, pad: int = 
 def crop_center_rf(image: np.ndarray, rf: dict | None) -> np.ndarray:
     """Crop an actmax image to its centre neuron's receptive field (clipped to the image).
 
-    The box is the geometry object's (`pipeline.geometry.RF.box` of `RF.center()`, from a
+    The box is the geometry object's (`pipeline.models.geometry.RF.box` of `RF.center()`, from a
     receptive_fields.parquet row, per axis where the row has the per-axis columns). The image
     is returned whole when the geometry is unknown, larger than the image, or not local (a
     layer with `global_context` depends on every pixel, so a crop would hide what it drew).
@@ -151,8 +151,8 @@ def crop_center_rf(image: np.ndarray, rf: dict | None) -> np.ndarray:
 
 
 def _rf_of_row(row: dict):
-    """A `pipeline.geometry.RF` from a receptive_fields.parquet row; None when incomplete."""
-    from pipeline.geometry import RF
+    """A `pipeline.models.geometry.RF` from a receptive_fields.parquet row; None when incomplete."""
+    from pipeline.models.geometry import RF
 
     def num(key: str, cast=int):
         v = row.get(key)

@@ -1,7 +1,7 @@
 """What the report reads: every table under a results root, as `ReportInputs`.
 
-The one module of the report package that opens files (through pipeline.tables); the rest draws
-from the tables it returns. Paths come from `pipeline.layout` (the tree `jobs.reproduce` writes,
+The one module of the report package that opens files (through pipeline.results.tables); the rest draws
+from the tables it returns. Paths come from `pipeline.results.layout` (the tree `jobs.reproduce` writes,
 training seed 0); a single job's output folder works too (receptive_fields.parquet and stimuli/
 at its top, or actmax.parquet, ablation.parquet ... at its top).
 
@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from pipeline import layout
+from pipeline.results import layout
 from pipeline.report.data import ReportInputs
 from pipeline.report.order import order_models
-from pipeline.tables import exists, fs_path, join, read_json, read_table
+from pipeline.results.tables import exists, fs_path, join, read_json, read_table
 
 __all__ = ["ReportInputError", "load_inputs", "first_conv_filters"]
 
@@ -104,9 +104,9 @@ def _load_results(out: str, inputs: ReportInputs) -> None:
 def first_conv_filters(url: str, model: str) -> tuple[np.ndarray | None, str]:
     """A checkpoint's first convolution on RGB input (`conv1` of a ResNet, `features.0` of a
     VGG) in stimulus space, as the neuron-type census measures it
-    (`pipeline.neuron_patterns.stimulus_filters`); else (None, why)."""
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.neuron_patterns import stimulus_filters
+    (`pipeline.census.patterns.stimulus_filters`); else (None, why)."""
+    from pipeline.models.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.census.patterns import stimulus_filters
 
     try:
         loaded = load_checkpoint(url, model_name=model)

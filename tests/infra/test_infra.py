@@ -122,7 +122,7 @@ def test_working_dir_upload_is_small_and_holds_the_code(tmp_path: Path):
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("pipeline", "runtime", "jobs", "infra", "tests", "docs"):
+    for name in ("pipeline", "jobs", "infra", "tests", "docs"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in (".gitignore", ".rayignore", "pyproject.toml"):
         shutil.copy(ROOT / name, repo / name)
@@ -135,8 +135,8 @@ def test_working_dir_upload_is_small_and_holds_the_code(tmp_path: Path):
                    excludes=_load(INFRA / "runtime_env.yaml")["excludes"])
     names = zipfile.ZipFile(zip_path).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert {"pipeline", "runtime", "jobs", "pyproject.toml"} <= tops
-    assert "pipeline/models.py" in names and "jobs/reproduce.py" in names
+    assert {"pipeline", "jobs", "pyproject.toml"} <= tops
+    assert "pipeline/models/zoo.py" in names and "jobs/reproduce.py" in names
     assert not tops & {".git", "results", "tests", "docs", ".ci"}, tops
     assert not [n for n in names if n.endswith((".pt", ".parquet", ".pyc"))]
     assert zip_path.stat().st_size < 2 * 2**20
@@ -170,7 +170,7 @@ def test_every_job_the_infra_and_docs_start_exists_and_accepts_its_flags():
     for where, (module, *args) in commands:
         mod = importlib.import_module(module)
         assert callable(getattr(mod, "main", None)), f"{module} (named in {where}) has no main"
-        from runtime.options import Options, build_parser
+        from jobs.runtime.options import Options, build_parser
 
         config = [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, Options)
                   and v.__module__ == mod.__name__]

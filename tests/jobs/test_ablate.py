@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jobs.ablate import main
-from pipeline.ablation import image_noise, random_count_subset
-from pipeline.ablation import evaluate, make_plan, random_subset
-from pipeline.accumulators import ChannelStats
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.hooks import capture
-from pipeline.layers import catalogue
-from pipeline.models import build_model
-from pipeline.preprocess import IMAGENET
-from pipeline.decode import EvalTransform, load_batch
-from pipeline.listing import build_manifest
+from pipeline.ablation.noise import image_noise, random_count_subset
+from pipeline.ablation.noise import evaluate, make_plan, random_subset
+from pipeline.stats.accumulators import ChannelStats
+from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.models.hooks import capture
+from pipeline.models.layers import catalogue
+from pipeline.models.zoo import build_model
+from pipeline.data.preprocess import IMAGENET
+from pipeline.data.decode import EvalTransform, load_batch
+from pipeline.data.listing import build_manifest
 from tests.helpers import assert_run_shape, local_ray
 
 DEAD = [1, 4, 6]
@@ -324,10 +324,10 @@ def test_units_run_in_strict_fp32_and_the_fingerprint_records_it(world, runs, ra
     import ray
 
     from jobs import ablate
-    from runtime import engine
-    from runtime.console import Console
-    from runtime.options import parse_config
-    from pipeline.precision import current, setting, strict_flags
+    from jobs.runtime import engine
+    from jobs.runtime.console import Console
+    from jobs.runtime.options import parse_config
+    from pipeline.models.precision import current, setting, strict_flags
 
     default = ray.get(ray.remote(current).options(num_cpus=0).remote())
     assert default != strict_flags()

@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from jobs import actmax as job
-from runtime import engine
-from runtime.options import parse_config
+from jobs.runtime import engine
+from jobs.runtime.options import parse_config
 from tests.helpers import assert_run_shape, local_ray
-from pipeline import actmax as am
-from pipeline.checkpoint import save_checkpoint
-from pipeline.layers import catalogue
-from pipeline.models import build_model
-from pipeline.preprocess import ZCA
+from pipeline.actmax import optimize as am
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.layers import catalogue
+from pipeline.models.zoo import build_model
+from pipeline.data.preprocess import ZCA
 
 SIZE = 32
 
@@ -165,7 +165,7 @@ def test_demo_default_model_and_lucent_flags(ray_cluster, tmp_path, capsys):
                           "--steps", "4", "--param", "fft", "--jitter", "2",
                           "--scale", "0.9,1.1", "--tv", "0.01", "--l2", "0.01")) == 0
     assert "UNTRAINED" in capsys.readouterr().err
-    from pipeline.demo import DEMO_CROP
+    from pipeline.data.demo import DEMO_CROP
 
     table = pq.read_table(out / "actmax.parquet").to_pylist()
     assert [r["param"] for r in table] == ["fft", "fft"]

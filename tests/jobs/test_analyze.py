@@ -25,14 +25,14 @@ import torch
 from PIL import Image
 
 from jobs import analyze as job
-from pipeline.checkpoint import save_checkpoint
-from pipeline.geometry import cut_patch
-from pipeline.models import build_model
-from pipeline.preprocess import IMAGENET
-from pipeline.listing import build_manifest
-from pipeline.decode import EvalTransform, load_batch
-from pipeline.tables import read_json, read_table
-from runtime.options import parse_config
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.geometry import cut_patch
+from pipeline.models.zoo import build_model
+from pipeline.data.preprocess import IMAGENET
+from pipeline.data.listing import build_manifest
+from pipeline.data.decode import EvalTransform, load_batch
+from pipeline.results.tables import read_json, read_table
+from jobs.runtime.options import parse_config
 from tests.helpers import assert_run_shape, local_ray
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,8 +131,8 @@ def test_actors_run_in_strict_fp32_and_the_fingerprint_records_it(single, data):
     fingerprint changes with the precision setting."""
     import ray
 
-    from runtime import engine
-    from pipeline.precision import current, setting, strict_flags
+    from jobs.runtime import engine
+    from pipeline.models.precision import current, setting, strict_flags
 
     default = ray.get(ray.remote(current).options(num_cpus=0).remote())
     assert default != strict_flags()
@@ -203,8 +203,8 @@ def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster
 def test_one_decode_pipeline_runs_across_shards_with_the_same_result(data, tmp_path):
     """ShardFeed (the actor's body, no Ray here): the next shard's first batch is decoded before
     the current shard's last batch is computed, and two shards merge to the one-shard result."""
-    from pipeline.analysis import FeedSpec, ShardFeed
-    from pipeline.precision import current, restore
+    from pipeline.stats.analysis import FeedSpec, ShardFeed
+    from pipeline.models.precision import current, restore
 
     flags = current()                    # ShardFeed makes its process strict-fp32 for good
     try:
@@ -215,7 +215,7 @@ def test_one_decode_pipeline_runs_across_shards_with_the_same_result(data, tmp_p
 
 
 def _feed_across_shards(prep, FeedSpec, ShardFeed) -> None:
-    from pipeline.analysis import AnalysisResult, merge_states
+    from pipeline.stats.analysis import AnalysisResult, merge_states
 
     spec = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, None, "cpu", 4, 1, 1)
     feeder, events = ShardFeed(prep.blob, spec), []
@@ -255,9 +255,9 @@ def _feed_across_shards(prep, FeedSpec, ShardFeed) -> None:
 def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
     """mobilenet_v3_small (untrained, seeded) at 64 px, two module-path layers, 3 shards on 2
     workers: top-k (any and centre) and channel statistics equal a forward over all images."""
-    from pipeline.hooks import capture
-    from pipeline.layers import resolve_layers
-    from pipeline.precision import strict_fp32
+    from pipeline.models.hooks import capture
+    from pipeline.models.layers import resolve_layers
+    from pipeline.models.precision import strict_fp32
 
     out, k, layers = str(tmp_path / "mnv3"), 3, "features.1,features.2"
     argv = ["--data", data["data"], "--model", "mobilenet_v3_small", "--layers", layers,

@@ -89,7 +89,7 @@ def test_bench_any_cnn_by_module_path(capsys):
 
 
 def test_synthetic_jpegs_are_deterministic():
-    from pipeline.benchmark import synthetic_jpeg, synthetic_name
+    from pipeline.stats.benchmark import synthetic_jpeg, synthetic_name
 
     assert synthetic_jpeg(3, seed=1) == synthetic_jpeg(3, seed=1) != synthetic_jpeg(3, seed=2)
     assert synthetic_name(0) == "ILSVRC2012_val_00000001.JPEG"

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from jobs.demo_data import main
-from pipeline.demo import DEMO_CLASSES
-from pipeline.listing import build_manifest
+from pipeline.data.demo import DEMO_CLASSES
+from pipeline.data.listing import build_manifest
 from tests.helpers import assert_run_shape
 
 SMALL = ["--train-per-class", "3", "--val-per-class", "2"]

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from jobs import neuron_types as job
-from pipeline.accumulators import MEAN_SCHEMA
-from pipeline.actmax import display_images
-from pipeline.images import png_bytes
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.models import build_model
-from pipeline.neuron_types import TYPES, filter_to_stimulus, measure_batch
-from pipeline.preprocess import WhiteningStats
-from pipeline.tables import exists, read_json, read_table, write_table
+from pipeline.stats.accumulators import MEAN_SCHEMA
+from pipeline.actmax.optimize import display_images
+from pipeline.results.png import png_bytes
+from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.models.zoo import build_model
+from pipeline.census.types import TYPES, filter_to_stimulus, measure_batch
+from pipeline.data.preprocess import WhiteningStats
+from pipeline.results.tables import exists, read_json, read_table, write_table
 from tests.helpers import local_ray
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,7 +136,7 @@ def results(tmp_path_factory, ray_cluster):
     """A jobs.reproduce-style root: analysis/<model>/, actmax/, train/resnet18/model.pt."""
     root = str(tmp_path_factory.mktemp("reproduce"))
     pre, w_rgb = zca_checkpoint(f"{root}/train/resnet18/model.pt")
-    from pipeline.preprocess import IMAGENET
+    from pipeline.data.preprocess import IMAGENET
 
     write_table(mean_table("resnet18", pre.mean), f"{root}/analysis/resnet18/stimuli/mean.parquet")
     write_table(mean_table("plainnet18", IMAGENET_MEAN), f"{root}/analysis/plainnet18/stimuli/mean.parquet")
@@ -217,7 +217,7 @@ def test_summary_counts_and_printed_table(results):
 
 def test_s3_multiple_from_and_small_chunks_give_the_same_rows(results, s3_bucket):
     root, out, _, _ = results
-    from pipeline.tables import read_bytes, write_bytes
+    from pipeline.results.tables import read_bytes, write_bytes
 
     base = f"s3://{s3_bucket}"
     for m in ("resnet18", "plainnet18"):
@@ -289,8 +289,8 @@ def test_malformed_mean_found_inside_a_ray_task_is_one_line(ray_cluster, tmp_pat
 def test_run_json_shape_and_resume_from_a_partial(results, tmp_path):
     """A finished unit's partial (same configuration and inputs) is reused, not recomputed; a
     partial without its marker is not trusted."""
-    from runtime import engine
-    from runtime.options import parse_config
+    from jobs.runtime import engine
+    from jobs.runtime.options import parse_config
     from tests.helpers import assert_run_shape
 
     root, _, _, _ = results
@@ -300,7 +300,7 @@ def test_run_json_shape_and_resume_from_a_partial(results, tmp_path):
     _, _, chunks, stamps = job._setup(cfg)
     assert len(chunks) == 2 * 2 * 2          # 2 models x 2 layers x channels {0-2, 3-4}
     store = job.store(cfg, stamps, engine.resolve_device("cpu"))
-    from pipeline.neuron_inputs import measure_chunk
+    from pipeline.census.inputs import measure_chunk
 
     fake = measure_chunk(chunks[0])
     fake = fake.set_column(fake.schema.get_field_index("type"), "type",
@@ -320,7 +320,7 @@ def test_run_json_shape_and_resume_from_a_partial(results, tmp_path):
 
 def test_filters_of_any_model_are_its_first_conv_on_rgb(ray_cluster, tmp_path):
     """mobilenet_v3_small: the first conv on RGB input is features.0.0, named by module path."""
-    from pipeline.preprocess import IMAGENET
+    from pipeline.data.preprocess import IMAGENET
 
     model = build_model("mobilenet_v3_small", num_classes=4)
     url = str(tmp_path / "mb.pt")

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from jobs import train as job
-from pipeline import tables
-from pipeline.checkpoint import load_checkpoint
-from pipeline.demo import DemoSpec, generate_demo_data
+from pipeline.results import tables
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.data.demo import DemoSpec, generate_demo_data
 from tests.helpers import local_ray
 
 TOY = ["--preset", "paper", "--model", "resnet34", "--width", "4", "--input-size", "32",

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.receptive_fields import main
-from pipeline.geometry import RF_SCHEMA, receptive_fields
-from pipeline.models import build_model
+from pipeline.models.rf_catalogue import RF_SCHEMA, receptive_fields
+from pipeline.models.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DESIGN_COLUMNS = ["model", "layer", "module", "channels", "rf_size", "jump", "offset",

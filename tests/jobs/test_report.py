@@ -23,13 +23,13 @@ from PIL import Image
 from jobs import report as job
 from jobs.actmax import SCHEMA as ACTMAX_SCHEMA
 from jobs.neuron_types import SUMMARY_SCHEMA
-from pipeline import table1 as ablation_tables
-from pipeline.checkpoint import save_checkpoint
-from pipeline.models import build_model
-from pipeline.neuron_types import TYPES
-from pipeline.preprocess import IMAGENET
+from pipeline.ablation import table1 as ablation_tables
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.zoo import build_model
+from pipeline.census.types import TYPES
+from pipeline.data.preprocess import IMAGENET
 from pipeline.report import SHEET_CHANNELS, decode_png
-from pipeline.tables import write_json, write_table
+from pipeline.results.tables import write_json, write_table
 
 MODELS = ("resnet34", "plainnet34")
 # layer -> (rf_size, jump, offset, feature_size, channels): a 64x64 input, width-8 nets

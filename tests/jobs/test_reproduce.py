@@ -28,7 +28,7 @@ def run(s3_server, tmp_path_factory):
     import boto3
     import ray
 
-    from pipeline.demo import DemoSpec, generate_demo_data
+    from pipeline.data.demo import DemoSpec, generate_demo_data
 
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ.update(AWS_ACCESS_KEY_ID=SECRET_ID, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
@@ -69,7 +69,7 @@ def chain(run) -> str:
 def test_chain_writes_every_table_to_s3_without_leaking_credentials(run, chain):
     import fsspec
 
-    from pipeline.tables import read_json
+    from pipeline.results.tables import read_json
     fs = fsspec.filesystem("s3")
     root = run["out"][len("s3://"):]
     expected = [
@@ -138,8 +138,8 @@ def test_a_job_run_alone_prints_table1_and_nested_prints_none(run, chain):
     import shlex
 
     from jobs.ablate import main
-    from pipeline.tables import read_json
-    from runtime.console import Console
+    from pipeline.results.tables import read_json
+    from jobs.runtime.console import Console
 
     argv = shlex.split(read_json(f"{run['out']}/run.json")["details"]["commands"]
                        ["ablate:resnet34"])[3:]
@@ -243,7 +243,7 @@ def test_any_pair_gets_per_model_layers_and_the_paper_pair_keeps_its_own():
 def test_given_checkpoints_skip_training(run, chain):
     import fsspec
 
-    from pipeline.tables import read_json
+    from pipeline.results.tables import read_json
 
     ckpt = {m: f"{run['out']}/train/{m}/model.pt" for m in ("resnet34", "plainnet34")}
     out = "s3://reproduce/given"
@@ -265,7 +265,7 @@ def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run
     import fsspec
     import pandas as pd
 
-    from pipeline import layout
+    from pipeline.results import layout
 
     err = _reproduce(run, "--seeds", "2", "--stages", "train,analyze,ablate")
     assert "train:resnet34: already complete" in err and "train:resnet34:seed1 ..." in err
@@ -297,10 +297,10 @@ def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run
 def test_without_the_train_stage_or_a_checkpoint_later_stages_get_stand_ins(tmp_path):
     """`--stages analyze,...` with nothing trained and no checkpoint given: the jobs are called
     without --checkpoint (seeded untrained stand-ins), with a warning, not with a missing path."""
-    from runtime.console import Console
+    from jobs.runtime.console import Console
     from jobs.reproduce import Chain, ReproduceConfig
 
-    from pipeline.chain import analyze_argv
+    from jobs.chain import analyze_argv
 
     con = Console("reproduce")
     cfg = ReproduceConfig(stages=("analyze",), out=str(tmp_path))

@@ -20,15 +20,15 @@ import pytest
 import torch
 import torchvision
 
-from runtime import engine
+from jobs.runtime import engine
 from jobs import train as job
-from pipeline import tables
-from pipeline.checkpoint import load_checkpoint
-from pipeline.demo import DemoSpec, generate_demo_data
-from pipeline.models import build_model
-from pipeline.preprocess import WhiteningStats
-from pipeline.listing import build_manifest
-from pipeline.train import PRESETS, default_loader_workers, preset, write_model
+from pipeline.results import tables
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.data.demo import DemoSpec, generate_demo_data
+from pipeline.models.zoo import build_model
+from pipeline.data.preprocess import WhiteningStats
+from pipeline.data.listing import build_manifest
+from pipeline.train.recipe import PRESETS, default_loader_workers, preset, write_model
 from tests.helpers import Die, assert_run_shape
 
 # crop-flip: these tests check the job's mechanics on 96 images; the demo's colour-blind
@@ -98,8 +98,8 @@ def test_two_epochs_on_two_workers_lower_the_training_loss(first_run):
 
 def test_zca_of_the_parallel_pass_equals_a_single_pass(first_run, tiny):
     """The Ray tasks' merged sums give the matrix one process computes over the same crops."""
-    from pipeline.augment import EvalResizeCrop
-    from pipeline.traindata import ImageDataset, collate
+    from pipeline.data.augment import EvalResizeCrop
+    from pipeline.train.data import ImageDataset, collate
 
     state = tables.read_json(f"{first_run['out']}/_partials/train.json")
     m = build_manifest(f"{tiny}/train")
@@ -114,9 +114,9 @@ def test_zca_of_the_parallel_pass_equals_a_single_pass(first_run, tiny):
 
 
 def test_model_pt_restores_model_and_whitening_and_reproduces_last_validation(first_run, tiny):
-    from pipeline.augment import EvalResizeCrop
-    from pipeline.traindata import ImageDataset, collate
-    from pipeline.train import evaluate
+    from pipeline.data.augment import EvalResizeCrop
+    from pipeline.train.data import ImageDataset, collate
+    from pipeline.train.recipe import evaluate
 
     loaded = load_checkpoint(f"{first_run['out']}/model.pt")
     assert loaded.model_name == "resnet18" and loaded.preprocess.kind == "zca"
@@ -257,7 +257,7 @@ def _sync_bn_loop(config: dict) -> None:
     """Each rank normalises its (unequal) share of one batch through SyncBatchNorm."""
     import ray.train
 
-    from pipeline.syncbn import convert_sync_batchnorm
+    from pipeline.train.syncbn import convert_sync_batchnorm
 
     rank = ray.train.get_context().get_world_rank()
     bn = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.5)))

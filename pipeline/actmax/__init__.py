@@ -1,0 +1,1 @@
+"""Activation maximization: objectives -> optimised input images (`optimize`)."""

@@ -1,0 +1,418 @@
+"""jobs.runtime.engine, jobs.runtime.options, jobs.runtime.runinfo and jobs.runtime.console on one real local Ray cluster.
+
+Units run as tasks and on actor pools; a partial is trusted only with its marker; a rerun resumes;
+merging ignores completion order; dead workers are retried a bounded number of times; an actor
+whose constructor fails stops the job with one line; the fingerprint moves with every ingredient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from jobs.runtime import device
+from jobs.runtime import engine
+from jobs.runtime.console import Progress
+from jobs.runtime.engine import Pool, Result, Store, Task, Unit
+from jobs.runtime.options import (BadInput, JobFailed, Options, at_least, bad_input, build_parser, opt,
+                             parse_config, run_cli)
+from tests.helpers import Die, assert_run_shape, local_ray
+
+PLAN = engine.Plan(2, {"num_cpus": 1}, 1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with local_ray(2, 200) as address:
+        yield address
+
+
+@pytest.fixture
+def hook():
+    """Set a fault-injection hook for one test, always cleared afterwards."""
+    yield engine.set_test_hook
+    engine.set_test_hook(None)
+
+
+def square(offset: int, x: int) -> Result:
+    return Result(x * x + offset, {"x": x})
+
+
+def fails(x: int) -> int:
+    raise ZeroDivisionError(f"bad unit {x}")
+
+
+class Squarer:
+    """A Pool worker: state built once per actor (like a model), then one call per unit."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def run(self, x: int) -> Result:
+        return square(self.offset, x)
+
+
+class NoDevice:
+    def __init__(self, offset: int) -> None:
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+
+def _units(n: int = 5) -> list[Unit]:
+    return [Unit(f"u{i:02d}", (i,), size=i + 1) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------ engine
+@pytest.mark.parametrize("work", [Task(square, 10), Pool(Squarer, 10)], ids=["task", "pool"])
+def test_units_run_partial_then_marker_then_resume(ray_cluster, tmp_path, work):
+    store = Store(str(tmp_path), "fp1")
+    bar = Progress("t: ", total=15, unit="items")
+    run = engine.run_units(_units(), work, store, plan=PLAN, progress=bar)
+    assert run.counts() == {"units": 5, "units_computed": 5, "units_resumed": 0, "retries": 0}
+    assert bar.done == 15
+    folder = tmp_path / "_partials" / "fp1"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"u{i:02d}.pkl" for i in range(5)] + [f"u{i:02d}.done" for i in range(5)])
+    for i in range(5):
+        assert pickle.loads((folder / f"u{i:02d}.pkl").read_bytes()) == i * i + 10
+        marker = json.loads((folder / f"u{i:02d}.done").read_text())
+        assert marker["unit"] == f"u{i:02d}" and marker["x"] == i and marker["seconds"] >= 0
+
+    # a partial without its marker (a worker died between the two writes) is recomputed
+    (folder / "u03.done").unlink()
+    (folder / "u03.pkl").write_bytes(pickle.dumps(-1))
+    again = engine.run_units(_units(), work, store, plan=PLAN)
+    assert again.counts() == {"units": 5, "units_computed": 1, "units_resumed": 4, "retries": 0}
+    assert store.load("u03") == 19 and again.infos["u01"]["x"] == 1
+    # everything done: not even a worker is started (a failing one would raise)
+    done = engine.run_units(_units(), Task(fails), store, plan=PLAN)
+    assert (done.computed, done.resumed) == (0, 5)
+
+
+def test_merge_ignores_order_and_tree_equals_fold(ray_cluster, tmp_path):
+    store = Store(str(tmp_path), "fp")
+    engine.run_units(_units(7), Task(square, 0), store, plan=PLAN)
+    names = [f"u{i:02d}" for i in range(7)]
+    concat = lambda a, b: (a if isinstance(a, list) else [a]) + [b]   # order-sensitive on purpose
+    want = engine.merge(store, names, concat)
+    assert want == [i * i for i in range(7)]                          # sorted unit order
+    for seed in range(3):
+        shuffled = random.Random(seed).sample(names, len(names))
+        assert engine.merge(store, shuffled, concat) == want
+    total = engine.merge(store, names, lambda a, b: a + b)
+    for fan_in in (2, 3, 8):
+        assert engine.merge(store, names[::-1], lambda a, b: a + b, fan_in=fan_in) == total
+
+
+def test_dead_worker_is_retried_then_bounded(ray_cluster, tmp_path, hook):
+    store = Store(str(tmp_path / "out"), "fp")
+    hook(Die(str(tmp_path), ("u01", "u03")))        # each of these dies once
+    run = engine.run_units(_units(), Task(square, 0), store, plan=PLAN)
+    assert run.retries == 2 and run.computed == 5
+    assert [store.load(f"u{i:02d}") for i in range(5)] == [0, 1, 4, 9, 16]
+
+    hook(Die(str(tmp_path), ("u02",), always=True))
+    with pytest.raises(JobFailed, match=r"unit u02 failed 2 times; last error: .*") as e:
+        engine.run_units(_units(), Task(square, 0), Store(str(tmp_path / "o2"), "fp"),
+                         plan=PLAN, attempts=2)
+    assert len(str(e.value).splitlines()) == 1
+
+
+class Feeder:
+    """A Pool worker that hears of units early (`feed`) and records what it saw."""
+
+    def __init__(self) -> None:
+        self.fed: list[int] = []
+        self.ran: list[int] = []
+
+    def feed(self, x: int) -> None:
+        self.fed.append(x)
+
+    def run(self, x: int) -> Result:
+        import time
+
+        time.sleep(0.3)                   # the next unit arrives while this one computes
+        self.ran.append(x)
+        return Result(x, {"fed": list(self.fed), "ran": list(self.ran)})
+
+
+def test_pool_inflight_feeds_the_next_unit_early_and_computes_in_order(ray_cluster, tmp_path):
+    with pytest.raises(ValueError, match="inflight"):
+        Pool(Feeder, inflight=0)
+    store = Store(str(tmp_path), "fp")
+    one = engine.Plan(1, {"num_cpus": 1}, 1)
+    run = engine.run_units(_units(6), Pool(Feeder, inflight=2), store, plan=one)
+    assert run.computed == 6 and [store.load(f"u{i:02d}") for i in range(6)] == list(range(6))
+    for i in range(6):
+        info = run.infos[f"u{i:02d}"]
+        assert info["ran"] == list(range(i + 1))              # strictly in submission order
+        assert info["fed"] == list(range(min(i + 2, 6)))      # the next one fed while computing
+
+
+@pytest.mark.parametrize("inflight", [1, 2])
+def test_actor_pool_survives_a_dead_actor(ray_cluster, tmp_path, hook, inflight):
+    hook(Die(str(tmp_path), ("u02",)))
+    store = Store(str(tmp_path / "out"), "fp")
+    run = engine.run_units(_units(), Pool(Squarer, 1, inflight=inflight), store, plan=PLAN)
+    assert run.retries == 1 and run.computed == 5
+    assert engine.merge(store, run.names, lambda a, b: a + b) == sum(i * i + 1 for i in range(5))
+
+
+def test_unit_exception_keeps_its_traceback_and_is_not_retried(ray_cluster, tmp_path):
+    import ray
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="bad unit") as e:
+        engine.run_units([Unit("a", (1,))], Task(fails), Store(str(tmp_path), "fp"), plan=PLAN)
+    assert isinstance(e.value.cause, ZeroDivisionError)
+    # unless the job names it as transient (e.g. an OSError from object storage)
+    with pytest.raises(JobFailed, match="unit a failed 2 times; last error: ZeroDivisionError"):
+        engine.run_units([Unit("a", (1,))], Task(fails), Store(str(tmp_path), "fp"),
+                         plan=PLAN, retry_on=(ZeroDivisionError,), attempts=2)
+
+
+def test_actor_constructor_failure_stops_the_job_with_one_line(ray_cluster, tmp_path, capsys):
+    @dataclass(frozen=True)
+    class Cfg(Options):
+        out: str = opt(str(tmp_path / "out"), "output")
+
+    def body(cfg: Cfg) -> None:
+        engine.run_units(_units(), Pool(NoDevice, 0), Store(cfg.out, "fp"), plan=PLAN,
+                         start_attempts=3)
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("python -m jobs.x", None, Cfg, body, [])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("python -m jobs.x: error: no worker could start (3 tries); last error: "
+                       "RuntimeError: CUDA error: no CUDA-capable device is detected"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fingerprint_moves_with_every_ingredient(monkeypatch):
+    import torch
+
+    cpu = engine.Device("cpu", "x86_64", 0, 2)
+    base = engine.fingerprint({"steps": 31}, b"weights", device=cpu)
+    assert base == engine.fingerprint({"steps": 31}, b"weights", device=cpu)
+    others = [
+        engine.fingerprint({"steps": 30}, b"weights", device=cpu),
+        engine.fingerprint({"steps": 31}, b"weight5", device=cpu),
+        engine.fingerprint({"steps": 31}, b"weights", device=dataclasses.replace(cpu, kind="cuda")),
+        engine.fingerprint({"steps": 31}, b"weights", device=dataclasses.replace(cpu, name="arm")),
+        engine.fingerprint({"steps": 31}, b"weights", device=dataclasses.replace(cpu, cudnn=90100)),
+    ]
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
+    monkeypatch.undo()
+    monkeypatch.setattr(device, "code_version", lambda: "edited")
+    others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
+    monkeypatch.undo()
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium" if old != "medium" else "high")
+        others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
+    finally:
+        torch.set_float32_matmul_precision(old)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
+    others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
+    assert len({base, *others}) == len(others) + 1
+    w = {"a": torch.zeros(2)}
+    assert engine.digest(w) != engine.digest({"a": torch.ones(2)}) != engine.digest({"b": w["a"]})
+
+
+def test_device_plan():
+    cpu = engine.Device("cpu", "x86_64", 0, 16)
+    assert cpu.plan(None, cpus_per_worker=8) == engine.Plan(2, {"num_cpus": 8}, 8)
+    assert cpu.plan(4) == engine.Plan(4, {"num_cpus": 4}, 4)
+    gpu = engine.Device("cuda", "H200", 8, 64)
+    assert gpu.plan(None) == engine.Plan(8, {"num_gpus": 1, "num_cpus": 1}, 1)
+    # two 1-CPU nodes: one worker may not ask for both CPUs (it could never be placed)
+    split = engine.Device("cpu", "x86_64", 0, 2, node_cpus=1)
+    assert split.plan(1) == engine.Plan(1, {"num_cpus": 1}, 1)
+    assert split.share(1) == 1 and cpu.share(1) == 16
+
+
+def test_decode_and_task_plans():
+    cpu = engine.Device("cpu", "x86_64", 0, 16)
+    # 4 actors of 4 CPUs: one decodes, three compute
+    assert cpu.decode_plan() == (engine.Plan(4, {"num_cpus": 4}, 3), 1)
+    assert cpu.decode_plan(1) == (engine.Plan(1, {"num_cpus": 16}, 12), 4)
+    gpu = engine.Device("cuda", "H200", 8, 128)
+    assert gpu.decode_plan() == (engine.Plan(8, {"num_gpus": 1, "num_cpus": 8}, 1), 8)
+    assert gpu.decode_plan(2) == (engine.Plan(2, {"num_gpus": 1, "num_cpus": 8}, 1), 8)
+    assert cpu.task_plan(0, 3) == engine.Plan(5, {"num_cpus": 3, "num_gpus": 0}, 1)
+    assert gpu.task_plan(0.5, 1) == engine.Plan(16, {"num_cpus": 1, "num_gpus": 0.5}, 1)
+    assert cpu.task_plan(0, 64) == engine.Plan(1, {"num_cpus": 64, "num_gpus": 0}, 1)
+
+
+def test_range_units_name_args_and_size():
+    units = engine.range_units("evaluate-all-", [(0, 64), (64, 100)], "plans", weight=3)
+    assert units == [Unit("evaluate-all-000000000-000000064", ("plans", 0, 64), 192),
+                     Unit("evaluate-all-000000064-000000100", ("plans", 64, 100), 108)]
+    assert [u.name for u in units] == sorted(u.name for u in units)    # name order = image order
+    assert engine.range_units("shard-", [(5, 9)]) == [Unit("shard-000000005-000000009", (5, 9), 4)]
+
+
+def test_resolve_device_knows_the_largest_node(ray_cluster):
+    import ray
+
+    largest = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    assert engine.resolve_device("cpu").node_cpus == largest
+
+
+def test_cuda_on_a_cpu_cluster_is_bad_input(ray_cluster):
+    with pytest.raises(BadInput, match="no GPU; use auto or cpu"):
+        engine.resolve_device("cuda")
+    assert engine.resolve_device("auto").kind == "cpu"
+
+
+# ----------------------------------------------------------------------------------- options
+def _kinds() -> list[str]:
+    return ["a", "b"]
+
+
+@dataclass(frozen=True)
+class Demo(Options):
+    out: str = opt(help="where to write")
+    steps: int = opt(31, "optimiser steps", check=at_least(1))
+    size: int | None = opt(None, "side in pixels", check=at_least(16))
+    kind: str = opt("a", "which kind", choices=_kinds)
+    crop: bool = opt(True, "do not crop", flag="--no-crop")
+    fast: bool = opt(False, "go fast")
+    scale: tuple = opt((), "factors, e.g. 0.9,1.1",
+                       parse=lambda s: tuple(float(v) for v in s.split(",")))
+
+    def check(self) -> None:
+        if self.fast and self.steps > 100:
+            raise BadInput("--fast allows at most 100 --steps")
+
+
+def test_options_declared_once_drive_cli_and_dataclass(capsys):
+    defaults = parse_config(Demo, ["--out", "x"], "prog")
+    assert defaults == Demo(out="x")                     # the CLI's defaults are the dataclass's
+    full = parse_config(Demo, ["--out", "x", "--steps", "5", "--size", "32", "--kind", "b",
+                               "--no-crop", "--fast", "--scale", "0.9,1.1"], "prog")
+    assert full == Demo("x", 5, 32, "b", False, True, (0.9, 1.1))
+    text = build_parser(Demo, "prog", "doc").format_help()
+    for f in dataclasses.fields(Demo):
+        assert f.metadata["opt"].help in " ".join(text.split())
+    assert "--no-crop" in text and "{a,b}" in text and "(default: 31)" in text
+    # one check, whichever door the value comes in by
+    for bad, message in ((dict(steps=0), "--steps must be >= 1, got 0"),
+                         (dict(size=8), "--size must be >= 16, got 8"),
+                         (dict(kind="c"), "invalid --kind 'c'; allowed: a, b"),
+                         (dict(fast=True, steps=200), "--fast allows at most 100 --steps")):
+        with pytest.raises(BadInput) as e:
+            Demo(out="x", **bad)
+        assert str(e.value) == message
+        argv = ["--out", "x"] + [t for k, v in bad.items()
+                                 for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+        with pytest.raises(SystemExit) as e:
+            run_cli("prog", None, Demo, lambda cfg: None, argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("prog: error:"), err
+        assert message in err[0] or "invalid choice" in err[0]
+
+
+def test_only_bad_input_becomes_exit_2(capsys):
+    def bug(cfg):
+        raise ValueError("a real bug")
+
+    with pytest.raises(ValueError, match="a real bug"):       # traceback kept
+        run_cli("prog", None, Demo, bug, ["--out", "x"])
+
+    def bad(cfg):
+        raise BadInput("data source x holds no images\nsecond line")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("prog", None, Demo, bad, ["--out", "x"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "prog: error: data source x holds no images\n"
+    assert run_cli("prog", None, Demo, lambda cfg: None, ["--out", "x"]) == 0
+
+
+def test_bad_input_turns_the_named_errors_into_bad_input():
+    with pytest.raises(BadInput) as e:
+        with bad_input(prefix="--from x: "):
+            raise ValueError("no rows\nsecond line")
+    assert str(e.value) == "--from x: no rows\nsecond line" and e.value.__cause__ is None
+    with pytest.raises(BadInput, match="^missing.parquet$"):
+        with bad_input(ValueError, FileNotFoundError, first_line=True):
+            raise FileNotFoundError("missing.parquet\nmore")
+    with pytest.raises(BadInput, match="^KeyError$"):
+        with bad_input(KeyError, first_line=True):
+            raise KeyError()
+    with pytest.raises(TypeError):                                      # not named: a bug
+        with bad_input():
+            raise TypeError("a real bug")
+
+
+def test_progress_line_has_rate_and_eta():
+    bar = Progress("actmax: ", total=100, unit="channels", done=20)
+    bar.t0 -= 10.0                      # 10 s ago, 20 resumed: they do not count in the rate
+    bar.done = 60
+    line = bar.line()
+    assert line.startswith("actmax: 60/100 channels, 4 channels/s, ETA 0:10"), line
+
+
+# ---------------------------------------------------------------------------------- run.json
+def test_run_report_shape_and_throughput():
+    from jobs.runtime.runinfo import run_report
+
+    run = run_report("x", {"a": 1}, counts={"units": 2, "channels": 8},
+                     seconds={"optimize": 2.0, "write": 0.5}, total_seconds=4.0, work=8,
+                     unit="channels", stage_work={"write": 2},
+                     skipped=[{"image_index": 3, "path": "a.JPEG", "reason": "truncated"}])
+    assert_run_shape(run)
+    assert run["throughput"] == {"unit": "channels", "optimize": 4.0, "write": 4.0, "total": 2.0}
+    assert run["counts"]["images_skipped"] == 1 and run["counts"]["units_resumed"] == 0
+    assert run["seconds"] == {"optimize": 2.0, "write": 0.5, "total": 4.0}
+
+
+def test_markers_of_several_runs_count_skip_once_and_list_distinct_precision():
+    from pipeline.models.precision import setting
+    from jobs.runtime.runinfo import Markers
+
+    strict, tf32 = {"matmul": "ieee", "cudnn": False}, {"cudnn": True, "matmul": "tf32"}
+    census = engine.RunStats(["c-1", "c-0"], computed=1, resumed=1, infos={
+        "c-0": {"skipped": [[9, "b.JPEG", "truncated"]], "precision": strict},
+        "c-1": {"skipped": [[2, "a.JPEG", "empty"]], "precision": tf32}})
+    evaluate = engine.RunStats(["e-0"], computed=1, retries=2, infos={
+        "e-0": {"skipped": [[9, "b.JPEG", "truncated"], [2, "a.JPEG", "empty"]],
+                "precision": dict(reversed(strict.items()))}})
+    m = Markers.of(census, evaluate)
+    assert m.counts == {"units": 3, "units_computed": 2, "units_resumed": 1, "retries": 2}
+    assert m.infos == [census.infos["c-1"], census.infos["c-0"], evaluate.infos["e-0"]]
+    assert m.skipped() == [{"image_index": 2, "path": "a.JPEG", "reason": "empty"},
+                           {"image_index": 9, "path": "b.JPEG", "reason": "truncated"}]
+    assert m.precision() == {**setting(), "workers": [tf32, strict]}     # unit order, once each
+    assert Markers.of(engine.RunStats([])).skipped() == []
+
+
+def test_quiet_ray_log_goes_to_a_file(tmp_path):
+    import logging
+
+    from jobs.runtime.console import _quiet_ray_logger
+
+    logger = logging.getLogger("ray")
+    saved = [(h, h.level) for h in logger.handlers]
+    path = tmp_path / "out" / "_logs" / "ray.log"
+    try:
+        _quiet_ray_logger(str(path))
+        assert not path.parent.exists()               # created only when a record arrives
+        consoles = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                    and not isinstance(h, logging.FileHandler)]
+        assert consoles and all(h.level == logging.ERROR for h in consoles)   # errors still show
+        logger.warning("token authentication is enabled")
+    finally:
+        for h in logger.handlers[:]:
+            if (h, h.level) not in saved and getattr(h, "baseFilename", None):
+                logger.removeHandler(h)
+                h.close()
+        for h, level in saved:
+            h.setLevel(level)
+    assert "token authentication is enabled" in path.read_text()
