@@ -78,7 +78,7 @@ def argv_for(data: dict, out: str, *extra: str) -> list[str]:
 
 
 # the job in a subprocess, each unit slowed by the engine's test hook (a real kill needs a process)
-HOOKED = ("import sys; from jobs import analyze; from runtime import engine; from tests.helpers import Sleep; "
+HOOKED = ("import sys; from jobs import analyze; from jobs.runtime import engine; from tests.helpers import Sleep; "
           "engine.set_test_hook(Sleep(float(sys.argv[1]))); sys.exit(analyze.main(sys.argv[2:]))")
 
 
