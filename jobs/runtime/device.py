@@ -101,11 +101,15 @@ def resolve_device(spec: str) -> Device:
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Hash of the project's Python sources (pipeline/, jobs/): any edit starts afresh."""
-    root = Path(__file__).resolve().parent.parent
+    return source_hash(Path(__file__).resolve().parents[2])
+
+
+def source_hash(root: Path) -> str:
+    """Hash of every .py file under root/pipeline and root/jobs, subpackages included."""
     h = hashlib.sha256()
     for d in ("pipeline", "jobs"):
-        for p in sorted((root / d).glob("*.py")):
-            h.update(p.name.encode())
+        for p in sorted((root / d).rglob("*.py")):
+            h.update(p.relative_to(root).as_posix().encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
 

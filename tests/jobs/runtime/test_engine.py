@@ -210,12 +210,16 @@ def test_fingerprint_moves_with_every_ingredient(monkeypatch):
     monkeypatch.setattr(device, "code_version", lambda: "edited")
     others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
     monkeypatch.undo()
+    from pipeline.models import precision
+
+    flags = precision.current()   # restored as a whole: the legacy setter moves the new API too
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium" if old != "medium" else "high")
         others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
     finally:
-        torch.set_float32_matmul_precision(old)
+        precision.restore(flags)
+    assert precision.current() == flags
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
     others.append(engine.fingerprint({"steps": 31}, b"weights", device=cpu))
     assert len({base, *others}) == len(others) + 1
@@ -416,3 +420,18 @@ def test_quiet_ray_log_goes_to_a_file(tmp_path):
         for h, level in saved:
             h.setLevel(level)
     assert "token authentication is enabled" in path.read_text()
+
+
+def test_code_version_covers_every_subpackage(tmp_path):
+    """An edit anywhere in pipeline/ or jobs/ (stage packages included) moves the fingerprint."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(device.__file__).resolve().parents[2]
+    for d in ("pipeline", "jobs"):
+        shutil.copytree(root / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    assert device.source_hash(tmp_path) == device.code_version()
+    before = device.source_hash(tmp_path)
+    with open(tmp_path / "pipeline" / "stats" / "accumulators.py", "a") as f:
+        f.write("\n# edited\n")
+    assert device.source_hash(tmp_path) != before
