@@ -83,6 +83,23 @@ class Manifest:
         paths = self._paths()
         return [_resolve(self.root, paths[int(i)]) for i in indices]
 
+    def locate(self, indices: Sequence[int] | np.ndarray
+               ) -> list[tuple[fsspec.AbstractFileSystem, str]]:
+        """(filesystem, path) of each image, the root's filesystem resolved once per manifest
+        (not once per image: a decoder asks for every file it reads); absolute paths in the
+        manifest resolve on their own."""
+        cached = self.__dict__.get("_fs_cache")
+        if cached is None or cached[0] != self.root:
+            fs, base = _fs(self.root)
+            cached = self.__dict__["_fs_cache"] = (self.root, fs, base.rstrip("/") + "/")
+        _, fs, base = cached
+        paths = self._paths()
+        out = []
+        for i in indices:
+            p = paths[int(i)]
+            out.append(_fs(p) if _is_absolute(p) else (fs, base + p))
+        return out
+
     def _paths(self) -> list[str]:
         # The column as a Python list, built once: url() is called per image.
         cached = self.__dict__.get("_path_cache")
@@ -93,7 +110,8 @@ class Manifest:
 
     def __getstate__(self) -> dict:
         # Ray pickles manifests to every worker: the path and label caches are rebuilt there.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_path_cache", "_label_cache")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_path_cache", "_label_cache", "_fs_cache")}
 
     @property
     def labels(self) -> np.ndarray:

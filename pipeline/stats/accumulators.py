@@ -390,11 +390,12 @@ class ImageIndex:
         self._dev: Tensor | None = None
 
     def on(self, device: torch.device) -> Tensor:
-        """The indices on `device`, copied there once per batch (not once per accumulator)."""
+        """The indices on `device`, copied there once per batch (not once per accumulator),
+        from pinned memory: a copy from pageable memory would wait for the device."""
         if device.type == "cpu":
             return self.tensor
         if self._dev is None or self._dev.device != device:
-            self._dev = self.tensor.to(device, non_blocking=True)
+            self._dev = self.tensor.pin_memory().to(device, non_blocking=True)
         return self._dev
 
     @property

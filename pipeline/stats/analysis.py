@@ -378,15 +378,22 @@ class ShardRunner:
     def new_result(self) -> AnalysisResult:
         return AnalysisResult(self.specs, self.options, self.compile)
 
-    def activations(self, images: Tensor) -> dict[str, Tensor]:
-        """Post-ReLU activations of the layers for a uint8 (N, 3, H, W) batch, on the device."""
+    def inputs(self, images: Tensor) -> Tensor:
+        """The model input of a uint8 (N, 3, H, W) batch on the device: [0, 1], preprocessed."""
         x = images.to(self.device, non_blocking=True).float().div_(255.0)
         x = self.preprocess(x)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Post-ReLU activations of the layers for model inputs `x` (the forward stops after
+        the deepest)."""
         with torch.inference_mode(), Trace(self.model, self.layers) as tr:
             tr.run(x)
         return tr.outputs
+
+    def activations(self, images: Tensor) -> dict[str, Tensor]:
+        """Post-ReLU activations of the layers for a uint8 (N, 3, H, W) batch, on the device."""
+        return self.forward(self.inputs(images))
 
     def step(self, result: AnalysisResult, images: Tensor, indices: np.ndarray | Tensor) -> None:
         n = images.shape[0]
