@@ -15,7 +15,6 @@ tables (`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only 
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -46,13 +45,14 @@ class Config(Options):
     out: str = opt("./results/analysis", "output folder (local or s3://)",
                    parse=lambda v: v.rstrip("/") or v,
                    check=lambda v: None if v else "is empty; give a local folder or an s3:// URL")
-    shards: int | None = opt(None, "number of shards (default: ~2000 images each, at least 2 per "
-                             "worker)", check=at_least(1))
+    shards: int | None = opt(None, "number of shards (default: a multiple of the workers, ~2000 "
+                             "images each)", check=at_least(1))
     shard_size: int | None = opt(None, "images per shard instead", check=at_least(1))
     workers: int | None = opt(None, "Ray actors (default: one per GPU, else one per 4 CPUs)",
                               check=at_least(1))
-    batch_size: int | None = opt(None, "images per forward pass (default: 64 at 224 px and "
-                                 "above, up to 256 for smaller crops)", check=at_least(1))
+    batch_size: int | None = opt(None, "images per forward pass (default: 256 on CUDA up to 224 "
+                                 "px; on the CPU 64 at 224 px, up to 256 for smaller crops)",
+                                 check=at_least(1))
     limit: int | None = opt(None, "analyse only the first N images", check=at_least(1))
     device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)",
                       choices=("auto", "cpu", "cuda"))
@@ -87,6 +87,7 @@ class Prepared:
     untrained: bool
     warnings: list[str]
     batch_size: int              # --batch-size, else pipeline.stats.analysis.default_batch_size
+                                 # (the CPU's here; run() takes the device's)
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -143,29 +144,51 @@ class ShardWorker(ShardFeed):
         return engine.Result(*super().run(start, stop))
 
 
-def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
+def _as_result(value: Any) -> Any:
+    """A partial as loaded (a state) or a result being folded: the result."""
+    from pipeline.stats.analysis import AnalysisResult
+
+    return value if isinstance(value, AnalysisResult) else AnalysisResult.from_state(value)
+
+
+def _fold(a: Any, b: Any) -> Any:
+    """engine.merge's combine: partials fold into one AnalysisResult (no state round trips)."""
+    return _as_result(a).merge(_as_result(b))
+
+
+def render_patches(prep: Prepared, topk: Any, cpus: int) -> dict[int, bytes]:
+    """PNG of every top-k row: images decoded and squares cut here (pipeline.stats.stimuli),
+    the PNG groups encoded by Ray tasks in light workers (numpy and Pillow: no torch import),
+    or here when there is only one group's work."""
     import ray
 
-    from pipeline.stats.stimuli import patch_groups, render_group
+    from pipeline.stats.patches import encode
+    from pipeline.stats.stimuli import patch_pngs
 
-    task, man = ray.remote(render_group).options(num_cpus=1), ray.put(prep.manifest)
-    refs = [task.remote(man, prep.transform, rows, prep.demo_root)
-            for rows in patch_groups(topk, parts)]
-    return {k: v for d in ray.get(refs) for k, v in d.items()}
+    task = ray.remote(encode).options(num_cpus=1)
+
+    def fan_out(groups: list) -> list:
+        if len(groups) == 1:
+            return [encode(groups[0])]
+        return ray.get([task.remote(g) for g in groups])
+
+    return patch_pngs(prep.manifest, prep.transform, topk, max_groups=2 * max(1, cpus),
+                      encode_groups=fan_out)
 
 
-def units(prep: Prepared, workers: int) -> list[engine.Unit]:
+def units(prep: Prepared, plan: engine.Plan) -> list[engine.Unit]:
+    """The shards: --shard-size or --shards, else `Plan.shards` (a multiple of the workers)."""
     from pipeline.data.listing import shard_ranges
 
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
-              shard_ranges(n, shards=cfg.shards or max(2 * workers, math.ceil(n / 2000))))
+              shard_ranges(n, shards=cfg.shards or plan.shards(n)))
     return engine.range_units("shard-", ranges)
 
 
 def run(cfg: Config, prep: Prepared | None = None) -> dict:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.stats.analysis import AnalysisResult, FeedSpec, merge_states
+    from pipeline.stats.analysis import FeedSpec, default_batch_size
     from pipeline.data.listing import write_manifest
     from pipeline.stats.stimuli import TOPK_TABLE_SCHEMA, with_patches
     from pipeline.results.tables import join, write_table
@@ -177,8 +200,10 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
             con.warn(w)
         init_ray(cfg.out)
         device = engine.resolve_device(cfg.device)
+        if cfg.batch_size is None:      # the device's default (prepare() assumed the CPU's)
+            prep.batch_size = default_batch_size(prep.transform.crop, device.kind)
         pl, dec = device.decode_plan(cfg.workers)
-        todo, st = units(prep, pl.workers), store(prep, device)
+        todo, st = units(prep, pl), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
         write_manifest(prep.manifest, join(cfg.out, "manifest.parquet"))
         write_table(prep.rf_table, join(cfg.out, "receptive_fields.parquet"))
@@ -194,17 +219,20 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
                                  plan=pl, resume=cfg.resume, progress=con.progress(n, "images"),
                                  on_done=lambda u, i: fresh.append(i["images"]))
     with con.stage("merge"):
-        state = engine.merge(st, stats.names, merge_states, fan_in=4)
-        tables = AnalysisResult.from_state(state).tables(prep.model_name)
+        # on the driver, into one result: a partial is a few MiB and merging it milliseconds,
+        # less than a worker process's start (a tree of Ray tasks paid one per leaf)
+        merged = _as_result(engine.merge(st, stats.names, _fold))
+        tables, state = merged.tables(prep.model_name), merged.state()
     with con.stage("patches"):
-        pngs = render_patches(prep, tables["topk"], parts=2 * max(1, device.cpus))
+        pngs = render_patches(prep, tables["topk"], device.cpus)
     with con.stage("write"):
         write_table(tables["mean"], join(cfg.out, "stimuli", "mean.parquet"))
         write_table(tables["channels"], join(cfg.out, "stimuli", "channels.parquet"))
         write_table(with_patches(tables["topk"], pngs), join(cfg.out, "stimuli", "topk.parquet"),
                     schema=TOPK_TABLE_SCHEMA)
     info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state, {
-        "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v)})
+        "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v),
+        "rows": sum(t.num_rows for t in tables.values())})
     con.info(f"done: {info['counts']['images_read']} images ({len(info['skipped'])} skipped) in "
              f"{con.wall:.1f} s -> {cfg.out}")
     return info
@@ -223,7 +251,9 @@ def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, wo
         counts={**m.counts, "images_read": read, "images": n["images"],
                 "shards": len(stats.names), "layers": len(prep.specs), "patches": n["patches"]},
         seconds=con.seconds, total_seconds=con.wall, work=read, unit="images",
-        stage_work={"setup": n["images"], "analyze": n["fresh"]}, warnings=con.warnings,
+        stage_work={"setup": n["images"], "analyze": n["fresh"],
+                    "merge": (len(stats.names), "partials"), "patches": (n["patches"], "patches"),
+                    "write": (n["rows"], "rows")}, warnings=con.warnings,
         details={"model": prep.model_name, "untrained": prep.untrained,
                  "preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
                  "layers": [asdict(s) for s in prep.specs],

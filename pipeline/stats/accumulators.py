@@ -887,10 +887,27 @@ class PositiveMean(_OnDevice):
     def to_table(self, model: str, layer: str) -> pa.Table:
         c, s = self.channels, self.size
         n = 3 * s * s
-        weight3 = np.broadcast_to(self._host("weight")[:, None], (c, 3, s, s)).reshape(c, n)
+        sm = self.sum.detach().cpu().numpy().reshape(c, n)
+        wt = self.weight.detach().cpu().numpy().reshape(c, 1, s * s)
+        # the columns in numpy, a channel at a time: the same float64 operations as `mean()`
+        # (sum / 255, then / weight, then to float32), without (C, 3, s, s) temporaries of
+        # each step (an RF of 255 px over 256 channels is 400 MB per float64 array)
+        scaled = np.empty((c, n), np.float64)
+        weight3 = np.empty((c, n), np.float64)
+        mean = np.empty((c, n), np.float32)
+        for k in range(c):
+            np.divide(sm[k], 255.0, out=scaled[k])
+            w = weight3[k].reshape(3, s * s)
+            w[:] = wt[k]
+            m = scaled[k] / np.maximum(weight3[k], 1.0)
+            m[weight3[k] <= 0] = np.nan
+            mean[k] = m
 
-        def lists(a: np.ndarray, t: pa.DataType) -> pa.Array:
-            return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), t), n).cast(pa.list_(t))
+        def lists(a: np.ndarray) -> pa.Array:     # zero-copy: the arrays are Arrow's values
+            values = pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), a.size,
+                                           [None, pa.py_buffer(a)])
+            return pa.ListArray.from_arrays(pa.array(np.arange(0, c * n + 1, n, dtype=np.int32)),
+                                            values)
 
         return pa.table({
             "model": pa.array([model] * c, pa.string()),
@@ -900,9 +917,9 @@ class PositiveMean(_OnDevice):
             "count": pa.array(self._host("count")),
             "images": pa.array(np.full(c, self.images, dtype=np.int64)),
             "size": pa.array(np.full(c, s, dtype=np.int32)),
-            "mean": lists(self.mean().numpy().astype(np.float32), pa.float32()),
-            "sum": lists(self._host("sum") / 255.0, pa.float64()),
-            "weight": lists(weight3, pa.float64()),
+            "mean": lists(mean),
+            "sum": lists(scaled),
+            "weight": lists(weight3),
         }, schema=MEAN_SCHEMA)
 
 

@@ -91,13 +91,16 @@ def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
-def default_batch_size(crop: int) -> int:
-    """Images per forward pass when none is given: as many pixels as 64 images of 224 px
-    (3.2 M), as a power of two within [64, 256]: 64 at 224 px and above, 128 at 128 px, 256 at
+def default_batch_size(crop: int, device: str = "cpu") -> int:
+    """Images per forward pass when none is given, a power of two within [64, 256]. CPU: as
+    many pixels as 64 images of 224 px (3.2 M): 64 at 224 px and above, 128 at 128 px, 256 at
     the demo's 64 px. Below ~160 px a batch of 64 is so little work that per-batch costs (each
     layer's dispatch, the accumulators' ~100 small calls) weigh: at 64 px (resnet34 width 16,
-    2 CPU threads) 256 analyses ~14 % more images per second than 64."""
-    n = 64 * 224 * 224 // max(1, crop * crop)
+    2 CPU threads) 256 analyses ~14 % more images per second than 64. CUDA: as many pixels as
+    256 images of 224 px (12.8 M): 256 up to 224 px (a GPU needs the work per launch; resnet34
+    to conv7 at 224 px and batch 256 holds ~2 GiB of activations), 64 at 448 px."""
+    pixels = (256 if device == "cuda" else 64) * 224 * 224
+    n = pixels // max(1, crop * crop)
     return max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
 
 
