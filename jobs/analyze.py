@@ -9,8 +9,10 @@ Each shard of the manifest is one unit of jobs.runtime.engine on a pool of long-
 else one per 4 CPUs), each loading the model once and running ONE decode pipeline that reads on
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
-Partials merge in a tree of Ray tasks, the top-k RF patches are cut in parallel tasks, and the
-tables (`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only when complete.
+Partials merge on the driver into one result; the images of the top-k rows are decoded there and
+each distinct RF square cut once, the PNGs encoded by light Ray tasks; the tables
+(`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only when complete. Default
+shards are a multiple of the workers (`jobs.runtime.device.Plan.shards`).
 """
 from __future__ import annotations
 
@@ -141,7 +143,11 @@ class ShardWorker(ShardFeed):
     """A Pool worker: ShardFeed (one decode pipeline across its shards), results as Result."""
 
     def run(self, start: int, stop: int) -> engine.Result:
-        return engine.Result(*super().run(start, stop))
+        from pipeline.stats.analysis import state_nbytes
+
+        state, info = super().run(start, stop)
+        # the state's size in the marker: the driver reports it without another copy
+        return engine.Result(state, {**info, "state_bytes": state_nbytes(state)})
 
 
 def _as_result(value: Any) -> Any:
@@ -222,7 +228,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         # on the driver, into one result: a partial is a few MiB and merging it milliseconds,
         # less than a worker process's start (a tree of Ray tasks paid one per leaf)
         merged = _as_result(engine.merge(st, stats.names, _fold))
-        tables, state = merged.tables(prep.model_name), merged.state()
+        tables = merged.tables(prep.model_name)
     with con.stage("patches"):
         pngs = render_patches(prep, tables["topk"], device.cpus)
     with con.stage("write"):
@@ -230,7 +236,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         write_table(tables["channels"], join(cfg.out, "stimuli", "channels.parquet"))
         write_table(with_patches(tables["topk"], pngs), join(cfg.out, "stimuli", "topk.parquet"),
                     schema=TOPK_TABLE_SCHEMA)
-    info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state, {
+    info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, {
         "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v),
         "rows": sum(t.num_rows for t in tables.values())})
     con.info(f"done: {info['counts']['images_read']} images ({len(info['skipped'])} skipped) in "
@@ -239,10 +245,9 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
 
 
 def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, workers: int,
-            dec: int, st: engine.Store, stats: engine.RunStats, state: dict, n: dict) -> dict:
-    """run.json (jobs.runtime.runinfo): counts from the markers, the workers' precision flags."""
-    from pipeline.stats.analysis import state_nbytes
-
+            dec: int, st: engine.Store, stats: engine.RunStats, n: dict) -> dict:
+    """run.json (jobs.runtime.runinfo): counts from the markers, the workers' precision flags,
+    a shard state's size (every shard's is the same: it does not grow with the images)."""
     m = Markers.of(stats)
     read = sum(i["images"] for i in m.infos)
     return write_run(
@@ -257,7 +262,8 @@ def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, wo
         details={"model": prep.model_name, "untrained": prep.untrained,
                  "preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
                  "layers": [asdict(s) for s in prep.specs],
-                 "worker_state_bytes": state_nbytes(state), "precision": m.precision(),
+                 "worker_state_bytes": max((i.get("state_bytes", 0) for i in m.infos), default=0),
+                 "precision": m.precision(),
                  "decode": {"threads": dec, "nvjpeg": device.kind == "cuda", "prefetch": 2}})
 
 

@@ -71,6 +71,8 @@ class Config(Options):
                               check=at_least(1))
     ray: bool = opt(True, "measure Ray's start too (a local Ray in a subprocess)",
                     flag="--no-ray")
+    actmax: str | None = opt(None, "time jobs.actmax instead: every channel of this layer "
+                             "(e.g. conv3), its start-up apart from its Adam steps")
 
     def check(self) -> None:
         if self.synthetic and self.data is not None and "://" in self.data:
@@ -193,10 +195,71 @@ def run(cfg: Config) -> dict[str, Any]:
     return res | projection(res, fixed, workers, Plan(workers, {}, threads).shards(IMAGES_50K))
 
 
+def run_actmax(cfg: Config) -> dict[str, Any]:
+    """jobs.actmax's task on every channel of `--actmax` (`bench_actmax`: model build, first call,
+    the Adam steps, the whole chunk) with the job's fixed costs measured here (Ray's start and a
+    worker process in subprocesses, the table write): where an end-to-end run's seconds go."""
+    from jobs.runtime.device import Device
+    from pipeline.actmax.optimize import TABLE_SCHEMA, Settings, chunk_table
+    from pipeline.data.decode import default_cpus
+    from pipeline.data.preprocess import IMAGENET
+    from pipeline.models.layers import resolve_layers
+    from pipeline.models.zoo import build_model, is_resnet
+    from pipeline.results.tables import join, write_table
+    from pipeline.stats.benchmark import bench_actmax
+
+    cpus = cfg.cpus or default_cpus()
+    plan = Device("cpu", "bench", 0, cpus, node_cpus=cpus).plan(None, cpus_per_worker=8)
+    size, width = cfg.crop or 224, cfg.width or 64
+    with bad_input(first_line=True):
+        res = bench_actmax(cfg.model, width, cfg.actmax, 10 ** 6, size,
+                           threads=cfg.threads or plan.threads)
+    fixed = {"ray_start": None}
+    if cfg.ray:
+        fixed["ray_start"] = _subprocess_seconds(
+            "import ray; ray.init(address='local', num_cpus=1, include_dashboard=False, "
+            "logging_level='ERROR'); ray.shutdown()")
+    fixed["worker_process"] = _subprocess_seconds("import jobs.actmax, pipeline.actmax.optimize")
+    net = build_model(cfg.model, width=width if is_resnet(cfg.model) else 64)
+    lay = resolve_layers(net, cfg.actmax)[0]
+    # the job's table of these channels (one step: only its size matters for the write)
+    table = chunk_table(net, cfg.model, IMAGENET, lay, list(range(res["channels"])), size,
+                        Settings(steps=1))
+    with tempfile.TemporaryDirectory(prefix="bench-actmax-") as tmp:
+        _, fixed["write"] = _timed(write_table, table, join(tmp, "actmax.parquet"), TABLE_SCHEMA)
+    fixed = {k: None if v is None else round(v, 3) for k, v in fixed.items()}
+    steps = res["batched_s"]
+    total = (sum(v or 0.0 for v in fixed.values()) + res["model_build_s"] + res["first_call_s"]
+             + res["chunk_s"])
+    return {**{k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()},
+            "fixed_seconds": fixed, "projected_job_seconds": round(total, 2),
+            "steps_fraction": round(steps / total, 3)}
+
+
+def actmax_lines(r: dict[str, Any]) -> list[str]:
+    """The human-readable lines of `run_actmax`."""
+    f = r["fixed_seconds"]
+    return [f"actmax    {r['channels']} channels of {r['layer']} ({r['model']} width {r['width']}, "
+            f"{r['size']} px, {r['steps']} steps, {r['threads']} threads)",
+            f"steps     {r['batched_s']:8.2f} s  (one channel through the whole network: "
+            f"{r['one_channel_full_s']:.2f} s, x{r['ratio']:.2f})",
+            f"start-up  ray {f['ray_start'] or 0:.2f} s, worker process {f['worker_process']:.2f} s, "
+            f"model {r['model_build_s']:.2f} s, first call {r['first_call_s']:.2f} s, rest of "
+            f"the task {r['chunk_s'] - r['batched_s']:.2f} s, write {f['write']:.2f} s",
+            f"end to end {r['projected_job_seconds']:.1f} s projected, "
+            f"{100 * r['steps_fraction']:.0f} % in the steps"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def body(cfg: Config) -> None:
         from pipeline.stats.benchmark import summary_lines
 
+        if cfg.actmax:
+            res = run_actmax(cfg)
+            print("\n".join(actmax_lines(res)))
+            if cfg.json:
+                print(json.dumps(res, sort_keys=True))
+            return
         res = run(cfg)
         print("\n".join(summary_lines(res)))
         if cfg.json:

@@ -357,9 +357,13 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
                  channels: int = 64, size: int = 224, steps: int = 31,
                  no_crop: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Seconds for all `channels` of `layer` batched (forward stopped at the layer, RF window
-    crop) vs ONE channel through the full network (batch 1, whole input, forward to the
-    logits); `ratio` = batched / one-channel, the issue's "no more than about four" figure.
-    Any supported model; `layer` a paper name or module path (`width` applies to ResNets)."""
+    crop: `batched_s`, the Adam steps of a jobs.actmax task) vs ONE channel through the full
+    network (batch 1, whole input, forward to the logits); `ratio` = batched / one-channel, the
+    issue's "no more than about four" figure. Where a task's other time goes: building the model
+    (`model_build_s`, BN calibrated as for an untrained model), its first call (`first_call_s`:
+    the geometry trace and the kernels' first run) and the whole chunk with its PNGs and rows
+    (`chunk_s`). Any supported model; `layer` a paper name or module path (`width` applies to
+    ResNets)."""
     from dataclasses import replace
 
     from pipeline.actmax.optimize import Settings, calibrate_bn, maximize_channels, neuron, optimize, pixel
@@ -367,25 +371,31 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
     from pipeline.models.zoo import build_model, is_resnet
     from pipeline.data.preprocess import IMAGENET
 
+    from pipeline.actmax.optimize import timed_chunk
+
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
+    t = time.perf_counter()
     net = calibrate_bn(build_model(model, width=width if is_resnet(model) else 64), size,
                        images=4, batch=4)
+    build = time.perf_counter() - t
     lay = resolve_layers(net, layer)[0]
     channels = min(channels, lay.channels)
     settings = Settings(steps=steps)
-    # warm-up outside the clock: Adam's first step imports torch._dynamo (seconds, once)
-    maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
+    # a task's first call: the geometry trace, the kernels' first run, Adam's first step
     t = time.perf_counter()
-    maximize_channels(net, lay, range(channels), size, IMAGENET, settings)
-    batched = time.perf_counter() - t
+    maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
+    first = time.perf_counter() - t
+    _, chunk = timed_chunk(net, model, IMAGENET, lay, list(range(channels)), size, settings)
+    batched = chunk["steps"]
     t = time.perf_counter()
     params, image_fn = pixel((1, 3, size, size))
     optimize(net, neuron(lay.name, 0), params, image_fn, steps=steps, stop=False)
     one = time.perf_counter() - t
     out = {"model": model, "width": net.width, "layer": lay.name, "channels": channels,
            "size": size, "steps": steps, "threads": torch.get_num_threads(),
+           "model_build_s": build, "first_call_s": first, "chunk_s": chunk["total"],
            "batched_s": batched, "one_channel_full_s": one, "ratio": batched / one}
     if no_crop:
         t = time.perf_counter()
