@@ -140,7 +140,7 @@ def fixed_costs(runner: Any, manifest: Any, transform: Any, ray: bool) -> dict[s
         write_table(with_patches(tables["topk"], pngs), join(tmp, "topk.parquet"),
                     schema=TOPK_TABLE_SCHEMA)
         out["write"] = time.perf_counter() - t
-    return {k: None if v is None else round(v, 3) for k, v in out.items()}
+    return {k: None if v is None else round(v, 4) for k, v in out.items()}
 
 
 def projection(res: dict[str, Any], fixed: dict[str, float | None], workers: int,
