@@ -71,7 +71,7 @@ def rf_section(inputs: ReportInputs, d: ReportData) -> Section:
 
 
 def table1_section(inputs: ReportInputs) -> Section:
-    t1 = table1_frame(inputs.table1, inputs.ablation, inputs.channels)
+    t1 = table1_frame(inputs.table1, inputs.ablation, inputs.census)
     census = census_frame(inputs.census) if inputs.census is not None else None
     return Section("table1", "Table 1: inactive neurons and noise ablation", render(
         "sections/table1.html.j2",
