@@ -255,13 +255,14 @@ def measure_rows(model: str, layer: str, source: str, channels: Sequence[int],
     cols: dict[str, list] = {k: [None] * n for k in OUT_SCHEMA.names}
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(patterns):
-        groups.setdefault((p.shape, noises[i] is None), []).append(i)
-    for (shape, no_noise), idx in groups.items():
+        groups.setdefault((p.shape, noises[i] is None, references[i] is None), []).append(i)
+    for (shape, no_noise, no_null), idx in groups.items():
         refs = np.stack([_reference_patch(references[i], neutrals[i], shape) for i in idx])
         se = None if no_noise else np.stack([np.broadcast_to(np.asarray(noises[i], np.float64),
                                                               shape[1:]) for i in idx])
         res = measure_batch(np.stack([patterns[i] for i in idx]), refs, thresholds, noise=se,
-                            covariance=covariance, resolution=source != "filter")
+                            covariance=covariance, resolution=source != "filter",
+                            against_null=not no_null)
         for j, i in enumerate(idx):
             for k in _MEASURED:
                 v = res[k][j]

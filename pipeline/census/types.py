@@ -265,7 +265,8 @@ def _structure(d: np.ndarray, valid: np.ndarray, noise, covariance, resolution: 
     pixels = valid.sum(axis=(1, 2))
     denom = np.where(pixels > 0, 3.0 * pixels, 1.0)
     mask = np.broadcast_to(valid[:, None], d.shape)
-    contrast = np.sqrt(np.where(mask, d ** 2, 0.0).sum(axis=(1, 2, 3)) / denom)
+    contrast = np.where(pixels > 0, np.sqrt(np.where(mask, d ** 2, 0.0).sum(axis=(1, 2, 3))
+                                            / denom), np.nan)
     sigma, z = np.zeros(n), np.full(n, np.nan)
     enough = np.ones(n, dtype=bool)
     if noise is not None:
@@ -280,7 +281,7 @@ def _structure(d: np.ndarray, valid: np.ndarray, noise, covariance, resolution: 
         sigma = np.sqrt(np.trace(s) / 3 * np.where(ok, c, 0.0).sum(axis=(1, 2))
                         / np.where(pixels > 0, pixels, 1.0))
         enough = z >= K_SIGMA
-    floor_ok = contrast >= RESOLUTION if resolution else np.ones(n, dtype=bool)
+    floor_ok = contrast >= RESOLUTION if resolution else np.isfinite(contrast)
     structured = floor_ok & enough & (pixels > 0)
     return {"contrast": contrast, "noise": sigma, "contrast_z": z,
             "floor": np.maximum(K_SIGMA * sigma, RESOLUTION if resolution else 0.0),
@@ -378,7 +379,7 @@ def coherence(maps: np.ndarray) -> np.ndarray:
 def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | np.ndarray | None = None,
                   thresholds: "Thresholds | None" = None,
                   noise: np.ndarray | float | None = None, covariance: np.ndarray | None = None,
-                  resolution: bool = True) -> dict[str, np.ndarray]:
+                  resolution: bool = True, against_null: bool = False) -> dict[str, np.ndarray]:
     """Column arrays for patterns (n, 3, h, w): the Measures fields, the noise floor
     (`structure`), the property flags and `type`.
 
@@ -388,6 +389,8 @@ def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | np.ndarray | 
     the data's colour covariance `covariance`, or None for a reading without sampling error (the
     resolution floor alone). `resolution=False` drops the resolution floor (a filter's expected
     stimulus is in the data's units, where chromatic structure is faint by nature).
+    `against_null`: the reference is the null the pattern was sampled against (a baseline), so a
+    pattern equal to it is 'no structure', not 'empty'.
     """
     x = _as_batch(patterns)
     ref = _reference(neutral, x.shape)
@@ -405,7 +408,8 @@ def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | np.ndarray | 
         **col,
         **{k: floor[k] for k in ("contrast", "noise", "contrast_z", "floor")},
     }
-    cols.update(classify_batch({**cols, "structured": floor["structured"]},
+    cols.update(classify_batch({**cols, "structured": floor["structured"],
+                                "against_null": np.full(len(x), against_null)},
                                thresholds or Thresholds()))
     return cols
 
@@ -417,12 +421,12 @@ def classify_batch(cols: dict[str, np.ndarray], t: Thresholds) -> dict[str, np.n
     frac = np.nan_to_num(np.asarray(cols["chromatic_fraction"], dtype=np.float64), nan=-1.0)
     score = np.asarray(cols["double_opponent_score"], dtype=np.float64)
     balance = np.asarray(cols["chromatic_balance"], dtype=np.float64)
-    # Empty: nothing measured (no valid pixel, a dead filter, a channel that never fired). A
-    # mean stimulus with pixels and a standard error (finite z) is measured even when it equals
-    # its baseline exactly (a channel positive on every patch): that is 'no structure'.
-    measured = np.isfinite(np.asarray(cols.get("contrast_z", np.full(len(osi), np.nan)),
-                                      dtype=np.float64))
-    empty = ~(np.asarray(cols["energy"], dtype=np.float64) > 0) & ~measured
+    # Empty: nothing to see (no valid pixel, a dead filter, a channel that never fired). A mean
+    # stimulus read against its baseline (`against_null`) that equals it exactly (a channel
+    # positive on every patch) is 'no structure' instead.
+    against = np.asarray(cols.get("against_null", np.zeros(len(osi), dtype=bool)), dtype=bool)
+    pixels = np.isfinite(np.asarray(cols.get("contrast", np.zeros(len(osi))), dtype=np.float64))
+    empty = ~(np.asarray(cols["energy"], dtype=np.float64) > 0) & ~(against & pixels)
     if "structured" in cols:
         structured = np.asarray(cols["structured"], dtype=bool)
     else:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.report.order import order_layers, order_models, rank_of
 
 __all__ = ["fmt", "pm", "TableView", "table_view", "sort_rows", "table1_frame", "census_frame",
-           "rf_frames", "types_frame", "PAPER_TABLE1"]
+           "rf_frames", "types_frame", "properties_frame", "PAPER_TABLE1"]
 
 # Table 1 of the paper (ImageNet, one training run per model), shown beside the measured one.
 PAPER_TABLE1 = pd.DataFrame({
@@ -150,3 +150,18 @@ def types_frame(nt: pd.DataFrame, models: list[str], layers: list[str]) -> pd.Da
     piv = piv[[*index, *[t for t in types if t in piv.columns]]]
     return sort_rows(piv, order_models([*models, *piv["model"].astype(str)]),
                      order_layers([*layers, *piv["layer"].astype(str)]))
+
+
+_PROPERTY_LABELS = {"orientation_selective": "oriented", "single_opponent": "single-opponent",
+                    "double_opponent": "double-opponent", "no_structure": "no structure",
+                    "structured": "above the floor",
+                    "oriented_single_opponent": "oriented & single-opponent",
+                    "oriented_double_opponent": "oriented & double-opponent"}
+
+
+def properties_frame(props: pd.DataFrame, models: list[str], layers: list[str]) -> pd.DataFrame:
+    """neuron_types/properties.parquet as shown: each property counted on its own, and the
+    overlaps, per (model, layer, source)."""
+    df = props.rename(columns=_PROPERTY_LABELS)
+    return sort_rows(df, order_models([*models, *df["model"].astype(str)]),
+                     order_layers([*layers, *df["layer"].astype(str)]))
