@@ -23,11 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.results import layout
-from pipeline.census.patterns import (IMAGENET_MEAN, SOURCES, actmax_input_patterns,
-                                      actmax_png_patterns, colour_covariance, data_neutral,
-                                      mean_colours, mean_noise, mean_patterns, measure_rows,
-                                      stimulus_filters)
-from pipeline.census.patterns import PatternError
+from pipeline.census.patterns import (IMAGENET_MEAN, SOURCES, PatternError,
+                                      actmax_input_patterns, actmax_png_patterns,
+                                      colour_covariance, data_neutral, mean_colours, mean_noise,
+                                      mean_patterns, measure_rows, stimulus_filters)
 from pipeline.results.tables import exists, fs_path, join
 
 __all__ = ["NEUTRALS", "InputError", "Inputs", "Chunk", "parse_neutral", "check_options",

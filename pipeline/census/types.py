@@ -8,63 +8,24 @@ pixels (never inside the image) are masked out. Pure numpy: no files, no Ray.
     m = measure(pattern, neutral=(0.485, 0.456, 0.406))    # one pattern -> Measures
     cols = measure_batch(patterns, neutral, noise=se)      # (n, 3, s, s) -> column arrays
     kind = classify(m, Thresholds())                       # 'orientation-selective', ...
-    se = standard_error(weight, images, variances, base_weight, base_images)  # mean stimuli
+    c = standard_error(weight, images, base_weight)        # a mean stimulus's noise (× S)
+    cols = measure_batch(means, baseline, noise=c, covariance=S)   # against its null
     sta = preferred_stimulus(weight, preprocess_state, bn=(gamma, beta, mean, var, eps))
 
 Noise floor. A pattern is read against a reference r (its null: the mean patch of all images
 at the same position for a mean stimulus when the analysis wrote one, else the neutral colour;
 0 for a filter's expected stimulus): d = x − r. Its contrast is the RMS of d over valid pixels
 and the three colours, in RGB units ([0, 1]). It has *structure* only when
-    contrast ≥ RESOLUTION (one 8-bit level, 1/255: less is not a stimulus any image can show), and
-    z = RMS(d / σ) ≥ K_SIGMA (4)   where the reading has a standard error σ per value:
-a mean stimulus over n patches has σ_c² = S_cc · (1/n − 1/N) (S the data's colour covariance,
-N the patches behind the baseline; `standard_error`). Under the null (the channel's positive
-patches a random subset) z² is a weighted mean of χ²₁ variables whatever the spatial
-correlation, and exceeds 16 with probability at most that of a single χ²₁, 6·10⁻⁵. A filter is
-read as its expected mean preferred stimulus with its scale (`preferred_stimulus`, an
-expectation: no sampling error, the resolution floor alone); an activation-maximization image as
-the RGB image it is (resolution floor). Below the floor the type is 'no structure', whatever the
-orientation and colour measures say (docs/neuron_types.md).
-
-Definitions (also in docs/neuron_types.md):
-
-Opponent colour space. A fixed orthonormal transform of RGB,
-    L  = (R + G + B) / √3,   RG = (R − G) / √2,   BY = (2B − R − G) / √6,
-so energies add up (‖x‖² = L² + RG² + BY²) and the split does not depend on whether the pattern
-is a stimulus or a filter (an orthonormal M gives M⁻ᵀ = M: a filter's sensitivity to each
-opponent axis is the same transform of its weights).
-
-Colour. All colour measures are taken on d = x − neutral, the pattern relative to a neutral
-colour: the colour a pattern would have with nothing preferred (0 for filters; the data's mean
-colour for mean stimuli; the preprocessing's zero image for activation maximization). Then
-    chromatic_fraction = Σ (RG² + BY²) / Σ ‖d‖²   (0 for any gray pattern on a gray neutral; 0/0 = 0)
-    opponent_axis      = 'red-green' if Σ RG² ≥ Σ BY² else 'blue-yellow' ('none' if no chroma)
-    double_opponent_score = balance · max(coherence, 0)
-    balance   = max(share(P, N), share(P̂, N̂)),  share(a, b) = 2 · min(a, b) / (a + b),
-                P, N = Σ max(±c, 0) (masses of the two signs), P̂, N̂ = max(±c) (their peaks)
-    coherence = Σ e_p e_q / Σ (e_p² + e_q²)/2   over adjacent pixel pairs (lag-1 autocorrelation)
-                of e = c⁺/‖c⁺‖ − c⁻/‖c⁻‖, each sign of c scaled to unit energy (`equal_signs`)
-where c is the dominant opponent channel with values under 5 % of its peak |c| set to 0 (a
-dead zone, so that a faint wide background offset does not count as an opposite sign). The
-balance is near 1 when the two chromatic signs match in peak contrast (a strong surround of any
-area) or in mass (a weak wide surround that cancels the centre; a blue | yellow edge is both),
-and 0 when one sign holds throughout (a red blob on the neutral gray: single-opponent); the
-coherence asks both signs to form regions rather than alternate from pixel to pixel
-(chromatic white noise is balanced too, but its coherence is about 0) or than one sign being a
-few stray pixels (about (coherence of the region + 0)/2 ≤ 0.5).
-
-Orientation. Each channel of (L, RG, BY) with NaN pixels given weight 0, its window-weighted mean
-removed (so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so
-no pixel is discarded), zero-padded to n = max(64, 2s) and Fourier transformed; P(f) = Σ over
-the channels of |F(f)|², so an isoluminant colour edge is oriented like a luminance edge.
-Over the disc 0 < |f| ≤ ½ cycle/pixel (the disc, not the square, so that the corner bins do not
-favour diagonals),
-    Z   = Σ P(f) e^{2iα(f)} / Σ P(f),   α(f) = angle of the frequency vector,
-    osi = |Z| ∈ [0, 1]  (1 − circular variance of doubled orientation),
-    orientation_deg = (arg Z / 2 + 90°) mod 180°,
-the orientation of the *stripes / edge* (perpendicular to the frequency vector), in degrees
-counter-clockwise on screen: 0° = horizontal stripes (varying along rows), 90° = vertical
-stripes, 45° = stripes running from bottom-left to top-right ("/").
+    contrast ≥ RESOLUTION (one 8-bit level, 1/255: less is not a stimulus any image can show;
+    not for filters), and, where the reading has sampling noise d ~ N(0, S·c),
+    z = √(mean over pixels of dᵀ(S·c)⁻¹d / 3) ≥ K_SIGMA (4)
+(S the data's colour covariance: each colour direction against its own noise). A mean stimulus
+of n of N patches has c = 1/n − 1/N (`standard_error`); a filter, read as its expected mean
+preferred stimulus with its scale (`preferred_stimulus`), the c of a 50,000-image mean of the
+share of inputs its channel passes (`selection_noise`); an activation-maximization image none.
+Under the null z² is a weighted mean of χ²₁ variables whatever the spatial correlation, and
+exceeds 16 with probability at most that of one χ²₁, 6·10⁻⁵. Below the floor the type is
+'no structure', whatever the orientation and colour measures say (docs/neuron_types.md).
 
 Types, by priority: 'empty' when the pattern has no valid pixel or no energy at all (a dead
 filter, a channel that never fired); 'no structure' below the noise floor; 'double-opponent' (chromatic_fraction ≥ t.chromatic and

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.report.images import (crop_center_rf, decode_png, difference_images, fade,
+from pipeline.report.images import (crop_center_rf, decode_png, difference_images,
                                     filter_images, is_true, mean_image)
 from pipeline.report.order import order_layers, order_models
 

@@ -84,10 +84,6 @@ def sort_rows(df: pd.DataFrame, models: list[str] | None = None,
     return df.iloc[order].reset_index(drop=True)
 
 
-def _label(name: str) -> str:
-    return _LABELS.get(name, name)
-
-
 def table1_frame(table1: pa.Table | None, ablation: pa.Table | None = None,
                  census: pa.Table | None = None) -> pd.DataFrame | None:
     """Table 1 as display strings, one row per row of table1.parquet, the paper's models first.
