@@ -328,11 +328,15 @@ def plan_chunks(found: Inputs, wants: set[str], neuron: str, neutral: str,
 
 
 def _baseline_row(c: Chunk, size: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """(mean, weight, images) of the chunk's baseline row (model, layer, neuron), or None."""
+    """(mean, weight, images) of the chunk's baseline row (model, layer, neuron), or None when
+    there is no baseline table or it has no such row (the rows' `reference` then says
+    `neutral`); two rows or another size are a malformed table."""
     if c.baseline is None:
         return None
-    t = read_rows(c.baseline, ["size", "mean", "sum", "weight", "images"],
+    t = read_rows(c.baseline, ["size", "mean", "weight", "images"],
                   [("model", "=", c.model), ("layer", "=", c.layer), ("neuron", "=", c.neuron)])
+    if t.num_rows == 0:
+        return None
     if t.num_rows != 1 or int(t.column("size")[0].as_py()) != size:
         raise PatternError(f"{c.baseline}: expected one baseline row of size {size} for "
                            f"{c.model} {c.layer} neuron {c.neuron}, found {t.num_rows}")
@@ -342,7 +346,7 @@ def _baseline_row(c: Chunk, size: int) -> tuple[np.ndarray, np.ndarray, int] | N
 
 
 def _mean_chunk(c: Chunk, where: list, label: str) -> tuple:
-    """A chunk of mean stimuli with their standard errors and (when there is one) baseline."""
+    """A chunk of mean stimuli with their sampling noise and (when there is one) baseline."""
     cols = ["channel", "size", "mean", "count", "images"]
     cols += ["weight"] if "weight" in _columns(c.url) else []
     t = read_rows(c.url, cols, where + [("neuron", "=", c.neuron)])
@@ -358,7 +362,7 @@ def _mean_chunk(c: Chunk, where: list, label: str) -> tuple:
 
 
 def _patterns(c: Chunk) -> tuple:
-    """(channels, (3, s, s) patterns, neutral per pattern, standard error per pattern or None,
+    """(channels, (3, s, s) patterns, neutral per pattern, sampling noise per pattern or None,
     reference patch per pattern or None) of one chunk, read here."""
     lo, hi = c.channels
     where = [("model", "=", c.model), ("layer", "=", c.layer),

@@ -1,7 +1,8 @@
 """Neuron-type census: orientation and colour measures of a preferred pattern, and its type.
 
 A *pattern* is what a channel prefers, as an RGB array `(3, s, s)`: a first-conv filter mapped
-to its expected mean preferred stimulus (`filter_to_stimulus`: S·Aᵀw, A⁻¹w for ZCA), a mean
+to its expected mean preferred stimulus (`preferred_stimulus`: the direction S·Aᵀw — A⁻¹w for
+ZCA, `filter_to_stimulus` — with the sign and scale of its BatchNorm channel), a mean
 preferred stimulus, or an activation-maximization image: all stimuli, compared in one space. NaN
 pixels (never inside the image) are masked out. Pure numpy: no files, no Ray.
 
@@ -27,10 +28,51 @@ Under the null z² is a weighted mean of χ²₁ variables whatever the spatial 
 exceeds 16 with probability at most that of one χ²₁, 6·10⁻⁵. Below the floor the type is
 'no structure', whatever the orientation and colour measures say (docs/neuron_types.md).
 
+Definitions (also in docs/neuron_types.md):
+
+Opponent colour space. A fixed orthonormal transform of RGB,
+    L  = (R + G + B) / √3,   RG = (R − G) / √2,   BY = (2B − R − G) / √6,
+so energies add up (‖x‖² = L² + RG² + BY²) and the split does not depend on whether the pattern
+is a stimulus or a filter (an orthonormal M gives M⁻ᵀ = M: a filter's sensitivity to each
+opponent axis is the same transform of its weights).
+
+Colour. All colour measures are taken on d = x − reference, the pattern relative to its null:
+a neutral colour, the colour a pattern would have with nothing preferred (0 for filters; the
+data's mean colour for mean stimuli without a baseline; the preprocessing's zero image for
+activation maximization), or a mean stimulus's baseline patch. Then
+    chromatic_fraction = Σ (RG² + BY²) / Σ ‖d‖²   (0 for any gray pattern on a gray neutral; 0/0 = 0)
+    opponent_axis      = 'red-green' if Σ RG² ≥ Σ BY² else 'blue-yellow' ('none' if no chroma)
+    double_opponent_score = balance · max(coherence, 0)
+    balance   = max(share(P, N), share(P̂, N̂)),  share(a, b) = 2 · min(a, b) / (a + b),
+                P, N = Σ max(±c, 0) (masses of the two signs), P̂, N̂ = max(±c) (their peaks)
+    coherence = Σ e_p e_q / Σ (e_p² + e_q²)/2   over adjacent pixel pairs (lag-1 autocorrelation)
+                of e = c⁺/‖c⁺‖ − c⁻/‖c⁻‖, each sign of c scaled to unit energy (`equal_signs`)
+where c is the dominant opponent channel with values under 5 % of its peak |c| set to 0 (a
+dead zone, so that a faint wide background offset does not count as an opposite sign). The
+balance is near 1 when the two chromatic signs match in peak contrast (a strong surround of any
+area) or in mass (a weak wide surround that cancels the centre; a blue | yellow edge is both),
+and 0 when one sign holds throughout (a red blob on the neutral gray: single-opponent); the
+coherence asks both signs to form regions rather than alternate from pixel to pixel
+(chromatic white noise is balanced too, but its coherence is about 0) or than one sign being a
+few stray pixels (about (coherence of the region + 0)/2 ≤ 0.5).
+
+Orientation. Each channel of (L, RG, BY) with NaN pixels given weight 0, its window-weighted mean
+removed (so DC is exactly 0), times a 2-D Hann window (length s + 2, zero end-points dropped, so
+no pixel is discarded), zero-padded to n = max(64, 2s) and Fourier transformed; P(f) = Σ over
+the channels of |F(f)|², so an isoluminant colour edge is oriented like a luminance edge.
+Over the disc 0 < |f| ≤ ½ cycle/pixel (the disc, not the square, so that the corner bins do not
+favour diagonals),
+    Z   = Σ P(f) e^{2iα(f)} / Σ P(f),   α(f) = angle of the frequency vector,
+    osi = |Z| ∈ [0, 1]  (1 − circular variance of doubled orientation),
+    orientation_deg = (arg Z / 2 + 90°) mod 180°,
+the orientation of the *stripes / edge* (perpendicular to the frequency vector), in degrees
+counter-clockwise on screen: 0° = horizontal stripes (varying along rows), 90° = vertical
+stripes, 45° = stripes running from bottom-left to top-right ("/").
+
 Types, by priority: 'empty' when the pattern has no valid pixel or no energy at all (a dead
-filter, a channel that never fired); 'no structure' below the noise floor; 'double-opponent' (chromatic_fraction ≥ t.chromatic and
-double_opponent_score ≥ t.double_opponent); 'orientation-selective' (osi ≥ t.osi);
-'single-opponent' (chromatic_fraction ≥ t.chromatic and chromatic_balance < t.double_opponent:
+filter, a channel that never fired); 'no structure' below the noise floor; 'double-opponent'
+(chromatic_fraction ≥ t.chromatic and double_opponent_score ≥ t.double_opponent);
+'orientation-selective' (osi ≥ t.osi); 'single-opponent' (chromatic_fraction ≥ t.chromatic and chromatic_balance < t.double_opponent:
 one sign holds); else 'other' (including balanced but incoherent colour, i.e. chromatic noise).
 The properties are also flags of their own (`orientation_selective`, `single_opponent`,
 `double_opponent`, `no_structure`): an oriented colour edge is oriented *and* double-opponent.
@@ -45,8 +87,8 @@ import numpy as np
 
 __all__ = ["OPPONENT", "TYPES", "PROPERTIES", "RESOLUTION", "K_SIGMA", "Thresholds", "Measures",
            "opponent", "orientation", "colour", "coherence", "sign_balance", "equal_signs",
-           "structure", "standard_error", "selection_noise", "filter_threshold", "measure", "measure_batch", "classify",
-           "classify_batch", "filter_to_rgb", "filter_to_stimulus", "preferred_stimulus",
+           "structure", "standard_error", "selection_noise", "filter_threshold", "measure",
+           "measure_batch", "classify", "classify_batch", "filter_to_rgb", "filter_to_stimulus", "preferred_stimulus",
            "stimulus_covariance", "preprocess_matrix", "IMAGENET_COVARIANCE"]
 
 # Rows: luminance, red-green, blue-yellow. Orthonormal (see module docstring).
@@ -90,7 +132,7 @@ class Measures:
     chromatic_balance: float = 0.0    # [0, 1]: 1 both signs equal, 0 one sign throughout
     chromatic_coherence: float = 0.0  # [−1, 1]: lag-1 autocorrelation of the sign-equalised dominant channel
     contrast: float = math.inf        # RMS of x − reference (RGB units); inf: not measured
-    contrast_z: float = math.nan      # RMS of (x − reference) / standard error; NaN: no error
+    contrast_z: float = math.nan      # x − reference in standard errors (`structure`); NaN: none
 
 
 def _as_batch(patterns: np.ndarray) -> np.ndarray:
