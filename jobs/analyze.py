@@ -115,7 +115,8 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(cfg, jm.name, model_blob(jm.model, jm.name, jm.preprocess), specs, options,
                     data.manifest, transform, data.demo_root, rf, jm.untrained,
                     [jm.warning] if jm.warning else [],
-                    cfg.batch_size or default_batch_size(transform.crop))
+                    cfg.batch_size or default_batch_size(transform.crop,
+                                                         images=len(data.manifest)))
 
 
 def store(prep: Prepared, device: engine.Device, precision: dict | None = None) -> engine.Store:
@@ -207,7 +208,8 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         init_ray(cfg.out)
         device = engine.resolve_device(cfg.device)
         if cfg.batch_size is None:      # the device's default (prepare() assumed the CPU's)
-            prep.batch_size = default_batch_size(prep.transform.crop, device.kind)
+            prep.batch_size = default_batch_size(prep.transform.crop, device.kind,
+                                                 len(prep.manifest))
         pl, dec = device.decode_plan(cfg.workers)
         todo, st = units(prep, pl), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)

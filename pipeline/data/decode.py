@@ -228,6 +228,9 @@ class _Files:
     def __init__(self, locations: list) -> None:
         self.data: list = []        # bytes, an exception, a Future, or (filesystem, path)
         for loc in locations:
+            if isinstance(loc, BaseException):
+                self.data.append(loc)
+                continue
             fs, path = loc
             if getattr(fs, "async_impl", False):
                 try:

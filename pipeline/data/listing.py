@@ -84,10 +84,11 @@ class Manifest:
         return [_resolve(self.root, paths[int(i)]) for i in indices]
 
     def locate(self, indices: Sequence[int] | np.ndarray
-               ) -> list[tuple[fsspec.AbstractFileSystem, str]]:
+               ) -> list[tuple[fsspec.AbstractFileSystem, str] | Exception]:
         """(filesystem, path) of each image, the root's filesystem resolved once per manifest
         (not once per image: a decoder asks for every file it reads); absolute paths in the
-        manifest resolve on their own."""
+        manifest resolve on their own, and one that does not resolve comes back as the
+        exception (that image is unreadable, the others are not)."""
         cached = self.__dict__.get("_fs_cache")
         if cached is None or cached[0] != self.root:
             fs, base = _fs(self.root)
@@ -97,7 +98,13 @@ class Manifest:
         out = []
         for i in indices:
             p = paths[int(i)]
-            out.append(_fs(p) if _is_absolute(p) else (fs, base + p))
+            if not _is_absolute(p):
+                out.append((fs, base + p))
+                continue
+            try:
+                out.append(_fs(p))
+            except Exception as e:  # noqa: BLE001 - an unknown protocol, a bad URL
+                out.append(e)
         return out
 
     def _paths(self) -> list[str]:

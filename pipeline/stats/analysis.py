@@ -91,8 +91,10 @@ def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
-def default_batch_size(crop: int, device: str = "cpu") -> int:
-    """Images per forward pass when none is given, a power of two within [64, 256]. CPU: as
+def default_batch_size(crop: int, device: str = "cpu", images: int | None = None) -> int:
+    """Images per forward pass when none is given, a power of two within [64, 256] (never
+    more than `images` rounded up to a power of two: every forward runs the same batch shape,
+    so a 64-image run at batch 256 would pad each batch with 192 black images). CPU: as
     many pixels as 64 images of 224 px (3.2 M): 64 at 224 px and above, 128 at 128 px, 256 at
     the demo's 64 px. Below ~160 px a batch of 64 is so little work that per-batch costs (each
     layer's dispatch, the accumulators' ~100 small calls) weigh: at 64 px (resnet34 width 16,
@@ -101,7 +103,8 @@ def default_batch_size(crop: int, device: str = "cpu") -> int:
     to conv7 at 224 px and batch 256 holds ~2 GiB of activations), 64 at 448 px."""
     pixels = (256 if device == "cuda" else 64) * 224 * 224
     n = pixels // max(1, crop * crop)
-    return max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
+    size = max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
+    return size if images is None else min(size, 1 << max(0, images - 1).bit_length())
 
 
 def runner_from_blob(blob: dict[str, Any], specs: list[LayerSpec], options: "AnalysisOptions",
