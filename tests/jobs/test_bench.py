@@ -74,6 +74,11 @@ def test_bench_defaults_are_the_jobs(capsys):
                        "--no-ray", "--scaling-images", "4", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["batch_size"] == default_batch_size(64, "cpu") == 256
+    # the job's rule: CPU ~3.2 M pixels, CUDA 256 up to 224 px, never more than the images
+    # (rounded up to a power of two: every forward runs one batch shape, padded)
+    assert [default_batch_size(c) for c in (224, 128, 64)] == [64, 128, 256]
+    assert [default_batch_size(c, "cuda") for c in (224, 448, 64)] == [256, 64, 256]
+    assert [default_batch_size(64, "cpu", n) for n in (1, 3, 64, 65, 400)] == [1, 4, 64, 128, 256]
     assert (res["workers"], res["threads"], res["decode_threads"]) == (2, 3, 1)  # 4 CPUs each
     assert res["shards_50k"] == 26 and res["fixed_seconds"]["ray_start"] is None
 
