@@ -11,10 +11,13 @@ Training's validation (`pipeline.train.recipe.EvalResizeCrop`) and the analysis 
   centre crop. Equal to PIL's Resize+CenterCrop where no resize is needed (shorter side already
   `resize`); elsewhere within a small rounding difference (docs/analysis.md gives the measured
   maximum).
-* `Decoder`: one batch of files at a time with `cpus` threads (the worker reserves those CPUs);
-  with `nvjpeg=True` complete 3-component JPEGs are decoded as one batch on the GPU
-  (`decode_jpeg(device="cuda")`) and resized there, every other file falls back to the CPU path.
-  Batches for CUDA are pinned and copied without blocking.
+* `Decoder`: one batch of files at a time with `cpus` threads (the worker reserves those CPUs).
+  The threads read the files too (`read_file`; on S3 every file of a batch is requested at once
+  on fsspec's loop, so the thread that submits never waits for storage); per image they hold
+  the GIL only for a little glue. With `nvjpeg=True` complete 3-component JPEGs are decoded as
+  one batch on the GPU (`decode_jpeg(list, device="cuda")`) and resized there in one call per
+  image size, every other file is decoded on the CPU into a pinned row. Batches for CUDA are
+  pinned and copied without blocking.
 * `Prefetcher`: one pipeline per worker fed a sequence of units (shards: `(start, stop)` ranges or
   index arrays) that keeps decoding across unit boundaries; each batch says which unit it belongs
   to and whether it is that unit's last.
@@ -45,7 +48,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.data.listing import Manifest, SourceError
 
 __all__ = ["EvalTransform", "Batch", "Decoder", "Prefetcher", "decode_rgb", "resize_crop",
-           "decode_image", "jpeg_info", "load_batch", "iter_batches", "default_cpus"]
+           "decode_image", "jpeg_info", "read_file", "load_batch", "iter_batches",
+           "default_cpus"]
 
 _FETCH_CONCURRENCY = 64     # requests open at once on an async filesystem's loop (S3)
 _SOF = {0xC0, 0xC1, 0xC2}   # baseline, extended, progressive Huffman: what both decoders take
