@@ -153,16 +153,17 @@ class Store:
         return join(self.url, f"{name}.{ext}")
 
     def finished(self) -> set[str]:
-        """The units whose marker is there: one listing of the folder, not one probe per unit."""
+        """The units whose partial and marker are both there: one listing of the folder, not
+        one probe per unit."""
         from pipeline.results.tables import fs_path
 
         fs, path = fs_path(self.url)
         try:
-            names = fs.ls(path, detail=False)
+            files = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
         except FileNotFoundError:
             return set()
-        return {n.rstrip("/").rsplit("/", 1)[-1][:-len(".done")] for n in names
-                if n.endswith(".done")}
+        return {f[:-len(".done")] for f in files
+                if f.endswith(".done") and f[:-len(".done")] + ".state" in files}
 
     def info(self, name: str) -> dict:
         from pipeline.results.tables import read_json
@@ -191,13 +192,13 @@ class Store:
         """Record one try of unit `name` in run `run` (the worker calls it before computing)."""
         from pipeline.results.tables import join, write_bytes
 
-        write_bytes(join(self.url, "_tries", run, f"{name}.{uuid.uuid4().hex[:8]}"), b"")
+        write_bytes(join(self.url, f"_tries-{run}", f"{name}.{uuid.uuid4().hex[:8]}"), b"")
 
     def tries(self, run: str) -> Counter:
         """Tries per unit name recorded by run `run`; the records are removed."""
         from pipeline.results.tables import fs_path, join
 
-        fs, path = fs_path(join(self.url, "_tries", run))
+        fs, path = fs_path(join(self.url, f"_tries-{run}"))
         try:
             names = fs.ls(path, detail=False)
         except FileNotFoundError:

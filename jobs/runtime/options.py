@@ -202,9 +202,13 @@ def _help(f: dataclasses.Field) -> str:
 
 def build_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentParser:
     """The argparse parser of an Options dataclass: one flag per field. An absent flag leaves
-    no attribute (SUPPRESS), so the dataclass default stands."""
+    no attribute (SUPPRESS), so the dataclass default stands. The usage line names the required
+    flags and `[options]`: --help lists them all."""
+    required = [f"{_flag(f)} {f.name.upper()}" for f in dataclasses.fields(cls)
+                if f.default is _MISSING]
     p = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                argument_default=argparse.SUPPRESS)
+                argument_default=argparse.SUPPRESS,
+                usage=" ".join(["%(prog)s", *required, "[options]"]))
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         o, kind = _opt(f), _base_type(hints[f.name])
