@@ -34,7 +34,8 @@ def local_ray(num_cpus: int = 2, store_mib: int = 200) -> Iterator[str]:
 
     os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             object_store_memory=store_mib * 1024 ** 2, _node_ip_address=LOOPBACK)
+             object_store_memory=store_mib * 1024 ** 2, _node_ip_address=LOOPBACK,
+             log_to_driver=False)        # as the jobs' init_ray: workers' output in Ray's logs
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -249,10 +249,10 @@ def test_a_model_without_inactive_channels_says_so(world, ray_cluster):
     (["--fraction", "0.5,0ch"], "--fraction item '0ch' is neither"),
     (["--train-seed", "-1"], "--train-seed must be >= 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--task-per", "seed"], "argument --task-per: invalid choice"),
+    (["--task-per", "seed"], "invalid --task-per 'seed'; allowed: plan, shard"),
     (["--layer", "fc"], "--layer must name one layer with channel maps"),
     (["--layer", "conv99"], "unknown layer 'conv99'; allowed"),
-    (["--model", "vit_b_16"], "argument --model: invalid choice: 'vit_b_16'"),
+    (["--model", "vit_b_16"], "invalid --model 'vit_b_16'; allowed: alexnet"),
     (["--model", "mobilenet_v3_small"], "has no max-pooling layer to default to; name one with "
                                         "--layer"),
     (["--checkpoint", "{root}/squeeze.pt", "--layer", "features.99"],
