@@ -306,6 +306,9 @@ class _Workers:
                            for _ in range(min(plan.workers, units))]
             self.call = lambda a, u: a.run.options(**retry).remote(u)
         self.load = {i: 0 for i in range(len(self.actors))}
+        # actors not known to be up yet: a long wait for them means the cluster lacks resources
+        self.starting = {a.ready.remote(): a for a in self.actors if a is not None}
+        self.resources = plan.resources
 
     def fill(self, pending: deque, running: dict) -> None:
         """Hand out units round by round, so that a small job spreads over every worker."""
@@ -330,16 +333,18 @@ class _Workers:
                 self.ray.kill(a, no_restart=True)
 
 
-def _stop(u: Unit, e: BaseException, attempts: int, retry_on: tuple) -> None:
-    """Raise what a unit's final failure means for the job (module docstring)."""
+def _stop(u: Unit | None, e: BaseException, attempts: int, retry_on: tuple) -> None:
+    """Raise what a unit's (or, `u` None, a worker's start's) final failure means for the job
+    (module docstring)."""
     import ray
 
+    line = _last_error_line(e)
     if isinstance(e, ray.exceptions.RayActorError) and e.actor_init_failed:
-        raise JobFailed(f"no worker could start; last error: {_last_error_line(e)}") from None
+        raise JobFailed(f"no worker could start; last error: {line}") from None
     if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, retry_on):
         raise e                                    # the unit's own error: its traceback
-    raise JobFailed(f"unit {u.name} failed {attempts} times; last error: "
-                    f"{_last_error_line(e)}") from None
+    what = f"unit {u.name}" if u is not None else "a worker's start"
+    raise JobFailed(f"{what} failed {attempts} times; last error: {line}") from None
 
 
 def _dispatch(todo: list[Unit], workers: _Workers, stats: RunStats, attempts: int,
@@ -348,11 +353,18 @@ def _dispatch(todo: list[Unit], workers: _Workers, stats: RunStats, attempts: in
     ray, pending, running = workers.ray, deque(todo), {}
     while pending or running:
         workers.fill(pending, running)
-        done, _ = ray.wait(list(running), num_returns=1, timeout=30.0)
-        if not done:
-            log(f"{len(running)} unit(s) running or waiting for a worker (does the cluster have "
-                "the CPUs/GPUs they ask for?)")
+        done, _ = ray.wait([*running, *workers.starting], num_returns=1, timeout=30.0)
+        if not done and workers.starting:
+            log(f"waiting for {len(workers.starting)} worker(s) to be placed: does the cluster "
+                f"have the CPUs/GPUs they ask for ({workers.resources})?")
         for ref in done:
+            if ref in workers.starting:
+                workers.starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    _stop(None, e, attempts, retry_on)
+                continue
             i, u = running.pop(ref)
             workers.load[i] -= 1
             try:
