@@ -325,7 +325,6 @@ def test_units_run_in_strict_fp32_and_the_fingerprint_records_it(world, runs, ra
 
     from jobs import ablate
     from jobs.runtime import engine
-    from jobs.runtime.console import Console
     from jobs.runtime.options import parse_config
     from pipeline.models.precision import current, setting, strict_flags
 
@@ -344,7 +343,7 @@ def test_units_run_in_strict_fp32_and_the_fingerprint_records_it(world, runs, ra
     cfg = parse_config(ablate.AblateConfig, [str(a) for a in [
         "--data", world / "val", "--checkpoint", world / "dead.pt", *COMMON, "--shards", "1",
         "--out", runs["a"]]], ablate.PROG)
-    setup = ablate.prepare(cfg, Console("test"))
+    setup, _ = ablate.prepare(cfg)
     device = engine.resolve_device("cpu")
     census = ablate.fingerprint(cfg, setup, device)
     assert info["fingerprint"] == ablate.fingerprint(cfg, setup, device, DEAD)
