@@ -1,8 +1,8 @@
 """A real multi-node Ray cluster on loopback; one node is killed while jobs.analyze runs.
 
-Head (0 CPUs) + two worker nodes (1 CPU each), all on 127.0.0.1 (ray.cluster_utils.Cluster: each
-node its own raylet and object store, started with node_ip_address 127.0.0.1, so nothing listens
-on another address). The job runs as a subprocess against RAY_ADDRESS with 8 shards on 2
+Head (0 CPUs) + two worker nodes (1 CPU each), all on 127.0.0.1 (ray.cluster_utils.Cluster in
+this process, not connected to it: each node its own raylet and object store, started with
+node_ip_address 127.0.0.1, so nothing listens on another address). The job runs as a subprocess against RAY_ADDRESS with 8 shards on 2
 actors, each unit slowed (jobs.analyze.ShardWorker replaced by tests.helpers.slowed's subclass
 in the job's subprocess) so that the kill lands mid-run. After node A is removed without grace
 (its raylet and workers killed), Ray restarts its actor on node B and retries its shards
@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -36,23 +35,23 @@ FAST_HEALTH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_th
 def cluster():
     from ray.cluster_utils import Cluster
 
-    # a private token: nodes, drivers and probes of this cluster share it, nobody else's matters
-    env = {**FAST_HEALTH, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
-    saved = {k: os.environ.get(k) for k in (*env, "RAY_ADDRESS")}
-    os.environ.update(env)
+    # the GCS reads its health-check settings from the environment it is started with
+    saved = {k: os.environ.get(k) for k in (*FAST_HEALTH, "RAY_ADDRESS")}
+    os.environ.update(FAST_HEALTH)
     os.environ.pop("RAY_ADDRESS", None)
-    store = 200 * 1024 ** 2
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "node_ip_address": LOOPBACK,
-        "object_store_memory": store})
+    store, c = 200 * 1024 ** 2, None
     try:
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "node_ip_address": LOOPBACK,
+            "object_store_memory": store})
         nodes = {name: c.add_node(num_cpus=1, node_ip_address=LOOPBACK,
                                   object_store_memory=store) for name in ("a", "b")}
         c.wait_for_nodes()
         yield {"address": c.address, "cluster": c, "nodes": nodes,
                "env": {**os.environ, "PYTHONPATH": str(ROOT)}}
     finally:
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
@@ -85,8 +84,8 @@ def test_killed_node_mid_run_gives_identical_tables(cluster, tmp_path):
     assert "retried after a lost worker or node" in err
     assert run["counts"]["units_computed"] == 8 and run["counts"]["images_read"] == 18
 
-    # fault-free reference on the surviving node, other sharding (a subprocess as well: the
-    # cluster's private auth token must not leak into this test process's Ray)
+    # fault-free reference on the surviving node, other sharding (a driver of its own, as the
+    # faulty run's)
     ref = str(tmp_path / "reference")
     done = subprocess.run([sys.executable, "-m", "jobs.analyze",
                            *argv_for(data, ref, "--shards", "3", "--workers", "1")],
