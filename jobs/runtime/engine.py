@@ -301,8 +301,9 @@ class _Workers:
             host = ray.remote(_Host).options(max_restarts=attempts - 1,
                                              max_task_retries=attempts - 1,
                                              max_concurrency=self.slots, **plan.resources)
-            init = ray.put(work.init_args)
-            self.actors = [host.remote(work.cls, init, store, run)
+            # held for the whole run: a restarted actor is rebuilt from these same arguments
+            self.init = ray.put(work.init_args)
+            self.actors = [host.remote(work.cls, self.init, store, run)
                            for _ in range(min(plan.workers, units))]
             self.call = lambda a, u: a.run.options(**retry).remote(u)
         self.load = {i: 0 for i in range(len(self.actors))}
