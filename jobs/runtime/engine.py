@@ -245,23 +245,37 @@ def _task(fn: Callable, unit: Unit, store: Store, run: str, *shared: Any) -> dic
 class _Host:
     """The actor around a Pool's class: builds it once, runs units, persists their partials.
 
+    The class's arguments come with every call as a reference the driver holds for the whole
+    run (`init`: a one-item list, so Ray does not fetch it per call), and the object is built
+    from them on the first call (`ready`, else the first `run` of a restarted actor): Ray rebuilds
+    a lost actor with its constructor arguments, and those must not live in the object store.
+
     With several units in flight (a threaded actor) the calls may start in any order: each takes
     a ticket on arrival, feeds its unit (`obj.feed`) at once and computes when its ticket is
     next, so units are fed and computed in the same order. A restarted actor starts counting
     afresh, whatever the units Ray retries on it."""
 
-    def __init__(self, cls: type, init_args: tuple, store: Store, run: str):
+    def __init__(self, cls: type, store: Store, run: str):
         import threading
 
-        self.obj, self.store, self.run_id = cls(*init_args), store, run
+        self.cls, self.obj, self.store, self.run_id = cls, None, store, run
         self.turn = threading.Condition()
         self.arrived = self.ran = 0
 
-    def ready(self) -> bool:
+    def _build(self, init: list) -> None:
+        import ray
+
+        if self.obj is None:
+            self.obj = self.cls(*ray.get(init[0]))
+
+    def ready(self, init: list) -> bool:
+        with self.turn:
+            self._build(init)
         return True
 
-    def run(self, unit: Unit) -> dict:
+    def run(self, unit: Unit, init: list) -> dict:
         with self.turn:
+            self._build(init)
             ticket, self.arrived = self.arrived, self.arrived + 1
             if hasattr(self.obj, "feed"):
                 self.obj.feed(*unit.args)
@@ -284,7 +298,7 @@ def _last_error_line(e: BaseException) -> str:
 
 
 class _Workers:
-    """Ray tasks or actors with Ray's retry options; `submit(unit)` returns the unit's ref."""
+    """Ray tasks or actors with Ray's retry options; `call(actor, unit)` submits a unit."""
 
     def __init__(self, work: Task | Pool, store: Store, plan: Plan, attempts: int,
                  retry_on: tuple, run: str, units: int) -> None:
@@ -301,14 +315,15 @@ class _Workers:
             host = ray.remote(_Host).options(max_restarts=attempts - 1,
                                              max_task_retries=attempts - 1,
                                              max_concurrency=self.slots, **plan.resources)
-            # held for the whole run: a restarted actor is rebuilt from these same arguments
-            self.init = ray.put(work.init_args)
-            self.actors = [host.remote(work.cls, self.init, store, run)
+            # held for the whole run: every call (a retried one too) names these same arguments
+            self.init = [ray.put(work.init_args)]
+            self.actors = [host.remote(work.cls, store, run)
                            for _ in range(min(plan.workers, units))]
-            self.call = lambda a, u: a.run.options(**retry).remote(u)
+            self.call = lambda a, u: a.run.options(**retry).remote(u, self.init)
         self.load = {i: 0 for i in range(len(self.actors))}
-        # actors not known to be up yet: a long wait for them means the cluster lacks resources
-        self.starting = {a.ready.remote(): a for a in self.actors if a is not None}
+        # actors not built yet: a long wait for them means the cluster lacks resources
+        self.starting = {a.ready.remote(self.init): i for i, a in enumerate(self.actors)
+                         if a is not None}
         self.resources = plan.resources
 
     def fill(self, pending: deque, running: dict) -> None:
@@ -319,6 +334,17 @@ class _Workers:
                     u = pending.popleft()
                     running[self.call(self.actors[i], u)] = (i, u)
                     self.load[i] += 1
+
+    def started(self, ref: Any, attempts: int, retry_on: tuple) -> None:
+        """An actor's `ready` came back: built, or the job stops with one line."""
+        self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:      # the worker's class refused
+            raise JobFailed(f"no worker could start; last error: "
+                            f"{_last_error_line(e)}") from None
+        except self.ray.exceptions.RayError as e:
+            _stop(None, e, attempts, retry_on)
 
     def release_idle(self, pending: deque) -> None:
         """No unit left for an idle actor: give its resources back (a restarted actor of a lost
@@ -360,17 +386,15 @@ def _dispatch(todo: list[Unit], workers: _Workers, stats: RunStats, attempts: in
                 f"have the CPUs/GPUs they ask for ({workers.resources})?")
         for ref in done:
             if ref in workers.starting:
-                workers.starting.pop(ref)
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    _stop(None, e, attempts, retry_on)
+                workers.started(ref, attempts, retry_on)
                 continue
             i, u = running.pop(ref)
             workers.load[i] -= 1
             try:
                 info = ray.get(ref)
             except ray.exceptions.RayError as e:
+                for ready in [r for r, j in workers.starting.items() if j == i]:
+                    workers.started(ready, attempts, retry_on)   # a build failure says so
                 _stop(u, e, attempts, retry_on)
             stats.computed += 1
             stats.infos[u.name] = info
