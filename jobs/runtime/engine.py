@@ -28,7 +28,7 @@ are `ray.put` once. `Pool(cls, *init_args)`: long-lived actors, `cls(*init_args)
 Failures are Ray's to handle: a task runs with `max_retries` (and `retry_exceptions` for the
 exception types in `retry_on`), an actor with `max_restarts` and `max_task_retries`, all
 `attempts - 1`; Ray re-runs a unit whose worker process, actor or node died (a restarted actor is
-rebuilt with the same arguments). When Ray gives up, the job stops with one line naming the unit
+rebuilt from the same arguments: `_Host`). When Ray gives up, the job stops with one line naming the unit
 and the error (JobFailed, exit 1); an exception raised by the unit's own code and not in
 `retry_on` ends the job at once with its traceback (a bug or bad data: retrying would repeat
 it). An actor whose constructor raises stops the job with one line. Each try of a unit leaves a
