@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from jobs.runtime.console import Console
+from jobs.runtime.inputs import model_choices
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from pipeline.models.zoo import supported_models
 
 PROG = "python -m jobs.bench"
 IMAGES_50K = 50_000
@@ -44,8 +44,8 @@ class Config(Options):
     batch_size: int | None = opt(None, "images per forward pass (default: jobs.analyze's: 256 on "
                                  "CUDA; on the CPU 256 at demo size, 64 at 224 px)",
                                  check=at_least(1))
-    model: str = opt("resnet34", "any torchvision CNN by name (random weights)",
-                     choices=supported_models)
+    model: str = opt("resnet34", "any torchvision CNN by name, random weights (a name it does "
+                     "not know gets the list)", choices=model_choices, metavar="NAME")
     width: int | None = opt(None, "ResNet base width (default 16 for demo-size crops, else 64)",
                             check=at_least(1))
     layers: str = opt("pool1,conv3,conv7", "analysed layers: paper names or module paths")
@@ -161,22 +161,23 @@ def projection(res: dict[str, Any], fixed: dict[str, float | None], workers: int
 
 def run(cfg: Config) -> dict[str, Any]:
     """Build the source and the model, measure, and return the JSON line's dictionary."""
-    from jobs.runtime.device import Plan
-    from jobs.runtime.inputs import eval_transform, resolve_data, resolve_device
+    from jobs.runtime.device import Plan, resolve_device
     from pipeline.data.decode import default_cpus
     from pipeline.data.demo import DEMO_CROP, DEMO_WIDTH
+    from pipeline.models.study import eval_transform, read_source
     from pipeline.stats import benchmark
     from pipeline.stats.analysis import default_batch_size
     from pipeline.stats.devicecheck import write_synthetic
 
-    con, device = Console("bench"), resolve_device(cfg.device)
+    con, device = Console("bench"), resolve_device(cfg.device, cluster=False).kind
     cpus = cfg.cpus or default_cpus()
     workers, threads, dec = job_plan(device, cpus)
     with tempfile.TemporaryDirectory(prefix="bench-synthetic-") as tmp:
         with con.stage("data", quiet=True):     # bad input surfaces here and below: one line
             url = write_synthetic(cfg.data or tmp, cfg.synthetic) if cfg.synthetic else cfg.data
-            data = resolve_data(url)
-            transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
+            with bad_input(ValueError, FileNotFoundError, first_line=True):
+                data = read_source(url)
+                transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
         batch = cfg.batch_size or default_batch_size(transform.crop, device)
         with bad_input(first_line=True):   # the message lists what is allowed
             runner, setup = _timed(
@@ -204,7 +205,7 @@ def run_actmax(cfg: Config) -> dict[str, Any]:
     from pipeline.data.decode import default_cpus
     from pipeline.data.preprocess import IMAGENET
     from pipeline.models.layers import resolve_layers
-    from pipeline.models.zoo import build_model, is_resnet
+    from pipeline.models.zoo import build_model, width_for
     from pipeline.results.tables import join, write_table
     from pipeline.stats.benchmark import bench_actmax
 
@@ -220,7 +221,7 @@ def run_actmax(cfg: Config) -> dict[str, Any]:
             "import ray; ray.init(address='local', num_cpus=1, include_dashboard=False, "
             "logging_level='ERROR'); ray.shutdown()")
     fixed["worker_process"] = _subprocess_seconds("import jobs.actmax, pipeline.actmax.optimize")
-    net = build_model(cfg.model, width=width if is_resnet(cfg.model) else 64)
+    net = build_model(cfg.model, width=width_for(cfg.model, width))
     lay = resolve_layers(net, cfg.actmax)[0]
     # the job's table of these channels (one step: only its size matters for the write)
     table = chunk_table(net, cfg.model, IMAGENET, lay, list(range(res["channels"])), size,

@@ -24,7 +24,7 @@ class Shard:
 
         t0 = time.time()
         time.sleep(SECONDS)
-        return engine.Result(None, {"node": ray.get_runtime_context().get_node_id(),
+        return engine.Result({}, {"node": ray.get_runtime_context().get_node_id(),
                                     "pid": os.getpid(), "start": t0, "end": time.time()})
 
 
