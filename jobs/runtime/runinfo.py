@@ -15,8 +15,9 @@
 
 `throughput` is work items per second of each stage's wall time (the item is the job's unit of
 progress: images for analyze/ablate, channels for actmax; a stage counted in its own unit is
-named under `throughput["units"]`, e.g. analyze's merge in partials and patches in PNGs). Readers find the same quantity under
-the same key in every job (never `wall`, `wall_s` or `total` elsewhere).
+named under `throughput["units"]`, e.g. analyze's merge in partials and patches in PNGs).
+Readers find the same quantity under the same key in every job (never `wall`, `wall_s` or
+`total` elsewhere).
 
 `Markers.of(*runs)` reads what the units' markers of jobs.runtime.engine runs say together (unit
 counts, skipped images, the workers' precision flags) for jobs whose units report those.
