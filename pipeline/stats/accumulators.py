@@ -703,11 +703,22 @@ def _keep(act: np.ndarray, key: np.ndarray, pos: np.ndarray, new_act: np.ndarray
             allpos.reshape(-1)[flat])
 
 
+_INT_MM: list[bool] = []          # whether torch's int8 matrix product runs on this CPU
+
+
 def _int8_sums_apply(images: Tensor) -> bool:
     """Whether the centre mean's crops of `images` are summed by `_int8_sums`: uint8 images on
-    the CPU, where torch has the int8 matrix product."""
-    return (images.device.type == "cpu" and images.dtype == torch.uint8
-            and hasattr(torch, "_int_mm"))
+    the CPU, where torch's int8 matrix product runs (probed once per process: a private API
+    that an older or differently built torch may lack; the float32 path serves then)."""
+    if images.device.type != "cpu" or images.dtype != torch.uint8:
+        return False
+    if not _INT_MM:
+        try:
+            one = torch.ones(1, 1, dtype=torch.int8)
+            _INT_MM.append(int(torch._int_mm(one, one)[0, 0]) == 1)
+        except Exception:  # noqa: BLE001 - missing or not built for this CPU: float32 path
+            _INT_MM.append(False)
+    return _INT_MM[0]
 
 
 def _int8_sums(masks: Tensor, crops: Tensor, counts: Tensor) -> Tensor:
