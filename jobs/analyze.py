@@ -10,7 +10,8 @@ else one per 4 CPUs), each loading the model once and running ONE decode pipelin
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
 Partials merge in a tree of Ray tasks, the top-k RF patches are cut in parallel tasks, and the
-tables (`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only when complete.
+tables of the analysis's collection of accumulators (`stimuli/{topk,mean,channels,baseline}
+.parquet`, pipeline.results.catalog) and `run.json` are written only when complete.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from jobs.runtime.runinfo import Markers, write_run
 from pipeline.stats.analysis import ShardFeed
 
 PROG = "python -m jobs.analyze"
-PARTIAL_FORMAT = 2          # bump when the partial state layout changes: old partials are ignored
+PARTIAL_FORMAT = 3          # bump when the partial state layout changes: old partials are ignored
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
     paths = hashlib.sha256("\n".join(prep.manifest.table.column("path").to_pylist()).encode())
     desc = {"format": PARTIAL_FORMAT, "model": prep.model_name,
             "preprocess": prep.blob["preprocess"], "layers": [asdict(s) for s in prep.specs],
-            "options": asdict(prep.options), "transform": asdict(prep.transform),
+            "collection": prep.options.collection().describe(),
+            "transform": asdict(prep.transform),
             "root": "demo" if prep.demo_root else prep.manifest.root,
             "images": len(prep.manifest), "batch_size": prep.batch_size,
             "precision": setting() if precision is None else precision,
@@ -165,10 +167,13 @@ def units(prep: Prepared, workers: int) -> list[engine.Unit]:
 
 def run(cfg: Config, prep: Prepared | None = None) -> dict:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.stats.analysis import AnalysisResult, FeedSpec, merge_states
+    from functools import partial
+
     from pipeline.data.listing import write_manifest
-    from pipeline.stats.stimuli import TOPK_TABLE_SCHEMA, with_patches
-    from pipeline.results.tables import join, write_table
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
+    from pipeline.stats.analysis import AnalysisResult, FeedSpec, merge_states
+    from pipeline.stats.stimuli import with_patches
 
     con = Console("analyze")
     with con.stage("setup", quiet=True):
@@ -180,13 +185,14 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         pl, dec = device.decode_plan(cfg.workers)
         todo, st = units(prep, pl.workers), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
-        write_manifest(prep.manifest, join(cfg.out, "manifest.parquet"))
-        write_table(prep.rf_table, join(cfg.out, "receptive_fields.parquet"))
+        write_manifest(prep.manifest, catalog.MANIFEST.at(cfg.out))
+        write(catalog.RECEPTIVE_FIELDS, prep.rf_table, cfg.out)
     n = len(prep.manifest)
     con.info(f"{n} images, {len(todo)} shards, {pl.workers} {device.kind} worker(s) "
              f"({pl.resources}, {dec} decode threads), layers "
              f"{','.join(s.name for s in prep.specs)}")
-    work = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, prep.demo_root,
+    coll = prep.options.collection()          # the accumulators: their tables are the outputs
+    work = FeedSpec(prep.specs, coll, prep.manifest, prep.transform, prep.demo_root,
                     device.kind, prep.batch_size, pl.threads, dec)
     fresh: list[int] = []                       # images of the shards computed by this run
     with con.stage("analyze"):
@@ -194,15 +200,15 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
                                  plan=pl, resume=cfg.resume, progress=con.progress(n, "images"),
                                  on_done=lambda u, i: fresh.append(i["images"]))
     with con.stage("merge"):
-        state = engine.merge(st, stats.names, merge_states, fan_in=4)
-        tables = AnalysisResult.from_state(state).tables(prep.model_name)
+        state = engine.merge(st, stats.names, partial(merge_states, collection=coll), fan_in=4)
+        tables = AnalysisResult.from_state(state, coll).tables(prep.model_name)
     with con.stage("patches"):
-        pngs = render_patches(prep, tables["topk"], parts=2 * max(1, device.cpus))
+        topk = tables[catalog.TOPK.name]
+        pngs = render_patches(prep, topk, parts=2 * max(1, device.cpus))
+        tables[catalog.TOPK.name] = with_patches(topk, pngs)
     with con.stage("write"):
-        write_table(tables["mean"], join(cfg.out, "stimuli", "mean.parquet"))
-        write_table(tables["channels"], join(cfg.out, "stimuli", "channels.parquet"))
-        write_table(with_patches(tables["topk"], pngs), join(cfg.out, "stimuli", "topk.parquet"),
-                    schema=TOPK_TABLE_SCHEMA)
+        for table in coll.tables:
+            write(table, tables[table.name], cfg.out)
     info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state, {
         "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v)})
     con.info(f"done: {info['counts']['images_read']} images ({len(info['skipped'])} skipped) in "

@@ -16,7 +16,7 @@ run.json, live at the top level only.
 """
 from __future__ import annotations
 
-from pipeline.results.tables import join   # string joining only: the one URL join of the project
+from pipeline.results.urls import join
 
 __all__ = ["SEEDS_DIR", "STAGE_DIRS", "join", "seed_root", "stage_dir", "model_dir", "train_dir",
            "checkpoint", "metrics", "analysis_dir", "stimuli", "stimuli_table", "ablation_dir",
