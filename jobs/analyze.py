@@ -27,7 +27,7 @@ from jobs.runtime.inputs import (check_writable, default_model_shape, eval_trans
 from jobs.runtime.console import Console, init_ray
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import Markers, write_run
-from pipeline.stats.analysis import ShardFeed
+from pipeline.stats.worker import ShardFeed
 
 PROG = "python -m jobs.analyze"
 PARTIAL_FORMAT = 3          # bump when the partial state layout changes: old partials are ignored
@@ -78,7 +78,7 @@ class Prepared:
 
     cfg: Config
     model_name: str
-    blob: dict                   # pipeline.stats.analysis.model_blob: what workers rebuild it from
+    blob: dict                   # pipeline.stats.worker.model_blob: what workers rebuild it from
     specs: list                  # pipeline.stats.analysis.LayerSpec
     options: Any                 # pipeline.stats.analysis.AnalysisOptions
     manifest: Any                # pipeline.data.listing.Manifest (after --limit)
@@ -91,7 +91,8 @@ class Prepared:
 
 
 def prepare(cfg: Config) -> Prepared:
-    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
+    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs
+    from pipeline.stats.worker import model_blob
     from pipeline.models.rf_catalogue import rf_table
     from pipeline.models.layers import catalogue, resolve_layers
 
@@ -157,7 +158,7 @@ def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
 
 
 def units(prep: Prepared, workers: int) -> list[engine.Unit]:
-    from pipeline.data.listing import shard_ranges
+    from pipeline.data.shards import shard_ranges
 
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
@@ -172,7 +173,8 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     from pipeline.data.listing import write_manifest
     from pipeline.results import catalog
     from pipeline.results.tables import write
-    from pipeline.stats.analysis import AnalysisResult, FeedSpec, merge_states
+    from pipeline.stats.analysis import AnalysisResult, merge_states
+    from pipeline.stats.worker import FeedSpec
     from pipeline.stats.stimuli import with_patches
 
     con = Console("analyze")

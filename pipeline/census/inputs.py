@@ -24,12 +24,14 @@ import pyarrow as pa
 
 from pipeline.results import layout
 from pipeline.census.patterns import (IMAGENET_MEAN, SOURCES, actmax_input_patterns,
-                                      actmax_png_patterns, data_neutral, mean_colours,
+                                      actmax_image_patterns, data_neutral, mean_colours,
                                       mean_patterns, measure_rows, stimulus_filters)
+from pipeline.results.png import decode_png
 from pipeline.results.tables import exists, fs_path, join
 
 __all__ = ["NEUTRALS", "InputError", "Inputs", "Chunk", "parse_neutral", "check_options",
-           "parse_checkpoint", "discover", "load_filters", "filter_rows", "plan_chunks",
+           "parse_checkpoint", "discover", "load_filters", "first_conv_filters", "filter_rows",
+           "plan_chunks",
            "read_neutral", "measure_chunk", "stamp"]
 
 NEUTRALS = {"gray": (0.5, 0.5, 0.5), "imagenet": IMAGENET_MEAN}
@@ -206,6 +208,25 @@ def load_filters(checkpoints: Sequence[tuple[str | None, str]]
     return prep, filters
 
 
+def first_conv_filters(url: str, model: str) -> tuple[np.ndarray | None, str]:
+    """A checkpoint's first convolution on RGB input (`conv1` of a ResNet, `features.0` of a
+    VGG) in stimulus space, as the neuron-type census measures it (`stimulus_filters`); else
+    (None, why). The report's filter figures (jobs.report passes it to its loader)."""
+    from pipeline.models.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        loaded = load_checkpoint(url, model_name=model)
+    except CheckpointError:
+        try:  # a checkpoint saved under another model name still has a first conv
+            loaded = load_checkpoint(url)
+        except CheckpointError as e:
+            return None, f"skipping the first-conv filters of {model}: {e}"
+    found = stimulus_filters(loaded.model, loaded.preprocess.state())
+    if found is None:
+        return None, f"skipping the first-conv filters of {model}: no convolution on RGB input"
+    return found[1], ""
+
+
 def read_rows(url: str, columns: list[str], filters: list[tuple] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
@@ -325,7 +346,8 @@ def _patterns(c: Chunk) -> tuple[np.ndarray, list[np.ndarray], list]:
                                                  c.preprocess, c.neutral, label))
     t = read_rows(c.url, ["channel", "image"], where)
     return (t.column("channel").to_numpy(),
-            *actmax_png_patterns(t.column("image").to_pylist(), c.neutral))
+            *actmax_image_patterns([decode_png(b) for b in t.column("image").to_pylist()],
+                                   c.neutral))
 
 
 def measure_chunk(c: Chunk) -> pa.Table:

@@ -5,14 +5,14 @@ values it read lives here, free of files and of Ray:
 
     pats = mean_patterns(channels, sizes, means, where="url: resnet34 conv3")  # mean.parquet rows
     pats, neutrals = actmax_input_patterns(inputs, preprocess_state, neutral)  # exact RGB
-    pats, neutrals = actmax_png_patterns(pngs, neutral)                        # display PNGs
+    pats, neutrals = actmax_image_patterns(images, neutral)   # display images, decoded PNGs
     layer, pats = stimulus_filters(model, preprocess_state)   # first conv on RGB, stimulus space
     rows = measure_rows(model, layer, source, channels, pats, neutrals, thresholds)
     summary = summarise(rows); print(format_summary(summary))
 
 The patterns are compared in one space, the stimulus space (DESIGN.md): filters are mapped to
 their expected mean preferred stimulus (`pipeline.census.types.filter_to_stimulus`). Rows and
-counts are sorted by source, then models and layers in display order (`pipeline.report.order`:
+counts are sorted by source, then models and layers in display order (`pipeline.models.order`:
 the paper's names in the paper's order, any other name in the order the tables list it).
 """
 from __future__ import annotations
@@ -22,32 +22,20 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline.results.png import decode_png
+from pipeline.results import catalog
 from pipeline.census.types import TYPES, Thresholds, filter_to_stimulus, measure_batch
-from pipeline.report.order import order_layers, order_models, rank_of
+from pipeline.models.order import order_layers, order_models, rank_of
 
 __all__ = ["SOURCES", "IMAGENET_MEAN", "OUT_SCHEMA", "SUMMARY_SCHEMA", "PatternError",
-           "mean_patterns", "actmax_input_patterns", "actmax_png_patterns",
+           "mean_patterns", "actmax_input_patterns", "actmax_image_patterns",
            "first_conv", "stimulus_filters", "border_colour", "mean_colours", "data_neutral",
            "measure_rows", "summarise", "format_summary", "sort_rows"]
 
 SOURCES = ("filter", "mean", "actmax")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
-OUT_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("source", pa.string()), ("size", pa.int32()),
-    ("osi", pa.float64()), ("orientation_deg", pa.float64()),
-    ("chromatic_fraction", pa.float64()), ("opponent_axis", pa.string()),
-    ("chromatic_balance", pa.float64()), ("chromatic_coherence", pa.float64()),
-    ("double_opponent_score", pa.float64()), ("double_opponent", pa.bool_()),
-    ("orientation_selective", pa.bool_()), ("energy", pa.float64()),
-    ("neutral", pa.list_(pa.float32())), ("type", pa.string()),
-])
-SUMMARY_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("source", pa.string()),
-    ("type", pa.string()), ("count", pa.int64()),
-])
+OUT_SCHEMA = catalog.NEURON_TYPES.schema
+SUMMARY_SCHEMA = catalog.SUMMARY.schema
 _MEASURED = ("osi", "orientation_deg", "chromatic_fraction", "opponent_axis", "chromatic_balance",
              "chromatic_coherence", "double_opponent_score", "double_opponent",
              "orientation_selective", "energy", "type")
@@ -99,10 +87,11 @@ def actmax_input_patterns(channels: Sequence[int], inputs: Sequence[Sequence[flo
     return pats, neutrals
 
 
-def actmax_png_patterns(images: Sequence[bytes], neutral: tuple | None = None
-                        ) -> tuple[list[np.ndarray], list[tuple]]:
-    """actmax display PNGs -> RGB in [0, 1]; the neutral is each image's border colour unless given."""
-    pats = [decode_png(data).transpose(2, 0, 1) / 255.0 for data in images]
+def actmax_image_patterns(images: Sequence[np.ndarray], neutral: tuple | None = None
+                          ) -> tuple[list[np.ndarray], list[tuple]]:
+    """actmax display images ((H, W, 3) uint8, the `image` PNGs decoded by the caller) -> RGB
+    in [0, 1]; the neutral is each image's border colour unless given."""
+    pats = [np.asarray(img).transpose(2, 0, 1) / 255.0 for img in images]
     return pats, [neutral or border_colour(p) for p in pats]
 
 

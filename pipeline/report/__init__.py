@@ -31,7 +31,7 @@ from pipeline.report.data import ReportInputs, ReportOptions, filter_tiles
 from pipeline.report.frames import census_frame, table1_frame
 from pipeline.report.images import (cell_size, crop_center_rf, decode_png, filter_images,
                                     fit_tile, mean_image, mosaic, png_bytes, topk_grid)
-from pipeline.report.order import layer_key, model_key, order_layers, order_models
+from pipeline.models.order import layer_key, model_key, order_layers, order_models
 from pipeline.report.render import render_report
 
 __all__ = ["ReportInputs", "ReportOptions", "render_report", "png_bytes", "decode_png",

@@ -2,7 +2,7 @@
 selection every section shares (`ReportData`: frames, the models and layers to show, each
 layer's geometry, and the decoded tiles the figures and the atlas both use).
 
-Model and layer names come from the tables, never from a fixed list (`pipeline.report.order`).
+Model and layer names come from the tables, never from a fixed list (`pipeline.models.order`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.report.images import crop_center_rf, decode_png, filter_images, is_true, mean_image
-from pipeline.report.order import order_layers, order_models
+from pipeline.models.order import order_layers, order_models
 
 __all__ = ["ReportInputs", "ReportOptions", "ReportData", "prepare", "filter_tiles",
            "default_title"]
@@ -29,6 +29,7 @@ class ReportInputs:
     topk: pa.Table | None = None          # stimuli/topk.parquet
     mean: pa.Table | None = None          # stimuli/mean.parquet
     channels: pa.Table | None = None      # stimuli/channels.parquet
+    baseline: pa.Table | None = None      # stimuli/baseline.parquet (the mean stimuli's null)
     actmax: pa.Table | None = None        # actmax/actmax.parquet
     table1: pa.Table | None = None        # ablation/table1.parquet
     ablation: pa.Table | None = None      # ablation/ablation.parquet (Table 1 fallback)

@@ -19,7 +19,7 @@ from pipeline.report.data import ReportData, ReportInputs, ReportOptions
 from pipeline.report.frames import (PAPER_TABLE1, census_frame, rf_frames, table1_frame,
                                     table_view, types_frame)
 from pipeline.report.images import (Figure, ImageSink, cell_size, fit_tile, mosaic, topk_grid)
-from pipeline.report.order import order_models
+from pipeline.models.order import order_models
 from pipeline.report.templating import render
 
 __all__ = ["Section", "slug", "rf_section", "table1_section", "topk_section", "mean_section",

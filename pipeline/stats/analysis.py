@@ -1,8 +1,9 @@
 """Per-shard stimulus analysis: a model, its layers and image batches -> a collection of
 mergeable accumulators (pipeline.stats.collection).
 
-Pure compute, no Ray and no file I/O (but `ShardFeed`, a worker's body, which reads through
-pipeline.data.decode): `jobs.analyze` (and `jobs.bench`) feed it batches and ship its state around.
+Pure compute, no Ray and no file I/O: `pipeline.stats.worker` (a worker's body, which reads
+images through pipeline.data.decode) and `jobs.bench` feed it batches; `jobs.analyze` ships its
+state around.
 
     specs = layer_specs(model, resolve_layers(model, "pool1,conv3,conv7"), input_size=224)
     coll = AnalysisOptions(top_k=16).collection()   # or any pipeline.stats.collection.Collection
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +44,8 @@ from pipeline.models.layers import Layer
 from pipeline.data.preprocess import Preprocess
 
 __all__ = ["LayerSpec", "AnalysisOptions", "AnalysisResult", "ShardRunner", "layer_specs",
-           "state_nbytes", "accumulator_timing", "model_blob", "runner_from_blob",
-           "merge_states", "run_unit", "FeedSpec", "ShardFeed", "as_collection"]
+           "default_batch_size", "state_nbytes", "accumulator_timing", "merge_states",
+           "as_collection"]
 
 
 def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[LayerSpec]:
@@ -65,15 +66,6 @@ def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[
     return specs
 
 
-def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str, Any]:
-    """What a worker rebuilds the model from (`runner_from_blob`): plain tensors, picklable."""
-    from pipeline.models.zoo import n_classes
-
-    return {"model": name, "width": getattr(model, "width", 64), "num_classes": n_classes(model),
-            "preprocess": preprocess.state(),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-
-
 def default_batch_size(crop: int) -> int:
     """Images per forward pass when none is given: as many pixels as 64 images of 224 px
     (3.2 M), as a power of two within [64, 256]: 64 at 224 px and above, 128 at 128 px, 256 at
@@ -82,18 +74,6 @@ def default_batch_size(crop: int) -> int:
     2 CPU threads) 256 analyses ~14 % more images per second than 64."""
     n = 64 * 224 * 224 // max(1, crop * crop)
     return max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
-
-
-def runner_from_blob(blob: dict[str, Any], specs: list[LayerSpec],
-                     collection: "Collection | AnalysisOptions", device: str = "cpu",
-                     batch_size: int = 64) -> "ShardRunner":
-    """The model of `model_blob` on `device`, wrapped in a ShardRunner for `specs`."""
-    from pipeline.models.checkpoint import model_from_state_dict
-    from pipeline.data.preprocess import preprocess_from_state
-
-    model = model_from_state_dict(blob["state_dict"], blob["model"])
-    return ShardRunner(model, preprocess_from_state(blob["preprocess"]), specs, collection,
-                       device=device, batch_size=batch_size)
 
 
 @dataclass(frozen=True)
@@ -243,21 +223,6 @@ def merge_states(a: dict[str, Any], b: dict[str, Any], collection: "Collection |
         AnalysisResult.from_state(b, collection)).state()
 
 
-def run_unit(runner: "ShardRunner", batches: Iterator[Any]) -> tuple[AnalysisResult, dict]:
-    """Consume one unit's batches (`pipeline.data.decode.Batch`, up to the one marked `last`) from a
-    longer feed; returns the result and its marker info (images, skipped files, decode wait)."""
-    result, skipped, wait = runner.new_result(), [], 0.0
-    while True:
-        t = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - t
-        skipped += [list(s) for s in batch.skipped]
-        runner.step(result, batch.images, batch.indices)
-        if batch.last:
-            return result, {"images": result.images, "skipped": skipped,
-                            "decode_wait_seconds": round(wait, 3)}
-
-
 def state_nbytes(state: Any) -> int:
     """Bytes held by the numpy arrays of a state (the worker-memory figure)."""
     if isinstance(state, np.ndarray):
@@ -393,78 +358,3 @@ class ShardRunner:
         for images, indices in batches:
             self.step(result, images, indices)
         return result
-
-
-@dataclass(frozen=True)
-class FeedSpec:
-    """What a shard worker needs besides the model blob (picklable, sent once per worker)."""
-
-    specs: list                  # LayerSpec
-    collection: Any              # pipeline.stats.collection.Collection (or AnalysisOptions)
-    manifest: Any                # pipeline.data.listing.Manifest
-    transform: Any               # pipeline.data.decode.EvalTransform
-    demo_root: str | None        # the demo data's root: each node makes its own copy
-    device: str                  # cpu | cuda (nvJPEG decode on cuda)
-    batch_size: int
-    threads: int                 # torch threads (CPU)
-    decode_cpus: int             # decode threads (reserved by the worker besides `threads`)
-    prefetch: int = 2            # decoded batches queued ahead of the computation
-
-
-class ShardFeed:
-    """The body of one analysis worker: the model once, ONE Decoder and ONE Prefetcher for all
-    its shards. Files are read through pipeline.data.decode (the source); no Ray here.
-
-    `feed(start, stop)` queues a shard for the decode thread as soon as the worker hears of it,
-    so decoding runs on into the next shard while `run` computes the current one; `run` takes
-    the shards in the order they were fed (a shard never fed is fed by `run` itself)."""
-
-    def __init__(self, blob: dict[str, Any], spec: FeedSpec) -> None:
-        import queue
-        from collections import deque
-
-        from pipeline.data.decode import Decoder, Prefetcher
-        from pipeline.models.precision import set_strict_fp32
-
-        set_strict_fp32()              # the census's max == 0 is exact: no TF32 in this worker
-        if spec.device == "cpu":
-            torch.set_num_threads(spec.threads)
-        if spec.demo_root is not None:
-            from pipeline.data.demo import ensure_demo_data
-
-            ensure_demo_data(spec.demo_root)
-        self.runner = runner_from_blob(blob, spec.specs, spec.collection, spec.device,
-                                       spec.batch_size)
-        self.decoder = Decoder(spec.transform, cpus=spec.decode_cpus, device=spec.device,
-                               nvjpeg=spec.device == "cuda")
-        self.units: queue.Queue = queue.Queue()
-        self.fed: deque = deque()
-        self.batches = Prefetcher(spec.manifest, self.decoder, spec.batch_size,
-                                  spec.prefetch).run(iter(self.units.get, None))
-
-    def feed(self, start: int, stop: int) -> None:
-        self.fed.append((start, stop))
-        self.units.put((start, stop))
-
-    def close(self) -> None:
-        """End the decode thread (it waits for the next shard) and the decoder's threads."""
-        self.units.put(None)
-        self.batches.close()
-        self.decoder.close()
-
-    def __del__(self) -> None:
-        if hasattr(self, "batches"):
-            self.close()
-
-    def run(self, start: int, stop: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(state, marker info) of shard [start, stop)."""
-        from pipeline.models.precision import current
-
-        if not self.fed:
-            self.feed(start, stop)
-        if self.fed[0] != (start, stop):   # the decode thread is on another shard: never mix
-            raise RuntimeError(f"shard {start}-{stop} asked for while {self.fed[0]} was fed "
-                               "first; shards must run in the order they are fed")
-        self.fed.popleft()
-        result, info = run_unit(self.runner, self.batches)
-        return result.state(), {"start": start, "stop": stop, **info, "precision": current()}

@@ -211,7 +211,7 @@ def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster
 def test_one_decode_pipeline_runs_across_shards_with_the_same_result(data, tmp_path):
     """ShardFeed (the actor's body, no Ray here): the next shard's first batch is decoded before
     the current shard's last batch is computed, and two shards merge to the one-shard result."""
-    from pipeline.stats.analysis import FeedSpec, ShardFeed
+    from pipeline.stats.worker import FeedSpec, ShardFeed
     from pipeline.models.precision import current, restore
 
     flags = current()                    # ShardFeed makes its process strict-fp32 for good
