@@ -4,4 +4,5 @@
 checkpoints (and torchvision state_dicts); `layers` names the measurement points (paper names and
 module paths); `geometry` computes receptive fields from the traced graph and cuts RF patches;
 `rf_catalogue` tabulates them; `hooks.Trace` captures, edits and stops a forward pass;
-`precision` holds the strict-fp32 switches."""
+`precision` holds the strict-fp32 switches; `order` puts model and layer names in display order
+(the paper's first). `checkpoint` is the only module here that touches storage."""

@@ -247,7 +247,7 @@ def markdown() -> str:
            "order the job wrote them.", ""]
     for t in TABLES.values():
         cols = ", ".join(f"{f.name} {f.type}" for f in t.schema)
-        out += [f"## `{t.path}`", "", t.about + ".", "",
+        out += [f"## `{t.path}`", "", t.about[0].upper() + t.about[1:] + ".", "",
                 f"- written by: `jobs.{t.job.split(', ')[0]}`"
                 + "".join(f", `jobs.{j}`" for j in t.job.split(", ")[1:]),
                 f"- row order: {', '.join(t.sort) or 'as written'}",
