@@ -124,7 +124,7 @@ def _load_train(out: str, inputs: ReportInputs, warn: Callable[[str], None],
             else:
                 inputs.filters[model] = weight
     if not inputs.metrics:
-        inputs.missing["train"] = f"no {layout.stage_dir(out, 'train')}/<model>/metrics.parquet"
+        inputs.missing["train"] = f"no {layout.metrics(out, '<model>')}"
 
 
 def load_inputs(out: str, warn: Callable[[str], None] = lambda msg: None,
@@ -142,7 +142,9 @@ def load_inputs(out: str, warn: Callable[[str], None] = lambda msg: None,
     tables = [inputs.rf, inputs.topk, inputs.mean, inputs.channels, inputs.actmax, inputs.table1,
               inputs.ablation, inputs.neuron_types]
     if all(t is None for t in tables) and not inputs.metrics and not inputs.filters:
-        raise ReportInputError(f"no results under {out}: expected analysis/<model>/stimuli/"
-                               "*.parquet, ablation/table1.parquet, actmax/actmax.parquet, "
-                               "train/<model>/ or neuron_types/summary.parquet")
+        expected = [layout.stimuli(".", "<model>", "topk"), layout.combined(".", "ablation", "table1"),
+                    layout.combined(".", "actmax", "actmax"), layout.train_dir(".", "<model>"),
+                    layout.neuron_types_table(".", "summary")]
+        raise ReportInputError(f"no results under {out}: expected "
+                               + ", ".join(e.removeprefix("./") for e in expected))
     return inputs

@@ -1,12 +1,12 @@
 """Mergeable per-channel accumulators: top-k stimuli, positive-mean stimuli, channel statistics.
 
-Each accumulator follows one shape (see STYLE.md, item 4):
+Each accumulator follows one shape:
 
     acc = TopK(channels=64, k=16, neuron="any")
     acc.update(acts, indices)          # acts (N, C, H, W) of one layer, indices (N,) image_index
     acc.merge(other)                   # associative and commutative: any split merged == one pass
     acc.state(); TopK.from_state(s)    # plain arrays and JSON scalars (pipeline.results.state)
-    acc.to_table(model=..., layer=...) # rows of DESIGN.md's tables
+    acc.to_table(model=..., layer=...) # rows of its table (pipeline.results.catalog)
 
 and the collection's surface (`pipeline.stats.collection.Accumulator`: `kind`, `table`, `build`,
 `add`, `rows`), through which `pipeline.stats.analysis` runs them with any other accumulator.
