@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,8 +89,24 @@ class Batch:
         """(3, H, W) int64 sum of the batch's images on their device: exact, computed once
         for every accumulator that wants it (the unconditional mean patches)."""
         if "image_sum" not in self._cache:
-            self._cache["image_sum"] = self.images.sum(0, dtype=torch.int64)
+            self._cache["image_sum"] = _sum_images(self.images)
         return self._cache["image_sum"]
+
+
+_U16_IMAGES = (2 ** 16 - 1) // 255      # 257 uint8 images sum exactly in uint16
+
+
+def _sum_images(images: Tensor) -> Tensor:
+    """Exact int64 sum over the first axis. On the CPU numpy adds uint8 images into uint16,
+    257 at a time (255 * 257 < 2**16): ~1 ms for 64 images of 224 px against ~40 ms for torch's
+    int64 reduction (which converts every value first); elsewhere torch's sum."""
+    if images.device.type != "cpu" or images.dtype != torch.uint8:
+        return images.sum(0, dtype=torch.int64)
+    a = images.numpy()
+    out = np.zeros(a.shape[1:], np.int64)
+    for i in range(0, len(a), _U16_IMAGES):
+        out += np.add.reduce(a[i:i + _U16_IMAGES], axis=0, dtype=np.uint16)
+    return torch.from_numpy(out)
 
 
 class Accumulator:

@@ -125,3 +125,11 @@ def test_is_the_mean_stimulus_of_a_neuron_positive_everywhere(neuron):
     pos.add(batch, spec)
     for ch in range(spec.channels):
         assert torch.equal(pos.sum[ch], base.sum) and torch.equal(pos.weight[ch], base.weight)
+
+
+def test_the_image_sum_is_exact_past_the_uint16_chunk():
+    """More images than one uint16 chunk holds (257 at 255): still the exact int64 sum."""
+    images = torch.full((600, 3, 4, 5), 255, dtype=torch.uint8)
+    images[::7] = torch.randint(0, 256, images[::7].shape, dtype=torch.uint8)
+    got = Batch(images, ImageIndex(np.arange(600), 600), {}).image_sum()
+    assert got.dtype == torch.int64 and torch.equal(got, images.to(torch.int64).sum(0))
