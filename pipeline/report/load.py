@@ -108,6 +108,11 @@ def _load_results(out: str, inputs: ReportInputs) -> None:
     inputs.neuron_types = _read(summary)
     if inputs.neuron_types is None:
         inputs.missing["neuron_types"] = f"no {summary}"
+    inputs.properties = _read(layout.neuron_types_table(out, "properties"))
+    rows = layout.neuron_types_table(out, "neuron_types")
+    if exists(rows):      # only what the figures need: which channels have no structure
+        inputs.type_rows = read_table(rows, columns=["model", "layer", "source", "channel",
+                                                     "type"])
 
 
 def _load_train(out: str, inputs: ReportInputs, warn: Callable[[str], None],

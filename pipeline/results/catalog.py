@@ -27,7 +27,7 @@ from pipeline.results.urls import join
 
 __all__ = ["Table", "TABLES", "MANIFEST", "RECEPTIVE_FIELDS", "TOPK", "MEAN", "CHANNELS",
            "BASELINE", "CENSUS", "ABLATION", "TABLE1", "ACTMAX", "NEURON_TYPES", "SUMMARY",
-           "METRICS", "markdown"]
+           "PROPERTIES", "METRICS", "markdown"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,9 @@ TABLE1 = Table("table1", _schema(
     ("train_seed_ids", pa.list_(_I64)), ("inactive_mean", _F64), ("inactive_std", _F64),
     ("inactive_per_seed", pa.list_(_I32)), ("delta_loss_per_seed", pa.list_(_F64)),
     ("std_across", _STR),
+    # the training seeds whose ΔL (ΔL_rnd, control ΔL) enters the row: those with inactive
+    # channels; `train_seeds` is every seed run
+    ("contributing_seeds", _I32),
 ), sort=("model", "layer", "condition"), job="ablate",
     about="the paper's Table 1 as a statistic: per (model, layer) the `inactive-all` row (ΔL) "
           "and one `inactive-random` row per subset size (ΔL_rnd), mean ± std")
@@ -213,14 +216,29 @@ NEURON_TYPES = Table("neuron_types", _schema(
     ("double_opponent_score", _F64), ("double_opponent", _BOOL),
     ("orientation_selective", _BOOL), ("energy", _F64), ("neutral", pa.list_(_F32)),
     ("type", _STR),
+    # the noise floor and the properties on their own
+    ("single_opponent", _BOOL), ("no_structure", _BOOL), ("contrast", _F64), ("noise", _F64),
+    ("contrast_z", _F64), ("floor", _F64), ("reference", _STR),
 ), sort=("source", "model", "layer", "channel"), job="neuron_types",
     about="a channel's pattern (first-conv filter in stimulus space, mean stimulus or actmax "
-          "image) measured and typed")
+          "image) measured against its null and noise, and typed ('no structure' below the "
+          "floor)")
 
 SUMMARY = Table("summary", _schema(
     ("model", _STR), ("layer", _STR), ("source", _STR), ("type", _STR), ("count", _I64),
 ), sort=("source", "layer", "model", "type"), job="neuron_types",
     about="how many channels of each type per (model, layer, source)")
+
+PROPERTIES = Table("properties", _schema(
+    ("model", _STR), ("layer", _STR), ("source", _STR), ("channels", _I64),
+    ("structured", _I64),
+    # each property on its own (pipeline.census.types.PROPERTIES), then the overlaps
+    ("orientation_selective", _I64), ("single_opponent", _I64), ("double_opponent", _I64),
+    ("no_structure", _I64), ("oriented_single_opponent", _I64),
+    ("oriented_double_opponent", _I64),
+), sort=("source", "layer", "model"), job="neuron_types",
+    about="per (model, layer, source): how many channels have each property on its own "
+          "(oriented, single-, double-opponent, no structure) and how many two at once")
 
 METRICS = Table("metrics", _schema(
     ("epoch", _I64), ("train_loss", _F64), ("val_loss", _F64), ("top1", _F64), ("top5", _F64),
@@ -235,7 +253,7 @@ METRICS = Table("metrics", _schema(
 
 TABLES: dict[str, Table] = {t.name: t for t in (
     MANIFEST, RECEPTIVE_FIELDS, TOPK, MEAN, CHANNELS, BASELINE, CENSUS, ABLATION, TABLE1,
-    ACTMAX, NEURON_TYPES, SUMMARY, METRICS)}
+    ACTMAX, NEURON_TYPES, SUMMARY, PROPERTIES, METRICS)}
 
 
 def markdown() -> str:
