@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from jobs.runtime.inputs import check_writable
 from jobs.runtime.console import Console
@@ -82,6 +82,11 @@ def run(cfg: ReportConfig) -> str:
     con.info(f"{n} files, {size / 1e6:.1f} MB -> {index}")
     con.result(index)
     return index
+
+
+def chained(ctx: Any, model: None, seed: int) -> tuple[ReportConfig, None]:
+    """jobs.reproduce's report over its whole --out, rebuilt on every run."""
+    return ReportConfig(out=ctx.out), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -231,11 +231,11 @@ def bench_runner(model_name: str, layers: str, crop: int, top_k: int = 16,
     what is allowed."""
     from pipeline.stats.analysis import AnalysisOptions, ShardRunner, layer_specs
     from pipeline.models.layers import resolve_layers
-    from pipeline.models.zoo import build_model, is_resnet
+    from pipeline.models.zoo import build_model, width_for
     from pipeline.data.preprocess import IMAGENET
 
     torch.manual_seed(0)
-    model = build_model(model_name, num_classes=1000, width=width if is_resnet(model_name) else 64)
+    model = build_model(model_name, num_classes=1000, width=width_for(model_name, width))
     lays = resolve_layers(model, layers)
     opts = AnalysisOptions(top_k=top_k, mean_neurons=("center", "all") if mean_all else ("center",))
     return ShardRunner(model, IMAGENET, layer_specs(model, lays, crop), opts, device=device,
@@ -332,13 +332,13 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
 
     from pipeline.actmax.optimize import Settings, calibrate_bn, maximize_channels, neuron, optimize, pixel
     from pipeline.models.layers import resolve_layers
-    from pipeline.models.zoo import build_model, is_resnet
+    from pipeline.models.zoo import build_model, width_for
     from pipeline.data.preprocess import IMAGENET
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = calibrate_bn(build_model(model, width=width if is_resnet(model) else 64), size,
+    net = calibrate_bn(build_model(model, width=width_for(model, width)), size,
                        images=4, batch=4)
     lay = resolve_layers(net, layer)[0]
     channels = min(channels, lay.channels)

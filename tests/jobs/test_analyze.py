@@ -77,9 +77,11 @@ def argv_for(data: dict, out: str, *extra: str) -> list[str]:
             *extra]
 
 
-# the job in a subprocess, each unit slowed by the engine's test hook (a real kill needs a process)
-HOOKED = ("import sys; from jobs import analyze; from jobs.runtime import engine; from tests.helpers import Sleep; "
-          "engine.set_test_hook(Sleep(float(sys.argv[1]))); sys.exit(analyze.main(sys.argv[2:]))")
+# the job in a subprocess (a real kill needs a process), each unit slowed: its worker class,
+# a public name of jobs.analyze, replaced by a slowed subclass (tests.helpers.slowed)
+HOOKED = ("import sys; from jobs import analyze; from tests.helpers import slowed; "
+          "analyze.ShardWorker = slowed(analyze.ShardWorker, float(sys.argv[1])); "
+          "sys.exit(analyze.main(sys.argv[2:]))")
 
 
 def hooked_job(sleep: float, argv: list[str]) -> list[str]:
@@ -267,6 +269,7 @@ def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
     from pipeline.models.hooks import capture
     from pipeline.models.layers import resolve_layers
     from pipeline.models.precision import strict_fp32
+    from pipeline.models.study import load_model
 
     out, k, layers = str(tmp_path / "mnv3"), 3, "features.1,features.2"
     argv = ["--data", data["data"], "--model", "mobilenet_v3_small", "--layers", layers,
@@ -274,7 +277,7 @@ def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
             "--shards", "3", "--workers", "2", "--out", out]
     assert job.main(argv) == 0
     t = tables_of(out)
-    jm = job.load_job_model(None, "mobilenet_v3_small", num_classes=1000, width=64, seed=0)
+    jm = load_model(None, "mobilenet_v3_small", num_classes=1000, width=64, seed=0)
     batch = load_batch(build_manifest(data["data"]), list(range(N_GOOD + 1)),
                        EvalTransform(72, 64))
     x = IMAGENET(batch.images.float() / 255)
@@ -319,7 +322,8 @@ def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys
     out = str(tmp_path / "out")
     assert "unknown layer 'conv99'" in _bad(capsys, argv_for(data, out) + ["--layers", "pool1,conv99"])
     assert "fc" in _bad(capsys, argv_for(data, out) + ["--layers", "fc"])
-    assert "unknown model 'resnet35'" in _bad(capsys, argv_for(data, out) + ["--model", "resnet35"])
+    assert "invalid --model 'resnet35'; allowed: " in _bad(capsys, argv_for(data, out) +
+                                                            ["--model", "resnet35"])
     # a resnet18 state_dict does not fit plainnet18 (no projection shortcuts)
     sd = str(tmp_path / "sd.pt")
     torch.save(build_model("resnet18", num_classes=2, width=8).state_dict(), sd)
@@ -332,6 +336,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys
     assert "does not fit resnet18" in err and "missing keys" in err
     (tmp_path / "empty").mkdir()
     assert "no images" in _bad(capsys, argv_for(data, out) + ["--data", str(tmp_path / "empty")])
+    assert not Path(out).exists()           # every input above is refused before --out exists
     Path(tmp_path / "file").write_text("x")
     assert "not writable" in _bad(capsys, argv_for(data, str(tmp_path / "file" / "out")))
     assert "--top-k" in _bad(capsys, argv_for(data, out) + ["--top-k", "0"])
