@@ -10,7 +10,8 @@ else one per 4 CPUs), each loading the model once and running ONE decode pipelin
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
 Partials merge in a tree of Ray tasks, the top-k RF patches are cut in parallel tasks, and the
-tables (`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only when complete.
+tables of the analysis's collection of accumulators (`stimuli/{topk,mean,channels,baseline}
+.parquet`, pipeline.results.catalog) and `run.json` are written only when complete.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from jobs.runtime.console import Console, init_ray
 from jobs.runtime.inputs import check_writable, model_choices
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import Markers, write_run
-from pipeline.stats.analysis import ShardFeed
+from pipeline.stats.worker import ShardFeed
 
 PROG = "python -m jobs.analyze"
 
@@ -81,7 +82,7 @@ class Prepared:
 
     cfg: Config
     study: Any                   # pipeline.models.study.Study: source, model, transform, layers
-    blob: dict                   # pipeline.stats.analysis.model_blob: what workers rebuild it from
+    blob: dict                   # pipeline.stats.worker.model_blob: what workers rebuild it from
     specs: list                  # pipeline.stats.analysis.LayerSpec
     options: Any                 # pipeline.stats.analysis.AnalysisOptions
     rf_table: Any
@@ -109,7 +110,8 @@ def prepare(cfg: Config) -> Prepared:
     from pipeline.models.layers import catalogue
     from pipeline.models.rf_catalogue import rf_table
     from pipeline.models.study import resolve
-    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
+    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs
+    from pipeline.stats.worker import model_blob
 
     # the pipeline's ValueError or missing file: bad input (exit 2)
     with bad_input(ValueError, FileNotFoundError, PermissionError, first_line=True):
@@ -134,6 +136,7 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
 
     resolved = {"preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
                 "batch_size": prep.batch_size,
+                "collection": prep.options.collection().describe(),   # the accumulators run
                 "precision": setting() if precision is None else precision,
                 # eager and compiled scans differ in the last bits of the float sums
                 "compiled_scan": use_compile()}
@@ -161,7 +164,7 @@ def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
 
 
 def units(prep: Prepared, workers: int) -> list[engine.Unit]:
-    from pipeline.data.listing import shard_ranges
+    from pipeline.data.shards import shard_ranges
 
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
@@ -171,10 +174,14 @@ def units(prep: Prepared, workers: int) -> list[engine.Unit]:
 
 def run(cfg: Config, prep: Prepared | None = None) -> dict:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.stats.analysis import AnalysisResult, FeedSpec, merge_states
+    from functools import partial
+
     from pipeline.data.listing import write_manifest
-    from pipeline.stats.stimuli import TOPK_TABLE_SCHEMA, with_patches
-    from pipeline.results.tables import join, write_table
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
+    from pipeline.stats.analysis import AnalysisResult, merge_states
+    from pipeline.stats.worker import FeedSpec
+    from pipeline.stats.stimuli import with_patches
 
     con = Console("analyze")
     with con.stage("setup", quiet=True):
@@ -187,13 +194,14 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         pl, dec = device.decode_plan(cfg.workers)
         todo, st = units(prep, pl.workers), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
-        write_manifest(prep.manifest, join(cfg.out, "manifest.parquet"))
-        write_table(prep.rf_table, join(cfg.out, "receptive_fields.parquet"))
+        write_manifest(prep.manifest, catalog.MANIFEST.at(cfg.out))
+        write(catalog.RECEPTIVE_FIELDS, prep.rf_table, cfg.out)
     n = len(prep.manifest)
     con.info(f"{n} images, {len(todo)} shards, {pl.workers} {device.kind} worker(s) "
              f"({pl.resources}, {dec} decode threads), layers "
              f"{','.join(s.name for s in prep.specs)}")
-    work = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, prep.demo_root,
+    coll = prep.options.collection()          # the accumulators: their tables are the outputs
+    work = FeedSpec(prep.specs, coll, prep.manifest, prep.transform, prep.demo_root,
                     device.kind, prep.batch_size, pl.threads, dec)
     fresh: list[int] = []                       # images of the shards computed by this run
     with con.stage("analyze"):
@@ -201,15 +209,15 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
                                  plan=pl, resume=cfg.resume, progress=con.progress(n, "images"),
                                  on_done=lambda u, i: fresh.append(i["images"]))
     with con.stage("merge"):
-        state = engine.merge(st, stats.names, merge_states, fan_in=4)
-        tables = AnalysisResult.from_state(state).tables(prep.model_name)
+        state = engine.merge(st, stats.names, partial(merge_states, collection=coll), fan_in=4)
+        tables = AnalysisResult.from_state(state, coll).tables(prep.model_name)
     with con.stage("patches"):
-        pngs = render_patches(prep, tables["topk"], parts=2 * max(1, device.cpus))
+        topk = tables[catalog.TOPK.name]
+        pngs = render_patches(prep, topk, parts=2 * max(1, device.cpus))
+        tables[catalog.TOPK.name] = with_patches(topk, pngs)
     with con.stage("write"):
-        write_table(tables["mean"], join(cfg.out, "stimuli", "mean.parquet"))
-        write_table(tables["channels"], join(cfg.out, "stimuli", "channels.parquet"))
-        write_table(with_patches(tables["topk"], pngs), join(cfg.out, "stimuli", "topk.parquet"),
-                    schema=TOPK_TABLE_SCHEMA)
+        for table in coll.tables:
+            write(table, tables[table.name], cfg.out)
     info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state, {
         "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v)})
     con.info(f"done: {info['counts']['images_read']} images ({len(info['skipped'])} skipped) in "

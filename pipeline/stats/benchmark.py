@@ -98,11 +98,14 @@ def paper_state_bytes(top_k: int = 16, mean_all: bool = False) -> dict[str, Any]
     specs = layer_specs(model, resolve_layers(model, list(PAPER_LAYERS)), 224)
     opts = AnalysisOptions(top_k=top_k, mean_neurons=("center", "all") if mean_all else ("center",))
     res = AnalysisResult(specs, opts)
-    for layer in res.layers.values():   # fill the top-k to k entries: its size once warmed up
-        for acc in layer.topk.values():
-            acc.update(torch.zeros(top_k, acc.channels, 1, 1), torch.arange(top_k))
+    layers = res.by_layer()
+    for accs in layers.values():   # fill the top-k to k entries: its size once warmed up
+        for acc in accs.values():
+            if acc.kind == "topk":
+                acc.update(torch.zeros(top_k, acc.channels, 1, 1), torch.arange(top_k))
     return {"bytes": state_nbytes(res.state()),
-            "per_layer": {n: state_nbytes(r.state()) for n, r in res.layers.items()}}
+            "per_layer": {n: sum(state_nbytes(a.state()) for a in accs.values())
+                          for n, accs in layers.items()}}
 
 
 def _sync(device: str) -> None:
