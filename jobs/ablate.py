@@ -30,7 +30,8 @@ from pipeline.ablation.setup import AblationSetup as Setup, check_labels, read_c
 from pipeline.data.listing import write_manifest
 from pipeline.ablation.table1 import (ablation_table, census_table, format_table1, inactive_channels,
                              no_inactive_note, table1)
-from pipeline.results.tables import exists, join, read_json, write_table
+from pipeline.results import catalog
+from pipeline.results.tables import exists, join, read_json, write
 
 PROG = "python -m jobs.ablate"
 
@@ -261,9 +262,10 @@ def _write(cfg: AblateConfig, s: Setup, con: Console, census: Any, inactive: lis
         rows = ablation_table(s.model_name, s.layer.name, inactive, cfg.fraction, results,
                               list(range(cfg.seeds)), s.train_seed)
         t1 = table1(rows, census)
-        write_manifest(s.manifest, join(cfg.out, "manifest.parquet"))
-        for table, f in ((census, "census"), (rows, "ablation"), (t1, "table1")):
-            write_table(table, join(cfg.out, f"{f}.parquet"))
+        write_manifest(s.manifest, catalog.MANIFEST.at(cfg.out))
+        for table, decl in ((census, catalog.CENSUS), (rows, catalog.ABLATION),
+                            (t1, catalog.TABLE1)):
+            write(decl, table, cfg.out)
     return format_table1(t1, census)
 
 

@@ -27,6 +27,7 @@ from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, ru
 from jobs.runtime.runinfo import write_run
 from pipeline.actmax.optimize import TABLE_SCHEMA as SCHEMA
 from pipeline.actmax.optimize import chunk_table, sort_rows, timed_chunk
+from pipeline.results.png import png_bytes
 
 __all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "main",
            "run", "chunk_table", "units", "store", "BadInput"]
@@ -147,7 +148,7 @@ def _chunk(model: Any, model_name: str, preprocess: Any, size: int, settings: An
     """One unit: the chunk's rows; for the marker its mean objective and its seconds (in the
     Adam steps, and in all: the rest of a task's time is its start)."""
     t, secs = timed_chunk(model, model_name, preprocess, layer, channels, size, settings, device,
-                          threads)
+                          threads, encode=png_bytes)
     return engine.Result(t, {**{k: float(np.mean(t[k])) for k in ("objective_start",
                                                                    "objective_end")},
                              "steps_seconds": secs["steps"], "chunk_seconds": secs["total"]})
@@ -184,7 +185,7 @@ def store(cfg: ActmaxConfig, setup: _Setup, device: engine.Device) -> engine.Sto
 
 def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.results import tables
+    from pipeline.results import catalog, tables
 
     con = Console("actmax")
     with con.stage("setup", quiet=True):
@@ -211,7 +212,7 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
     with con.stage("write"):
         table = sort_rows(engine.merge(st, stats.names, lambda a, b: pa.concat_tables([a, b])),
                           [lay.name for lay in setup.layers])
-        tables.write_table(table, tables.join(cfg.out, "actmax.parquet"), SCHEMA)
+        url = tables.write(catalog.ACTMAX, table, cfg.out)
     info = write_run(
         cfg.out, "actmax", cfg.to_dict(), device=device.report(plan.workers),
         fingerprint=st.fingerprint, seconds=con.seconds, total_seconds=con.wall,
@@ -219,7 +220,7 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         work=table.num_rows, unit="channels", warnings=con.warnings,
         details={**setup.details, "time": _where_time_went(con, ran)})
     st.clear()
-    con.info(f"wrote {table.num_rows} rows to {tables.join(cfg.out, 'actmax.parquet')} in "
+    con.info(f"wrote {table.num_rows} rows to {url} in "
              f"{con.wall:.1f} s")
     return info
 

@@ -10,9 +10,10 @@ else one per 4 CPUs), each loading the model once and running ONE decode pipelin
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
 Partials merge on the driver into one result; the images of the top-k rows are decoded there and
-each distinct RF square cut once, the PNGs encoded by light Ray tasks; the tables
-(`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only when complete. Default
-shards are a multiple of the workers (`jobs.runtime.device.Plan.shards`).
+each distinct RF square cut once, the PNGs encoded by light Ray tasks; the tables of the
+analysis's collection of accumulators (`stimuli/{topk,mean,channels,baseline}.parquet`,
+pipeline.results.catalog) and `run.json` are written only when complete. Default shards are a
+multiple of the workers (`jobs.runtime.device.Plan.shards`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from jobs.runtime.console import Console, init_ray
 from jobs.runtime.inputs import check_writable, model_choices
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import Markers, write_run
-from pipeline.stats.analysis import ShardFeed
+from pipeline.stats.worker import ShardFeed
 
 PROG = "python -m jobs.analyze"
 
@@ -83,7 +84,7 @@ class Prepared:
 
     cfg: Config
     study: Any                   # pipeline.models.study.Study: source, model, transform, layers
-    blob: dict                   # pipeline.stats.analysis.model_blob: what workers rebuild it from
+    blob: dict                   # pipeline.stats.worker.model_blob: what workers rebuild it from
     specs: list                  # pipeline.stats.analysis.LayerSpec
     options: Any                 # pipeline.stats.analysis.AnalysisOptions
     rf_table: Any
@@ -112,7 +113,8 @@ def prepare(cfg: Config) -> Prepared:
     from pipeline.models.layers import catalogue
     from pipeline.models.rf_catalogue import rf_table
     from pipeline.models.study import resolve
-    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
+    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs
+    from pipeline.stats.worker import model_blob
 
     # the pipeline's ValueError or missing file: bad input (exit 2)
     with bad_input(ValueError, FileNotFoundError, PermissionError, first_line=True):
@@ -138,6 +140,7 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
 
     resolved = {"preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
                 "batch_size": prep.batch_size,
+                "collection": prep.options.collection().describe(),   # the accumulators run
                 "precision": setting() if precision is None else precision,
                 # eager and compiled scans differ in the last bits of the float sums
                 "compiled_scan": use_compile()}
@@ -157,16 +160,17 @@ class ShardWorker(ShardFeed):
         return engine.Result(state, {**info, "state_bytes": state_nbytes(state)})
 
 
-def _as_result(value: Any) -> Any:
+def _as_result(value: Any, coll: Any) -> Any:
     """A partial as loaded (a state) or a result being folded: the result."""
     from pipeline.stats.analysis import AnalysisResult
 
-    return value if isinstance(value, AnalysisResult) else AnalysisResult.from_state(value)
+    return value if isinstance(value, AnalysisResult) else AnalysisResult.from_state(value, coll)
 
 
-def _fold(a: Any, b: Any) -> Any:
-    """engine.merge's combine: partials fold into one AnalysisResult (no state round trips)."""
-    return _as_result(a).merge(_as_result(b))
+def _fold(coll: Any, a: Any, b: Any) -> Any:
+    """engine.merge's combine: partials fold into one AnalysisResult of the collection `coll`
+    (no state round trips)."""
+    return _as_result(a, coll).merge(_as_result(b, coll))
 
 
 def render_patches(prep: Prepared, topk: Any, cpus: int) -> dict[int, bytes]:
@@ -191,7 +195,7 @@ def render_patches(prep: Prepared, topk: Any, cpus: int) -> dict[int, bytes]:
 
 def units(prep: Prepared, plan: engine.Plan) -> list[engine.Unit]:
     """The shards: --shard-size or --shards, else `Plan.shards` (a multiple of the workers)."""
-    from pipeline.data.listing import shard_ranges
+    from pipeline.data.shards import shard_ranges
 
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
@@ -201,10 +205,14 @@ def units(prep: Prepared, plan: engine.Plan) -> list[engine.Unit]:
 
 def run(cfg: Config, prep: Prepared | None = None) -> dict:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.stats.analysis import FeedSpec, default_batch_size
+    from functools import partial
+
     from pipeline.data.listing import write_manifest
-    from pipeline.stats.stimuli import TOPK_TABLE_SCHEMA, with_patches
-    from pipeline.results.tables import join, write_table
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
+    from pipeline.stats.analysis import default_batch_size
+    from pipeline.stats.worker import FeedSpec
+    from pipeline.stats.stimuli import with_patches
 
     con = Console("analyze")
     with con.stage("setup", quiet=True):
@@ -220,13 +228,14 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         pl, dec = device.decode_plan(cfg.workers)
         todo, st = units(prep, pl), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
-        write_manifest(prep.manifest, join(cfg.out, "manifest.parquet"))
-        write_table(prep.rf_table, join(cfg.out, "receptive_fields.parquet"))
+        write_manifest(prep.manifest, catalog.MANIFEST.at(cfg.out))
+        write(catalog.RECEPTIVE_FIELDS, prep.rf_table, cfg.out)
     n = len(prep.manifest)
     con.info(f"{n} images, {len(todo)} shards, {pl.workers} {device.kind} worker(s) "
              f"({pl.resources}, {dec} decode threads), layers "
              f"{','.join(s.name for s in prep.specs)}")
-    work = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, prep.demo_root,
+    coll = prep.options.collection()          # the accumulators: their tables are the outputs
+    work = FeedSpec(prep.specs, coll, prep.manifest, prep.transform, prep.demo_root,
                     device.kind, prep.batch_size, pl.threads, dec)
     fresh: list[int] = []                       # images of the shards computed by this run
     with con.stage("analyze"):
@@ -236,15 +245,15 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     with con.stage("merge"):
         # on the driver, into one result: a partial is a few MiB and merging it milliseconds,
         # less than a worker process's start (a tree of Ray tasks paid one per leaf)
-        merged = _as_result(engine.merge(st, stats.names, _fold))
+        merged = _as_result(engine.merge(st, stats.names, partial(_fold, coll)), coll)
         tables = merged.tables(prep.model_name)
     with con.stage("patches"):
-        pngs = render_patches(prep, tables["topk"], device.cpus)
+        topk = tables[catalog.TOPK.name]
+        pngs = render_patches(prep, topk, device.cpus)
+        tables[catalog.TOPK.name] = with_patches(topk, pngs)
     with con.stage("write"):
-        write_table(tables["mean"], join(cfg.out, "stimuli", "mean.parquet"))
-        write_table(tables["channels"], join(cfg.out, "stimuli", "channels.parquet"))
-        write_table(with_patches(tables["topk"], pngs), join(cfg.out, "stimuli", "topk.parquet"),
-                    schema=TOPK_TABLE_SCHEMA)
+        for table in coll.tables:
+            write(table, tables[table.name], cfg.out)
     info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, {
         "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v),
         "rows": sum(t.num_rows for t in tables.values())})

@@ -113,8 +113,9 @@ def fixed_costs(runner: Any, manifest: Any, transform: Any, ray: bool) -> dict[s
     from jobs import analyze
     from jobs.runtime import engine
     from pipeline.data.decode import load_batch
-    from pipeline.results.tables import join, write_table
-    from pipeline.stats.stimuli import TOPK_TABLE_SCHEMA, patch_pngs, with_patches
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
+    from pipeline.stats.stimuli import patch_pngs, with_patches
 
     out: dict[str, float | None] = {"ray_start": None}
     if ray:
@@ -131,14 +132,15 @@ def fixed_costs(runner: Any, manifest: Any, transform: Any, ray: bool) -> dict[s
         store = engine.Store(tmp, "bench")
         _, out["state_save"] = _timed(store.save, "a", state, {})
         loaded, out["state_load"] = _timed(store.load, "a")
-        merged, out["merge_pair"] = _timed(analyze._fold, loaded, store.load("a"))
+        merged, out["merge_pair"] = _timed(analyze._fold, runner.collection, loaded,
+                                           store.load("a"))
         tables, out["tables"] = _timed(merged.tables, runner.model.name)
-        pngs, out["patches"] = _timed(patch_pngs, manifest, transform, tables["topk"])
+        topk = tables[catalog.TOPK.name]
+        pngs, out["patches"] = _timed(patch_pngs, manifest, transform, topk)
+        tables[catalog.TOPK.name] = with_patches(topk, pngs)
         t = time.perf_counter()
-        write_table(tables["mean"], join(tmp, "mean.parquet"))
-        write_table(tables["channels"], join(tmp, "channels.parquet"))
-        write_table(with_patches(tables["topk"], pngs), join(tmp, "topk.parquet"),
-                    schema=TOPK_TABLE_SCHEMA)
+        for table in runner.collection.tables:       # the job's writes, in a scratch --out
+            write(table, tables[table.name], tmp)
         out["write"] = time.perf_counter() - t
     return {k: None if v is None else round(v, 4) for k, v in out.items()}
 
@@ -201,12 +203,14 @@ def run_actmax(cfg: Config) -> dict[str, Any]:
     the Adam steps, the whole chunk) with the job's fixed costs measured here (Ray's start and a
     worker process in subprocesses, the table write): where an end-to-end run's seconds go."""
     from jobs.runtime.device import Device
-    from pipeline.actmax.optimize import TABLE_SCHEMA, Settings, chunk_table
+    from pipeline.actmax.optimize import Settings, chunk_table
     from pipeline.data.decode import default_cpus
     from pipeline.data.preprocess import IMAGENET
     from pipeline.models.layers import resolve_layers
     from pipeline.models.zoo import build_model, width_for
-    from pipeline.results.tables import join, write_table
+    from pipeline.results import catalog
+    from pipeline.results.png import png_bytes
+    from pipeline.results.tables import write
     from pipeline.stats.benchmark import bench_actmax
 
     cpus = cfg.cpus or default_cpus()
@@ -225,9 +229,9 @@ def run_actmax(cfg: Config) -> dict[str, Any]:
     lay = resolve_layers(net, cfg.actmax)[0]
     # the job's table of these channels (one step: only its size matters for the write)
     table = chunk_table(net, cfg.model, IMAGENET, lay, list(range(res["channels"])), size,
-                        Settings(steps=1))
+                        Settings(steps=1), encode=png_bytes)
     with tempfile.TemporaryDirectory(prefix="bench-actmax-") as tmp:
-        _, fixed["write"] = _timed(write_table, table, join(tmp, "actmax.parquet"), TABLE_SCHEMA)
+        _, fixed["write"] = _timed(write, catalog.ACTMAX, table, tmp)
     fixed = {k: None if v is None else round(v, 3) for k, v in fixed.items()}
     steps = res["batched_s"]
     total = (sum(v or 0.0 for v in fixed.values()) + res["model_build_s"] + res["first_call_s"]

@@ -132,7 +132,8 @@ def _measure_units(cfg: NeuronTypesConfig, chunks: list, stamps: list, con: Cons
 def run(cfg: NeuronTypesConfig) -> dict:
     """The census after argument parsing; returns run.json."""
     from pipeline.census.inputs import filter_rows
-    from pipeline.results.tables import join, write_table
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
 
     con = Console("neuron_types")
     with con.stage("setup", quiet=True):      # inputs, then the filters (tiny: on the driver)
@@ -156,9 +157,9 @@ def run(cfg: NeuronTypesConfig) -> dict:
     rows = sort_rows(pa.concat_tables(parts) if parts else OUT_SCHEMA.empty_table())
     summary, props = summarise(rows), properties(rows)
     with con.stage("write", quiet=True):
-        write_table(rows, join(cfg.out, "neuron_types.parquet"), OUT_SCHEMA)
-        write_table(summary, join(cfg.out, "summary.parquet"), SUMMARY_SCHEMA)
-        write_table(props, join(cfg.out, "properties.parquet"), PROPERTY_SCHEMA)
+        write(catalog.NEURON_TYPES, rows, cfg.out)
+        write(catalog.SUMMARY, summary, cfg.out)
+        write(catalog.PROPERTIES, props, cfg.out)
     info = write_run(
         cfg.out, "neuron_types", cfg.to_dict(), device=device,
         fingerprint=st.fingerprint if st else "", seconds=con.seconds, total_seconds=con.wall,

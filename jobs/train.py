@@ -27,13 +27,13 @@ from jobs.trainer import fit
 from jobs.runtime.console import Console, init_ray
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import write_run
-from pipeline.results import tables
+from pipeline.results import catalog, tables
 from pipeline.train import run as trainrun
 from pipeline.data.augment import AUGMENTS
 from pipeline.data.demo import ensure_demo_data
 from pipeline.data.preprocess import WhiteningStats, preprocess_from_state
-from pipeline.train.recipe import (PRECISIONS, PRESETS, Recipe, preset, train_models, training_sources,
-                            write_metrics, write_model, zca_moments)
+from pipeline.train.recipe import (PRECISIONS, PRESETS, Recipe, metrics_table, preset, train_models,
+                                   training_sources, write_model, zca_moments)
 
 PROG = "python -m jobs.train"
 STATE_FILE = "_partials/train.json"
@@ -175,7 +175,7 @@ def _finish(cfg: TrainConfig, con: Console, device: engine.Device, state: dict, 
             before: int) -> dict:
     """model.pt, metrics.parquet and run.json from the last checkpoint."""
     write_model(tables.join(cfg.out, "model.pt"), last, preprocess_from_state(state["preprocess"]))
-    write_metrics(tables.join(cfg.out, "metrics.parquet"), last["history"])
+    tables.write(catalog.METRICS, metrics_table(last["history"]), cfg.out)
     config = trainrun.run_config(cfg.to_dict(), cfg.recipe, loaders, cfg.sync_bn_on)
     return write_run(cfg.out, "train", config, device=device.report(cfg.workers),
                      seconds=con.seconds, total_seconds=con.wall, warnings=con.warnings,

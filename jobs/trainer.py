@@ -18,7 +18,8 @@ from jobs.runtime.options import JobFailed
 from pipeline.results import tables
 from pipeline.train import run as trainrun
 from pipeline.data.preprocess import preprocess_from_state
-from pipeline.train.recipe import Training, arrow_storage, configure_torch, make_loaders, write_metrics
+from pipeline.results import catalog
+from pipeline.train.recipe import Training, arrow_storage, configure_torch, make_loaders, metrics_table
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_NAME = "checkpoints"            # Ray Train's run folder under --out
@@ -52,7 +53,7 @@ def train_loop(lc: dict[str, Any]) -> None:
                         rank, lc["loader_workers"], pin_memory=device.type == "cuda")
     if rank == 0 and restored is not None:
         lc["echo"].put_nowait(f"resuming after epoch {t.epoch}")
-        write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
+        tables.write(catalog.METRICS, metrics_table(t.history), cfg.out)
     for epoch in range(t.epoch + 1, r.epochs + 1):
         row = t.run_epoch(epoch, data, world, rank)
         with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +62,7 @@ def train_loop(lc: dict[str, Any]) -> None:
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp)
                              if rank == 0 else None)
         if rank == 0:
-            write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
+            tables.write(catalog.METRICS, metrics_table(t.history), cfg.out)
             lc["echo"].put_nowait(trainrun.epoch_line(row, r.epochs))
 
 

@@ -100,11 +100,14 @@ def paper_state_bytes(top_k: int = 16, mean_all: bool = False) -> dict[str, Any]
     specs = layer_specs(model, resolve_layers(model, list(PAPER_LAYERS)), 224)
     opts = AnalysisOptions(top_k=top_k, mean_neurons=("center", "all") if mean_all else ("center",))
     res = AnalysisResult(specs, opts)
-    for layer in res.layers.values():   # fill the top-k to k entries: its size once warmed up
-        for acc in layer.topk.values():
-            acc.update(torch.zeros(top_k, acc.channels, 1, 1), torch.arange(top_k))
+    layers = res.by_layer()
+    for accs in layers.values():   # fill the top-k to k entries: its size once warmed up
+        for acc in accs.values():
+            if acc.kind == "topk":
+                acc.update(torch.zeros(top_k, acc.channels, 1, 1), torch.arange(top_k))
     return {"bytes": state_nbytes(res.state()),
-            "per_layer": {n: state_nbytes(r.state()) for n, r in res.layers.items()}}
+            "per_layer": {n: sum(state_nbytes(a.state()) for a in accs.values())
+                          for n, accs in layers.items()}}
 
 
 def _sync(device: str) -> None:
@@ -192,7 +195,7 @@ def end_to_end(runner: Any, manifest: Any, transform: Any, t: Timing) -> dict[st
     decode pipeline, its model rebuilt from the blob, its threads, strict fp32), on one shard
     of `t.images` images (nvJPEG on CUDA, as there): seconds to build the worker and to run the
     shard."""
-    from pipeline.stats.analysis import FeedSpec, ShardFeed, model_blob
+    from pipeline.stats.worker import FeedSpec, ShardFeed, model_blob
 
     blob = model_blob(runner.model.cpu(), runner.model.name, runner.preprocess)
     runner.model.to(runner.device)
@@ -373,6 +376,7 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
     from pipeline.data.preprocess import IMAGENET
 
     from pipeline.actmax.optimize import timed_chunk
+    from pipeline.results.png import png_bytes
 
     if threads:
         torch.set_num_threads(threads)
@@ -388,7 +392,8 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
     t = time.perf_counter()
     maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
     first = time.perf_counter() - t
-    _, chunk = timed_chunk(net, model, IMAGENET, lay, list(range(channels)), size, settings)
+    _, chunk = timed_chunk(net, model, IMAGENET, lay, list(range(channels)), size, settings,
+                           encode=png_bytes)
     batched = chunk["steps"]
     t = time.perf_counter()
     params, image_fn = pixel((1, 3, size, size))

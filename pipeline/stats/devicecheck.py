@@ -144,7 +144,7 @@ def end_to_end(blob: dict, feed_spec: Any, shards: Sequence[tuple[int, int]]
     """Files to accumulator state through `ShardFeed` (a Ray actor's body, run here without
     Ray): seconds to build the worker, to its first batch, for every shard, and per shard to
     bring the state to the host (inside `run`)."""
-    from pipeline.stats.analysis import ShardFeed
+    from pipeline.stats.worker import ShardFeed
 
     t0 = time.perf_counter()
     feed = ShardFeed(blob, feed_spec)
@@ -224,7 +224,7 @@ def _one_batch_size(manifest: Any, transform: Any, dev: str, bs: int, decode_thr
     """The figures of one batch size (`check`)."""
     from pipeline.data.listing import shard_ranges
     from pipeline.data.preprocess import IMAGENET
-    from pipeline.stats.analysis import FeedSpec, model_blob
+    from pipeline.stats.worker import FeedSpec, model_blob
     from pipeline.stats.benchmark import bench_runner
 
     n = len(manifest)

@@ -16,12 +16,13 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.stats.analysis import TOPK_GEOMETRY_SCHEMA
+from pipeline.results import catalog
 from pipeline.stats.patches import Piece, cut, distinct, encode, parts
 
 __all__ = ["TOPK_TABLE_SCHEMA", "patch_pngs", "with_patches", "DECODE_CHUNK", "GROUP_PIXELS"]
 
-TOPK_TABLE_SCHEMA = pa.schema(list(TOPK_GEOMETRY_SCHEMA) + [("patch", pa.binary())])
+TOPK_TABLE_SCHEMA = catalog.TOPK.schema
+TOPK_GEOMETRY_SCHEMA = catalog.TOPK.without("patch")     # the rows before their patches
 DECODE_CHUNK = 256          # images decoded (and held) at a time while the squares are cut
 # PNG work per group: Pillow encodes ~50 M square pixels a second on one core of the build
 # machine, so a group is ~0.5 s of work, worth a task of its own (a light worker starts in less)

@@ -142,7 +142,7 @@ def test_job_resumes_from_partials(ray_cluster, checkpoint, tmp_path):
     cfg = parse_config(job.ActmaxConfig, argv, job.PROG)
     setup = job.prepare(cfg)
     part = job.chunk_table(model, "resnet18", zca, catalogue(model)["conv3"], [0, 1], SIZE,
-                           cfg.settings())
+                           cfg.settings(), encode=job.png_bytes)
     part = part.set_column(part.schema.get_field_index("objective_end"), "objective_end",
                            pa.array([-123.0, -456.0], "float32"))
     store = job.store(cfg, setup, engine.resolve_device("auto"))

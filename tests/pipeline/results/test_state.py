@@ -20,6 +20,8 @@ def _same(a, b) -> bool:
     if isinstance(a, np.ndarray):
         return (isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
                 and a.tobytes() == b.tobytes())
+    if isinstance(a, list):   # element by element: [nan] == [nan] only for the same object
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, float) and np.isnan(a):
         return isinstance(b, float) and np.isnan(b)
     return type(a) is type(b) and a == b
