@@ -1,0 +1,125 @@
+"""Class selectivity of every channel on the user's labels (Morcos et al. 2018).
+
+    acc = ClassMeans("conv3", channels=64, classes=1000)
+    acc.update(acts, labels)           # (n, C, H, W), int64 labels (n,), -1 = unknown (skipped)
+    acc.merge(other)                   # per-class float64 sums and image counts add
+    acc.to_table("resnet34")           # selectivity.parquet rows, one per channel
+
+Each image contributes its spatial mean of max(activation, 0) per channel (summed in float64)
+to its class. With μ_c the class-conditional mean over the classes that have at least one image
+(`n_classes` of them), μ_max the largest (`top_class`: its label, the lowest on ties) and μ_rest
+the mean of the other classes' μ_c, the class selectivity index (Morcos, Barrett, Rabinowitz &
+Botvinick 2018, "On the importance of single directions for generalization", ICLR) is
+
+    selectivity = (μ_max − μ_rest) / (μ_max + μ_rest)
+
+in [0, 1]; NaN when every μ_c is 0 (a dead channel) or fewer than two classes have images.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+__all__ = ["ClassMeans", "SELECTIVITY_SCHEMA", "selectivity"]
+
+SELECTIVITY_SCHEMA = pa.schema([
+    ("net", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
+    ("selectivity", pa.float64()), ("top_class", pa.int64()), ("n_classes", pa.int64()),
+    ("images", pa.int64()), ("mu_max", pa.float64()), ("mu_rest", pa.float64()),
+])
+
+
+def selectivity(sums: np.ndarray, counts: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(selectivity, top_class, μ_max, μ_rest, n_classes) per channel from per-class sums
+    (K, C) and image counts (K,); top_class -1 when no class has an image."""
+    present = np.flatnonzero(counts > 0)
+    c = sums.shape[1]
+    if present.size == 0:
+        nan = np.full(c, np.nan)
+        return nan, np.full(c, -1, np.int64), nan.copy(), nan.copy(), 0
+    means = sums[present] / counts[present, None]                 # (k, C)
+    top = means.argmax(0)                                          # first maximum: lowest label
+    mu_max = means[top, np.arange(c)]
+    k = present.size
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu_rest = (means.sum(0) - mu_max) / (k - 1) if k > 1 else np.full(c, np.nan)
+        si = (mu_max - mu_rest) / (mu_max + mu_rest)
+    si[~(mu_max + mu_rest > 0)] = np.nan
+    return si, present[top].astype(np.int64), mu_max, mu_rest, int(k)
+
+
+class ClassMeans:
+    """Per-class sums of each channel's per-image spatial mean of max(activation, 0)."""
+
+    name = "selectivity"
+    schema = SELECTIVITY_SCHEMA
+
+    def __init__(self, layer: str, channels: int, classes: int):
+        if classes < 1:
+            raise ValueError(f"class selectivity needs at least one class, got {classes}")
+        self.layer, self.channels, self.classes = str(layer), int(channels), int(classes)
+        self.sums = torch.zeros((self.classes, self.channels), dtype=torch.float64)
+        self.counts = torch.zeros(self.classes, dtype=torch.int64)
+
+    def update(self, acts: Tensor, labels: "Tensor | np.ndarray") -> "ClassMeans":
+        """One batch: activations (n, C, H, W) or (n, C) on any device, labels (n,)."""
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+        if labels.numel() != acts.shape[0]:
+            raise ValueError(f"{labels.numel()} labels for {acts.shape[0]} images")
+        if acts.shape[1] != self.channels:
+            raise ValueError(f"layer {self.layer}: expected {self.channels} channels, got "
+                             f"{acts.shape[1]}")
+        if labels.numel() and int(labels.max()) >= self.classes:
+            raise ValueError(f"label {int(labels.max())} outside the {self.classes} classes")
+        keep = labels >= 0
+        if not bool(keep.any()):
+            return self
+        a = acts if acts.dim() > 2 else acts[:, :, None, None]
+        area = a.shape[2] * a.shape[3]
+        means = a.clamp_min(0).sum((2, 3), dtype=torch.float64) / area       # (n, C)
+        dev = means.device
+        if self.sums.device != dev:
+            self.sums, self.counts = self.sums.to(dev), self.counts.to(dev)
+        lab = labels.to(dev)[keep.to(dev)]
+        self.sums.index_add_(0, lab, means[keep.to(dev)])
+        self.counts += torch.bincount(lab, minlength=self.classes)
+        return self
+
+    def merge(self, other: "ClassMeans") -> "ClassMeans":
+        if (other.layer, other.channels, other.classes) != (self.layer, self.channels,
+                                                            self.classes):
+            raise ValueError("cannot merge class means of another layer, channels or classes")
+        self.sums = self.sums + other.sums.to(self.sums.device)
+        self.counts = self.counts + other.counts.to(self.counts.device)
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {"layer": self.layer, "channels": self.channels, "classes": self.classes,
+                "sums": self.sums.cpu().numpy(), "counts": self.counts.cpu().numpy()}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "ClassMeans":
+        acc = cls(s["layer"], s["channels"], s["classes"])
+        acc.sums = torch.from_numpy(np.array(s["sums"], dtype=np.float64))
+        acc.counts = torch.from_numpy(np.array(s["counts"], dtype=np.int64))
+        return acc
+
+    def to_table(self, net: str) -> pa.Table:
+        counts = self.counts.cpu().numpy()
+        si, top, mu_max, mu_rest, k = selectivity(self.sums.cpu().numpy(), counts)
+        c = self.channels
+        return pa.table({
+            "net": pa.array([net] * c, pa.string()),
+            "layer": pa.array([self.layer] * c, pa.string()),
+            "channel": pa.array(np.arange(c, dtype=np.int32)),
+            "selectivity": pa.array(si),
+            "top_class": pa.array(top, mask=top < 0),
+            "n_classes": pa.array(np.full(c, k, np.int64)),
+            "images": pa.array(np.full(c, int(counts.sum()), np.int64)),
+            "mu_max": pa.array(mu_max), "mu_rest": pa.array(mu_rest),
+        }, schema=SELECTIVITY_SCHEMA)
