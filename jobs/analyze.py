@@ -92,7 +92,7 @@ class Prepared:
 def prepare(cfg: Config) -> Prepared:
     from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
     from pipeline.models.rf_catalogue import rf_table
-    from pipeline.models.layers import catalogue, resolve_layers
+    from pipeline.models.layers import resolve_layers, rf_layers
 
     check_writable(cfg.out)
     # the pipeline's ValueError or missing file: bad input (exit 2)
@@ -104,7 +104,7 @@ def prepare(cfg: Config) -> Prepared:
         transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo, meta=jm.meta)
         layers = resolve_layers(jm.model, cfg.layers)
         specs = layer_specs(jm.model, layers, transform.crop)
-        cat = catalogue(jm.model)
+        cat = rf_layers(jm.model)
         rf = rf_table(jm.model, jm.name, transform.crop,
                       [*cat.values(), *(la for la in layers if la.name not in cat)])
     options = AnalysisOptions(top_k=cfg.top_k,
