@@ -142,13 +142,15 @@ class CKA:
         return self
 
     def state(self) -> dict[str, Any]:
-        return {"nets": [[n, list(layers)] for n, layers in self.nets],
+        """Plain values: the names, each network's layers, the (M, M) float64 sums, counts."""
+        return {"names": [n for n, _ in self.nets],
+                "layers": {n: list(layers) for n, layers in self.nets},
                 "precision": self.precision, "hsic": self.hsic.cpu().numpy(),
                 "batches": self.batches, "images": self.images}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "CKA":
-        acc = cls([(n, layers) for n, layers in s["nets"]], s["precision"])
+        acc = cls([(n, s["layers"][n]) for n in s["names"]], s["precision"])
         acc.hsic = torch.from_numpy(np.array(s["hsic"], dtype=np.float64))
         acc.batches, acc.images = int(s["batches"]), int(s["images"])
         return acc

@@ -21,7 +21,7 @@ networks have each layer name), one `ClassMeans` per (network, layer). Each decl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,8 +71,8 @@ class CompareSpec:
 
     names: tuple[str, str]                 # network A's and B's labels in the tables
     layers: tuple[str, ...]                # layer names present in both networks
-    shapes_a: tuple[tuple[int, ...], ...]  # per layer: (C, H, W) (or (C,)) of A's output
-    shapes_b: tuple[tuple[int, ...], ...]
+    shapes_a: tuple[tuple[int, int, int], ...]   # per layer: (C, H, W) of A's output
+    shapes_b: tuple[tuple[int, int, int], ...]   # ((C, 1, 1) for an (N, C) output)
     classes: int                           # labels are 0 .. classes-1 (-1: unknown)
     batch_size: int                        # B: the minibatch of the CKA estimator
     precision: str = "float64"             # the Gram products (pipeline.compare.cka)
@@ -84,13 +84,23 @@ class CompareSpec:
             raise ValueError("no layer to compare")
         if not len(self.layers) == len(self.shapes_a) == len(self.shapes_b):
             raise ValueError("one shape per layer and network")
+        if any(len(s) != 3 for s in (*self.shapes_a, *self.shapes_b)):
+            raise ValueError("shapes are (C, H, W)")
+
+    def state(self) -> dict[str, Any]:
+        """Plain values (lists of str, int64 arrays of the shapes)."""
+        return {"names": list(self.names), "layers": list(self.layers),
+                "shapes_a": np.asarray(self.shapes_a, np.int64).reshape(-1, 3),
+                "shapes_b": np.asarray(self.shapes_b, np.int64).reshape(-1, 3),
+                "classes": self.classes, "batch_size": self.batch_size,
+                "precision": self.precision}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CompareSpec":
-        """The spec from `asdict` (a state's plain form; lists back to tuples)."""
-        def tup(v: Any) -> Any:
-            return tuple(tup(x) for x in v) if isinstance(v, (list, tuple)) else v
-        return cls(**{k: tup(v) for k, v in d.items()})
+    def from_state(cls, s: dict[str, Any]) -> "CompareSpec":
+        return cls(tuple(s["names"]), tuple(s["layers"]),
+                   tuple(tuple(int(v) for v in r) for r in np.asarray(s["shapes_a"])),
+                   tuple(tuple(int(v) for v in r) for r in np.asarray(s["shapes_b"])),
+                   int(s["classes"]), int(s["batch_size"]), str(s["precision"]))
 
     def per(self, i: int) -> str:
         """Pearson samples of layer i: positions when both maps have one size, else images."""
@@ -148,18 +158,24 @@ class Comparison:
         return self
 
     def state(self) -> dict[str, Any]:
-        return {"spec": asdict(self.spec), "images": self.images,
+        """Plain numpy arrays and JSON values only (no pickled objects): `cross` by layer,
+        `select` by network then layer."""
+        select: dict[str, dict] = {}
+        for (net, layer), acc in self.select.items():
+            select.setdefault(net, {})[layer] = acc.state()
+        return {"spec": self.spec.state(), "images": self.images,
                 "batches": np.asarray(self.batches, np.int64), "cka": self.cka.state(),
-                "cross": [a.state() for a in self.cross.values()],
-                "select": [a.state() for a in self.select.values()]}
+                "cross": {layer: a.state() for layer, a in self.cross.items()},
+                "select": select}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "Comparison":
-        r = cls(CompareSpec.from_dict(s["spec"]))
+        r = cls(CompareSpec.from_state(s["spec"]))
         r.images, r.batches = int(s["images"]), [int(k) for k in s["batches"]]
         r.cka = CKA.from_state(s["cka"])
-        r.cross = {x["layer"]: CrossSums.from_state(x) for x in s["cross"]}
-        r.select = {key: ClassMeans.from_state(x) for key, x in zip(r.select, s["select"])}
+        r.cross = {layer: CrossSums.from_state(x) for layer, x in s["cross"].items()}
+        r.select = {(net, layer): ClassMeans.from_state(s["select"][net][layer])
+                    for net, layer in r.select}
         return r
 
     def tables(self) -> dict[str, pa.Table]:

@@ -201,3 +201,32 @@ def test_misuse_raises(pair):
         Comparison.from_state(r.state()).merge(r)
     with pytest.raises(ValueError, match="distinct names"):
         _spec(a, b, names=("x", "x"))
+
+
+def _assert_plain(state, path="state"):
+    """Only numeric numpy arrays, JSON scalars, lists of them and dicts with str keys: a
+    partial that loads without pickle (the rule of the accumulators' stored states)."""
+    assert isinstance(state, dict), path
+    for k, v in state.items():
+        assert isinstance(k, str), f"{path}: key {k!r}"
+        where = f"{path}[{k!r}]"
+        if isinstance(v, dict):
+            _assert_plain(v, where)
+        elif isinstance(v, np.ndarray):
+            assert v.dtype.kind in "biufc", where
+        elif isinstance(v, list):
+            assert all(isinstance(x, (str, int, float, bool, type(None))) for x in v), where
+        else:
+            assert isinstance(v, (str, int, float, bool, type(None))), where
+
+
+def test_state_is_plain_values_and_round_trips(pair):
+    a, b, images, labels = pair
+    spec = _spec(a, b, precision="float32")
+    res = _run(_runner(a, b), spec, images, labels, ranges=shard_ranges(N, B, shards=2))
+    s = res.state()
+    _assert_plain(s)
+    back = Comparison.from_state(s)
+    assert back.spec == spec and back.batches == res.batches
+    for name, t in back.tables().items():
+        assert t.equals(res.tables()[name]), name
