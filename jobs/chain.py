@@ -9,6 +9,7 @@
         # "train:resnet34:seed1", "[1/6] train:resnet34:seed1"
     analyze_argv(o, "resnet34", 0, layers, "out/train/resnet34/model.pt", recipe)
         # ["--checkpoint", ..., "--model", "resnet34", "--out", "out/analysis/resnet34", ...]
+    compare_pair(o)                    # ("resnet34", "plainnet34"): what jobs.compare compares
 
 Per-model options take a comma list in which `MODEL=` starts that model's items (items before
 any `MODEL=` apply to every model). Pure functions: no Ray, no I/O. Bad input raises ValueError
@@ -24,11 +25,12 @@ from pipeline.results import layout
 __all__ = ["PAPER_MODELS", "PAPER_LAYERS", "STAGES", "ChainOptions", "Layers", "items",
            "per_model", "check", "given_checkpoints", "layer_plan", "stage_name", "stage_tag",
            "flag", "train_argv", "analyze_argv", "ablate_argv", "actmax_argv",
-           "neuron_types_argv"]
+           "neuron_types_argv", "compare_pair", "compare_argv"]
 
 PAPER_MODELS = ("resnet34", "plainnet34")
 PAPER_LAYERS = "pool1,conv3,conv7"       # analysis and actmax layers of the ResNet family
-STAGES = ("train", "analyze", "ablate", "actmax", "neuron_types", "report")
+STAGES = ("train", "analyze", "ablate", "actmax", "neuron_types", "compare", "report")
+DEMO_COMPARE_BATCH = 64     # the demo's 400 validation images: 7 CKA minibatches
 
 
 class ChainOptions(Protocol):
@@ -236,3 +238,31 @@ def neuron_types_argv(o: ChainOptions, checkpoints: dict[str, str | None]) -> li
     return ["--from", o.out, "--out", layout.neuron_types_dir(o.out),
             *[a for m, ckpt in checkpoints.items() if ckpt and not ckpt.startswith(o.out)
               for a in ("--checkpoint", f"{m}={ckpt}")]]
+
+
+def compare_pair(o: ChainOptions) -> tuple[str, str] | None:
+    """The networks jobs.compare compares: the first two --models when both are of the ResNet
+    family (their paper names are the default layers: pool1, conv2 ... convN), else None."""
+    from pipeline.models.zoo import is_resnet
+
+    if len(o.models) < 2 or not all(is_resnet(m) for m in o.models[:2]):
+        return None
+    return o.models[0], o.models[1]
+
+
+def compare_argv(o: ChainOptions, pair: tuple[str, str], plan: dict[str, Layers],
+                 ckpts: tuple[str | None, str | None], recipe: dict | None) -> list[str]:
+    """jobs.compare of the pair (training seed 0) on the validation data, at the checkpoints'
+    own transform. The paper preset compares pool1 and every numbered conv; the demo keeps it
+    light: the layers both networks analysed plus the stage outputs, minibatches of 64 (a
+    quarter of --limit when that is smaller, at least 4)."""
+    a, b = pair
+    common = [x for x in plan[a].analysis.split(",") if x in plan[b].analysis.split(",")]
+    demo = o.preset == "demo"
+    batch = DEMO_COMPARE_BATCH if o.limit is None else max(4, min(DEMO_COMPARE_BATCH,
+                                                                 o.limit // 4))
+    layers = ",".join(dict.fromkeys([*common, "layer2", "layer3", "layer4"]))
+    return ["--models", f"{a},{b}", "--out", layout.compare_dir(o.out),
+            *(["--checkpoints", f"{ckpts[0]},{ckpts[1]}"] if all(ckpts) else []),
+            *_data(o), *_transform(recipe), *flag("--limit", o.limit),
+            *(["--layers", layers, "--batch-size", str(batch)] if demo else [])]

@@ -1,4 +1,5 @@
-"""The whole chain in one command: data -> train -> analyze -> ablate -> actmax -> types -> report.
+"""The whole chain in one command: data -> train -> analyze -> ablate -> actmax -> types -> compare
+-> report.
 
     python -m jobs.reproduce                    # embedded demo, ./results, ~5 min on 2 CPUs
     python -m jobs.reproduce --preset paper --train-data s3://b/imagenet/train \\
@@ -11,7 +12,8 @@ Each stage runs its job in this process (one Ray; the job's console nested in th
 warnings, epochs and long progress lines show) unless its final output exists under --out
 (local or s3://); an interrupted stage resumes from its own partials. --out has
 pipeline/results/layout.py's layout; training seeds s >= 1 (--seeds) go under seeds/<s>/, the combined
-census, ablation and Table 1 cover every seed, actmax, neuron types and the report use seed 0.
+census, ablation and Table 1 cover every seed, actmax, neuron types, the comparison of the
+first two models (jobs.compare: A×B, A×A and B×B) and the report use seed 0.
 Per-model options take a comma list in which `MODEL=` starts that model's items (items before
 any `MODEL=` apply to every model). Ray's log: <out>/_logs/ray.log; commands run: run.json.
 """
@@ -167,6 +169,19 @@ class Chain:
             tables.write_table(table1(tables.read_table(url["ablation"]),
                                       tables.read_table(url["census"])), url["table1"])
 
+    def compare(self) -> None:
+        """jobs.compare of the first two models (seed 0): A×B, A×A and B×B in one run."""
+        pair = chain.compare_pair(self.cfg)
+        ckpts = tuple(self.checkpoints.get((m, 0)) for m in pair) if pair else ()
+        if pair is None or (any(ckpts) and not all(ckpts)):
+            why = ("needs two ResNet-family models (run python -m jobs.compare --layers ... for "
+                   "others)" if pair is None else "one of the two models has no checkpoint")
+            self.skipped.append("compare")
+            return self.con.info(f"{chain.stage_tag('compare')}: {why}, skipped")
+        self.stage("compare", "compare", chain.compare_argv(
+            self.cfg, pair, self.plan, ckpts, self.recipes.get((pair[0], 0))),
+            layout.compare_table(self.out, "cka"))
+
     def run(self) -> None:
         """Train, analyse and ablate every model at every seed; actmax, neuron types and the
         report at seed 0."""
@@ -187,6 +202,7 @@ class Chain:
         self.stage("neuron_types", "neuron_types", chain.neuron_types_argv(
             self.cfg, {m: self.checkpoints.get((m, 0)) for m in models}),
             layout.neuron_types_table(self.out, "summary"))
+        self.compare()
         self.stage("report", "report", ["--out", self.out], None)   # rebuilt on every run
 
 

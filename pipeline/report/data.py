@@ -34,6 +34,9 @@ class ReportInputs:
     ablation: pa.Table | None = None      # ablation/ablation.parquet (Table 1 fallback)
     census: pa.Table | None = None        # ablation/census.parquet
     neuron_types: pa.Table | None = None  # neuron_types/summary.parquet
+    cka: pa.Table | None = None           # compare/cka.parquet (jobs.compare)
+    matches: pa.Table | None = None       # compare/matches.parquet
+    selectivity: pa.Table | None = None   # compare/selectivity.parquet
     filters: dict[str, np.ndarray] = field(default_factory=dict)   # model -> first conv (C,3,k,k)
     metrics: dict[str, pa.Table] = field(default_factory=dict)     # model -> train metrics
     runs: dict[str, dict] = field(default_factory=dict)            # model -> analysis run.json

@@ -101,6 +101,15 @@ def _load_results(out: str, inputs: ReportInputs) -> None:
         inputs.missing["neuron_types"] = f"no {summary}"
 
 
+def _load_compare(out: str, inputs: ReportInputs) -> None:
+    """jobs.compare's tables: under compare/ (reproduce layout), else at the top (its --out)."""
+    for name in ("cka", "matches", "selectivity"):
+        setattr(inputs, name, _first(layout.compare_table(out, name), join(out, f"{name}.parquet")))
+    if inputs.cka is None:
+        inputs.missing["compare"] = (f"no {layout.compare_table(out, 'cka')}: the chain compares "
+                                     "two ResNet-family models; else run python -m jobs.compare")
+
+
 def first_conv_filters(url: str, model: str) -> tuple[np.ndarray | None, str]:
     """A checkpoint's first convolution on RGB input (`conv1` of a ResNet, `features.0` of a
     VGG) in stimulus space, as the neuron-type census measures it
@@ -146,11 +155,13 @@ def load_inputs(out: str, warn: Callable[[str], None] = lambda msg: None) -> Rep
     inputs = ReportInputs(source=out)
     _load_analysis(out, inputs)
     _load_results(out, inputs)
+    _load_compare(out, inputs)
     _load_train(out, inputs, warn)
     tables = [inputs.rf, inputs.topk, inputs.mean, inputs.channels, inputs.actmax, inputs.table1,
-              inputs.ablation, inputs.neuron_types]
+              inputs.ablation, inputs.neuron_types, inputs.cka]
     if all(t is None for t in tables) and not inputs.metrics and not inputs.filters:
         raise ReportInputError(f"no results under {out}: expected analysis/<model>/stimuli/"
                                "*.parquet, ablation/table1.parquet, actmax/actmax.parquet, "
-                               "train/<model>/ or neuron_types/summary.parquet")
+                               "train/<model>/, neuron_types/summary.parquet or "
+                               "compare/cka.parquet")
     return inputs

@@ -33,8 +33,9 @@ def test_per_model_items_before_any_model_name_are_common():
 def test_stage_names_and_tags():
     assert chain.stage_name("train", "resnet34") == "train:resnet34"
     assert chain.stage_name("ablate", "vgg16", 2) == "ablate:vgg16:seed2"
-    assert chain.stage_tag("ablate:vgg16:seed2") == "[3/6] ablate:vgg16:seed2"
-    assert chain.stage_tag("report") == "[6/6] report"
+    assert chain.stage_tag("ablate:vgg16:seed2") == "[3/7] ablate:vgg16:seed2"
+    assert chain.stage_tag("compare") == "[6/7] compare"
+    assert chain.stage_tag("report") == "[7/7] report"
 
 
 def test_checks_name_the_flag_and_what_is_allowed():
@@ -80,3 +81,30 @@ def test_neuron_types_names_only_checkpoints_outside_out():
                                             "plainnet34": "s3://c/p.pt", "vgg16": None})
     assert argv == ["--from", "s3://b/r", "--out", "s3://b/r/neuron_types",
                     "--checkpoint", "plainnet34=s3://c/p.pt"]
+
+
+def test_compare_runs_on_the_first_two_resnet_family_models():
+    o = opts()
+    assert chain.compare_pair(o) == ("resnet34", "plainnet34")
+    assert chain.compare_pair(opts(models=("resnet50", "vgg16"))) is None
+    assert chain.compare_pair(opts(models=("resnet34",))) is None
+    assert chain.compare_pair(opts(models=("resnet18", "plainnet18", "vgg16"))) == \
+        ("resnet18", "plainnet18")
+    ckpts = ("s3://b/r/train/resnet34/model.pt", "s3://b/r/train/plainnet34/model.pt")
+    recipe = {"eval_resize": 256, "eval_crop": 224}
+    # the paper preset: the job's default layers (pool1, conv2 ... conv33) and minibatch (256)
+    assert chain.compare_argv(o, ("resnet34", "plainnet34"), chain.layer_plan(o), ckpts,
+                              recipe) == [
+        "--models", "resnet34,plainnet34", "--out", "s3://b/r/compare", "--checkpoints",
+        ",".join(ckpts), "--data", "s3://b/val", "--resize", "256", "--crop", "224"]
+    # the demo: the analysed layers both share, the stage outputs, minibatches of 64
+    demo = opts(preset="demo", train_data=None, data=None,
+                layers="pool1,conv3,plainnet34=pool1,conv7")
+    assert chain.compare_argv(demo, ("resnet34", "plainnet34"), chain.layer_plan(demo),
+                              (None, None), None) == [
+        "--models", "resnet34,plainnet34", "--out", "s3://b/r/compare",
+        "--layers", "pool1,layer2,layer3,layer4", "--batch-size", "64"]
+    limited = opts(preset="demo", limit=30)
+    argv = chain.compare_argv(limited, ("resnet34", "plainnet34"), chain.layer_plan(limited),
+                              ckpts, None)
+    assert argv[argv.index("--batch-size") + 1] == "7" and "--limit" in argv
