@@ -5,6 +5,7 @@
     python -m jobs.bench --width 64 --resize 256 --crop 224 --device cuda
     python -m jobs.bench --synthetic 5000 --images 5000 --device cuda --json   # ImageNet-size JPEGs
     python -m jobs.bench --model mobilenet_v3_small --layers features.1.block.0.2,features.3
+    python -m jobs.bench --compare --crop 224 --resize 256 --json   # jobs.compare's worker
 
 It times, on the same images and model (`pipeline.stats.benchmark.measure`, which says how): decoding
 files into model-ready batches (`--cpus` threads, then 1 and 2; nvJPEG on CUDA), the whole forward,
@@ -13,6 +14,10 @@ every accumulator; `--mean-all` adds the channel-wide mean), files to accumulato
 and the accumulators alone against the floor of reading the activations once. The JSON line adds
 the ratios, the projected seconds for 50,000 images and the worker state size of the paper layers
 of a full-size resnet34. Human-readable lines go to stdout first, stage lines to stderr.
+`--compare` times jobs.compare's worker instead (`pipeline.compare.benchmark`): --model and its
+PlainNet (or the same architecture with another seed) on the same images, the comparison step
+against the two truncated forwards alone, and its peak memory against the Gram and cross-sum
+sizes (minibatch --batch-size, default 256).
 """
 from __future__ import annotations
 
@@ -58,6 +63,9 @@ class Config(Options):
                            "process may use)", check=at_least(1))
     scaling_images: int = opt(256, "images decoded with 1 and with 2 threads (decode scaling)",
                               check=at_least(1))
+    compare: bool = opt(False, "time jobs.compare's worker: --model against its PlainNet on the "
+                        "same images, the comparison step against the two truncated forwards, "
+                        "and its peak memory (minibatch: --batch-size, default 256)")
 
     def check(self) -> None:
         if self.synthetic and self.data is not None and "://" in self.data:
@@ -97,6 +105,8 @@ def run(cfg: Config) -> dict[str, Any]:
             url = make_synthetic(cfg.data or tmp, cfg.synthetic) if cfg.synthetic else cfg.data
             data = resolve_data(url)
             transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
+        if cfg.compare:
+            return _compare(cfg, con, data, transform, device, cpus)
         batch = cfg.batch_size or default_batch_size(transform.crop)
         with bad_input(first_line=True):   # the message lists what is allowed
             runner = benchmark.bench_runner(
@@ -110,12 +120,41 @@ def run(cfg: Config) -> dict[str, Any]:
                   "data": "demo" if data.demo else ("synthetic" if cfg.synthetic else "files")}
 
 
+def _compare(cfg: Config, con: Console, data: Any, transform: Any, device: str,
+             cpus: int) -> dict[str, Any]:
+    """`--compare`: jobs.compare's worker on --images decoded images (pipeline.compare.benchmark)."""
+    import numpy as np
+
+    from pipeline.compare.benchmark import CompareBench, bench_pair, measure_compare
+    from pipeline.data.decode import load_batch
+    from pipeline.data.demo import DEMO_CROP, DEMO_WIDTH
+    from pipeline.models.zoo import is_resnet
+
+    plain = cfg.model.replace("resnet", "plainnet", 1) if cfg.model.startswith("resnet") else None
+    b = CompareBench((cfg.model, plain or cfg.model), cfg.layers, transform.crop,
+                     cfg.width or (DEMO_WIDTH if transform.crop <= DEMO_CROP else 64),
+                     cfg.batch_size or 256, "float32", device, cfg.repeats, cpus)
+    idx = np.arange(cfg.images) % len(data.manifest)
+    with bad_input(first_line=True):   # an unknown layer: the message lists what is allowed
+        pair = bench_pair(b)
+    if not is_resnet(cfg.model):
+        con.info(f"{cfg.model} has no PlainNet: B is {cfg.model} with another seed")
+    with con.stage("decode", quiet=True):
+        batch = load_batch(data.manifest, idx, transform)
+    with con.stage("measure"):
+        res = measure_compare(b, batch.images, np.maximum(batch.labels, 0) % b.classes,
+                              pair=pair)
+    return res | {"resize": transform.resize, "files": len(data.manifest),
+                  "data": "demo" if data.demo else ("synthetic" if cfg.synthetic else "files")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def body(cfg: Config) -> None:
+        from pipeline.compare.benchmark import compare_summary
         from pipeline.stats.benchmark import summary_lines
 
         res = run(cfg)
-        print("\n".join(summary_lines(res)))
+        print("\n".join(compare_summary(res) if cfg.compare else summary_lines(res)))
         if cfg.json:
             print(json.dumps(res, sort_keys=True))
     return run_cli(PROG, __doc__, Config, body, argv)

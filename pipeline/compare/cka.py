@@ -41,7 +41,9 @@ __all__ = ["CKA", "CKA_SCHEMA", "MIN_IMAGES", "PRECISIONS", "gram", "unbiased_hs
 
 MIN_IMAGES = 4                   # n(n−3) > 0: the unbiased estimator needs 4 images
 PRECISIONS = ("float64", "float32")
-_CHUNK_ELEMENTS = 1 << 22        # Gram columns converted/centred at a time (16-32 MiB)
+# Gram columns centred (and converted) at a time: few large blocks, since every small op costs a
+# thread synchronisation that a busy neighbour makes expensive (measured on 2 shared cores)
+_CHUNK_BYTES = 128 << 20
 
 CKA_SCHEMA = pa.schema([
     ("net_a", pa.string()), ("layer_a", pa.string()), ("net_b", pa.string()),
@@ -57,19 +59,42 @@ def _dtype(precision: str) -> torch.dtype:
     return torch.float64 if precision == "float64" else torch.float32
 
 
-def gram(x: Tensor, precision: str = "float64") -> Tensor:
+def _xxt(c: Tensor) -> Tensor:
+    """c cᵀ from three products of row halves (the lower-left block is the upper-right's
+    transpose): 3/4 of the multiplications of one product."""
+    h = c.shape[0] // 2
+    if h < 32:
+        return c @ c.T
+    top, bottom = c[:h], c[h:]
+    k = torch.empty((c.shape[0],) * 2, dtype=c.dtype, device=c.device)
+    k[:h, :h] = top @ top.T
+    k[:h, h:] = top @ bottom.T
+    k[h:, h:] = bottom @ bottom.T
+    k[h:, :h] = k[:h, h:].T
+    return k
+
+
+def gram(x: Tensor, precision: str = "float64", overwrite: bool = False) -> Tensor:
     """K = X̃X̃ᵀ (n, n) float64 with a zero diagonal, X̃ = X flattened per image minus its
-    minibatch mean, multiplied in `precision`, column block by column block (a block's
-    conversion and centring stay small; the blocks' products add in float64)."""
+    minibatch mean, multiplied in `precision`.
+
+    `overwrite` (float32 only, for a caller that owns `x` and is done with it): X is centred in
+    place and multiplied whole (no copy: the fastest path); otherwise column blocks of at most
+    `_CHUNK_BYTES` are converted and centred, and their products add in float64."""
     dt = _dtype(precision)
     n = x.shape[0]
     flat = x.reshape(n, -1)
-    width = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    k = torch.zeros((n, n), dtype=torch.float64, device=x.device)
-    for a in range(0, flat.shape[1], width):
-        block = flat[:, a:a + width].to(dt)
-        block = block - block.mean(0)
-        k += (block @ block.T).to(torch.float64)
+    if overwrite and dt == x.dtype == torch.float32 and flat.is_contiguous():
+        with torch.inference_mode(x.is_inference()):     # a Trace output may be one
+            flat -= flat.mean(0)
+            k = _xxt(flat).to(torch.float64)
+    else:
+        width = max(1, _CHUNK_BYTES // (max(n, 1) * (8 if dt == torch.float64 else 4)))
+        k = torch.zeros((n, n), dtype=torch.float64, device=x.device)
+        for a in range(0, flat.shape[1], width):
+            block = flat[:, a:a + width].to(dt)
+            block = block - block.mean(0)
+            k += _xxt(block).to(torch.float64)
     k = (k + k.T) * 0.5            # a GEMM need not return both triangles bit-equal
     k.fill_diagonal_(0.0)
     return k
@@ -117,9 +142,10 @@ class CKA:
         self.batches = 0
         self.images = 0
 
-    def update(self, features: Sequence[Tensor]) -> bool:
+    def update(self, features: Sequence[Tensor], overwrite: bool = False) -> bool:
         """One minibatch: a feature tensor (n, ...) per key, in `keys` order. Returns whether it
-        counted (n >= MIN_IMAGES)."""
+        counted (n >= MIN_IMAGES). `overwrite`: the caller is done with the tensors, which may be
+        centred in place (`gram`); one tensor given for several keys gets one Gram."""
         if len(features) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} feature tensors, got {len(features)}")
         n = int(features[0].shape[0])
@@ -127,7 +153,11 @@ class CKA:
             raise ValueError("every feature tensor of a minibatch must hold the same images")
         if n < MIN_IMAGES:
             return False
-        h = unbiased_hsic(torch.stack([gram(f, self.precision) for f in features]))
+        grams: dict[int, Tensor] = {}
+        for f in features:
+            if id(f) not in grams:
+                grams[id(f)] = gram(f, self.precision, overwrite)
+        h = unbiased_hsic(torch.stack([grams[id(f)] for f in features]))
         self.hsic = self.hsic.to(h.device) + h
         self.batches += 1
         self.images += n

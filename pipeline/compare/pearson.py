@@ -28,10 +28,12 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from pipeline.compare.scan import LayerScan
+
 __all__ = ["CrossSums", "MATCHES_SCHEMA", "PER", "correlation", "match"]
 
 PER = ("position", "image")
-_CHUNK_ELEMENTS = 1 << 22        # float64 copies made at a time (32 MiB)
+_CHUNK_ELEMENTS = 1 << 24        # float64 samples copied at a time per network (128 MiB)
 
 MATCHES_SCHEMA = pa.schema([
     ("net_a", pa.string()), ("net_b", pa.string()), ("layer", pa.string()),
@@ -52,6 +54,14 @@ def _samples(acts: Tensor, per: str, start: int, stop: int) -> Tensor:
     out = torch.empty((c, m, a.shape[2] * a.shape[3]), dtype=torch.float64, device=a.device)
     out.copy_(a.flatten(2).transpose(0, 1))
     return out.view(c, -1)
+
+
+def _extremes(scan: LayerScan, per: str) -> tuple[Tensor, Tensor]:
+    """Each channel's minimum and maximum sample (float64): over every image and position, or
+    over the images' spatial means."""
+    if per == "image":
+        return scan.means.amin(0), scan.means.amax(0)
+    return scan.lo.amin(0).to(torch.float64), scan.hi.amax(0).to(torch.float64)
 
 
 def correlation(n: float, sx: np.ndarray, sy: np.ndarray, sxx: np.ndarray, syy: np.ndarray,
@@ -118,8 +128,10 @@ class CrossSums:
         self.lo = [t.to(device) for t in self.lo]
         self.hi = [t.to(device) for t in self.hi]
 
-    def update(self, acts_a: Tensor, acts_b: Tensor) -> "CrossSums":
-        """One batch of the same images in both networks (any device; state follows it)."""
+    def update(self, acts_a: Tensor, acts_b: Tensor,
+               scans: tuple[LayerScan, LayerScan] | None = None) -> "CrossSums":
+        """One batch of the same images in both networks (any device; state follows it);
+        `scans`: their `LayerScan`s when the caller has them (else they are read here)."""
         n = int(acts_a.shape[0])
         if int(acts_b.shape[0]) != n:
             raise ValueError("both networks' activations must hold the same images")
@@ -133,20 +145,26 @@ class CrossSums:
             return self
         if self.sxy.device != acts_a.device:
             self._to(acts_a.device)
-        per_image = max(1, int(np.prod(acts_a.shape[1:])) + int(np.prod(acts_b.shape[1:])))
+        scans = scans or (LayerScan.of(acts_a), LayerScan.of(acts_b))
+        per_image = max(int(np.prod(acts_a.shape[1:])), int(np.prod(acts_b.shape[1:])), 1)
         step = max(1, _CHUNK_ELEMENTS // per_image)
         for a in range(0, n, step):
             x = _samples(acts_a, self.per, a, min(a + step, n))
             y = _samples(acts_b, self.per, a, min(a + step, n))
             self.n += x.shape[1]
-            self.sx += x.sum(1)
-            self.sy += y.sum(1)
-            self.sxx += (x * x).sum(1)
-            self.syy += (y * y).sum(1)
+            # ‖x‖² is Σx² in one read (no x*x temporary), to ~1e-16 relative
+            self.sxx += torch.linalg.vector_norm(x, dim=1) ** 2
+            self.syy += torch.linalg.vector_norm(y, dim=1) ** 2
             self.sxy += x @ y.T
-            for k, v in enumerate((x, y)):
-                self.lo[k] = torch.minimum(self.lo[k], v.amin(1))
-                self.hi[k] = torch.maximum(self.hi[k], v.amax(1))
+        for k, scan in enumerate(scans):     # Σ and extremes from the scan: no further read
+            total = scan.sums.sum(0) if self.per == "position" else scan.means.sum(0)
+            if k == 0:
+                self.sx += total
+            else:
+                self.sy += total
+            lo, hi = _extremes(scan, self.per)
+            self.lo[k] = torch.minimum(self.lo[k], lo)
+            self.hi[k] = torch.maximum(self.hi[k], hi)
         return self
 
     def merge(self, other: "CrossSums") -> "CrossSums":

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from pipeline.compare.cka import CKA, CKA_SCHEMA
 from pipeline.compare.pearson import MATCHES_SCHEMA, CrossSums
+from pipeline.compare.scan import LayerScan
 from pipeline.compare.selectivity import SELECTIVITY_SCHEMA, ClassMeans
 
 __all__ = ["CompareSpec", "Comparison", "shard_ranges", "minibatch_of", "merge_states",
@@ -124,9 +125,12 @@ class Comparison:
         self.batches: list[int] = []           # minibatches seen (any size), for the checks
 
     def update(self, acts_a: dict[str, Tensor], acts_b: dict[str, Tensor],
-               indices: np.ndarray, labels: np.ndarray) -> "Comparison":
+               indices: np.ndarray, labels: np.ndarray, overwrite: bool = False) -> "Comparison":
         """One minibatch: each network's activations per layer (n, ...) of the same images,
-        their image_index (n,) (all in one minibatch) and labels (n,)."""
+        their image_index (n,) (all in one minibatch) and labels (n,). Each layer is read once
+        for the per-image figures (`LayerScan`) that matches and selectivity share; the CKA
+        comes last and, with `overwrite` (the caller is done with the activations), centres
+        them in place."""
         n = len(indices)
         if n == 0:
             return self
@@ -135,11 +139,16 @@ class Comparison:
             raise ValueError(f"minibatch {k} given twice")
         self.batches.append(k)
         layers, (na, nb) = self.spec.layers, self.spec.names
-        self.cka.update([acts_a[x] for x in layers] + [acts_b[x] for x in layers])
+        scans: dict[int, LayerScan] = {}        # one tensor (a self-comparison): one scan
+        for t in (*(acts_a[x] for x in layers), *(acts_b[x] for x in layers)):
+            if id(t) not in scans:
+                scans[id(t)] = LayerScan.of(t)
         for layer in layers:
-            self.cross[layer].update(acts_a[layer], acts_b[layer])
-            self.select[(na, layer)].update(acts_a[layer], labels)
-            self.select[(nb, layer)].update(acts_b[layer], labels)
+            a, b = acts_a[layer], acts_b[layer]
+            self.cross[layer].update(a, b, (scans[id(a)], scans[id(b)]))
+            self.select[(na, layer)].update(a, labels, scans[id(a)])
+            self.select[(nb, layer)].update(b, labels, scans[id(b)])
+        self.cka.update([acts_a[x] for x in layers] + [acts_b[x] for x in layers], overwrite)
         self.images += n
         return self
 

@@ -80,9 +80,11 @@ class PairRunner:
         if images.shape[0] == 0:
             return
         acts_a, acts_b = self.activations(images)
-        # no_grad, not inference_mode: the state must stay updatable outside it (merge)
+        # no_grad, not inference_mode: the state must stay updatable outside it (merge); the
+        # activations are ours and done with after the update: the CKA may centre them in place
         with torch.no_grad():
-            result.update(acts_a, acts_b, np.asarray(indices), np.asarray(labels))
+            result.update(acts_a, acts_b, np.asarray(indices), np.asarray(labels),
+                          overwrite=True)
 
 
 def runner_from_blobs(blobs: tuple[dict, dict], layers: tuple[tuple[str, ...], tuple[str, ...]],

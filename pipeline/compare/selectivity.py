@@ -24,6 +24,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from pipeline.compare.scan import LayerScan
+
 __all__ = ["ClassMeans", "SELECTIVITY_SCHEMA", "selectivity"]
 
 SELECTIVITY_SCHEMA = pa.schema([
@@ -66,8 +68,10 @@ class ClassMeans:
         self.sums = torch.zeros((self.classes, self.channels), dtype=torch.float64)
         self.counts = torch.zeros(self.classes, dtype=torch.int64)
 
-    def update(self, acts: Tensor, labels: "Tensor | np.ndarray") -> "ClassMeans":
-        """One batch: activations (n, C, H, W) or (n, C) on any device, labels (n,)."""
+    def update(self, acts: Tensor, labels: "Tensor | np.ndarray",
+               scan: LayerScan | None = None) -> "ClassMeans":
+        """One batch: activations (n, C, H, W) or (n, C) on any device, labels (n,); `scan`:
+        their `LayerScan` when the caller has one (its means serve when nothing is negative)."""
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
         if labels.numel() != acts.shape[0]:
             raise ValueError(f"{labels.numel()} labels for {acts.shape[0]} images")
@@ -79,9 +83,11 @@ class ClassMeans:
         keep = labels >= 0
         if not bool(keep.any()):
             return self
-        a = acts if acts.dim() > 2 else acts[:, :, None, None]
-        area = a.shape[2] * a.shape[3]
-        means = a.clamp_min(0).sum((2, 3), dtype=torch.float64) / area       # (n, C)
+        if scan is not None and scan.nonnegative:       # post-ReLU: max(a, 0) is a
+            means = scan.means
+        else:
+            a = acts if acts.dim() > 2 else acts[:, :, None, None]
+            means = a.clamp_min(0).sum((2, 3), dtype=torch.float64) / (a.shape[2] * a.shape[3])
         dev = means.device
         if self.sums.device != dev:
             self.sums, self.counts = self.sums.to(dev), self.counts.to(dev)

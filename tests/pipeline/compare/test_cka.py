@@ -197,8 +197,8 @@ def test_float32_gram_within_1e6_of_float64_on_real_features():
             a = capture(net, images, layers)
             b = capture(net, images.flip(3), layers)                 # B sees mirrored images
         feats = [a[x] for x in names] + [b[x] for x in names]
-        for acc in both.values():
-            acc.update(feats)
+        both["float64"].update(feats)
+        both["float32"].update([f.clone() for f in feats], overwrite=True)   # the job's path
     c32, c64 = (cka_grid(both[p].mean_hsic()) for p in ("float32", "float64"))
     assert np.isfinite(c64).all() and c64.min() < 0.95
     assert np.abs(c32 - c64).max() < 1e-6
@@ -214,3 +214,26 @@ def test_state_is_plain_arrays_and_device_follows_features():
         back.merge(CKA([("A", ["x"]), ("C", ["y"])]))
     with pytest.raises(ValueError, match="invalid precision"):
         CKA([("A", ["x"])], "float16")
+
+
+def test_gram_paths_agree_and_overwrite_centres_in_place():
+    """Large minibatches take the three-block product; `overwrite` centres the caller's float32
+    tensor in place (also a Trace output made under inference_mode) and gives the same Gram."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.relu(torch.randn((80, 5, 6, 6), generator=g) + 1.0)
+    flat = x.double().reshape(80, -1).numpy()
+    c = flat - flat.mean(0)
+    want = c @ c.T
+    np.fill_diagonal(want, 0.0)
+    np.testing.assert_allclose(gram(x, "float64").numpy(), want, rtol=1e-12, atol=1e-9)
+    copy = gram(x, "float32")
+    with torch.inference_mode():
+        owned = x.clone()
+    in_place = gram(owned, "float32", overwrite=True)
+    np.testing.assert_allclose(in_place.numpy(), copy.numpy(), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(in_place.numpy(), want, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(owned.reshape(80, -1).double().numpy(), c, atol=1e-5)  # centred
+    assert torch.equal(gram(x, "float32"), copy)                     # x itself untouched
+    acc = CKA([("A", ["l"]), ("B", ["l"])], "float32")
+    assert acc.update([owned, owned], overwrite=True)                 # one tensor: one Gram
+    assert abs(acc.to_table().to_pylist()[0]["cka"] - 1.0) < 1e-12

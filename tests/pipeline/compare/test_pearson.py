@@ -145,7 +145,7 @@ def test_large_batches_are_cut_into_chunks_with_the_same_sums(monkeypatch):
 
     a, b = _pair(0, 12)
     whole = _acc([(a, b)])
-    monkeypatch.setattr(pearson, "_CHUNK_ELEMENTS", 100)      # ~1 image per chunk
+    monkeypatch.setattr(pearson, "_CHUNK_ELEMENTS", 100)      # 1 image per chunk
     chunked = _acc([(a, b)])
     np.testing.assert_allclose(chunked.sxy.numpy(), whole.sxy.numpy(), rtol=1e-13)
     np.testing.assert_allclose(chunked.correlation(), whole.correlation(), atol=1e-12)

@@ -1,0 +1,42 @@
+"""One read of a layer's batch for the accumulators that need per-image figures.
+
+    scan = LayerScan.of(acts)          # acts (n, C, H, W) or (n, C)
+    scan.sums, scan.lo, scan.hi        # (n, C): float64 spatial sums, spatial min and max
+    scan.nonnegative                   # every value >= 0 (a post-ReLU layer)
+
+`CrossSums` (Σx and each channel's extremes) and `ClassMeans` (the per-image spatial means of
+max(activation, 0), which are the plain means when nothing is negative) both read it instead of
+passing over the activations again: on CPU every pass over a 224-px layer costs as much as a
+small matrix product.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerScan"]
+
+
+@dataclass
+class LayerScan:
+    sums: Tensor        # (n, C) float64: each image's sum over positions
+    lo: Tensor          # (n, C): each image's smallest value (the activations' dtype)
+    hi: Tensor          # (n, C): largest
+    area: int           # positions per image (H * W)
+
+    @classmethod
+    def of(cls, acts: Tensor) -> "LayerScan":
+        a = acts if acts.dim() > 2 else acts[:, :, None, None]
+        f = a.flatten(2)
+        return cls(f.sum(2, dtype=torch.float64), f.amin(2), f.amax(2), f.shape[2])
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.lo.numel() == 0 or bool(self.lo.min() >= 0)
+
+    @property
+    def means(self) -> Tensor:
+        """(n, C) float64 spatial means."""
+        return self.sums / self.area
