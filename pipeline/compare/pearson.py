@@ -57,8 +57,8 @@ def _samples(acts: Tensor, per: str, start: int, stop: int) -> Tensor:
 
 
 def _extremes(scan: LayerScan, per: str) -> tuple[Tensor, Tensor]:
-    """Each channel's minimum and maximum sample (float64): over every image and position, or
-    over the images' spatial means."""
+    """Each channel's minimum and maximum sample (float64): over every image and position
+    (exact), or over the images' spatial means (a constant channel: all means equal)."""
     if per == "image":
         return scan.means.amin(0), scan.means.amax(0)
     return scan.lo.amin(0).to(torch.float64), scan.hi.amax(0).to(torch.float64)
@@ -152,16 +152,13 @@ class CrossSums:
             x = _samples(acts_a, self.per, a, min(a + step, n))
             y = _samples(acts_b, self.per, a, min(a + step, n))
             self.n += x.shape[1]
+            self.sx += x.sum(1)
+            self.sy += y.sum(1)
             # ‖x‖² is Σx² in one read (no x*x temporary), to ~1e-16 relative
             self.sxx += torch.linalg.vector_norm(x, dim=1) ** 2
             self.syy += torch.linalg.vector_norm(y, dim=1) ** 2
             self.sxy += x @ y.T
-        for k, scan in enumerate(scans):     # Σ and extremes from the scan: no further read
-            total = scan.sums.sum(0) if self.per == "position" else scan.means.sum(0)
-            if k == 0:
-                self.sx += total
-            else:
-                self.sy += total
+        for k, scan in enumerate(scans):     # the extremes from the scan: no further read
             lo, hi = _extremes(scan, self.per)
             self.lo[k] = torch.minimum(self.lo[k], lo)
             self.hi[k] = torch.maximum(self.hi[k], hi)

@@ -1,13 +1,16 @@
 """One read of a layer's batch for the accumulators that need per-image figures.
 
     scan = LayerScan.of(acts)          # acts (n, C, H, W) or (n, C)
-    scan.sums, scan.lo, scan.hi        # (n, C): float64 spatial sums, spatial min and max
+    scan.sums, scan.lo, scan.hi        # (n, C): spatial sums (float32, kept as float64), min, max
     scan.nonnegative                   # every value >= 0 (a post-ReLU layer)
 
-`CrossSums` (Σx and each channel's extremes) and `ClassMeans` (the per-image spatial means of
+`CrossSums` (each channel's extremes, exact) and `ClassMeans` (the per-image spatial means of
 max(activation, 0), which are the plain means when nothing is negative) both read it instead of
 passing over the activations again: on CPU every pass over a 224-px layer costs as much as a
-small matrix product.
+small matrix product. Each image's sum is a float32 sum of its H·W values (~1e-7 relative, as
+`pipeline.stats.accumulators.ChannelStats` keeps them; summing with dtype=float64 would first
+copy the whole layer to float64); the same image always gives the same bits, since minibatches
+never depend on shards.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ __all__ = ["LayerScan"]
 
 @dataclass
 class LayerScan:
-    sums: Tensor        # (n, C) float64: each image's sum over positions
+    sums: Tensor        # (n, C) float64: each image's float32 sum over positions
     lo: Tensor          # (n, C): each image's smallest value (the activations' dtype)
     hi: Tensor          # (n, C): largest
     area: int           # positions per image (H * W)
@@ -30,7 +33,7 @@ class LayerScan:
     def of(cls, acts: Tensor) -> "LayerScan":
         a = acts if acts.dim() > 2 else acts[:, :, None, None]
         f = a.flatten(2)
-        return cls(f.sum(2, dtype=torch.float64), f.amin(2), f.amax(2), f.shape[2])
+        return cls(f.sum(2).to(torch.float64), f.amin(2), f.amax(2), f.shape[2])
 
     @property
     def nonnegative(self) -> bool:

@@ -5,8 +5,9 @@
     acc.merge(other)                   # per-class float64 sums and image counts add
     acc.to_table("resnet34")           # selectivity.parquet rows, one per channel
 
-Each image contributes its spatial mean of max(activation, 0) per channel (summed in float64)
-to its class. With μ_c the class-conditional mean over the classes that have at least one image
+Each image contributes its spatial mean of max(activation, 0) per channel to its class: a
+float32 sum over the image's positions (~1e-7 relative, like ChannelStats' mean; the same image
+always gives the same bits), added per class in float64. With μ_c the class-conditional mean over the classes that have at least one image
 (`n_classes` of them), μ_max the largest (`top_class`: its label, the lowest on ties) and μ_rest
 the mean of the other classes' μ_c, the class selectivity index (Morcos, Barrett, Rabinowitz &
 Botvinick 2018, "On the importance of single directions for generalization", ICLR) is
@@ -87,7 +88,7 @@ class ClassMeans:
             means = scan.means
         else:
             a = acts if acts.dim() > 2 else acts[:, :, None, None]
-            means = a.clamp_min(0).sum((2, 3), dtype=torch.float64) / (a.shape[2] * a.shape[3])
+            means = a.clamp_min(0).sum((2, 3)).to(torch.float64) / (a.shape[2] * a.shape[3])
         dev = means.device
         if self.sums.device != dev:
             self.sums, self.counts = self.sums.to(dev), self.counts.to(dev)

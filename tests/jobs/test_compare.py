@@ -176,7 +176,7 @@ def test_tables_equal_a_direct_computation(single, data):
         top = int(np.argmax(means[:, c]))
         rest = (means[:, c].sum() - means[top, c]) / 2
         assert row["top_class"] == top and row["n_classes"] == 3
-        assert abs(row["selectivity"] - (means[top, c] - rest) / (means[top, c] + rest)) < 1e-12
+        assert abs(row["selectivity"] - (means[top, c] - rest) / (means[top, c] + rest)) < 1e-6     # float32 image sums
 
 
 def test_one_checkpoint_against_itself(ray_cluster, data):

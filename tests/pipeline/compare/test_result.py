@@ -132,7 +132,7 @@ def test_tables_against_the_captured_activations(pair):
             assert np.isnan(row["selectivity"])
             continue
         assert row["top_class"] == present[top] and row["n_classes"] == len(present)
-        assert abs(row["selectivity"] - (means[top, c] - rest) / (means[top, c] + rest)) < 1e-12
+        assert abs(row["selectivity"] - (means[top, c] - rest) / (means[top, c] + rest)) < 1e-6     # float32 image sums
 
 
 def test_shards_merged_equal_one_pass(pair):

@@ -53,7 +53,7 @@ def test_selectivity_equals_direct_computation():
         assert got["n_classes"] == w["n_classes"] == 4            # 0, 1, 2, 4
         assert got["images"] == int((labels >= 0).sum())
         for k in ("selectivity", "mu_max", "mu_rest"):
-            assert got[k] == pytest.approx(w[k], rel=1e-12, abs=1e-15)
+            assert got[k] == pytest.approx(w[k], rel=1e-6, abs=1e-12)   # float32 image sums
         assert 0 < got["selectivity"] < 1
 
 
