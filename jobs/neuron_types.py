@@ -1,4 +1,4 @@
-"""Neuron-type census: orientation-selective, double-opponent, single-opponent or other types.
+"""Neuron-type census: orientation-selective, double-opponent, single-opponent, other or no structure.
 
     python -m jobs.neuron_types --from ./results --out ./results/neuron_types   # reproduce root
     python -m jobs.neuron_types --from ./out/analysis-resnet34 --actmax ./out/actmax \\
@@ -8,8 +8,11 @@ Patterns: the first conv on RGB input of each checkpoint (any model) in stimulus
 mean preferred stimuli (stimuli/mean.parquet) and the actmax images (actmax.parquet); a
 reproduce root (training seed 0) holds all three. Each chunk of channels is one jobs.runtime.engine unit
 reading only its own rows (a rerun resumes); `pipeline.census.inputs` finds and reads the
-inputs, `pipeline.census.patterns` measures them. Writes <out>/neuron_types.parquet,
-<out>/summary.parquet and <out>/run.json and prints the summary (docs/neuron_types.md).
+inputs, `pipeline.census.patterns` measures them. Every pattern is read against its null and its
+noise (a mean stimulus against stimuli/baseline.parquet, the mean patch of all images, with the
+standard error of its count); below the floor it is 'no structure'. Writes
+<out>/neuron_types.parquet, <out>/summary.parquet (types), <out>/properties.parquet (each property
+on its own) and <out>/run.json and prints both counts (docs/neuron_types.md).
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ from jobs.runtime.inputs import check_writable
 from jobs.runtime.console import Console, init_ray
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import write_run
-from pipeline.census.patterns import (OUT_SCHEMA, SOURCES, SUMMARY_SCHEMA, PatternError,
-                                      format_summary, sort_rows, summarise)
+from pipeline.census.patterns import (OUT_SCHEMA, PROPERTY_SCHEMA, SOURCES, SUMMARY_SCHEMA,
+                                      PatternError, format_summary, properties, sort_rows,
+                                      summarise)
 
 __all__ = ["NeuronTypesConfig", "OUT_SCHEMA", "SUMMARY_SCHEMA", "format_summary", "store", "main",
            "run"]
@@ -92,7 +96,7 @@ def _setup(cfg: NeuronTypesConfig):
         chunks = ni.plan_chunks(found, cfg.wants, cfg.neuron, cfg.neutral, prep, cfg.thresholds,
                                 cfg.chunk)
     urls = found.mean + found.actmax + [u for _, u in found.checkpoints]
-    return found, filters, chunks, [ni.stamp(u) for u in urls]
+    return found, prep, filters, chunks, [ni.stamp(u) for u in urls]
 
 
 def store(cfg: NeuronTypesConfig, stamps: list, device: engine.Device) -> engine.Store:
@@ -129,13 +133,17 @@ def run(cfg: NeuronTypesConfig) -> dict:
 
     con = Console("neuron_types")
     with con.stage("setup", quiet=True):      # inputs, then the filters (tiny: on the driver)
-        found, filters, chunks, stamps = _setup(cfg)
+        found, prep, filters, chunks, stamps = _setup(cfg)
         check_writable(cfg.out)
-        parts = filter_rows(filters if "filter" in cfg.wants else [], cfg.thresholds)
+        parts = filter_rows(filters if "filter" in cfg.wants else [], cfg.thresholds, prep)
     work = {"setup": sum(p.num_rows for p in parts), "measure": 0}     # patterns per stage
     for source, have in (("filter", filters), ("actmax", found.actmax)):
         if source in cfg.wants and not have:
             con.info(f"no {source} input, skipping the '{source}' source")
+    for url in [u for u in found.mean if u not in found.baseline] if "mean" in cfg.wants else []:
+        con.warn(f"no baseline.parquet beside {url} (results from before the baseline table): "
+                 "its mean stimuli are read against the neutral colour, without the mean patch "
+                 "of all images as null")
     stats, st, device = None, None, None
     if chunks:
         with con.stage("measure"):
@@ -143,10 +151,11 @@ def run(cfg: NeuronTypesConfig) -> dict:
             parts.append(rows)
             work["measure"] = rows.num_rows
     rows = sort_rows(pa.concat_tables(parts) if parts else OUT_SCHEMA.empty_table())
-    summary = summarise(rows)
+    summary, props = summarise(rows), properties(rows)
     with con.stage("write", quiet=True):
         write_table(rows, join(cfg.out, "neuron_types.parquet"), OUT_SCHEMA)
         write_table(summary, join(cfg.out, "summary.parquet"), SUMMARY_SCHEMA)
+        write_table(props, join(cfg.out, "properties.parquet"), PROPERTY_SCHEMA)
     info = write_run(
         cfg.out, "neuron_types", cfg.to_dict(), device=device,
         fingerprint=st.fingerprint if st else "", seconds=con.seconds, total_seconds=con.wall,
@@ -154,11 +163,11 @@ def run(cfg: NeuronTypesConfig) -> dict:
                 "tasks": len(chunks)}, work=rows.num_rows, unit="patterns",
         stage_work=work,
         warnings=con.warnings, details={"inputs": {
-            "mean": found.mean, "actmax": found.actmax,
+            "mean": found.mean, "baseline": found.baseline, "actmax": found.actmax,
             "checkpoints": [u for _, u in found.checkpoints]}})
     if st is not None:
         st.clear()
-    con.result(format_summary(summary))
+    con.result(format_summary(summary, props))
     return info
 
 

@@ -7,7 +7,8 @@ Pure table building, no I/O and no Ray; `jobs.ablate` and `jobs.reproduce` write
     inactive = inactive_channels(census)      # channels whose output is 0 everywhere
     rows = ablation_table(model, "pool1", inactive, subsets, [(plan, sums.totals()), ...], seeds)
     t1 = table1(rows, census)                 # mean ± std over noise (or training) seeds
-    print(format_table1(t1, census))
+    print(format_table1(t1, census))          # the console's Table 1
+    cells = table1_cells(t1.to_pylist()[0])   # one row's display strings (the report's table)
 
 The noise, the plans and the evaluation sums behind these rows are `pipeline.ablation.noise`.
 """
@@ -22,7 +23,7 @@ from pipeline.ablation.noise import CONDITIONS, Plan, Subset
 
 __all__ = ["NEAR_DEAD_FRACTION", "CENSUS_SCHEMA", "census_table", "inactive_channels",
            "ABLATION_SCHEMA", "TABLE1_SCHEMA", "ablation_table", "table1", "format_table1",
-           "no_inactive_note"]
+           "table1_cells", "no_inactive_note"]
 
 NEAR_DEAD_FRACTION = 1e-3   # "near dead": positive on fewer than 0.1 % of positions
 
@@ -98,6 +99,9 @@ TABLE1_SCHEMA = pa.schema([
     ("train_seed_ids", pa.list_(pa.int64())), ("inactive_mean", pa.float64()),
     ("inactive_std", pa.float64()), ("inactive_per_seed", pa.list_(pa.int32())),
     ("delta_loss_per_seed", pa.list_(pa.float64())), ("std_across", pa.string()),
+    # the training seeds whose ΔL (ΔL_rnd, control ΔL) enters the row: those with inactive
+    # channels; `train_seeds` is every seed run
+    ("contributing_seeds", pa.int32()),
 ])
 
 
@@ -192,7 +196,9 @@ def table1(ablation: pa.Table, census: pa.Table) -> pa.Table:
     sample std (ddof 1) across training seeds (`std_across` = "training seeds"). With a single
     training seed the std is over noise seeds, as the paper's single run allows ("noise
     seeds"). Training seeds without inactive channels have no ΔL (null in
-    `delta_loss_per_seed`, named in `note`) and do not enter the mean.
+    `delta_loss_per_seed`, named in `note`) and do not enter the mean: `contributing_seeds`
+    counts those that do, `train_seeds` every seed run, and every formatted cell says
+    "n = contributing of run". The inactive count is over every training seed.
     """
     rows = []
     abl, cen = ablation.to_pylist(), census.to_pylist()
@@ -237,25 +243,25 @@ def _stat(mine: list[dict], tseeds: list[int], cond: str, sub: Subset | None = N
     mean, std = _mean_std(per_seed) if multi else _mean_std(by_seed[tseeds[0]])
     notes = sorted({(f"train seed {_train_seed(r)}: " if multi else "") + r["note"]
                     for r in sel if r["note"]})
-    return mean, std, per_seed, notes
+    return mean, std, per_seed, notes, sum(v is not None for v in per_seed)
 
 
 def _table1_rows(model: str, layer: str, mine: list[dict], chans: list[dict]) -> list[dict]:
     tseeds = sorted({_train_seed(r) for r in mine})
     common = _common_cells(model, layer, mine, chans, tseeds)
-    dl, dl_std, dl_seeds, notes = _stat(mine, tseeds, "inactive-all")
-    cl, cl_std, _, cnotes = _stat(mine, tseeds, "control-active")
+    dl, dl_std, dl_seeds, notes, n = _stat(mine, tseeds, "inactive-all")
+    cl, cl_std, _, cnotes, _ = _stat(mine, tseeds, "control-active")
     rows = [{**common, "condition": "inactive-all", "fraction": None, "subset_channels": None,
              "delta_loss_mean": dl, "delta_loss_std": dl_std, "control_delta_loss_mean": cl,
              "control_delta_loss_std": cl_std, "delta_loss_per_seed": dl_seeds,
-             "note": "; ".join(sorted(set(notes + cnotes)))}]
+             "contributing_seeds": n, "note": "; ".join(sorted(set(notes + cnotes)))}]
     subs = sorted({s for s in map(_row_subset, mine) if s is not None}, key=lambda s: s.key)
     for sub in subs:
-        rl, rl_std, rl_seeds, rnotes = _stat(mine, tseeds, "inactive-random", sub)
+        rl, rl_std, rl_seeds, rnotes, n = _stat(mine, tseeds, "inactive-random", sub)
         rows.append({**common, "condition": "inactive-random", "fraction": sub.fraction,
                      "subset_channels": sub.count, "delta_loss_rnd_mean": rl,
                      "delta_loss_rnd_std": rl_std, "delta_loss_per_seed": rl_seeds,
-                     "note": "; ".join(rnotes)})
+                     "contributing_seeds": n, "note": "; ".join(rnotes)})
     return rows
 
 
@@ -263,6 +269,18 @@ def _pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "n/a"
     return f"{mean:+.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _n(r: dict[str, Any]) -> str:
+    """How many seeds a ΔL cell stands on: training seeds that have inactive channels out of
+    those run, or (one training seed) the noise seeds its ± is over."""
+    run = r.get("train_seeds") or 1
+    if run == 1:
+        return f"(n = {r['seeds']} noise seeds)" if r.get("seeds") else ""
+    used = r.get("contributing_seeds")
+    if used is None:   # a table written before the column: the seeds with a ΔL
+        used = sum(v is not None for v in r.get("delta_loss_per_seed") or [])
+    return f"(n = {used} of {run})"
 
 
 def _noised(r: dict[str, Any]) -> str:
@@ -280,23 +298,38 @@ def _inactive_cell(r: dict[str, Any]) -> str:
     return f"{r['inactive_mean']:.1f}±{r['inactive_std']:.1f}/{r['channels']}"
 
 
+def table1_cells(r: dict[str, Any]) -> dict[str, str]:
+    """One table1.parquet row as display strings, the one formatting of Table 1 (the console's
+    `format_table1` and the report both use it): model, layer, training seeds, inactive (mean ±
+    std over every training seed), noised, ΔL (ΔL_rnd on random-subset rows) and control ΔL,
+    each with the seeds it stands on, clean loss and top-1, note."""
+    if r["condition"] == "inactive-all":
+        delta = _pm(r["delta_loss_mean"], r["delta_loss_std"])
+        control = _pm(r["control_delta_loss_mean"], r["control_delta_loss_std"])
+        control = f"{control} {_n(r)}".rstrip()
+    else:
+        delta, control = _pm(r["delta_loss_rnd_mean"], r["delta_loss_rnd_std"]), ""
+    return {"model": r["model"], "layer": r["layer"], "training seeds": str(r["train_seeds"]),
+            "inactive": _inactive_cell(r), "noised": _noised(r),
+            "ΔL": f"{delta} {_n(r)}".rstrip(), "control ΔL": control,
+            "clean loss": "n/a" if r["clean_loss"] is None else f"{r['clean_loss']:.4f}",
+            "clean top-1": "n/a" if r["clean_top1"] is None else f"{r['clean_top1']:.4f}",
+            "note": r["note"] or ""}
+
+
 def format_table1(t1: pa.Table, census: pa.Table | None = None) -> str:
-    """Table 1 as text; with a census, the near-dead channels of each model (and training seed)
-    and their max."""
+    """Table 1 as text (`table1_cells`); with a census, the near-dead channels of each model
+    (and training seed) and their max."""
     rows = t1.to_pylist()
     across = sorted({r["std_across"] for r in rows}) or ["noise seeds"]
-    head = (f"{'model':<14}{'layer':<7}{'inactive':>12}  {'noised':<16}{'ΔL':<20}"
+    head = (f"{'model':<14}{'layer':<7}{'inactive':>12}  {'noised':<16}{'ΔL':<34}"
             "control ΔL")
     lines = [f"Table 1: validation loss change from ReLU(N(0,1)) noise, mean ± std over "
-             f"{' / '.join(across)}", head, "-" * len(head)]
+             f"{' / '.join(across)}; n = the seeds a cell stands on", head, "-" * len(head)]
     for r in rows:
-        if r["condition"] == "inactive-all":
-            delta, control = (r["delta_loss_mean"], r["delta_loss_std"]), _pm(
-                r["control_delta_loss_mean"], r["control_delta_loss_std"])
-        else:
-            delta, control = (r["delta_loss_rnd_mean"], r["delta_loss_rnd_std"]), ""
-        lines.append(f"{r['model']:<14}{r['layer']:<7}{_inactive_cell(r):>12}  "
-                     f"{_noised(r):<16}{_pm(*delta):<20}{control:<20}".rstrip())
+        c = table1_cells(r)
+        lines.append(f"{c['model']:<14}{c['layer']:<7}{c['inactive']:>12}  "
+                     f"{c['noised']:<16}{c['ΔL']:<34}{c['control ΔL']}".rstrip())
     for r in rows:
         if r["condition"] != "inactive-all":
             continue

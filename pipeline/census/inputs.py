@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.results import layout
-from pipeline.census.patterns import (IMAGENET_MEAN, SOURCES, actmax_input_patterns,
-                                      actmax_png_patterns, data_neutral, mean_colours,
+from pipeline.census.patterns import (IMAGENET_MEAN, SOURCES, PatternError,
+                                      actmax_input_patterns, actmax_png_patterns,
+                                      colour_covariance, data_neutral, mean_colours, mean_noise,
                                       mean_patterns, measure_rows, stimulus_filters)
 from pipeline.results.tables import exists, fs_path, join
 
@@ -44,6 +45,7 @@ class InputError(ValueError):
 @dataclass
 class Inputs:
     mean: list[str] = field(default_factory=list)        # mean.parquet URLs
+    baseline: dict[str, str] = field(default_factory=dict)   # mean URL -> its baseline.parquet
     actmax: list[str] = field(default_factory=list)      # actmax.parquet URLs
     checkpoints: list[tuple[str | None, str]] = field(default_factory=list)   # (model, url)
 
@@ -61,6 +63,8 @@ class Chunk:
     neutral: _RGB | None                 # None (actmax PNG): the image's border colour
     preprocess: dict | None              # actmax: invert `input` with it when present
     thresholds: tuple[float, float, float]   # osi, chromatic, double_opponent
+    baseline: str | None = None          # mean: stimuli/baseline.parquet, the null; None: none
+    covariance: tuple[float, ...] | None = None   # mean: the data's colour covariance (9 values)
 
     @property
     def name(self) -> str:
@@ -103,14 +107,18 @@ def check_options(sources: Sequence[str] | None, neutral: str,
                          "--double-opponent-threshold)") from None
 
 
-def filter_rows(filters: Sequence[tuple[str, str, list[np.ndarray]]],
-                thresholds: tuple[float, float, float]) -> list[pa.Table]:
-    """Measured rows of `load_filters`' patterns (tiny: no chunks); a filter's neutral is 0,
-    its stimulus being relative to the data's mean colour."""
+def filter_rows(filters: Sequence[tuple], thresholds: tuple[float, float, float],
+                prep: dict[str, dict] | None = None) -> list[pa.Table]:
+    """Measured rows of `load_filters`' (model, layer, patterns, noises) (tiny: no chunks); a
+    filter's neutral is 0, its stimulus being relative to the data's mean colour, and its noise
+    is in units of its model's colour covariance."""
     from pipeline.census.types import Thresholds
 
+    prep = prep or {}
     return [measure_rows(model, layer, "filter", range(len(pats)), pats, [None] * len(pats),
-                         Thresholds(*thresholds)) for model, layer, pats in filters]
+                         Thresholds(*thresholds), list(noise), None,
+                         colour_covariance(prep.get(model))[0])
+            for model, layer, pats, noise in filters]
 
 
 def parse_checkpoint(spec: str) -> tuple[str | None, str]:
@@ -146,6 +154,7 @@ def discover(froms: Sequence[str], actmax: Sequence[str], checkpoints: Sequence[
     for url in froms:
         if exists(layout.stimuli_table(url, "mean")):
             found.mean.append(layout.stimuli_table(url, "mean"))
+            _baseline(found, found.mean[-1])
             continue
         models = _root_models(url, "analysis", lambda m: layout.stimuli(url, m, "mean"))
         if not models and want_mean:
@@ -153,6 +162,8 @@ def discover(froms: Sequence[str], actmax: Sequence[str], checkpoints: Sequence[
                              f"{layout.stimuli_table(url, 'mean')} or "
                              f"{layout.stage_dir(url, 'analysis')}/<model>/stimuli/mean.parquet")
         found.mean += [layout.stimuli(url, m, "mean") for m in models]
+        for m in models:
+            _baseline(found, layout.stimuli(url, m, "mean"))
         roots.append(url)
     for url in actmax:
         if exists(join(url, "actmax.parquet")):
@@ -183,10 +194,17 @@ def discover(froms: Sequence[str], actmax: Sequence[str], checkpoints: Sequence[
     return found
 
 
+def _baseline(found: Inputs, mean_url: str) -> None:
+    """Record the baseline table beside a mean table (stimuli/baseline.parquet), if any."""
+    url = mean_url.rsplit("/", 1)[0] + "/baseline.parquet"
+    if exists(url):
+        found.baseline[mean_url] = url
+
+
 def load_filters(checkpoints: Sequence[tuple[str | None, str]]
                  ) -> tuple[dict[str, dict], list[tuple[str, str, list[np.ndarray]]]]:
-    """Preprocessing state per model, and (model, layer, stimulus-space filters) per checkpoint
-    whose model has a first conv on RGB input (`stimulus_filters`)."""
+    """Preprocessing state per model, and (model, layer, stimulus-space filters, their noise)
+    per checkpoint whose model has a first conv on RGB input (`stimulus_filters`)."""
     from pipeline.models.checkpoint import CheckpointError, load_checkpoint
 
     prep: dict[str, dict] = {}
@@ -202,7 +220,7 @@ def load_filters(checkpoints: Sequence[tuple[str | None, str]]
         prep[loaded.model_name] = state = loaded.preprocess.state()
         found = stimulus_filters(loaded.model, state)
         if found is not None:
-            filters.append((loaded.model_name, found[0], list(found[1])))
+            filters.append((loaded.model_name, found[0], list(found[1]), found[2]))
     return prep, filters
 
 
@@ -242,7 +260,8 @@ def _groups(found: Inputs, wants: set[str], neuron: str) -> list[tuple]:
 
     tables = []
     for url in found.mean if "mean" in wants else []:
-        _need(url, {"model", "layer", "channel", "neuron", "size", "mean"}, "a mean")
+        _need(url, {"model", "layer", "channel", "neuron", "size", "mean", "count", "images"},
+              "a mean")
         keys = read_rows(url, ["model", "layer", "channel", "neuron", "size"])
         present = sorted(set(keys.column("neuron").to_pylist()))
         keys = keys.filter(pc.equal(keys.column("neuron"), neuron))
@@ -298,40 +317,74 @@ def plan_chunks(found: Inputs, wants: set[str], neuron: str, neutral: str,
         # actmax: with `input` and the model's preprocessing the neutral is the preprocessing's
         # zero (exact); the display-stretched PNG takes its border colour, unless one is given.
         nt, pre = (mean_neutral[model], None) if source == "mean" else (fixed, prep.get(model))
+        extra = ({"baseline": found.baseline.get(url), "covariance": tuple(
+            colour_covariance(prep.get(model))[0].ravel().tolist())} if source == "mean" else {})
         step = chunk if chunk > 0 else int(min(512, max(1, _FFT_BUDGET // max(64, 2 * size) ** 2)))
         for i in range(0, len(chans), step):
             part = chans[i:i + step]
             out.append(Chunk(source, url, model, layer, (int(part[0]), int(part[-1]) + 1),
-                             neuron if source == "mean" else None, nt, pre, thresholds))
+                             neuron if source == "mean" else None, nt, pre, thresholds, **extra))
     return out
 
 
-def _patterns(c: Chunk) -> tuple[np.ndarray, list[np.ndarray], list]:
-    """(channels, (3, s, s) patterns, neutral per pattern) of one chunk, read here."""
+def _baseline_row(c: Chunk, size: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(mean, weight, images) of the chunk's baseline row (model, layer, neuron), or None when
+    there is no baseline table or it has no such row (the rows' `reference` then says
+    `neutral`); two rows or another size are a malformed table."""
+    if c.baseline is None:
+        return None
+    t = read_rows(c.baseline, ["size", "mean", "weight", "images"],
+                  [("model", "=", c.model), ("layer", "=", c.layer), ("neuron", "=", c.neuron)])
+    if t.num_rows == 0:
+        return None
+    if t.num_rows != 1 or int(t.column("size")[0].as_py()) != size:
+        raise PatternError(f"{c.baseline}: expected one baseline row of size {size} for "
+                           f"{c.model} {c.layer} neuron {c.neuron}, found {t.num_rows}")
+    mean = mean_patterns([-1], [size], [t.column("mean")[0].as_py()], c.baseline)[0]
+    weight = np.asarray(t.column("weight")[0].as_py(), dtype=np.float64)
+    return mean, weight, int(t.column("images")[0].as_py())
+
+
+def _mean_chunk(c: Chunk, where: list, label: str) -> tuple:
+    """A chunk of mean stimuli with their sampling noise and (when there is one) baseline."""
+    cols = ["channel", "size", "mean", "count", "images"]
+    cols += ["weight"] if "weight" in _columns(c.url) else []
+    t = read_rows(c.url, cols, where + [("neuron", "=", c.neuron)])
+    channels, sizes = t.column("channel").to_numpy(), t.column("size").to_numpy()
+    pats = mean_patterns(channels, sizes, t.column("mean").to_pylist(), label)
+    weights = (t.column("weight").to_pylist() if "weight" in cols else  # older tables: count
+               [np.full(3 * int(s) ** 2, float(n)) for s, n in zip(sizes, t.column("count").to_pylist())])
+    base = _baseline_row(c, int(sizes[0])) if len(sizes) else None
+    noises = mean_noise(weights, t.column("images").to_pylist(),
+                        None if base is None else (base[1], base[2]))
+    refs = [None if base is None else base[0]] * len(pats)
+    return channels, pats, [c.neutral] * len(pats), noises, refs
+
+
+def _patterns(c: Chunk) -> tuple:
+    """(channels, (3, s, s) patterns, neutral per pattern, sampling noise per pattern or None,
+    reference patch per pattern or None) of one chunk, read here."""
     lo, hi = c.channels
     where = [("model", "=", c.model), ("layer", "=", c.layer),
              ("channel", ">=", lo), ("channel", "<", hi)]
     label = f"{c.url}: {c.model} {c.layer}"
     if c.source == "mean":
-        t = read_rows(c.url, ["channel", "size", "mean"], where + [("neuron", "=", c.neuron)])
-        channels = t.column("channel").to_numpy()
-        pats = mean_patterns(channels, t.column("size").to_numpy(), t.column("mean").to_pylist(),
-                             label)
-        return channels, pats, [c.neutral] * len(pats)
+        return _mean_chunk(c, where, label)
     if c.preprocess is not None and "input" in _columns(c.url):
         t = read_rows(c.url, ["channel", "input"], where)
         channels = t.column("channel").to_numpy()
         return (channels, *actmax_input_patterns(channels, t.column("input").to_pylist(),
-                                                 c.preprocess, c.neutral, label))
+                                                 c.preprocess, c.neutral, label), None, None)
     t = read_rows(c.url, ["channel", "image"], where)
     return (t.column("channel").to_numpy(),
-            *actmax_png_patterns(t.column("image").to_pylist(), c.neutral))
+            *actmax_png_patterns(t.column("image").to_pylist(), c.neutral), None, None)
 
 
 def measure_chunk(c: Chunk) -> pa.Table:
     """The unit of work: read one chunk's rows, measure them, return OUT_SCHEMA rows."""
     from pipeline.census.types import Thresholds
 
-    channels, pats, neutrals = _patterns(c)
+    channels, pats, neutrals, noises, refs = _patterns(c)
+    cov = None if c.covariance is None else np.asarray(c.covariance).reshape(3, 3)
     return measure_rows(c.model, c.layer, c.source, channels, pats, neutrals,
-                        Thresholds(*c.thresholds))
+                        Thresholds(*c.thresholds), noises, refs, cov)

@@ -1,13 +1,32 @@
 """Neuron-type census: orientation and colour measures of a preferred pattern, and its type.
 
 A *pattern* is what a channel prefers, as an RGB array `(3, s, s)`: a first-conv filter mapped
-to its expected mean preferred stimulus (`filter_to_stimulus`: S·Aᵀw, A⁻¹w for ZCA), a mean
+to its expected mean preferred stimulus (`preferred_stimulus`: the direction S·Aᵀw — A⁻¹w for
+ZCA, `filter_to_stimulus` — with the sign and scale of its BatchNorm channel), a mean
 preferred stimulus, or an activation-maximization image: all stimuli, compared in one space. NaN
 pixels (never inside the image) are masked out. Pure numpy: no files, no Ray.
 
     m = measure(pattern, neutral=(0.485, 0.456, 0.406))    # one pattern -> Measures
-    cols = measure_batch(patterns, neutral)                # (n, 3, s, s) -> column arrays
+    cols = measure_batch(patterns, neutral, noise=se)      # (n, 3, s, s) -> column arrays
     kind = classify(m, Thresholds())                       # 'orientation-selective', ...
+    c = standard_error(weight, images, base_weight)        # a mean stimulus's noise (× S)
+    cols = measure_batch(means, baseline, noise=c, covariance=S)   # against its null
+    sta = preferred_stimulus(weight, preprocess_state, bn=(gamma, beta, mean, var, eps))
+
+Noise floor. A pattern is read against a reference r (its null: the mean patch of all images
+at the same position for a mean stimulus when the analysis wrote one, else the neutral colour;
+0 for a filter's expected stimulus): d = x − r. Its contrast is the RMS of d over valid pixels
+and the three colours, in RGB units ([0, 1]). It has *structure* only when
+    contrast ≥ RESOLUTION (one 8-bit level, 1/255: less is not a stimulus any image can show;
+    not for filters), and, where the reading has sampling noise d ~ N(0, S·c),
+    z = √(mean over pixels of dᵀ(S·c)⁻¹d / 3) ≥ K_SIGMA (4)
+(S the data's colour covariance: each colour direction against its own noise). A mean stimulus
+of n of N patches has c = 1/n − 1/N (`standard_error`); a filter, read as its expected mean
+preferred stimulus with its scale (`preferred_stimulus`), the c of a 50,000-image mean of the
+share of inputs its channel passes (`selection_noise`); an activation-maximization image none.
+Under the null z² is a weighted mean of χ²₁ variables whatever the spatial correlation, and
+exceeds 16 with probability at most that of one χ²₁, 6·10⁻⁵. Below the floor the type is
+'no structure', whatever the orientation and colour measures say (docs/neuron_types.md).
 
 Definitions (also in docs/neuron_types.md):
 
@@ -17,9 +36,10 @@ so energies add up (‖x‖² = L² + RG² + BY²) and the split does not depend
 is a stimulus or a filter (an orthonormal M gives M⁻ᵀ = M: a filter's sensitivity to each
 opponent axis is the same transform of its weights).
 
-Colour. All colour measures are taken on d = x − neutral, the pattern relative to a neutral
-colour: the colour a pattern would have with nothing preferred (0 for filters; the data's mean
-colour for mean stimuli; the preprocessing's zero image for activation maximization). Then
+Colour. All colour measures are taken on d = x − reference, the pattern relative to its null:
+a neutral colour, the colour a pattern would have with nothing preferred (0 for filters; the
+data's mean colour for mean stimuli without a baseline; the preprocessing's zero image for
+activation maximization), or a mean stimulus's baseline patch. Then
     chromatic_fraction = Σ (RG² + BY²) / Σ ‖d‖²   (0 for any gray pattern on a gray neutral; 0/0 = 0)
     opponent_axis      = 'red-green' if Σ RG² ≥ Σ BY² else 'blue-yellow' ('none' if no chroma)
     double_opponent_score = balance · max(coherence, 0)
@@ -50,10 +70,12 @@ counter-clockwise on screen: 0° = horizontal stripes (varying along rows), 90°
 stripes, 45° = stripes running from bottom-left to top-right ("/").
 
 Types, by priority: 'empty' when the pattern has no valid pixel or no energy at all (a dead
-filter, a channel that never fired); 'double-opponent' (chromatic_fraction ≥ t.chromatic and
-double_opponent_score ≥ t.double_opponent); 'orientation-selective' (osi ≥ t.osi);
-'single-opponent' (chromatic_fraction ≥ t.chromatic and chromatic_balance < t.double_opponent:
+filter, a channel that never fired); 'no structure' below the noise floor; 'double-opponent'
+(chromatic_fraction ≥ t.chromatic and double_opponent_score ≥ t.double_opponent);
+'orientation-selective' (osi ≥ t.osi); 'single-opponent' (chromatic_fraction ≥ t.chromatic and chromatic_balance < t.double_opponent:
 one sign holds); else 'other' (including balanced but incoherent colour, i.e. chromatic noise).
+The properties are also flags of their own (`orientation_selective`, `single_opponent`,
+`double_opponent`, `no_structure`): an oriented colour edge is oriented *and* double-opponent.
 """
 from __future__ import annotations
 
@@ -63,10 +85,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["OPPONENT", "TYPES", "Thresholds", "Measures", "opponent", "orientation", "colour",
-           "coherence", "sign_balance", "equal_signs", "measure", "measure_batch", "classify", "classify_batch",
-           "filter_to_rgb", "filter_to_stimulus", "stimulus_covariance", "preprocess_matrix",
-           "IMAGENET_COVARIANCE"]
+__all__ = ["OPPONENT", "TYPES", "PROPERTIES", "RESOLUTION", "K_SIGMA", "Thresholds", "Measures",
+           "opponent", "orientation", "colour", "coherence", "sign_balance", "equal_signs",
+           "structure", "standard_error", "selection_noise", "filter_threshold", "measure",
+           "measure_batch", "classify", "classify_batch", "filter_to_rgb", "filter_to_stimulus", "preferred_stimulus",
+           "stimulus_covariance", "preprocess_matrix", "IMAGENET_COVARIANCE"]
 
 # Rows: luminance, red-green, blue-yellow. Orthonormal (see module docstring).
 OPPONENT = np.array([[1.0, 1.0, 1.0] / np.sqrt(3.0),
@@ -74,7 +97,12 @@ OPPONENT = np.array([[1.0, 1.0, 1.0] / np.sqrt(3.0),
                      [-1.0, -1.0, 2.0] / np.sqrt(6.0)])
 
 DEAD_ZONE = 0.05  # chromatic values under this fraction of the peak count as neutral
-TYPES = ("double-opponent", "orientation-selective", "single-opponent", "other", "empty")
+RESOLUTION = 1 / 255   # contrast floor: one 8-bit level, RMS over the pattern (RGB in [0, 1])
+K_SIGMA = 4.0          # and at least this many standard errors when the reading has one
+TYPES = ("double-opponent", "orientation-selective", "single-opponent", "other", "no structure",
+         "empty")
+# The properties recorded each on its own (bool columns), beside the dominant `type`.
+PROPERTIES = ("orientation_selective", "single_opponent", "double_opponent", "no_structure")
 AXES = ("red-green", "blue-yellow", "none")
 
 
@@ -103,6 +131,8 @@ class Measures:
     energy: float                 # Σ ‖x − neutral‖² over valid pixels (0: empty)
     chromatic_balance: float = 0.0    # [0, 1]: 1 both signs equal, 0 one sign throughout
     chromatic_coherence: float = 0.0  # [−1, 1]: lag-1 autocorrelation of the sign-equalised dominant channel
+    contrast: float = math.inf        # RMS of x − reference (RGB units); inf: not measured
+    contrast_z: float = math.nan      # x − reference in standard errors (`structure`); NaN: none
 
 
 def _as_batch(patterns: np.ndarray) -> np.ndarray:
@@ -175,10 +205,10 @@ def colour(patterns: np.ndarray, neutral: Sequence[float] | None = None, valid: 
     """Colour columns: chromatic_fraction, axis (0 RG / 1 BY / 2 none), chromatic_balance,
     chromatic_coherence, double_opponent_score, energy."""
     x = _as_batch(patterns)
+    ref = _reference(neutral, x.shape)
     if valid is None:
-        valid = np.isfinite(x).all(axis=1)
-    ref = np.zeros(3) if neutral is None else np.asarray(neutral, dtype=np.float64)
-    d = np.where(valid[:, None], x - ref[None, :, None, None], 0.0)
+        valid = np.isfinite(x).all(axis=1) & np.isfinite(ref).all(axis=1)
+    d = np.where(valid[:, None], x - ref, 0.0)
     opp = opponent(d)
     energy = (d ** 2).sum(axis=(1, 2, 3))
     e_rg = (opp[:, 1] ** 2).sum(axis=(1, 2))
@@ -199,6 +229,102 @@ def colour(patterns: np.ndarray, neutral: Sequence[float] | None = None, valid: 
     return {"chromatic_fraction": fraction, "axis": axis, "chromatic_balance": balance,
             "chromatic_coherence": coh, "double_opponent_score": balance * np.clip(coh, 0.0, None),
             "energy": energy}
+
+
+def _reference(neutral: Sequence[float] | np.ndarray | None, shape: tuple) -> np.ndarray:
+    """The reference of every pattern, broadcast to `shape` (n, 3, h, w): a neutral colour (3,)
+    or a per-pixel patch (3, h, w) / (n, 3, h, w); None is 0."""
+    if neutral is None:
+        return np.zeros(shape)
+    ref = np.asarray(neutral, dtype=np.float64)
+    if ref.ndim == 1:
+        ref = ref[None, :, None, None]
+    elif ref.ndim == 3:
+        ref = ref[None]
+    if ref.ndim != 4 or ref.shape[1] != 3:
+        raise ValueError(f"reference must be RGB (3,), (3, h, w) or (n, 3, h, w), got {ref.shape}")
+    return np.broadcast_to(ref, shape)
+
+
+def structure(d: np.ndarray, valid: np.ndarray, noise: np.ndarray | float | None = None,
+              covariance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Contrast of the deviations d (n, 3, h, w) from the reference over the valid pixels
+    (n, h, w), against its noise.
+
+    `noise` is the sampling variance of the reading in units of the data's colour covariance S
+    (`covariance`, default ImageNet's), per pattern (n,) or per pixel (n, h, w): a mean of n of
+    N patches has d ~ N(0, S·(1/n − 1/N)) per pixel under the null. Returns `contrast` (RMS of
+    d), `noise` (RMS standard error per value, 0 without one), `contrast_z` (√ of the mean of
+    dᵀ(S·noise)⁻¹d / 3 per pixel: d in standard errors, each colour direction against its own
+    noise, so chromatic structure is not judged by the far larger luminance noise; NaN without
+    noise or pixels), `floor` (max(K_SIGMA · noise, RESOLUTION), for display) and `structured`:
+    contrast ≥ RESOLUTION, and z ≥ K_SIGMA where `noise` is given."""
+    return _structure(d, valid, noise, covariance, resolution=True)
+
+
+def _structure(d: np.ndarray, valid: np.ndarray, noise, covariance, resolution: bool
+               ) -> dict[str, np.ndarray]:
+    n = d.shape[0]
+    pixels = valid.sum(axis=(1, 2))
+    denom = np.where(pixels > 0, 3.0 * pixels, 1.0)
+    mask = np.broadcast_to(valid[:, None], d.shape)
+    contrast = np.where(pixels > 0, np.sqrt(np.where(mask, d ** 2, 0.0).sum(axis=(1, 2, 3))
+                                            / denom), np.nan)
+    sigma, z = np.zeros(n), np.full(n, np.nan)
+    enough = np.ones(n, dtype=bool)
+    if noise is not None:
+        s = IMAGENET_COVARIANCE if covariance is None else np.asarray(covariance, np.float64)
+        c = np.asarray(noise, dtype=np.float64)
+        c = np.broadcast_to(c.reshape(-1, 1, 1) if c.ndim <= 1 else c, valid.shape)
+        ok = valid & np.isfinite(c)
+        maha = np.einsum("nihw,ij,njhw->nhw", d, np.linalg.inv(s), d)        # dᵀ S⁻¹ d
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(ok & (maha > 0), maha / np.where(c > 0, c, 0.0), 0.0)
+        z = np.where(pixels > 0, np.sqrt(ratio.sum(axis=(1, 2)) / denom), np.nan)
+        sigma = np.sqrt(np.trace(s) / 3 * np.where(ok, c, 0.0).sum(axis=(1, 2))
+                        / np.where(pixels > 0, pixels, 1.0))
+        enough = z >= K_SIGMA
+    floor_ok = contrast >= RESOLUTION if resolution else np.isfinite(contrast)
+    structured = floor_ok & enough & (pixels > 0)
+    return {"contrast": contrast, "noise": sigma, "contrast_z": z,
+            "floor": np.maximum(K_SIGMA * sigma, RESOLUTION if resolution else 0.0),
+            "structured": structured}
+
+
+def selection_noise(threshold: np.ndarray, images: int = 50_000) -> np.ndarray:
+    """A filter's sampling variance factor (`structure`'s noise) as if its expected mean
+    preferred stimulus were measured as a mean stimulus: the channel is positive on a share
+    p = Φ(t) of `images` patches, so its mean has noise S·(1/(p·N) − 1/N) = S·(1 − p)/(p·N).
+    N defaults to ImageNet's validation set (50,000). A channel positive almost everywhere
+    selects nothing and its expected stimulus sinks below that noise."""
+    from scipy.special import ndtr
+
+    p = ndtr(np.asarray(threshold, dtype=np.float64))
+    with np.errstate(divide="ignore"):
+        return np.where(p > 0, (1.0 - p) / (np.where(p > 0, p, 1.0) * images), np.inf)
+
+
+def standard_error(weight: np.ndarray, images: np.ndarray | float,
+                   base_weight: np.ndarray | None = None) -> np.ndarray:
+    """Sampling variance factor c per pixel of mean stimuli (n, h, w) against their baseline
+    (`structure`'s noise: d ~ N(0, S·c)).
+
+    `weight` (n, h, w) is mean.parquet's per-pixel patch count w; patches of one image at
+    nearby positions overlap, so at most one per image counts as independent: n = min(w,
+    images). A mean of n patches has variance S / n. Its difference from the baseline, the mean
+    of all W ≥ w patches it is a subset of, has S / n · (1 − w/W) (for the centre neuron, one
+    patch per image: S · (1/n − 1/N); 0 when the channel fired on every patch). Without a
+    baseline the factor is 1. NaN where w is 0.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    cap = np.asarray(images, dtype=np.float64)
+    n = np.minimum(w, cap.reshape((-1,) + (1,) * (w.ndim - 1)) if cap.ndim == 1 else cap)
+    inv_n = np.where(n > 0, 1.0 / np.where(n > 0, n, 1.0), np.nan)
+    keep = 1.0
+    if base_weight is not None:
+        bw = np.asarray(base_weight, dtype=np.float64)
+        keep = np.where(bw > 0, 1.0 - w / np.where(bw > 0, bw, 1.0), 1.0)
+    return inv_n * np.clip(keep, 0.0, None)
 
 
 def _share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -253,55 +379,95 @@ def coherence(maps: np.ndarray) -> np.ndarray:
     return np.where(norm > 0, prod / np.where(norm > 0, norm, 1.0), 0.0)
 
 
-def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | None = None,
-                  thresholds: "Thresholds | None" = None) -> dict[str, np.ndarray]:
-    """Column arrays for patterns (n, 3, h, w): the Measures fields, the two flags and `type`."""
+def measure_batch(patterns: np.ndarray, neutral: Sequence[float] | np.ndarray | None = None,
+                  thresholds: "Thresholds | None" = None,
+                  noise: np.ndarray | float | None = None, covariance: np.ndarray | None = None,
+                  resolution: bool = True, against_null: bool = False) -> dict[str, np.ndarray]:
+    """Column arrays for patterns (n, 3, h, w): the Measures fields, the noise floor
+    (`structure`), the property flags and `type`.
+
+    `neutral` is the reference the pattern is read against: a colour (3,) or a per-pixel patch
+    (3, h, w) / (n, 3, h, w) (a mean stimulus's baseline); pixels where it is NaN are masked
+    out too. `noise`: the sampling variance factor (`structure`; per pattern or per pixel) with
+    the data's colour covariance `covariance`, or None for a reading without sampling error (the
+    resolution floor alone). `resolution=False` drops the resolution floor (a filter's expected
+    stimulus is in the data's units, where chromatic structure is faint by nature).
+    `against_null`: the reference is the null the pattern was sampled against (a baseline), so a
+    pattern equal to it is 'no structure', not 'empty'.
+    """
     x = _as_batch(patterns)
-    valid = np.isfinite(x).all(axis=1)
-    # Orientation of the whole colour pattern: luminance and both chromatic channels.
-    osi, deg = orientation(opponent(np.where(valid[:, None], x, 0.0)), valid)
-    col = colour(x, neutral, valid)
+    ref = _reference(neutral, x.shape)
+    valid = np.isfinite(x).all(axis=1) & np.isfinite(ref).all(axis=1)
+    d = np.where(valid[:, None], x - ref, 0.0)
+    # Orientation of what is specific to the pattern (luminance and both chromatic channels):
+    # a constant reference changes nothing, a baseline patch removes the null's own structure.
+    osi, deg = orientation(opponent(d), valid)
+    col = colour(d, None, valid)
+    floor = _structure(d, valid, noise, covariance, resolution)
     cols = {
         "osi": osi,
         "orientation_deg": deg,
         "opponent_axis": np.array([AXES[a] for a in col.pop("axis")], dtype=object),
         **col,
+        **{k: floor[k] for k in ("contrast", "noise", "contrast_z", "floor")},
     }
-    cols.update(classify_batch(cols, thresholds or Thresholds()))
+    cols.update(classify_batch({**cols, "structured": floor["structured"],
+                                "against_null": np.full(len(x), against_null)},
+                               thresholds or Thresholds()))
     return cols
 
 
 def classify_batch(cols: dict[str, np.ndarray], t: Thresholds) -> dict[str, np.ndarray]:
-    """`orientation_selective`, `double_opponent` (bools) and `type` from measure columns."""
+    """The property flags (PROPERTIES, bools) and the dominant `type` from measure columns;
+    `structured` (from `structure`) defaults to true, `contrast` ≥ RESOLUTION when given."""
     osi = np.nan_to_num(np.asarray(cols["osi"], dtype=np.float64), nan=-1.0)
     frac = np.nan_to_num(np.asarray(cols["chromatic_fraction"], dtype=np.float64), nan=-1.0)
     score = np.asarray(cols["double_opponent_score"], dtype=np.float64)
     balance = np.asarray(cols["chromatic_balance"], dtype=np.float64)
-    empty = ~(np.asarray(cols["energy"], dtype=np.float64) > 0)
-    oriented = (osi >= t.osi) & ~empty
-    chromatic = (frac >= t.chromatic) & ~empty
+    # Empty: nothing to see (no valid pixel, a dead filter, a channel that never fired). A mean
+    # stimulus read against its baseline (`against_null`) that equals it exactly (a channel
+    # positive on every patch) is 'no structure' instead.
+    against = np.asarray(cols.get("against_null", np.zeros(len(osi), dtype=bool)), dtype=bool)
+    pixels = np.isfinite(np.asarray(cols.get("contrast", np.zeros(len(osi))), dtype=np.float64))
+    empty = ~(np.asarray(cols["energy"], dtype=np.float64) > 0) & ~(against & pixels)
+    if "structured" in cols:
+        structured = np.asarray(cols["structured"], dtype=bool)
+    else:
+        structured = np.ones(len(osi), dtype=bool)
+        if "contrast" in cols:
+            structured &= ~(np.asarray(cols["contrast"], dtype=np.float64) < RESOLUTION)
+        if "contrast_z" in cols:
+            structured &= ~(np.asarray(cols["contrast_z"], dtype=np.float64) < K_SIGMA)
+    flat = ~empty & ~structured          # measured, but not distinguishable from its noise
+    live = ~empty & structured
+    oriented = (osi >= t.osi) & live
+    chromatic = (frac >= t.chromatic) & live
     double = chromatic & (score >= t.double_opponent)
     # Single-opponent: one chromatic sign holds (balance below the same threshold). Balanced but
     # incoherent colour — chromatic noise — is neither kind of opponent: 'other'.
     single = chromatic & (balance < t.double_opponent)
-    kind = np.select([empty, double, oriented, single],
-                     ["empty", "double-opponent", "orientation-selective", "single-opponent"],
-                     "other").astype(object)
-    return {"orientation_selective": oriented, "double_opponent": double, "type": kind}
+    kind = np.select([empty, flat, double, oriented, single],
+                     ["empty", "no structure", "double-opponent", "orientation-selective",
+                      "single-opponent"], "other").astype(object)
+    return {"orientation_selective": oriented, "single_opponent": single,
+            "double_opponent": double, "no_structure": flat, "type": kind}
 
 
-def measure(pattern: np.ndarray, neutral: Sequence[float] | None = None) -> Measures:
+def measure(pattern: np.ndarray, neutral: Sequence[float] | np.ndarray | None = None,
+            noise: np.ndarray | float | None = None) -> Measures:
     """The measures of one pattern (3, h, w); `neutral` defaults to 0 (black, or a filter's zero)."""
-    cols = measure_batch(pattern, neutral)
+    cols = measure_batch(pattern, neutral, noise=None if noise is None else np.atleast_1d(noise))
     return Measures(float(cols["osi"][0]), float(cols["orientation_deg"][0]),
                     float(cols["chromatic_fraction"][0]), str(cols["opponent_axis"][0]),
                     float(cols["double_opponent_score"][0]), float(cols["energy"][0]),
-                    float(cols["chromatic_balance"][0]), float(cols["chromatic_coherence"][0]))
+                    float(cols["chromatic_balance"][0]), float(cols["chromatic_coherence"][0]),
+                    float(cols["contrast"][0]), float(cols["contrast_z"][0]))
 
 
 def classify(m: Measures, t: Thresholds | None = None) -> str:
     cols = {k: np.array([getattr(m, k)]) for k in
-            ("osi", "chromatic_fraction", "double_opponent_score", "energy", "chromatic_balance")}
+            ("osi", "chromatic_fraction", "double_opponent_score", "energy", "chromatic_balance",
+             "contrast", "contrast_z")}
     return str(classify_batch(cols, t or Thresholds())["type"][0])
 
 
@@ -388,3 +554,65 @@ def filter_to_stimulus(weight: np.ndarray, preprocess_state: dict,
             raise ValueError(f"colour covariance must be 3x3, got shape {s.shape}")
         m = s @ a.T
     return np.einsum("ij,njhw->nihw", m, w)
+
+
+def _mills(u: np.ndarray) -> np.ndarray:
+    """φ(u)/Φ(u), the mean of a standard normal above −u, stable for any u."""
+    from scipy.special import log_ndtr
+
+    u = np.asarray(u, dtype=np.float64)
+    return np.exp(-0.5 * u ** 2 - 0.5 * math.log(2 * math.pi) - log_ndtr(u))
+
+
+def _response(weight: np.ndarray, preprocess_state: dict, bn: tuple | None,
+              bias: np.ndarray | None, covariance: np.ndarray | None):
+    """(S·u per tap, √(uᵀSu), threshold t) of each channel's effective filter u (see
+    `preferred_stimulus`)."""
+    w = np.asarray(weight, dtype=np.float64)
+    c = w.shape[0]
+    shift = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64)
+    if bn is not None:
+        gamma, beta, mean, var, eps = (np.asarray(v, dtype=np.float64) for v in bn)
+        a = gamma / np.sqrt(var + eps)
+        b = a * (shift - mean) + beta
+        spread = np.abs(a) * np.sqrt(var)
+    else:
+        a, b, spread = np.ones(c), shift, None
+    direction = filter_to_stimulus(w * a[:, None, None, None], preprocess_state, covariance)
+    v = filter_to_rgb(w * a[:, None, None, None], preprocess_state)
+    s = np.sqrt(np.clip((v * direction).sum(axis=(1, 2, 3)), 0.0, None))    # √(uᵀ S u)
+    spread = s if spread is None else spread
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(spread > 0, b / np.where(spread > 0, spread, 1.0), np.inf)
+    return direction, s, t
+
+
+def filter_threshold(weight: np.ndarray, preprocess_state: dict, bn: tuple | None = None,
+                     bias: np.ndarray | None = None) -> np.ndarray:
+    """Each channel's threshold t: the shift of its pre-activation in units of its spread
+    (`preferred_stimulus`); the channel is positive on a share Φ(t) of its inputs."""
+    return _response(weight, preprocess_state, bn, bias, None)[2]
+
+
+def preferred_stimulus(weight: np.ndarray, preprocess_state: dict,
+                       bn: tuple | None = None, bias: np.ndarray | None = None,
+                       covariance: np.ndarray | None = None) -> np.ndarray:
+    """First-conv weights (C, 3, h, w) -> each channel's expected mean preferred stimulus
+    E[x − μ | z > 0] in RGB units (C, 3, h, w): the effective filter, its sign and its scale.
+
+    The channel's pre-activation is z = a·(w·p + bias − m) + β after a BatchNorm
+    `bn` = (γ, β, running_mean m, running_var v, eps), a = γ/√(v + eps) (without one: a = 1,
+    m = β = 0). The sign of γ is the filter's sign: a negative scale makes the channel prefer
+    the opposite stimulus. For inputs of colour covariance S (pixels independent, as in
+    `filter_to_stimulus`), with the effective RGB filter u = a·Aᵀw,
+        E[x − μ | z > 0] = λ(t) · S u / √(uᵀ S u),   λ(t) = φ(t)/Φ(t),
+    t = b/σ_z the threshold in units of the response's spread: the shift b = a·(bias − m) + β
+    over σ_z = |a|·√v, the BatchNorm's own measure of the response on the training data
+    (without one, σ_z = √(uᵀSu)). λ(0) ≈ 0.80; a channel that passes nearly everything
+    (t ≫ 0) selects nothing and its stimulus fades to 0; one that rarely fires (t ≪ 0) selects
+    the extremes. A channel whose effective filter is 0 (γ = 0) has stimulus 0: it is constant.
+    """
+    direction, s, t = _response(weight, preprocess_state, bn, bias, covariance)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(s > 0, _mills(t) / np.where(s > 0, s, 1.0), 0.0)
+    return direction * scale[:, None, None, None]

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.report.images import crop_center_rf, decode_png, filter_images, is_true, mean_image
+from pipeline.report.images import (crop_center_rf, decode_png, difference_images,
+                                    filter_images, is_true, mean_image)
 from pipeline.report.order import order_layers, order_models
 
 __all__ = ["ReportInputs", "ReportOptions", "ReportData", "prepare", "filter_tiles",
@@ -28,12 +29,15 @@ class ReportInputs:
     rf: pa.Table | None = None            # receptive_fields.parquet (all models concatenated)
     topk: pa.Table | None = None          # stimuli/topk.parquet
     mean: pa.Table | None = None          # stimuli/mean.parquet
+    baseline: pa.Table | None = None      # stimuli/baseline.parquet (the mean patch of all images)
     channels: pa.Table | None = None      # stimuli/channels.parquet
     actmax: pa.Table | None = None        # actmax/actmax.parquet
     table1: pa.Table | None = None        # ablation/table1.parquet
     ablation: pa.Table | None = None      # ablation/ablation.parquet (Table 1 fallback)
     census: pa.Table | None = None        # ablation/census.parquet
     neuron_types: pa.Table | None = None  # neuron_types/summary.parquet
+    properties: pa.Table | None = None    # neuron_types/properties.parquet
+    type_rows: pa.Table | None = None     # neuron_types.parquet: model, layer, source, channel, type
     cka: pa.Table | None = None           # compare/cka.parquet (jobs.compare)
     matches: pa.Table | None = None       # compare/matches.parquet
     selectivity: pa.Table | None = None   # compare/selectivity.parquet
@@ -80,6 +84,9 @@ class ReportData:
     analysed: set[tuple[str, str]]              # (model, layer) pairs with any analysis row
     rf_of: dict[tuple[str, str], dict]          # (model, layer) -> receptive_fields row
     mean_tiles: Tiles = field(default_factory=dict)
+    against_baseline: set[tuple[str, str]] = field(default_factory=set)   # drawn as mean − null
+    baseline_tiles: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    flat: dict[tuple[str, str, str], set[int]] = field(default_factory=dict)  # no structure
     actmax_tiles: Tiles = field(default_factory=dict)
     filter_tiles: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
@@ -140,10 +147,23 @@ def prepare(inputs: ReportInputs, options: ReportOptions) -> ReportData:
         channels=channels, actmax=actmax,
         models=models,
         layers=order_layers(_names(analysed_frames, "layer")), analysed=analysed, rf_of=rf_of)
-    data.mean_tiles = _mean_tiles(mean)
+    data.flat = _no_structure(inputs.type_rows)
+    base, _ = _pick(_frame(inputs.baseline), "neuron", mean_neuron)
+    data.mean_tiles, data.against_baseline, data.baseline_tiles = _mean_tiles(mean, base)
     data.actmax_tiles = _actmax_tiles(actmax, rf_of)
     data.filter_tiles = filter_tiles(inputs)
     return data
+
+
+def _no_structure(rows: pa.Table | None) -> dict[tuple[str, str, str], set[int]]:
+    """(source, model, layer) -> the channels the census calls 'no structure'."""
+    if rows is None or "type" not in rows.column_names:
+        return {}
+    out: dict[tuple[str, str, str], set[int]] = {}
+    for r in rows.select(["source", "model", "layer", "channel", "type"]).to_pylist():
+        if r["type"] == "no structure":
+            out.setdefault((r["source"], r["model"], r["layer"]), set()).add(int(r["channel"]))
+    return out
 
 
 def default_title(models: list[str]) -> str:
@@ -153,12 +173,31 @@ def default_title(models: list[str]) -> str:
     return "Preferred stimuli: " + " vs ".join(models)
 
 
-def _mean_tiles(mean: pd.DataFrame | None) -> Tiles:
+def _mean_tiles(mean: pd.DataFrame | None, baseline: pd.DataFrame | None
+                ) -> tuple[Tiles, set[tuple[str, str]], dict[tuple[str, str], np.ndarray]]:
+    """Mean-stimulus tiles per (model, layer): against the baseline patch when the analysis
+    wrote one (mean − baseline, one grey-centred scale per layer: what is specific to each
+    channel), else the mean itself, contrast-stretched; the layers drawn against a baseline; and
+    each baseline patch (stretched)."""
     if mean is None or mean.empty:
-        return {}
-    return {(str(m), str(l)): {int(r["channel"]): mean_image(r["mean"], int(r["size"]))
-                               for _, r in g.iterrows()}
-            for (m, l), g in mean.groupby(["model", "layer"], sort=False)}
+        return {}, set(), {}
+    base = ({} if baseline is None or baseline.empty else
+            {(str(r["model"]), str(r["layer"])): r for _, r in baseline.iterrows()})
+    tiles: Tiles = {}
+    drawn: set[tuple[str, str]] = set()
+    for (m, l), g in mean.groupby(["model", "layer"], sort=False):
+        key, b = (str(m), str(l)), base.get((str(m), str(l)))
+        if b is not None and int(b["size"]) == int(g["size"].iloc[0]):
+            drawn.add(key)
+            s = int(b["size"])
+            null = np.asarray(b["mean"], dtype=np.float64).reshape(3, s, s)
+            diffs = [np.asarray(r["mean"], dtype=np.float64).reshape(3, s, s) - null
+                     for _, r in g.iterrows()]
+            tiles[key] = dict(zip((int(c) for c in g["channel"]), difference_images(diffs)))
+        else:
+            tiles[key] = {int(r["channel"]): mean_image(r["mean"], int(r["size"]))
+                          for _, r in g.iterrows()}
+    return tiles, drawn, {k: mean_image(base[k]["mean"], int(base[k]["size"])) for k in drawn}
 
 
 def _actmax_tiles(actmax: pd.DataFrame | None, rf_of: dict) -> Tiles:

@@ -18,21 +18,15 @@ import pyarrow as pa
 from pipeline.report.order import order_layers, order_models, rank_of
 
 __all__ = ["fmt", "pm", "TableView", "table_view", "sort_rows", "table1_frame", "census_frame",
-           "rf_frames", "types_frame", "PAPER_TABLE1"]
+           "rf_frames", "types_frame", "properties_frame", "PAPER_TABLE1"]
 
 # Table 1 of the paper (ImageNet, one training run per model), shown beside the measured one.
 PAPER_TABLE1 = pd.DataFrame({
     "model": ["resnet34", "plainnet34"], "layer": ["pool1", "pool1"], "inactive": ["13", "2"],
     "ΔL (all inactive)": ["1.27", "≈ 0"], "ΔL_rnd (random subset)": ["0.024", "—"]})
 
-_LABELS = {"delta_loss": "ΔL (all inactive)", "delta_loss_rnd": "ΔL_rnd (random subset)",
-           "control": "control ΔL", "control_delta_loss": "control ΔL",
-           "inactive_channels": "inactive channels", "near_dead": "near-dead",
+_LABELS = {"inactive_channels": "inactive channels", "near_dead": "near-dead",
            "train_seed": "training seed", "train_seeds": "training seeds"}
-# Table 1's leading columns, in the paper's order; the others follow as they come.
-_TABLE1_FIRST = ("model", "layer", "train_seed", "train_seeds", "fraction", "inactive",
-                 "inactive_mean", "delta_loss_mean", "delta_loss_rnd_mean",
-                 "control_delta_loss_mean", "control_mean")
 # What one census row is the census of: the other columns describe its channels.
 _CENSUS_KEYS = ("model", "train_seed", "layer")
 
@@ -90,71 +84,21 @@ def sort_rows(df: pd.DataFrame, models: list[str] | None = None,
     return df.iloc[order].reset_index(drop=True)
 
 
-def _label(name: str) -> str:
-    return _LABELS.get(name, name)
+def table1_frame(table1: pa.Table | None, ablation: pa.Table | None = None,
+                 census: pa.Table | None = None) -> pd.DataFrame | None:
+    """Table 1 as display strings, one row per row of table1.parquet, the paper's models first.
 
-
-def _inactive_counts(channels: pd.DataFrame | None) -> dict[str, int]:
-    if channels is None or not {"model", "layer", "inactive"} <= set(channels.columns):
-        return {}
-    pool = channels[channels["layer"] == "pool1"]
-    return {str(m): int(g["inactive"].astype(bool).sum()) for m, g in pool.groupby("model")}
-
-
-def _display_table1(df: pd.DataFrame) -> pd.DataFrame:
-    """table1.parquet as strings: `<x>_mean`/`<x>_std` pairs become one "mean ± std" column."""
-    cols = ([c for c in _TABLE1_FIRST if c in df.columns]
-            + [c for c in df.columns if c not in _TABLE1_FIRST])
-    out = pd.DataFrame(index=df.index)
-    for c in cols:
-        if c.endswith("_mean") and c[:-5] + "_std" in cols:
-            out[_label(c[:-5])] = [pm(m, s) for m, s in zip(df[c], df[c[:-5] + "_std"])]
-        elif not (c.endswith("_std") and c[:-4] + "_mean" in cols):
-            out[_label(c)] = [fmt(v) for v in df[c]]
-    return out
-
-
-def _table1_from_ablation(df: pd.DataFrame, inactive: dict[str, int]) -> pd.DataFrame:
-    """Table 1 computed from ablation.parquet: per model (and layer) and condition, mean ±
-    sample std (ddof 1) of delta_loss over every seed row; split by fraction when it varies."""
-    keys = [k for k in ("model", "layer") if k in df.columns]
-    split = "fraction" in df.columns and df.groupby("condition")["fraction"].nunique().max() > 1
-    by = ["condition", "fraction"] if split else ["condition"]
-    rows = []
-    for key, g in df.groupby(keys, sort=False):
-        row = dict(zip(keys, map(str, key)))
-        if inactive:
-            row["inactive"] = str(inactive.get(row["model"], "—"))
-        for (cond, *frac), gc in g.groupby(by, sort=False, dropna=False):
-            vals = gc["delta_loss"].astype(float)
-            std = vals.std(ddof=1) if len(vals) > 1 else float("nan")
-            name = f"ΔL {cond}" + (f" f={fmt(frac[0])}" if frac and fmt(frac[0]) != "—" else "")
-            row[f"{name} (n={len(vals)})"] = pm(vals.mean(), std)
-        rows.append(row)
-    return pd.DataFrame(rows).fillna("—")
-
-
-def table1_frame(table1: pa.Table | None, ablation: pa.Table | None,
-                 channels: pa.Table | None = None) -> pd.DataFrame | None:
-    """Table 1 as display strings, one row per row of table1.parquet (model, layer, training
-    seed, fraction … whatever it holds), the paper's models first.
-
-    Without table1.parquet it is computed from ablation.parquet. The inactive count comes from
-    the table itself, else from pool1 of channels.parquet.
+    The cells are `pipeline.ablation.table1.table1_cells`, the formatting the console prints:
+    one computation (`table1`), one formatter. Without table1.parquet (an interrupted chain) it
+    is computed from ablation.parquet and the census by that same `table1`; without those, None.
     """
-    inactive = _inactive_counts(None if channels is None else channels.to_pandas())
-    if table1 is not None and "model" in table1.column_names:
-        df = table1.to_pandas()
-        out = _display_table1(df)
-        if not ({"inactive", "inactive_mean"} & set(df.columns)) and inactive:
-            out.insert(1, "inactive", [str(inactive.get(str(m), "—")) for m in df["model"]])
-        return sort_rows(out)
-    if ablation is not None and {"model", "condition", "delta_loss"} <= set(ablation.column_names):
-        return sort_rows(_table1_from_ablation(ablation.to_pandas(), inactive))
-    if inactive:
-        return pd.DataFrame({"model": list(inactive),
-                             "inactive": [str(v) for v in inactive.values()]})
-    return None
+    from pipeline.ablation.table1 import table1 as compute, table1_cells
+
+    if table1 is None and ablation is not None and census is not None:
+        table1 = compute(ablation, census)
+    if table1 is None or table1.num_rows == 0:
+        return None
+    return sort_rows(pd.DataFrame([table1_cells(r) for r in table1.to_pylist()]))
 
 
 def census_frame(census: pa.Table) -> pd.DataFrame:
@@ -202,3 +146,18 @@ def types_frame(nt: pd.DataFrame, models: list[str], layers: list[str]) -> pd.Da
     piv = piv[[*index, *[t for t in types if t in piv.columns]]]
     return sort_rows(piv, order_models([*models, *piv["model"].astype(str)]),
                      order_layers([*layers, *piv["layer"].astype(str)]))
+
+
+_PROPERTY_LABELS = {"orientation_selective": "oriented", "single_opponent": "single-opponent",
+                    "double_opponent": "double-opponent", "no_structure": "no structure",
+                    "structured": "above the floor",
+                    "oriented_single_opponent": "oriented & single-opponent",
+                    "oriented_double_opponent": "oriented & double-opponent"}
+
+
+def properties_frame(props: pd.DataFrame, models: list[str], layers: list[str]) -> pd.DataFrame:
+    """neuron_types/properties.parquet as shown: each property counted on its own, and the
+    overlaps, per (model, layer, source)."""
+    df = props.rename(columns=_PROPERTY_LABELS)
+    return sort_rows(df, order_models([*models, *df["model"].astype(str)]),
+                     order_layers([*layers, *df["layer"].astype(str)]))

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.results.png import decode_png, png_bytes
 
-__all__ = ["png_bytes", "decode_png", "mean_image", "filter_images", "cell_size", "fit_tile",
+__all__ = ["png_bytes", "decode_png", "mean_image", "difference_images", "fade", "filter_images",
+           "cell_size", "fit_tile",
            "blank", "mosaic", "topk_grid", "crop_center_rf", "is_true", "Figure", "ImageSink",
            "PAD"]
 
@@ -41,6 +42,29 @@ def mean_image(values: Any, size: int, stretch: bool = True) -> np.ndarray:
             img = (img - lo) / (hi - lo)
     img = np.where(finite, img, 0.0)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def difference_images(diffs: list[np.ndarray]) -> list[np.ndarray]:
+    """Deviations (3, s, s) of mean stimuli from their baseline -> (s, s, 3) uint8 images at one
+    common scale: 0 is grey and the largest |deviation| of them all reaches black or white.
+
+    One scale for a layer's channels (not one each), so that a channel whose mean stimulus is
+    no different from the baseline stays grey instead of being stretched into vivid noise.
+    NaN pixels (never inside the image) are black.
+    """
+    finite = [np.abs(d[np.isfinite(d)]) for d in diffs]
+    scale = max((float(f.max()) for f in finite if f.size), default=0.0)
+    out = []
+    for d in diffs:
+        img = 0.5 + (d / (2.0 * scale) if scale > 0 else np.zeros_like(d))
+        img = np.where(np.isfinite(img), img, 0.0).transpose(1, 2, 0)
+        out.append((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+    return out
+
+
+def fade(tile: np.ndarray, keep: float = 0.3) -> np.ndarray:
+    """A tile washed out towards white: a channel the census calls 'no structure'."""
+    return (tile.astype(np.float64) * keep + 255.0 * (1 - keep) + 0.5).astype(np.uint8)
 
 
 def filter_images(weight: np.ndarray) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ from pipeline.results.tables import exists, fs_path, join, read_json, read_table
 
 __all__ = ["ReportInputError", "load_inputs", "first_conv_filters"]
 
-_STIMULI = ("topk", "mean", "channels")
+_STIMULI = ("topk", "mean", "channels", "baseline")
 
 
 class ReportInputError(ValueError):
@@ -79,6 +79,7 @@ def _load_analysis(out: str, inputs: ReportInputs) -> None:
             inputs.runs[name] = read_json(join(d, "run.json"))
     inputs.rf, inputs.topk = _concat(parts["rf"]), _concat(parts["topk"])
     inputs.mean, inputs.channels = _concat(parts["mean"]), _concat(parts["channels"])
+    inputs.baseline = _concat(parts["baseline"])
     if not dirs:
         inputs.missing["analysis"] = f"no {layout.stage_dir(out, 'analysis')}/<model>/"
 
@@ -99,6 +100,11 @@ def _load_results(out: str, inputs: ReportInputs) -> None:
     inputs.neuron_types = _read(summary)
     if inputs.neuron_types is None:
         inputs.missing["neuron_types"] = f"no {summary}"
+    inputs.properties = _read(join(layout.neuron_types_dir(out), "properties.parquet"))
+    rows = join(layout.neuron_types_dir(out), "neuron_types.parquet")
+    if exists(rows):      # only what the figures need: which channels have no structure
+        inputs.type_rows = read_table(rows, columns=["model", "layer", "source", "channel",
+                                                     "type"])
 
 
 def _load_compare(out: str, inputs: ReportInputs) -> None:
@@ -124,7 +130,7 @@ def first_conv_filters(url: str, model: str) -> tuple[np.ndarray | None, str]:
             loaded = load_checkpoint(url)
         except CheckpointError as e:
             return None, f"skipping the first-conv filters of {model}: {e}"
-    found = stimulus_filters(loaded.model, loaded.preprocess.state())
+    found = stimulus_filters(loaded.model, loaded.preprocess.state())   # effective: sign of γ
     if found is None:
         return None, f"skipping the first-conv filters of {model}: no convolution on RGB input"
     return found[1], ""

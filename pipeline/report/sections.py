@@ -16,9 +16,10 @@ import pandas as pd
 from markupsafe import Markup
 
 from pipeline.report.data import ReportData, ReportInputs, ReportOptions
-from pipeline.report.frames import (PAPER_TABLE1, census_frame, rf_frames, table1_frame,
-                                    table_view, types_frame)
-from pipeline.report.images import (Figure, ImageSink, cell_size, fit_tile, mosaic, topk_grid)
+from pipeline.report.frames import (PAPER_TABLE1, census_frame, properties_frame, rf_frames,
+                                    table1_frame, table_view, types_frame)
+from pipeline.report.images import (Figure, ImageSink, cell_size, fade, fit_tile, mosaic,
+                                    topk_grid)
 from pipeline.report.order import order_models
 from pipeline.report.templating import render
 
@@ -71,7 +72,7 @@ def rf_section(inputs: ReportInputs, d: ReportData) -> Section:
 
 
 def table1_section(inputs: ReportInputs) -> Section:
-    t1 = table1_frame(inputs.table1, inputs.ablation, inputs.channels)
+    t1 = table1_frame(inputs.table1, inputs.ablation, inputs.census)
     census = census_frame(inputs.census) if inputs.census is not None else None
     return Section("table1", "Table 1: inactive neurons and noise ablation", render(
         "sections/table1.html.j2",
@@ -113,31 +114,56 @@ def topk_section(inputs: ReportInputs, d: ReportData, opt: ReportOptions,
         neuron=d.topk_neuron, why=inputs.missing.get("analysis", "")))
 
 
-def _grid(imgs: ImageSink, name: str, tiles: list[np.ndarray], cell: int, alt: str) -> Figure:
-    fig = mosaic([fit_tile(t, cell) for t in tiles], cols=8)
-    return imgs.add(name, fig, alt)
+def _grid(imgs: ImageSink, name: str, tiles: list[np.ndarray], cell: int, alt: str,
+          faded: list[bool] | None = None) -> Figure:
+    tiles = [fit_tile(t, cell) for t in tiles]
+    tiles = [fade(t) if f else t for t, f in zip(tiles, faded or [False] * len(tiles))]
+    return imgs.add(name, mosaic(tiles, cols=8), alt)
+
+
+def _flat(d: ReportData, source: str, model: str, layer: str | None = None) -> set[int]:
+    """Channels the census calls 'no structure' (for filters: the model's first-conv layer)."""
+    if layer is None:
+        return next((v for (s, m, _), v in d.flat.items() if s == source and m == model), set())
+    return d.flat.get((source, model, layer), set())
 
 
 def _mean_column(d: ReportData, model: str, imgs: ImageSink) -> list[dict[str, Any]]:
-    """A model's column: its conv1 filters, then every layer's mean stimuli, 8 per row."""
+    """A model's column: its conv1 filters, then every layer's mean stimuli, 8 per row; tiles
+    the census calls 'no structure' washed out."""
     grids = []
     if model in d.filter_tiles:
         tiles = d.filter_tiles[model]
         # The same cell as the pool1 grid below, so that channel c sits above channel c.
         pool1 = d.mean_tiles.get((model, "pool1"))
         side = next(iter(pool1.values())).shape[0] if pool1 else tiles[0].shape[0]
-        grids.append({"heading": "conv1 filters", "figure": _grid(
-            imgs, slug("filters", model), tiles, cell_size(side, 42, 84), f"{model} conv1 filters")})
+        flat = _flat(d, "filter", model)
+        grids.append({"heading": f"conv1 filters, effective ({len(tiles) - len(flat)} of "
+                                 f"{len(tiles)} above the noise floor)" if d.flat else
+                                 "conv1 filters, effective",
+                      "figure": _grid(imgs, slug("filters", model), tiles,
+                                      cell_size(side, 42, 84), f"{model} conv1 filters",
+                                      [c in flat for c in range(len(tiles))]), "baseline": None})
     for layer in d.layers:
         by_ch = d.mean_tiles.get((model, layer))
         if not by_ch:
             continue
         chans = sorted(by_ch)
-        grids.append({"heading": f"{layer} mean stimuli ({len(chans)} channels)",
+        flat = _flat(d, "mean", model, layer) if d.mean_neuron == "center" else set()
+        against = (model, layer) in d.against_baseline
+        what = "mean stimuli − baseline" if against else "mean stimuli"
+        floor = (f", {len(chans) - len(flat & set(chans))} above the noise floor"
+                 if d.flat and d.mean_neuron == "center" else "")
+        cell = cell_size(by_ch[chans[0]].shape[0], 42, 84)
+        grids.append({"heading": f"{layer} {what} ({len(chans)} channels{floor})",
                       "figure": _grid(imgs, slug("mean", model, layer, d.mean_neuron),
-                                      [by_ch[c] for c in chans],
-                                      cell_size(by_ch[chans[0]].shape[0], 42, 84),
-                                      f"{model} {layer} mean preferred stimuli")})
+                                      [by_ch[c] for c in chans], cell,
+                                      f"{model} {layer} mean preferred stimuli",
+                                      [c in flat for c in chans]),
+                      "baseline": _grid(imgs, slug("baseline", model, layer, d.mean_neuron),
+                                        [d.baseline_tiles[(model, layer)]], cell,
+                                        f"{model} {layer} baseline: mean patch of all images")
+                      if against else None})
     return grids
 
 
@@ -147,7 +173,8 @@ def mean_section(inputs: ReportInputs, d: ReportData, imgs: ImageSink) -> Sectio
         cells = {m: g for m in d.models if (g := _mean_column(d, m, imgs))}
     return Section("mean", "First-conv filters and mean preferred stimuli", render(
         "sections/mean.html.j2", models=d.models, cells=cells, has_filters=bool(d.filter_tiles),
-        neuron=d.mean_neuron, why=inputs.missing.get("analysis", "")))
+        neuron=d.mean_neuron, against=bool(d.against_baseline),
+        census=bool(d.flat), why=inputs.missing.get("analysis", "")))
 
 
 def actmax_section(inputs: ReportInputs, d: ReportData, opt: ReportOptions,
@@ -174,8 +201,10 @@ def types_section(inputs: ReportInputs, d: ReportData) -> Section:
     nt = None if inputs.neuron_types is None else inputs.neuron_types.to_pandas()
     table = None if nt is None else table_view(types_frame(nt, d.models, d.layers))
     pivoted = nt is not None and {"model", "layer", "type", "count"} <= set(nt.columns)
+    props = (None if inputs.properties is None else
+             table_view(properties_frame(inputs.properties.to_pandas(), d.models, d.layers)))
     return Section("types", "Neuron types", render(
-        "sections/types.html.j2", table=table, pivoted=pivoted,
+        "sections/types.html.j2", table=table, pivoted=pivoted, properties=props,
         why=inputs.missing.get("neuron_types", "")))
 
 

@@ -18,8 +18,9 @@ from PIL import Image
 from torch import Tensor
 
 from pipeline.data.augment import TrainTransform, decode_rgb
+from pipeline.seeds import derive_seed
 
-__all__ = ["IGNORE", "ImageDataset", "collate", "split_sizes", "GlobalBatchSampler",
+__all__ = ["IGNORE", "ImageDataset", "collate", "split_sizes", "epoch_order", "GlobalBatchSampler",
            "build_train_loader", "build_val_loader"]
 
 # Labels of unusable rows; cross-entropy ignores them (torch's default ignore_index).
@@ -67,11 +68,24 @@ def split_sizes(total: int, world: int) -> list[int]:
     return [base + (r < extra) for r in range(world)]
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of `n` images that training seed `seed` uses in epoch `epoch`.
+
+    Seeded by the pair (seed, epoch) jointly (`pipeline.seeds.derive_seed`, a hash of both), not
+    by `seed + epoch` as torch's DistributedSampler does: with the sum, seed 1's epoch e would be
+    seed 0's epoch e + 1, and two "independent" training runs would see the same shuffles
+    shifted by one epoch. The order depends only on (n, seed, epoch): identical on every rank
+    and on a resumed run.
+    """
+    g = torch.Generator().manual_seed(derive_seed("data-order", int(seed), int(epoch)))
+    return torch.randperm(n, generator=g).tolist()
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Rank `rank`'s share of each global batch of `batch_size` images, for any worker count.
 
-    Every rank draws the same seeded permutation per epoch (seed + epoch, as DistributedSampler),
-    cuts it into global batches and takes its `split_sizes` part of each, so all ranks take the
+    Every rank draws the same permutation per epoch (`epoch_order`: seeded by (seed, epoch)
+    jointly), cuts it into global batches and takes its `split_sizes` part of each, so all ranks take the
     same number of steps and every step's global batch size (`step_sizes`) is known on every rank
     without communication. The trailing incomplete batch is dropped when a full one exists.
     """
@@ -88,8 +102,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def global_batches(self) -> list[list[int]]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = epoch_order(self.n, self.seed, self.epoch)
         else:
             order = list(range(self.n))
         batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]

@@ -72,12 +72,13 @@ def mean_table(model: str, neutral) -> pa.Table:
                 rows["layer"].append(layer)
                 rows["channel"].append(ch)
                 rows["neuron"].append(neuron)
-                rows["count"].append(0 if not seen.any() else 40)
-                rows["images"].append(40)
+                # 3000 of 6000 images: the known answers stand far above the standard error
+                rows["count"].append(0 if not seen.any() else 3000)
+                rows["images"].append(6000)
                 rows["size"].append(s)
                 rows["mean"].append(p.astype(np.float32).ravel().tolist())
-                rows["weight"].append(np.where(seen, 40.0, 0.0).ravel().tolist())
-                rows["sum"].append(np.where(seen, 40.0 * p, 0.0).ravel().tolist())
+                rows["weight"].append(np.where(seen, 3000.0, 0.0).ravel().tolist())
+                rows["sum"].append(np.where(seen, 3000.0 * p, 0.0).ravel().tolist())
     return pa.table(rows, schema=MEAN_SCHEMA)
 
 
@@ -190,12 +191,22 @@ def test_filters_are_measured_in_stimulus_space_through_the_zca(results):
     filt = rows[rows.source == "filter"].sort_values("channel")
     assert filt.model.unique().tolist() == ["resnet18"] and filt.layer.unique().tolist() == ["conv1"]
     assert filt["type"].tolist()[:5] == EXPECTED
-    # Every row equals the pure measure of the checkpoint's filters mapped to stimulus space.
+    # Every row equals the pure measure of the checkpoint's filters read as their expected
+    # mean preferred stimulus (a fresh BatchNorm: the direction A⁻¹w itself, t = 0).
+    from pipeline.census.patterns import stimulus_filters
+    from pipeline.census.types import stimulus_covariance
+
     loaded = load_checkpoint(f"{root}/train/resnet18/model.pt")
-    ref = measure_batch(filter_to_stimulus(loaded.model.conv1.weight.detach().numpy(),
-                                           loaded.preprocess.state()), None)
-    np.testing.assert_allclose(filt.chromatic_fraction.to_numpy(), ref["chromatic_fraction"], rtol=1e-5)
-    np.testing.assert_allclose(filt.osi.to_numpy()[:4], ref["osi"][:4], rtol=1e-5)
+    state = loaded.preprocess.state()
+    _, pats, noise = stimulus_filters(loaded.model, state)
+    direction = filter_to_stimulus(loaded.model.conv1.weight.detach().numpy(), state)
+    for c in (0, 1, 2, 3, 5):
+        assert np.corrcoef(pats[c].ravel(), direction[c].ravel())[0, 1] == pytest.approx(1.0)
+    ref = measure_batch(pats, None, noise=noise, covariance=stimulus_covariance(state)[0],
+                        resolution=False)
+    np.testing.assert_allclose(filt.chromatic_fraction.to_numpy(), ref["chromatic_fraction"],
+                               rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(filt.osi.to_numpy()[:4], ref["osi"][:4], rtol=1e-5, atol=1e-9)
     assert filt["type"].tolist() == list(ref["type"])
 
 
@@ -213,6 +224,23 @@ def test_summary_counts_and_printed_table(results):
     assert info["counts"]["patterns"] == len(rows) == 2 * 2 * 5 + 2 * 5 + 8
     text = job.format_summary(read_table(f"{out}/summary.parquet"))
     assert "double-opponent" in text and "resnet18" in text and "plainnet18" in text
+    # Each property on its own, by brute force over the rows' flags, and the overlaps.
+    props = read_table(f"{out}/properties.parquet").to_pandas()
+    assert len(props) == len(groups)
+    for p in props.itertuples():
+        g = rows[(rows.model == p.model) & (rows.layer == p.layer) & (rows.source == p.source)]
+        assert p.channels == len(g)
+        assert p.structured == (~g["type"].isin(["no structure", "empty"])).sum()
+        for flag in ("orientation_selective", "single_opponent", "double_opponent",
+                     "no_structure"):
+            assert getattr(p, flag) == g[flag].sum()
+            assert (g[flag] <= ~g["type"].isin(["empty"])).all()
+        assert p.oriented_double_opponent == (g.orientation_selective & g.double_opponent).sum()
+        assert p.no_structure == (g["type"] == "no structure").sum()
+    # The mean tables of this root predate the baseline table: a warning, not a failure.
+    assert any("no baseline.parquet beside" in w for w in info["warnings"])
+    assert set(rows[rows.source == "mean"]["reference"]) == {"neutral"}
+    assert set(rows[rows.source == "filter"]["reference"]) == {"zero"}
 
 
 def test_s3_multiple_from_and_small_chunks_give_the_same_rows(results, s3_bucket):
@@ -297,7 +325,7 @@ def test_run_json_shape_and_resume_from_a_partial(results, tmp_path):
     out = str(tmp_path / "resume")
     argv = ["--from", root, "--sources", "mean", "--chunk", "3", "--out", out]
     cfg = parse_config(job.NeuronTypesConfig, argv, job.PROG)
-    _, _, chunks, stamps = job._setup(cfg)
+    _, _, _, chunks, stamps = job._setup(cfg)
     assert len(chunks) == 2 * 2 * 2          # 2 models x 2 layers x channels {0-2, 3-4}
     store = job.store(cfg, stamps, engine.resolve_device("cpu"))
     from pipeline.census.inputs import measure_chunk

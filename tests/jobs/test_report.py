@@ -23,6 +23,7 @@ from PIL import Image
 from jobs import report as job
 from jobs.actmax import SCHEMA as ACTMAX_SCHEMA
 from jobs.neuron_types import SUMMARY_SCHEMA
+from pipeline.census.patterns import PROPERTY_SCHEMA
 from pipeline.ablation import table1 as ablation_tables
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.zoo import build_model
@@ -134,6 +135,15 @@ def make_results(root: Path, with_train: bool = True, rng_seed: int = 0) -> Path
         [dict(model=m, layer=l, source="mean", type=t, count=int(rng.integers(10)))
          for m in MODELS for l in LAYERS for t in TYPES], schema=SUMMARY_SCHEMA),
         str(root / "neuron_types" / "summary.parquet"))
+    write_table(pa.Table.from_pylist(
+        [dict(model=m, layer=l, source="mean", channels=16, structured=10, orientation_selective=3,
+              single_opponent=2, double_opponent=1, no_structure=6, oriented_single_opponent=0,
+              oriented_double_opponent=1) for m in MODELS for l in LAYERS],
+        schema=PROPERTY_SCHEMA), str(root / "neuron_types" / "properties.parquet"))
+    write_table(pa.Table.from_pylist(   # the census's verdict per channel: 1 has no structure
+        [dict(model=m, layer=l, source=src, channel=c, type="no structure" if c == 1 else "other")
+         for m in MODELS for l, src in [*((l, "mean") for l in LAYERS), ("conv1", "filter")]
+         for c in range(8)]), str(root / "neuron_types" / "neuron_types.parquet"))
     write_compare(root / "compare")
     return root
 
@@ -202,23 +212,41 @@ def make_any_results(root: Path) -> Path:
         write_table(pa.Table.from_pylist(mean), str(d / "stimuli" / "mean.parquet"))
     write_table(pa.Table.from_pylist(am), str(root / "actmax" / "actmax.parquet"))
     layer_of = {"resnet50": "pool1", "vgg16": "features.3"}
-    write_table(pa.Table.from_pylist([
-        dict(model=m, layer=layer_of[m], fraction=f, train_seeds=[0, 1], inactive_mean=2.5,
-             inactive_std=0.5, delta_loss_rnd_mean=f / 10 + i, delta_loss_rnd_std=0.01)
-        for i, m in enumerate(("vgg16", "resnet50")) for f in (0.25, 0.5, 1.0)]),
-        str(root / "ablation" / "table1.parquet"))
-    write_table(pa.Table.from_pylist([
-        dict(model=m, train_seed=t, layer=layer_of[m], channel=c, inactive=c == t, near_dead=False)
-        for m in ANY_LAYERS for t in (0, 1) for c in range(ANY_CHANNELS)]),
-        str(root / "ablation" / "census.parquet"))
+    # Two training seeds: seed t has channel t inactive in resnet50; vgg16's seed 1 has none,
+    # so its ΔL cells stand on one seed of two.
+    abl, census = [], []
+    for m in ANY_LAYERS:
+        for t in (0, 1):
+            dead = [] if (m == "vgg16" and t == 1) else [t]
+            census += [dict(model=m, layer=layer_of[m], channel=c, images=10,
+                            max=0.0 if c in dead else 1.0,
+                            positive_fraction=0.0 if c in dead else 0.5, inactive=c in dead,
+                            near_dead=c in dead, train_seed=t) for c in range(ANY_CHANNELS)]
+            abl.append(dict(model=m, layer=layer_of[m], condition="clean", seed=-1, images=10,
+                            loss=2.0, top1=0.5, delta_loss=0.0, train_seed=t,
+                            inactive_channels=dead))
+            for seed in range(2):
+                for f in (None, 0.25, 0.5, 1.0):
+                    cond = "inactive-all" if f is None else "inactive-random"
+                    dl = (f or 0.0) / 10 + (m == "resnet50") + seed / 100
+                    abl.append(dict(model=m, layer=layer_of[m], condition=cond, seed=seed,
+                                    fraction=f, train_seed=t, inactive_channels=dead,
+                                    **(dict(images=10, loss=2.0 + dl, delta_loss=dl) if dead
+                                       else dict(images=0,
+                                                 note=ablation_tables.no_inactive_note("x")))))
+    abl_t = pa.Table.from_pylist(abl, schema=ablation_tables.ABLATION_SCHEMA)
+    census_t = pa.Table.from_pylist(census, schema=ablation_tables.CENSUS_SCHEMA)
+    write_table(ablation_tables.table1(abl_t, census_t), str(root / "ablation" / "table1.parquet"))
+    write_table(census_t, str(root / "ablation" / "census.parquet"))
     return root
 
 
 def _pm(root: Path, model: str, condition: str) -> str:
-    """Mean ± sample std of delta_loss over seeds, as the report prints it (pandas' numbers)."""
+    """Mean ± sample std of delta_loss over the noise seeds of the one training seed, as Table 1
+    prints it (pandas' numbers), with the seeds it stands on."""
     df = pq.read_table(root / "ablation" / "ablation.parquet").to_pandas()
     v = df[(df.model == model) & (df.condition == condition)]["delta_loss"]
-    return f"{v.mean():.4g} ± {v.std(ddof=1):.4g}"
+    return f"{v.mean():+.4f} ± {v.std(ddof=1):.4f} (n = {len(v)} noise seeds)"
 
 
 class _Imgs(html.parser.HTMLParser):
@@ -269,8 +297,9 @@ def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
     assert n_imgs > len(index.imgs)
     text = (built / "index.html").read_text()
     assert "Not available" not in text
-    for needle in (_pm(built.parent, "resnet34", "inactive-all"), "ΔL_rnd (random subset)",
+    for needle in (_pm(built.parent, "resnet34", "inactive-all"), "random p=0.5",
                    _pm(built.parent, "plainnet34", "control-active"), "control ΔL",
+                   "Properties, each on its own", "no structure",
                    "Receptive fields", "mod.conv7", *TYPES, "1, 5"):
         assert needle in text
 
@@ -484,20 +513,24 @@ def test_any_model_and_layer_names_come_from_the_tables(built_any: Path):
 
 
 def test_table1_and_census_rows_appear_as_the_tables_hold_them(built_any: Path):
+    """Table 1 over two training seeds: the rows of table1.parquet in its order, each ΔL cell
+    saying how many training seeds it stands on (vgg16's seed 1 has no inactive channel)."""
     text = (built_any / "index.html").read_text()
-    t1 = _table_with(text, "fraction")
-    assert [(r["model"], r["fraction"], r["training seeds"], r["inactive"],
-             r["ΔL_rnd (random subset)"]) for r in t1] == [
-        ("resnet50", f, "0, 1", "2.5 ± 0.5", f"{1 + float(f) / 10:.4g} ± 0.01")
+    t1 = _table_with(text, "noised")
+    assert [(r["model"], r["noised"], r["training seeds"], r["inactive"], r["ΔL"]) for r in t1] == [
+        ("resnet50", "all inactive", "2", "1.0±0.0/4", "+1.0050 ± 0.0000 (n = 2 of 2)")] + [
+        ("resnet50", f"random p={f}", "2", "1.0±0.0/4", f"{1 + float(f) / 10 + 0.005:+.4f} ± 0.0000 (n = 2 of 2)")
         for f in ("0.25", "0.5", "1")] + [
-        ("vgg16", f, "0, 1", "2.5 ± 0.5", f"{float(f) / 10:.4g} ± 0.01") for f in ("0.25", "0.5", "1")]
-    measured, paper = _tables_with(text, "ΔL_rnd (random subset)")   # the paper's alongside
-    assert measured == t1 and "Paper (ImageNet, one training run per model)" in text
+        ("vgg16", "all inactive", "2", "0.5±0.7/4", "+0.0050 (n = 1 of 2)")] + [
+        ("vgg16", f"random p={f}", "2", "0.5±0.7/4", f"{float(f) / 10 + 0.005:+.4f} (n = 1 of 2)")
+        for f in ("0.25", "0.5", "1")]
+    paper = _table_with(text, "ΔL_rnd (random subset)")   # the paper's alongside
+    assert "Paper (ImageNet, one training run per model)" in text
     assert [(r["model"], r["inactive"], r["ΔL (all inactive)"], r["ΔL_rnd (random subset)"])
             for r in paper] == [("resnet34", "13", "1.27", "0.024"), ("plainnet34", "2", "≈ 0", "—")]
     census = _table_with(text, "training seed")
     assert [(r["model"], r["training seed"], r["inactive channels"]) for r in census] == [
-        ("resnet50", "0", "0"), ("resnet50", "1", "1"), ("vgg16", "0", "0"), ("vgg16", "1", "1")]
+        ("resnet50", "0", "0"), ("resnet50", "1", "1"), ("vgg16", "0", "0"), ("vgg16", "1", "none")]
 
 
 def test_missing_parts_say_not_available(tmp_path: Path):
@@ -515,14 +548,16 @@ def test_missing_parts_say_not_available(tmp_path: Path):
 
 
 def test_table1_falls_back_to_ablation_rows(tmp_path: Path):
+    """Without table1.parquet the report runs the same Table 1 computation on ablation.parquet
+    and census.parquet: the same cells as with it."""
     out = make_results(tmp_path / "r", with_train=False)
+    assert job.main(["--out", str(out), "--no-atlas"]) == 0
+    with_table = _table_with((out / "report" / "index.html").read_text(), "noised")
     (out / "ablation" / "table1.parquet").unlink()
     assert job.main(["--out", str(out), "--no-atlas"]) == 0
     text = (out / "report" / "index.html").read_text()
-    abl = pq.read_table(out / "ablation" / "ablation.parquet").to_pandas()
-    g = abl[(abl.model == "plainnet34") & (abl.condition == "inactive-random")]["delta_loss"]
-    assert f"{g.mean():.4g} ± {g.std(ddof=1):.4g}" in text
-    assert "ΔL inactive-random (n=3)" in text
+    assert _table_with(text, "noised") == with_table
+    assert _pm(out, "plainnet34", "inactive-random") in text
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -262,6 +262,55 @@ def test_given_checkpoints_skip_training(run, chain):
     assert analysed == ckpt["resnet34"]
 
 
+DEAD = [2, 7, 11]
+
+
+def test_a_demo_checkpoint_with_dead_pool1_channels_is_censused_and_noised(run, chain):
+    """The paper-scale path where a condition can fail: the chain's trained resnet34 with the
+    BatchNorm scale and shift of three conv1 channels zeroed (their ReLU, hence pool1, is 0 on
+    every image), given as a checkpoint: the census finds exactly those channels, every noise
+    condition is evaluated on them, and Table 1 states its numbers with their seeds."""
+    import torch
+
+    from pipeline.ablation.table1 import format_table1, table1_cells
+    from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.results import layout
+    from pipeline.results.tables import read_table
+
+    loaded = load_checkpoint(f"{run['out']}/train/resnet34/model.pt", "resnet34")
+    with torch.no_grad():
+        loaded.model.bn1.weight[DEAD] = 0.0
+        loaded.model.bn1.bias[DEAD] = 0.0
+    ckpt = "s3://reproduce/dead/resnet34.pt"
+    save_checkpoint(ckpt, loaded.model, loaded.preprocess, recipe=loaded.meta.get("recipe"))
+    out = "s3://reproduce/dead/results"
+    err = _reproduce(run, "--models", "resnet34", "--checkpoints", f"resnet34={ckpt}",
+                     "--stages", "analyze,ablate", "--layers", "pool1", out=out)
+    assert f"pool1: 3 of 16 channels inactive (--from): {DEAD}" in err
+    census = read_table(layout.combined(out, "ablation", "census")).to_pandas()
+    assert sorted(census[census.inactive].channel) == DEAD
+    ablation = read_table(layout.combined(out, "ablation", "ablation")).to_pandas()
+    noisy = ablation[ablation.condition != "clean"]
+    assert set(noisy.condition) == {"inactive-all", "inactive-random", "control-active"}
+    assert noisy.images.gt(0).all() and noisy.delta_loss.notna().all()
+    full = noisy[noisy.condition == "inactive-all"]
+    assert all(list(c) == DEAD for c in full.noised_channels)
+    assert (full.noised_per_image == 3).all() and (full.delta_loss > 0).all()
+    control = noisy[noisy.condition == "control-active"]
+    assert all(len(c) == 3 and not set(c) & set(DEAD) for c in control.noised_channels)
+    rnd = noisy[noisy.condition == "inactive-random"]
+    assert all(set(c) <= set(DEAD) for c in rnd.noised_channels)
+    assert ((rnd.noised_per_image > 0) & (rnd.noised_per_image < 3)).all()   # p = 0.5 of 3
+    t1 = read_table(layout.combined(out, "ablation", "table1"))
+    rows = t1.to_pylist()
+    assert [(r["condition"], r["inactive"], r["train_seeds"]) for r in rows] == [
+        ("inactive-all", 3, 1), ("inactive-random", 3, 1)]
+    assert rows[0]["delta_loss_mean"] == pytest.approx(full.delta_loss.mean())
+    assert table1_cells(rows[0])["ΔL"] == (f"{full.delta_loss.mean():+.4f} ± "
+                                           f"{full.delta_loss.std(ddof=1):.4f} (n = 2 noise seeds)")
+    assert "3/16" in format_table1(t1)
+
+
 def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run, chain):
     """--seeds 2 on the first run's output: seed 0's stages are complete and skipped, seed 1 is
     trained, analysed and ablated under seeds/1/, and the top-level census, ablation and Table 1

@@ -268,7 +268,7 @@ def _one_training_seed(dead, train_seed, x, labels, idx, subsets, B=4):
                           .to_table("resnet18", "pool1"), "resnet18", "pool1", 8, train_seed)
     inactive = inactive_channels(census)
     plans = [make_plan("clean", 0, inactive, 8)]
-    for seed in (0, 1):
+    for seed in (0, 1) if inactive else ():    # as make_plans: only `clean` when none is inactive
         plans += [make_plan("inactive-all", seed, inactive, 8),
                   make_plan("control-active", seed, inactive, 8)]
         plans += [make_plan("inactive-random", seed, inactive, 8, fraction=s.fraction or 0.0,
@@ -383,3 +383,59 @@ def test_ablation_layer_is_one_layer_with_channel_maps():
             ablation_layer(model, spec)
     with pytest.raises(ValueError, match="nowhere"):
         ablation_layer(model, "nowhere")
+
+
+def test_table1_counts_the_training_seeds_each_cell_stands_on():
+    """Seed 0 with inactive channels, seed 1 with none: ΔL, ΔL_rnd and control ΔL stand on
+    seed 0 alone ("n = 1 of 2", no ±), the inactive count on both (mean ± std), in the table,
+    its cells and the console text."""
+    from pipeline.ablation.table1 import table1_cells
+
+    x, idx = images(8), np.arange(8)
+    labels = torch.arange(8) % 10
+    subsets = parse_subsets("0.5")
+    parts = [_one_training_seed(DEAD, 0, x, labels, idx, subsets),
+             _one_training_seed([], 1, x, labels, idx, subsets)]
+    assert inactive_channels(parts[1][1]) == []
+    ablation = pa.concat_tables([a for a, _ in parts])
+    census = pa.concat_tables([c for _, c in parts])
+    t1 = table1(ablation, census).to_pylist()
+    rows = ablation.to_pylist()
+    seed0 = {cond: statistics.mean(r["delta_loss"] for r in rows if r["train_seed"] == 0
+                                   and r["condition"] == cond)
+             for cond in ("inactive-all", "control-active", "inactive-random")}
+    full, rnd = t1
+    assert (full["train_seeds"], full["contributing_seeds"]) == (2, 1)
+    assert (rnd["train_seeds"], rnd["contributing_seeds"]) == (2, 1)
+    assert full["delta_loss_mean"] == pytest.approx(seed0["inactive-all"])
+    assert full["control_delta_loss_mean"] == pytest.approx(seed0["control-active"])
+    assert rnd["delta_loss_rnd_mean"] == pytest.approx(seed0["inactive-random"])
+    assert full["delta_loss_std"] is None and rnd["delta_loss_rnd_std"] is None
+    assert full["delta_loss_per_seed"][1] is None
+    assert full["inactive_per_seed"] == [3, 0] and full["inactive_mean"] == 1.5
+    assert full["inactive_std"] == pytest.approx(statistics.stdev([3, 0]))
+    cells = table1_cells(full)
+    assert cells["ΔL"] == f"{seed0['inactive-all']:+.4f} (n = 1 of 2)"
+    assert cells["control ΔL"] == f"{seed0['control-active']:+.4f} (n = 1 of 2)"
+    assert cells["inactive"] == "1.5±2.1/8"
+    assert table1_cells(rnd)["ΔL"] == f"{seed0['inactive-random']:+.4f} (n = 1 of 2)"
+    text = format_table1(table1(ablation, census), census)
+    assert f"{seed0['inactive-all']:+.4f} (n = 1 of 2)" in text
+    assert "n = 1 of 2" in text.splitlines()[4]              # the random-subset row too
+    assert "train seed 1: no inactive channel" in text
+    # Both seeds with inactive channels: n = 2 of 2 and a ± over them; none: n = 0 of 2.
+    both = pa.concat_tables([parts[0][0], _one_training_seed([2, 5], 3, x, labels, idx,
+                                                              subsets)[0]])
+    both_census = pa.concat_tables([parts[0][1], _one_training_seed([2, 5], 3, x, labels, idx,
+                                                                    subsets)[1]])
+    two = table1(both, both_census).to_pylist()[0]
+    assert two["contributing_seeds"] == 2 and " ± " in table1_cells(two)["ΔL"]
+    assert table1_cells(two)["ΔL"].endswith("(n = 2 of 2)")
+    none = table1(pa.concat_tables([parts[1][0], _one_training_seed([], 2, x, labels, idx,
+                                                                     subsets)[0]]),
+                  pa.concat_tables([parts[1][1], _one_training_seed([], 2, x, labels, idx,
+                                                                    subsets)[1]])).to_pylist()[0]
+    assert none["contributing_seeds"] == 0 and table1_cells(none)["ΔL"] == "n/a (n = 0 of 2)"
+    # One training seed: the ± is over its noise seeds, and the cell says so.
+    (one, *_) = table1(parts[0][0], parts[0][1]).to_pylist()
+    assert table1_cells(one)["ΔL"].endswith("(n = 2 noise seeds)")

@@ -501,7 +501,7 @@ def test_pattern_extraction_and_counts():
     assert rows.column("type").to_pylist() == ["single-opponent", "empty"]
     assert rows.column("osi").to_pylist()[1] is None
     summary = summarise(rows).to_pandas()
-    assert summary["count"].sum() == 2 and len(summary) == 5
+    assert summary["count"].sum() == 2 and len(summary) == 6
     assert "single-opponent" in format_summary(summarise(rows))
 
 
@@ -540,11 +540,17 @@ def test_rows_sort_in_display_order_for_any_names():
 
 def test_stimulus_filters_find_the_first_conv_on_rgb():
     from pipeline.models.zoo import build_model
-    from pipeline.census.patterns import first_conv, stimulus_filters
+    from pipeline.census.patterns import first_conv, first_conv_bn, stimulus_filters
 
-    model = build_model("resnet18", num_classes=3, width=8)
-    name, w = stimulus_filters(model, IMAGENET.state())
-    assert name == "conv1" and w.shape == (8, 3, 7, 7)
-    np.testing.assert_allclose(w, filter_to_stimulus(model.conv1.weight.detach().numpy(),
-                                                     IMAGENET.state()))
+    model = build_model("resnet18", num_classes=3, width=8).eval()
+    name, w, noise = stimulus_filters(model, IMAGENET.state())
+    assert name == "conv1" and w.shape == (8, 3, 7, 7) and noise.shape == (8,)
+    assert first_conv_bn(model, "conv1") is model.bn1
+    # A fresh BatchNorm (γ = 1, β = 0): the direction is S·Aᵀw, the scale λ(0)/√(uᵀSu).
+    direction = filter_to_stimulus(model.conv1.weight.detach().numpy(), IMAGENET.state())
+    for c in range(8):
+        assert np.corrcoef(w[c].ravel(), direction[c].ravel())[0, 1] == pytest.approx(1.0)
     assert first_conv(torch.nn.Sequential(torch.nn.Linear(3, 3))) is None
+    squeeze = build_model("squeezenet1_1", num_classes=3)
+    assert first_conv_bn(squeeze, first_conv(squeeze)[0]) is None    # no BatchNorm: conv bias
+    assert stimulus_filters(squeeze, IMAGENET.state())[1].shape[1:] == (3, 3, 3)

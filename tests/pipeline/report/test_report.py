@@ -102,56 +102,57 @@ def test_orders():
         "pool1", "conv7", "features.28", "layer2.1.conv2", "features.3"]
 
 
-def test_table1_pairs_mean_std_and_falls_back_to_ablation():
-    t1 = pa.table({"model": ["plainnet34", "resnet34"], "inactive": [2, 13],
-                   "delta_loss_mean": [0.001, 1.27], "delta_loss_std": [0.0005, 0.1],
-                   "note": ["x", "y"]})
-    df = table1_frame(t1, None)
-    assert list(df.columns) == ["model", "inactive", "ΔL (all inactive)", "note"]
-    assert df.iloc[0].tolist() == ["resnet34", "13", "1.27 ± 0.1", "y"]
+def _ablation_rows(model, layer, train_seed, inactive, deltas, fraction=0.5):
+    """ablation.parquet and census.parquet rows of one training seed, as jobs.ablate writes
+    them: a clean row, then per noise seed inactive-all, control-active and one random subset
+    (`deltas[seed]` = their ΔL), or null rows with a note when nothing is inactive."""
+    from pipeline.ablation.table1 import ABLATION_SCHEMA, CENSUS_SCHEMA, no_inactive_note
 
-    rng = np.random.default_rng(1)
-    rows = [dict(model=m, condition=c, seed=s, delta_loss=float(rng.random()))
-            for m in ("resnet34", "plainnet34") for c in ("inactive-all", "clean")
-            for s in range(4)]
-    channels = pa.table({"model": ["resnet34"] * 3, "layer": ["pool1", "pool1", "conv3"],
-                         "channel": [0, 1, 0], "inactive": [True, False, True]})
-    df = table1_frame(None, pa.Table.from_pylist(rows), channels)
-    want = pa.Table.from_pylist(rows).to_pandas()
-    g = want[(want.model == "resnet34") & (want.condition == "inactive-all")]["delta_loss"]
-    res = df[df.model == "resnet34"].iloc[0]
-    assert res["ΔL inactive-all (n=4)"] == f"{g.mean():.4g} ± {g.std(ddof=1):.4g}"
-    assert res["inactive"] == "1"                                 # pool1 only
-    assert df[df.model == "plainnet34"].iloc[0]["inactive"] == "—"
-    assert table1_frame(None, None) is None
-
-
-def test_table1_shows_every_row_and_column_it_is_given():
-    """Rows per (model, fraction), a training-seed list and a pooled inactive count all show up,
-    in the table's order within a model, the paper's model first."""
-    t1 = pa.table({
-        "model": ["vgg16", "vgg16", "resnet34", "resnet34"], "layer": ["features.4"] * 2 + ["pool1"] * 2,
-        "fraction": [0.25, 0.5, 0.5, 0.25], "train_seeds": [[0, 1], [0, 1], [0, 1, 2], [0, 1, 2]],
-        "inactive_mean": [1.5, 1.5, 13.0, 13.0], "inactive_std": [0.5, 0.5, 1.0, 1.0],
-        "delta_loss_rnd_mean": [0.01, 0.02, 0.03, 0.04],
-        "delta_loss_rnd_std": [0.001, None, 0.003, 0.004], "extra": ["a", "b", "c", "d"]})
-    df = table1_frame(t1, None)
-    assert list(df.columns) == ["model", "layer", "training seeds", "fraction", "inactive",
-                                "ΔL_rnd (random subset)", "extra"]
-    assert df.values.tolist() == [
-        ["resnet34", "pool1", "0, 1, 2", "0.5", "13 ± 1", "0.03 ± 0.003", "c"],
-        ["resnet34", "pool1", "0, 1, 2", "0.25", "13 ± 1", "0.04 ± 0.004", "d"],
-        ["vgg16", "features.4", "0, 1", "0.25", "1.5 ± 0.5", "0.01 ± 0.001", "a"],
-        ["vgg16", "features.4", "0, 1", "0.5", "1.5 ± 0.5", "0.02", "b"]]
+    base = dict(model=model, layer=layer, train_seed=train_seed, inactive_channels=inactive)
+    rows = [dict(base, condition="clean", seed=-1, images=8, loss=2.0, top1=0.5, delta_loss=0.0)]
+    for seed, d in enumerate(deltas):
+        for cond, frac, dl in (("inactive-all", None, d), ("control-active", None, d / 100),
+                               ("inactive-random", fraction, d / 10)):
+            rows.append(dict(base, condition=cond, seed=seed, fraction=frac, note="",
+                             **({} if not inactive else dict(images=8, loss=2.0 + dl,
+                                                              delta_loss=dl))))
+            if not inactive:
+                rows[-1]["note"] = no_inactive_note(layer)
+    census = [dict(model=model, layer=layer, channel=c, images=8, max=0.0 if c in inactive else 1.0,
+                   positive_fraction=0.0 if c in inactive else 0.5, inactive=c in inactive,
+                   near_dead=c in inactive, train_seed=train_seed) for c in range(4)]
+    return (pa.Table.from_pylist(rows, schema=ABLATION_SCHEMA),
+            pa.Table.from_pylist(census, schema=CENSUS_SCHEMA))
 
 
-def test_table1_fallback_splits_random_subsets_by_fraction():
-    rows = [dict(model="m", layer="l", condition="inactive-random", seed=s, fraction=f,
-                 delta_loss=float(10 * f + s)) for f in (0.25, 0.5) for s in range(3)]
-    df = table1_frame(None, pa.Table.from_pylist(rows))
-    assert df.iloc[0].to_dict() == {"model": "m", "layer": "l",
-                                    "ΔL inactive-random f=0.25 (n=3)": "3.5 ± 1",
-                                    "ΔL inactive-random f=0.5 (n=3)": "6 ± 1"}
+def test_table1_is_read_from_table1_parquet_and_formatted_as_the_console_does():
+    """The report's Table 1 is table1.parquet through pipeline.ablation.table1's one formatter:
+    the same cells the console prints, "n = k of N" included; without table1.parquet the same
+    computation runs on ablation.parquet and the census."""
+    from pipeline.ablation.table1 import format_table1, table1, table1_cells
+
+    parts = [_ablation_rows("resnet34", "pool1", 0, [1, 3], [1.2, 1.4]),
+             _ablation_rows("resnet34", "pool1", 1, [], [0.0, 0.0]),
+             _ablation_rows("plainnet34", "pool1", 0, [2], [0.01, 0.03]),
+             _ablation_rows("plainnet34", "pool1", 1, [0], [0.02, 0.04])]
+    ablation = pa.concat_tables([a for a, _ in parts])
+    census = pa.concat_tables([c for _, c in parts])
+    t1 = table1(ablation, census)
+    df = table1_frame(t1)
+    assert list(df.columns) == list(table1_cells(t1.to_pylist()[0]))
+    assert df["model"].tolist() == ["resnet34", "resnet34", "plainnet34", "plainnet34"]
+    res, plain = df.iloc[0], df.iloc[2]
+    assert res["ΔL"] == "+1.3000 (n = 1 of 2)"                  # seed 1 has none inactive
+    assert res["control ΔL"] == "+0.0130 (n = 1 of 2)"
+    assert df.iloc[1]["ΔL"] == "+0.1300 (n = 1 of 2)" and df.iloc[1]["noised"] == "random p=0.5"
+    assert res["inactive"] == "1.0±1.4/4" and res["training seeds"] == "2"
+    assert plain["ΔL"] == "+0.0250 ± 0.0071 (n = 2 of 2)"
+    text = format_table1(t1, census)
+    for cell in (res["ΔL"], res["control ΔL"], plain["ΔL"]):
+        assert cell in text
+    # No table1.parquet: the one computation on ablation.parquet and the census.
+    assert table1_frame(None, ablation, census).equals(df)
+    assert table1_frame(None, ablation, None) is None and table1_frame(None) is None
 
 
 def test_census_has_a_row_per_model_training_seed_and_layer():
