@@ -14,12 +14,13 @@ resumes from <out>/_partials/ (docs/ablation.md).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+import numpy as np
+
 from jobs.runtime import engine
-from jobs.runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
-                            model_choices, resolve_data)
+from jobs.runtime.inputs import check_writable, model_choices
 from jobs.runtime.console import Console, init_ray
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import Markers, write_run
@@ -29,7 +30,8 @@ from pipeline.ablation.setup import AblationSetup as Setup, check_labels, read_c
 from pipeline.data.listing import write_manifest
 from pipeline.ablation.table1 import (ablation_table, census_table, format_table1, inactive_channels,
                              no_inactive_note, table1)
-from pipeline.results.tables import exists, join, read_json, write_table
+from pipeline.results import catalog
+from pipeline.results.tables import exists, join, read_json, write
 
 PROG = "python -m jobs.ablate"
 
@@ -44,32 +46,37 @@ class AblateConfig(Options):
     out: str = opt(help="output folder (local path or s3://...)",
                    check=lambda v: None if v.strip() else "must name a folder or s3:// URL")
     data: str | None = opt(None, "labelled validation images (folder, s3:// URL or .parquet "
-                           "manifest); default: the embedded demo data's val/")
+                           "manifest); default: the embedded demo data's val/", decides=True)
     checkpoint: str | None = opt(None, "checkpoint URL (ours or a torchvision state_dict); "
-                                 "default: a randomly initialised --model (UNTRAINED)")
+                                 "default: a randomly initialised --model (UNTRAINED)",
+                                 decides=True)
     model: str | None = opt(None, "any supported CNN (resnet34, plainnet34, vgg11_bn ...); "
                             "default: the checkpoint's, else resnet34", choices=model_choices,
-                            metavar="NAME")
+                            metavar="NAME", decides=True)
     layer: str | None = opt(None, "the layer counted and noised: paper name (pool1, conv3) or "
                             "module path (features.3); default: pool1 (ResNet family), else "
-                            "the first max-pooling module")
+                            "the first max-pooling module", decides=True)
     seeds: int = opt(3, "noise seeds 0 .. N-1", check=at_least(1))
     fraction: tuple[Subset, ...] = opt(
         parse_subsets(DEFAULT_SUBSETS), f"inactive-random subset sizes (default "
         f"{DEFAULT_SUBSETS}), a row each: a fraction p in (0, 1] keeps each inactive channel "
         "with probability p (0.25 or 25%%), Nch noises exactly N; drawn anew per minibatch",
-        parse=_fractions)
+        parse=_fractions, show=lambda v: ",".join(s.label for s in v))
     train_seed: int | None = opt(None, "training seed of the weights (train_seed column); "
                                  "default: the checkpoint recipe's, else 0", check=at_least(0))
     shards: int = opt(8, "shards (cut on --eval-batch boundaries)", check=at_least(1))
     eval_batch: int = opt(256, "minibatch of the global image order (inactive-random redraws "
-                          "per minibatch; also the forward batch)", check=at_least(1))
+                          "per minibatch; also the forward batch)", check=at_least(1),
+                          decides=True)
     from_analysis: str | None = opt(None, "jobs.analyze output whose stimuli/channels.parquet is "
                                     "the census; default: a census pass", flag="--from",
                                     metavar="ANALYSIS_OUT")
-    limit: int | None = opt(None, "only the first N images of the manifest", check=at_least(1))
-    resize: int | None = opt(None, "shorter side (default 256; demo 72)", check=at_least(1))
-    crop: int | None = opt(None, "centre crop (default 224; demo 64)", check=at_least(1))
+    limit: int | None = opt(None, "only the first N images of the manifest", check=at_least(1),
+                            decides=True)
+    resize: int | None = opt(None, "shorter side (default 256; demo 72)", check=at_least(1),
+                             decides=True)
+    crop: int | None = opt(None, "centre crop (default 224; demo 64)", check=at_least(1),
+                           decides=True)
     device: str = opt("auto", "auto: cuda if the cluster has GPUs", choices=("auto", "cpu", "cuda"))
     gpus_per_task: float | None = opt(None, "GPUs per Ray task (default: 1 on a cluster with "
                                       "GPUs unless --device cpu)", check=at_least(0))
@@ -79,44 +86,57 @@ class AblateConfig(Options):
                         choices=("plan", "shard"))
 
 
-def prepare(cfg: AblateConfig, con: Console) -> Setup:
-    """Data, model, layer and (with --from) the census; every bad input surfaces here."""
-    check_writable(cfg.out)
-    src = resolve_data(cfg.data, limit=cfg.limit, require_labels=True)
-    classes, width = default_model_shape(src)
-    jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=classes, width=width)
+def prepare(cfg: AblateConfig) -> tuple[Setup, list[str]]:
+    """Data, model, layer and (with --from) the census in one pass, and the warnings to show;
+    every bad input surfaces here and nothing is written."""
+    from pipeline.models.study import resolve
+
+    with bad_input(ValueError, FileNotFoundError, first_line=True):
+        st = resolve(cfg.data, cfg.checkpoint, cfg.model, None, resize=cfg.resize, crop=cfg.crop,
+                     limit=cfg.limit, require_labels=True)
     with bad_input():   # an unknown layer, no max-pooling layer to default to, labels past fc
-        layer = ablation.ablation_layer(jm.model, cfg.layer)
-        check_labels(src.manifest.labels, jm.model, src.url, jm.name)
-    seed = int((jm.meta.get("recipe") or {}).get("seed") or 0)
-    s = Setup(jm.model, jm.name, jm.preprocess, jm.untrained, layer, src.url, src.manifest,
-              eval_transform(cfg.resize, cfg.crop, demo=src.demo, meta=jm.meta),
+        layer = ablation.ablation_layer(st.model.model, cfg.layer)
+        check_labels(st.source.manifest.labels, st.model.model, st.source.url, st.model.name)
+    seed = int((st.model.meta.get("recipe") or {}).get("seed") or 0)
+    s = Setup(st.model.model, st.model.name, st.model.preprocess, st.model.untrained, layer,
+              st.source.url, st.source.manifest, st.transform,
               seed if cfg.train_seed is None else cfg.train_seed,
-              engine.digest(jm.model.state_dict()))
-    s.census = _census_from(cfg, s, con) if cfg.from_analysis else None
-    if jm.warning:
-        con.warn(jm.warning)
-    return s
+              engine.digest(st.model.model.state_dict()))
+    s.census = _census_from(cfg, s) if cfg.from_analysis else None
+    return s, [w for w in (st.model.warning, *_from_warnings(cfg)) if w]
 
 
-def _census_from(cfg: AblateConfig, s: Setup, con: Console) -> Any:
-    """--from's channels.parquet as a census; a warning when its run.json names another
-    checkpoint or data set (channel counts alone cannot tell other weights apart)."""
+def _census_from(cfg: AblateConfig, s: Setup) -> Any:
+    """--from's channels.parquet as a census."""
     with bad_input(prefix=f"--from {cfg.from_analysis}: "):
-        census = read_census(cfg.from_analysis, s.model_name, s.layer, s.train_seed)
+        return read_census(cfg.from_analysis, s.model_name, s.layer, s.train_seed)
+
+
+def _from_warnings(cfg: AblateConfig) -> list[str]:
+    """A warning when --from's run.json names another checkpoint or data set (channel counts
+    alone cannot tell other weights apart)."""
+    if not cfg.from_analysis:
+        return []
     run = join(cfg.from_analysis, "run.json")
     theirs = read_json(run).get("config", {}) if exists(run) else {}
-    for k in [k for k in ("checkpoint", "data") if theirs and theirs.get(k) != getattr(cfg, k)]:
-        con.warn(f"--from {cfg.from_analysis} analysed {k} {theirs.get(k) or 'default'}, this "
-                 f"run uses {getattr(cfg, k) or 'default'}: make sure they are the same")
-    return census
+    return [f"--from {cfg.from_analysis} analysed {k} {theirs.get(k) or 'default'}, this run "
+            f"uses {getattr(cfg, k) or 'default'}: make sure they are the same"
+            for k in ("checkpoint", "data") if theirs and theirs.get(k) != getattr(cfg, k)]
 
 
 def fingerprint(cfg: AblateConfig, s: Setup, device: engine.Device,
                 inactive: Sequence[int] | None = None, precision: dict | None = None) -> str:
-    """The partials' folder: the weights and `Setup.key` (with --eval-batch)."""
-    return engine.fingerprint(s.key(cfg.eval_batch, inactive, precision), s.weights,
-                              device=device)
+    """The partials' folder: the options that decide the numbers, the weights, what the
+    options resolved to (preprocessing, layer, transform, images), the units' precision
+    (default pipeline.models.precision.setting(): strict fp32) and, for the evaluation, the
+    inactive set. Not shards, seeds or subsets: unit names hold ranges and plans."""
+    from pipeline.models.precision import setting
+
+    resolved = {"model": s.model_name, "preprocess": s.preprocess.state(),
+                "layer": s.layer.name, "images": len(s.manifest),
+                "transform": asdict(s.transform), "precision": precision or setting(),
+                "inactive": None if inactive is None else list(inactive)}
+    return engine.fingerprint(cfg, resolved, s.weights, device=device)
 
 
 def _resources(cfg: AblateConfig) -> tuple[engine.Device, engine.Plan]:
@@ -140,7 +160,36 @@ def _shard(model: Any, preprocess: Any, layer: Any, manifest: Any, transform: An
         value, skipped, flags = (
             ablation.census_shard(model, preprocess, layer, batches, device) if plans is None
             else ablation.eval_shard(model, preprocess, layer, plans, batches, batch, device))
-    return engine.Result(value, {"skipped": [list(k) for k in skipped], "precision": flags})
+    return engine.Result(_state(value),
+                         {"skipped": [list(k) for k in skipped], "precision": flags})
+
+
+def _state(value: Any) -> dict:
+    """A unit's value as a partial state: the census's ChannelStats, or each plan's EvalSums
+    with its rows as one float64 array (counts below 2**53 and the float loss sums round-trip
+    exactly)."""
+    if not isinstance(value, dict):
+        return value.state()
+    return {label: {"eval_batch": v.eval_batch,
+                    "rows": np.asarray(v.state()["rows"], dtype=np.float64).reshape(-1, 6)}
+            for label, v in value.items()}
+
+
+def _sums(state: dict) -> dict[str, Any]:
+    """{plan label: EvalSums} of an evaluation state."""
+    return {label: ablation.EvalSums.from_state({"eval_batch": v["eval_batch"],
+                                                 "rows": v["rows"].tolist()})
+            for label, v in state.items()}
+
+
+def _merge_census(a: dict, b: dict) -> dict:
+    from pipeline.stats.accumulators import ChannelStats
+
+    return ChannelStats.from_state(a).merge(ChannelStats.from_state(b)).state()
+
+
+def _merge_evaluation(a: dict, b: dict) -> dict:
+    return _state(ablation.merge_sums(_sums(a), _sums(b)))
 
 
 def _stage(con: Console, name: str, groups: list, ranges: list, work: engine.Task,
@@ -157,15 +206,21 @@ def _stage(con: Console, name: str, groups: list, ranges: list, work: engine.Tas
             sum(u.size for u in units), "images" if name == "census" else "images evaluated"))
     if stats.resumed:
         con.info(f"{name}: {stats.resumed} of {len(units)} units resumed")
-    combine = (lambda a, b: a.merge(b)) if name == "census" else ablation.merge_sums
-    return engine.merge(store, stats.names, combine), stats
+    if name == "census":
+        from pipeline.stats.accumulators import ChannelStats
+
+        return ChannelStats.from_state(engine.merge(store, stats.names, _merge_census)), stats
+    return _sums(engine.merge(store, stats.names, _merge_evaluation)), stats
 
 
 def run(cfg: AblateConfig) -> dict[str, Any]:
     """The whole job after argument parsing (Ray started if needed); returns run.json."""
     con = Console("ablate")
     with con.stage("setup", quiet=True):
-        s = prepare(cfg, con)
+        s, warnings = prepare(cfg)           # every bad input surfaces here, nothing written
+        check_writable(cfg.out)
+        for w in warnings:
+            con.warn(w)
         init_ray(cfg.out)
         device, plan = _resources(cfg)
     name, n = s.layer.name, len(s.manifest)
@@ -207,9 +262,10 @@ def _write(cfg: AblateConfig, s: Setup, con: Console, census: Any, inactive: lis
         rows = ablation_table(s.model_name, s.layer.name, inactive, cfg.fraction, results,
                               list(range(cfg.seeds)), s.train_seed)
         t1 = table1(rows, census)
-        write_manifest(s.manifest, join(cfg.out, "manifest.parquet"))
-        for table, f in ((census, "census"), (rows, "ablation"), (t1, "table1")):
-            write_table(table, join(cfg.out, f"{f}.parquet"))
+        write_manifest(s.manifest, catalog.MANIFEST.at(cfg.out))
+        for table, decl in ((census, catalog.CENSUS), (rows, catalog.ABLATION),
+                            (t1, catalog.TABLE1)):
+            write(decl, table, cfg.out)
     return format_table1(t1, census)
 
 
@@ -227,6 +283,22 @@ def _report(cfg: AblateConfig, s: Setup, con: Console, device: dict, store: engi
         details=s.details(extra["inactive_channels"], m.precision()))
     con.info(f"wrote census, ablation and table1.parquet and run.json to {cfg.out}")
     return info
+
+
+def chained(ctx: Any, model: str, seed: int) -> tuple[AblateConfig, str]:
+    """jobs.reproduce's ablation of `model` at training seed `seed`: the census from its
+    analysis, every noise seed and fraction, each batch decoded once for every plan."""
+    from pipeline.results import layout
+
+    o, (resize, crop) = ctx.o, ctx.transform(model, seed)
+    demo = {"shards": 2, "eval_batch": 64} if o.preset == "demo" else {}
+    fraction = {"fraction": _fractions(o.fractions)} if o.fractions else {}
+    cfg = AblateConfig(out=layout.ablation_dir(o.out, model, seed), data=ctx.data()[0],
+                       checkpoint=ctx.checkpoint(model, seed), model=model,
+                       layer=ctx.layers[model].ablate, seeds=o.noise_seeds, train_seed=seed,
+                       from_analysis=layout.analysis_dir(o.out, model, seed), limit=o.limit,
+                       resize=resize, crop=crop, task_per="shard", **demo, **fraction)
+    return cfg, layout.ablation_table(o.out, model, "table1", seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,13 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.runtime import engine
-from jobs.runtime.inputs import check_writable, load_job_model
+from jobs.runtime.inputs import check_writable, model_choices
 from jobs.runtime.console import Console, init_ray
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import write_run
 from pipeline.actmax.optimize import TABLE_SCHEMA as SCHEMA
 from pipeline.actmax.optimize import chunk_table, sort_rows
-from pipeline.models.zoo import supported_models
+from pipeline.results.png import png_bytes
 
 __all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "main",
            "run", "chunk_table", "units", "store", "BadInput"]
@@ -48,36 +48,38 @@ def parse_scales(spec: str) -> tuple[float, ...]:
 class ActmaxConfig(Options):
     out: str = opt(help="output URL (local folder or s3://bucket/prefix)")
     checkpoint: str | None = opt(None, "checkpoint URL (preferred-stimuli format or torchvision "
-                                 "state_dict); default: an untrained demo model")
+                                 "state_dict); default: an untrained demo model", decides=True)
     model: str | None = opt(None, "any torchvision CNN by name; default: the checkpoint's "
                             "(resnet34 for a plain state_dict or without a checkpoint)",
-                            choices=supported_models)
+                            choices=model_choices, metavar="NAME", decides=True)
     layers: str = opt("conv3,conv7", "layers, comma separated: paper names (pool1, conv1..convN, "
                       "fc; ResNets), module paths (features.6), or all")
     channels: str = opt("all", "channels of each layer: all, a range 0-63, a list 0,5,7 or a mix")
-    steps: int = opt(31, "Adam steps (paper: 31)", check=at_least(1))
+    steps: int = opt(31, "Adam steps (paper: 31)", check=at_least(1), decides=True)
     lr: float = opt(0.1, "Adam learning rate (paper: 0.1)",
-                    check=lambda v: None if v > 0 else "must be > 0")
+                    check=lambda v: None if v > 0 else "must be > 0", decides=True)
     weight_decay: float = opt(1e-6, "Adam weight decay, the paper's L2 penalty on the input "
-                              "(paper: 1e-6)", check=at_least(0))
+                              "(paper: 1e-6)", check=at_least(0), decides=True)
     input_size: int | None = opt(None, "side of the optimised input; default: the checkpoint's "
-                                 "input_size, else 224 (64 for the demo model)", check=at_least(16))
+                                 "input_size, else 224 (64 for the demo model)", check=at_least(16),
+                                 decides=True)
     chunk: int = opt(64, "channels per Ray task (one batch)", check=at_least(1))
     workers: int = opt(0, "concurrent tasks; 0: one per GPU, or one per 8 CPUs without GPUs",
                        check=at_least(0))
     device: str = opt("auto", "where tasks compute; auto: cuda when the cluster has GPUs",
                       choices=("auto", "cpu", "cuda"))
     param: str = opt("pixel", "image parameterisation: pixel (paper) or Lucent's decorrelated / "
-                     "fft", choices=("pixel", "decorrelated", "fft"))
+                     "fft", choices=("pixel", "decorrelated", "fft"), decides=True)
     jitter: int = opt(0, "Lucent: random shift of up to N pixels per step (0: off)",
-                      check=at_least(0))
+                      check=at_least(0), decides=True)
     scale: tuple[float, ...] = opt((), "Lucent: random zoom factors per step, e.g. 0.9,1.0,1.1 "
-                                   "(default off)", parse=parse_scales)
-    tv: float = opt(0.0, "total-variation penalty weight (0: off)", check=at_least(0))
-    l2: float = opt(0.0, "extra L2 penalty weight on the input (0: off)", check=at_least(0))
-    seed: int = opt(0, "seed of the transforms, random starts and the demo model")
+                                   "(default off)", parse=parse_scales, decides=True)
+    tv: float = opt(0.0, "total-variation penalty weight (0: off)", check=at_least(0), decides=True)
+    l2: float = opt(0.0, "extra L2 penalty weight on the input (0: off)", check=at_least(0),
+                    decides=True)
+    seed: int = opt(0, "seed of the transforms, random starts and the demo model", decides=True)
     crop: bool = opt(True, "optimise the whole input even where cropping to the receptive field "
-                     "is exact (slower, same result)", flag="--no-crop")
+                     "is exact (slower, same result)", flag="--no-crop", decides=True)
 
     def check(self) -> None:
         with bad_input():
@@ -118,13 +120,16 @@ class _Setup:
                 "preprocess": self.preprocess.state(), "input_size": self.input_size}
 
 
-def _setup(cfg: ActmaxConfig) -> _Setup:
-    """Load or build the model and resolve layers/channels: all bad input surfaces here."""
+def prepare(cfg: ActmaxConfig) -> _Setup:
+    """Load or build the model and resolve layers/channels in one pass: all bad input surfaces
+    here, nothing is written."""
     from pipeline.actmax.optimize import calibrate_bn
     from pipeline.data.demo import DEMO_CLASSES, DEMO_CROP, DEMO_WIDTH
     from pipeline.models.layers import resolve_layers
+    from pipeline.models.study import load_model
 
-    jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=len(DEMO_CLASSES),
+    with bad_input(ValueError, FileNotFoundError, first_line=True):
+        jm = load_model(cfg.checkpoint, cfg.model, num_classes=len(DEMO_CLASSES),
                         width=DEMO_WIDTH, seed=cfg.seed)
     recipe = jm.meta.get("recipe") or {}   # the size the checkpoint was evaluated at, else 224
     size = cfg.input_size or (DEMO_CROP if jm.untrained else
@@ -141,7 +146,8 @@ def _setup(cfg: ActmaxConfig) -> _Setup:
 def _chunk(model: Any, model_name: str, preprocess: Any, size: int, settings: Any, device: str,
            threads: int | None, layer: Any, channels: list[int]) -> engine.Result:
     """One unit: the chunk's rows, and its mean objective for the marker."""
-    t = chunk_table(model, model_name, preprocess, layer, channels, size, settings, device, threads)
+    t = chunk_table(model, model_name, preprocess, layer, channels, size, settings, device, threads,
+                    encode=png_bytes)
     return engine.Result(t, {k: float(np.mean(t[k])) for k in ("objective_start", "objective_end")})
 
 
@@ -156,20 +162,20 @@ def units(cfg: ActmaxConfig, setup: _Setup) -> list[engine.Unit]:
 
 
 def store(cfg: ActmaxConfig, setup: _Setup, device: engine.Device) -> engine.Store:
-    """The partial store: what decides a channel's numbers (not chunking, workers, --out)."""
-    skip = ("out", "layers", "channels", "chunk", "workers", "device", "untrained")
-    d = {k: v for k, v in (cfg.to_dict() | setup.details).items() if k not in skip}
+    """The partial store: the options that decide a channel's numbers (not layers, channels,
+    chunking, workers or --out: a unit is a layer's channels), what they resolved to and the
+    weights."""
     weights = engine.digest(setup.model.state_dict())
-    return engine.Store(cfg.out, engine.fingerprint(d, weights, device=device))
+    return engine.Store(cfg.out, engine.fingerprint(cfg, setup.details, weights, device=device))
 
 
 def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.results import tables
+    from pipeline.results import catalog, tables
 
     con = Console("actmax")
     with con.stage("setup", quiet=True):
-        setup = setup or _setup(cfg)            # all bad input surfaces here, before any write
+        setup = setup or prepare(cfg)            # all bad input surfaces here, before any write
         check_writable(cfg.out)
         if setup.untrained:
             con.warn(f"no --checkpoint: visualising an UNTRAINED {setup.model_name} (BN "
@@ -190,16 +196,27 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
     with con.stage("write"):
         table = sort_rows(engine.merge(st, stats.names, lambda a, b: pa.concat_tables([a, b])),
                           [lay.name for lay in setup.layers])
-        tables.write_table(table, tables.join(cfg.out, "actmax.parquet"), SCHEMA)
+        url = tables.write(catalog.ACTMAX, table, cfg.out)
     info = write_run(
         cfg.out, "actmax", cfg.to_dict(), device=device.report(plan.workers),
         fingerprint=st.fingerprint, seconds=con.seconds, total_seconds=con.wall,
         counts={**stats.counts(), "layers": len(setup.layers), "channels": table.num_rows},
         work=table.num_rows, unit="channels", warnings=con.warnings, details=setup.details)
     st.clear()
-    con.info(f"wrote {table.num_rows} rows to {tables.join(cfg.out, 'actmax.parquet')} in "
+    con.info(f"wrote {table.num_rows} rows to {url} in "
              f"{con.wall:.1f} s")
     return info
+
+
+def chained(ctx: Any, model: str, seed: int) -> tuple[ActmaxConfig, str]:
+    """jobs.reproduce's activation maximization of `model` (training seed 0) at the input size
+    its checkpoint was trained on."""
+    from pipeline.results import layout
+
+    cfg = ActmaxConfig(out=layout.actmax_dir(ctx.out, model), checkpoint=ctx.checkpoint(model),
+                       model=model, layers=ctx.layers[model].actmax,
+                       input_size=ctx.transform(model)[1])
+    return cfg, layout.actmax_table(ctx.out, model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,39 +10,41 @@ else one per 4 CPUs), each loading the model once and running ONE decode pipelin
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
 Partials merge in a tree of Ray tasks, the top-k RF patches are cut in parallel tasks, and the
-tables (`stimuli/{topk,mean,channels}.parquet`) and `run.json` are written only when complete.
+tables of the analysis's collection of accumulators (`stimuli/{topk,mean,channels,baseline}
+.parquet`, pipeline.results.catalog) and `run.json` are written only when complete.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from jobs.runtime import engine
-from jobs.runtime.inputs import (check_writable, default_model_shape, eval_transform, load_job_model,
-                         resolve_data)
 from jobs.runtime.console import Console, init_ray
+from jobs.runtime.inputs import check_writable, model_choices
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import Markers, write_run
-from pipeline.stats.analysis import ShardFeed
+from pipeline.stats.worker import ShardFeed
 
 PROG = "python -m jobs.analyze"
-PARTIAL_FORMAT = 2          # bump when the partial state layout changes: old partials are ignored
 
 
 @dataclass(frozen=True)
 class Config(Options):
     data: str | None = opt(None, "image source: folder or s3:// URL (ImageNet val layouts, class "
-                           "folders) or a .parquet manifest; default: the embedded demo data")
+                           "folders) or a .parquet manifest; default: the embedded demo data",
+                           decides=True)
     model: str | None = opt(None, "architecture: any torchvision CNN by constructor name, or "
-                            "plainnetN; default: the checkpoint's, else resnet34")
+                            "plainnetN; default: the checkpoint's, else resnet34",
+                            choices=model_choices, metavar="NAME", decides=True)
     checkpoint: str | None = opt(None, "this project's checkpoint or a torchvision state_dict "
-                                 "(local or s3://); default: an untrained model with a fixed seed")
+                                 "(local or s3://); default: an untrained model with a fixed seed",
+                                 decides=True)
     layers: str = opt("pool1,conv3,conv7", "comma-separated layers: paper names (conv1, pool1, "
-                      "conv2 ... convN) for the ResNets, module paths for any model, or all")
-    top_k: int = opt(16, "stimuli kept per channel and neuron", check=at_least(1))
+                      "conv2 ... convN) for the ResNets, module paths for any model, or all",
+                      decides=True)
+    top_k: int = opt(16, "stimuli kept per channel and neuron", check=at_least(1), decides=True)
     out: str = opt("./results/analysis", "output folder (local or s3://)",
                    parse=lambda v: v.rstrip("/") or v,
                    check=lambda v: None if v else "is empty; give a local folder or an s3:// URL")
@@ -52,17 +54,20 @@ class Config(Options):
     workers: int | None = opt(None, "Ray actors (default: one per GPU, else one per 4 CPUs)",
                               check=at_least(1))
     batch_size: int | None = opt(None, "images per forward pass (default: 64 at 224 px and "
-                                 "above, up to 256 for smaller crops)", check=at_least(1))
-    limit: int | None = opt(None, "analyse only the first N images", check=at_least(1))
+                                 "above, up to 256 for smaller crops)", check=at_least(1),
+                                 decides=True)
+    limit: int | None = opt(None, "analyse only the first N images", check=at_least(1),
+                            decides=True)
     device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)",
                       choices=("auto", "cpu", "cuda"))
     resize: int | None = opt(None, "shorter side before the centre crop (default 256; demo 72)",
-                             check=at_least(1))
+                             check=at_least(1), decides=True)
     crop: int | None = opt(None, "centre crop side analysed (default 224; demo data 64)",
-                           check=at_least(1))
+                           check=at_least(1), decides=True)
     mean_all: bool = opt(False, "also the channel-wide mean stimulus over every positive "
-                         "position (neuron 'all'; costs more than the forward pass)")
-    seed: int = opt(0, "seed of the untrained model")
+                         "position (neuron 'all'; costs more than the forward pass)",
+                         decides=True)
+    seed: int = opt(0, "seed of the untrained model", decides=True)
     resume: bool = opt(True, "recompute every shard even if its partial result exists",
                        flag="--no-resume")
 
@@ -73,67 +78,71 @@ class Config(Options):
 
 @dataclass
 class Prepared:
-    """Everything the driver resolves before any Ray work (all bad input surfaces here)."""
+    """Everything the driver resolves before any Ray work or write (all bad input surfaces here)."""
 
     cfg: Config
-    model_name: str
-    blob: dict                   # pipeline.stats.analysis.model_blob: what workers rebuild it from
+    study: Any                   # pipeline.models.study.Study: source, model, transform, layers
+    blob: dict                   # pipeline.stats.worker.model_blob: what workers rebuild it from
     specs: list                  # pipeline.stats.analysis.LayerSpec
     options: Any                 # pipeline.stats.analysis.AnalysisOptions
-    manifest: Any                # pipeline.data.listing.Manifest (after --limit)
-    transform: Any               # pipeline.data.decode.EvalTransform
-    demo_root: str | None
     rf_table: Any
-    untrained: bool
-    warnings: list[str]
     batch_size: int              # --batch-size, else pipeline.stats.analysis.default_batch_size
+
+    @property
+    def manifest(self) -> Any:
+        return self.study.source.manifest
+
+    @property
+    def transform(self) -> Any:
+        return self.study.transform
+
+    @property
+    def demo_root(self) -> str | None:
+        return self.study.source.demo_root
+
+    @property
+    def model_name(self) -> str:
+        return self.study.model.name
 
 
 def prepare(cfg: Config) -> Prepared:
-    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs, model_blob
+    """Source, model, layers and their geometry in one pass; nothing is written."""
+    from pipeline.models.layers import rf_layers
     from pipeline.models.rf_catalogue import rf_table
-    from pipeline.models.layers import resolve_layers, rf_layers
+    from pipeline.models.study import resolve
+    from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs
+    from pipeline.stats.worker import model_blob
 
-    check_writable(cfg.out)
     # the pipeline's ValueError or missing file: bad input (exit 2)
     with bad_input(ValueError, FileNotFoundError, PermissionError, first_line=True):
-        data = resolve_data(cfg.data, limit=cfg.limit)
-        classes, width = default_model_shape(data)
-        jm = load_job_model(cfg.checkpoint, cfg.model, num_classes=classes, width=width,
-                            seed=cfg.seed)
-        transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo, meta=jm.meta)
-        layers = resolve_layers(jm.model, cfg.layers)
-        specs = layer_specs(jm.model, layers, transform.crop)
-        cat = rf_layers(jm.model)
-        rf = rf_table(jm.model, jm.name, transform.crop,
-                      [*cat.values(), *(la for la in layers if la.name not in cat)])
+        s = resolve(cfg.data, cfg.checkpoint, cfg.model, cfg.layers, resize=cfg.resize,
+                    crop=cfg.crop, limit=cfg.limit, seed=cfg.seed)
+        specs = layer_specs(s.model.model, s.layers, s.transform.crop)
+        cat = rf_layers(s.model.model)
+        rf = rf_table(s.model.model, s.model.name, s.transform.crop,
+                      [*cat.values(), *(la for la in s.layers if la.name not in cat)])
     options = AnalysisOptions(top_k=cfg.top_k,
                               mean_neurons=("center", "all") if cfg.mean_all else ("center",))
-    return Prepared(cfg, jm.name, model_blob(jm.model, jm.name, jm.preprocess), specs, options,
-                    data.manifest, transform, data.demo_root, rf, jm.untrained,
-                    [jm.warning] if jm.warning else [],
-                    cfg.batch_size or default_batch_size(transform.crop))
+    return Prepared(cfg, s, model_blob(s.model.model, s.model.name, s.model.preprocess), specs,
+                    options, rf, cfg.batch_size or default_batch_size(s.transform.crop))
 
 
 def store(prep: Prepared, device: engine.Device, precision: dict | None = None) -> engine.Store:
-    """The partial store, keyed by all that decides a shard's numbers (not shards, workers or
-    --out): model weights, manifest paths, layers, options, transform, batch shape, device and
-    the strict-fp32 setting the workers run under (`precision`: default, pipeline.models.precision's)."""
-    from pipeline.stats.accumulators import use_compile
+    """The partial store, keyed by the options that decide a shard's numbers and what they
+    resolved to (weights, image paths, preprocessing, transform, batch size) plus the strict-fp32
+    setting the workers run under (`precision`: default, pipeline.models.precision's)."""
     from pipeline.models.precision import setting
+    from pipeline.stats.accumulators import use_compile
 
-    paths = hashlib.sha256("\n".join(prep.manifest.table.column("path").to_pylist()).encode())
-    desc = {"format": PARTIAL_FORMAT, "model": prep.model_name,
-            "preprocess": prep.blob["preprocess"], "layers": [asdict(s) for s in prep.specs],
-            "options": asdict(prep.options), "transform": asdict(prep.transform),
-            "root": "demo" if prep.demo_root else prep.manifest.root,
-            "images": len(prep.manifest), "batch_size": prep.batch_size,
-            "precision": setting() if precision is None else precision,
-            # eager and compiled scans differ in the last bits of the float sums
-            "compiled_scan": use_compile()}
-    fp = engine.fingerprint(desc, engine.digest(prep.blob["state_dict"]), paths.digest(),
-                            device=device)
-    return engine.Store(prep.cfg.out, fp)
+    resolved = {"preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
+                "batch_size": prep.batch_size,
+                "collection": prep.options.collection().describe(),   # the accumulators run
+                "precision": setting() if precision is None else precision,
+                # eager and compiled scans differ in the last bits of the float sums
+                "compiled_scan": use_compile()}
+    return engine.Store(prep.cfg.out, engine.fingerprint(
+        prep.cfg, resolved, engine.digest(prep.blob["state_dict"]), prep.study.source.digest(),
+        device=device))
 
 
 class ShardWorker(ShardFeed):
@@ -155,7 +164,7 @@ def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
 
 
 def units(prep: Prepared, workers: int) -> list[engine.Unit]:
-    from pipeline.data.listing import shard_ranges
+    from pipeline.data.shards import shard_ranges
 
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
@@ -165,28 +174,34 @@ def units(prep: Prepared, workers: int) -> list[engine.Unit]:
 
 def run(cfg: Config, prep: Prepared | None = None) -> dict:
     """The whole job after argument parsing (Ray is started if needed); returns run.json."""
-    from pipeline.stats.analysis import AnalysisResult, FeedSpec, merge_states
+    from functools import partial
+
     from pipeline.data.listing import write_manifest
-    from pipeline.stats.stimuli import TOPK_TABLE_SCHEMA, with_patches
-    from pipeline.results.tables import join, write_table
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
+    from pipeline.stats.analysis import AnalysisResult, merge_states
+    from pipeline.stats.worker import FeedSpec
+    from pipeline.stats.stimuli import with_patches
 
     con = Console("analyze")
     with con.stage("setup", quiet=True):
-        prep = prep or prepare(cfg)
-        for w in prep.warnings:
-            con.warn(w)
+        prep = prep or prepare(cfg)              # every bad input surfaces here, nothing written
+        check_writable(cfg.out)
+        if prep.study.model.warning:
+            con.warn(prep.study.model.warning)
         init_ray(cfg.out)
         device = engine.resolve_device(cfg.device)
         pl, dec = device.decode_plan(cfg.workers)
         todo, st = units(prep, pl.workers), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
-        write_manifest(prep.manifest, join(cfg.out, "manifest.parquet"))
-        write_table(prep.rf_table, join(cfg.out, "receptive_fields.parquet"))
+        write_manifest(prep.manifest, catalog.MANIFEST.at(cfg.out))
+        write(catalog.RECEPTIVE_FIELDS, prep.rf_table, cfg.out)
     n = len(prep.manifest)
     con.info(f"{n} images, {len(todo)} shards, {pl.workers} {device.kind} worker(s) "
              f"({pl.resources}, {dec} decode threads), layers "
              f"{','.join(s.name for s in prep.specs)}")
-    work = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, prep.demo_root,
+    coll = prep.options.collection()          # the accumulators: their tables are the outputs
+    work = FeedSpec(prep.specs, coll, prep.manifest, prep.transform, prep.demo_root,
                     device.kind, prep.batch_size, pl.threads, dec)
     fresh: list[int] = []                       # images of the shards computed by this run
     with con.stage("analyze"):
@@ -194,15 +209,15 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
                                  plan=pl, resume=cfg.resume, progress=con.progress(n, "images"),
                                  on_done=lambda u, i: fresh.append(i["images"]))
     with con.stage("merge"):
-        state = engine.merge(st, stats.names, merge_states, fan_in=4)
-        tables = AnalysisResult.from_state(state).tables(prep.model_name)
+        state = engine.merge(st, stats.names, partial(merge_states, collection=coll), fan_in=4)
+        tables = AnalysisResult.from_state(state, coll).tables(prep.model_name)
     with con.stage("patches"):
-        pngs = render_patches(prep, tables["topk"], parts=2 * max(1, device.cpus))
+        topk = tables[catalog.TOPK.name]
+        pngs = render_patches(prep, topk, parts=2 * max(1, device.cpus))
+        tables[catalog.TOPK.name] = with_patches(topk, pngs)
     with con.stage("write"):
-        write_table(tables["mean"], join(cfg.out, "stimuli", "mean.parquet"))
-        write_table(tables["channels"], join(cfg.out, "stimuli", "channels.parquet"))
-        write_table(with_patches(tables["topk"], pngs), join(cfg.out, "stimuli", "topk.parquet"),
-                    schema=TOPK_TABLE_SCHEMA)
+        for table in coll.tables:
+            write(table, tables[table.name], cfg.out)
     info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state, {
         "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v)})
     con.info(f"done: {info['counts']['images_read']} images ({len(info['skipped'])} skipped) in "
@@ -224,11 +239,23 @@ def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, wo
                 "shards": len(stats.names), "layers": len(prep.specs), "patches": n["patches"]},
         seconds=con.seconds, total_seconds=con.wall, work=read, unit="images",
         stage_work={"setup": n["images"], "analyze": n["fresh"]}, warnings=con.warnings,
-        details={"model": prep.model_name, "untrained": prep.untrained,
+        details={"model": prep.model_name, "untrained": prep.study.model.untrained,
                  "preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
                  "layers": [asdict(s) for s in prep.specs],
                  "worker_state_bytes": state_nbytes(state), "precision": m.precision(),
                  "decode": {"threads": dec, "nvjpeg": device.kind == "cuda", "prefetch": 2}})
+
+
+def chained(ctx: Any, model: str, seed: int) -> tuple[Config, str]:
+    """jobs.reproduce's analysis of `model` at training seed `seed`: its layers, its
+    checkpoint's transform; and the table that says it is complete."""
+    from pipeline.results import layout
+
+    resize, crop = ctx.transform(model, seed)
+    cfg = Config(data=ctx.data()[0], model=model, checkpoint=ctx.checkpoint(model, seed),
+                 layers=ctx.layers[model].analysis, out=layout.analysis_dir(ctx.out, model, seed),
+                 limit=ctx.o.limit, resize=resize, crop=crop)
+    return cfg, layout.stimuli(ctx.out, model, "channels", seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

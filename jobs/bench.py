@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from jobs.runtime.console import Console
+from jobs.runtime.inputs import model_choices
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
-from pipeline.models.zoo import supported_models
 
 PROG = "python -m jobs.bench"
 
@@ -42,8 +42,8 @@ class Config(Options):
     images: int = opt(256, "images timed per pass", check=at_least(1))
     batch_size: int | None = opt(None, "images per forward pass (default: jobs.analyze's, 256 "
                                  "at demo size, 64 at 224 px)", check=at_least(1))
-    model: str = opt("resnet34", "any torchvision CNN by name (random weights)",
-                     choices=supported_models)
+    model: str = opt("resnet34", "any torchvision CNN by name, random weights (a name it does "
+                     "not know gets the list)", choices=model_choices, metavar="NAME")
     width: int | None = opt(None, "ResNet base width (default 16 for demo-size crops, else 64)",
                             check=at_least(1))
     layers: str = opt("pool1,conv3,conv7", "analysed layers: paper names or module paths")
@@ -93,18 +93,21 @@ def make_synthetic(folder: str, n: int, seed: int = 0) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Build the source and the model, measure, and return the JSON line's dictionary."""
-    from jobs.runtime.inputs import eval_transform, resolve_data, resolve_device
-    from pipeline.stats import benchmark
-    from pipeline.stats.analysis import default_batch_size
+    from jobs.runtime.device import resolve_device
     from pipeline.data.decode import default_cpus
     from pipeline.data.demo import DEMO_CROP, DEMO_WIDTH
+    from pipeline.models.study import eval_transform, read_source
+    from pipeline.stats import benchmark
+    from pipeline.stats.analysis import default_batch_size
 
-    con, device, cpus = Console("bench"), resolve_device(cfg.device), cfg.cpus or default_cpus()
+    con, cpus = Console("bench"), cfg.cpus or default_cpus()
+    device = resolve_device(cfg.device, cluster=False).kind
     with tempfile.TemporaryDirectory(prefix="bench-synthetic-") as tmp:
         with con.stage("data", quiet=True):     # bad input surfaces here and below: one line
             url = make_synthetic(cfg.data or tmp, cfg.synthetic) if cfg.synthetic else cfg.data
-            data = resolve_data(url)
-            transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
+            with bad_input(ValueError, FileNotFoundError, first_line=True):
+                data = read_source(url)
+                transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
         if cfg.compare:
             return _compare(cfg, con, data, transform, device, cpus)
         batch = cfg.batch_size or default_batch_size(transform.crop)

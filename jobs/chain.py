@@ -1,5 +1,7 @@
-"""What `jobs.reproduce` runs per model: its checks, layers, checkpoints, stage names, commands.
+"""What `jobs.reproduce` runs: the links of the chain, the checks across its options, each model's
+layers and checkpoint, stage names, and the context from which every job builds its own Config.
 
+    LINKS                              # (stage, job, per): train, analyze, ablate, actmax, ...
     o = ReproduceConfig(...)           # any object with ChainOptions' fields
     check(o)                           # ValueError naming the flag and what is allowed
     layer_plan(o)["resnet34"]          # Layers("pool1,conv3,conv7", "pool1,conv3,conv7", None)
@@ -7,10 +9,12 @@
         # {"resnet34": ["pool1"], "vgg16": ["features.4"]}
     stage_name("train", "resnet34", 1), stage_tag("train:resnet34:seed1")
         # "train:resnet34:seed1", "[1/6] train:resnet34:seed1"
-    analyze_argv(o, "resnet34", 0, layers, "out/train/resnet34/model.pt", recipe)
-        # ["--checkpoint", ..., "--model", "resnet34", "--out", "out/analysis/resnet34", ...]
-    compare_pair(o)                    # ("resnet34", "plainnet34"): what jobs.compare compares
+    ctx = Context(o, layer_plan(o), given_checkpoints(o))
+    cfg, done = jobs.analyze.chained(ctx, "resnet34", 0)   # the job's Config, its final output
+    command("analyze", cfg)            # "python -m jobs.analyze --checkpoint ...": to rerun alone
 
+A job joins the chain with a module under jobs/ that has `Config`, `run(cfg)` and
+`chained(ctx, model, seed) -> (Config, done URL or None) | None`, and one line in LINKS.
 Per-model options take a comma list in which `MODEL=` starts that model's items (items before
 any `MODEL=` apply to every model). Pure functions: no Ray, no I/O. Bad input raises ValueError
 with the text the user sees; jobs.reproduce turns it into BadInput (one line, exit 2) in one place.
@@ -18,19 +22,30 @@ with the text the user sees; jobs.reproduce turns it into BadInput (one line, ex
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Protocol, Sequence
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, Sequence
 
-from pipeline.results import layout
-
-__all__ = ["PAPER_MODELS", "PAPER_LAYERS", "STAGES", "ChainOptions", "Layers", "items",
-           "per_model", "check", "given_checkpoints", "layer_plan", "stage_name", "stage_tag",
-           "flag", "train_argv", "analyze_argv", "ablate_argv", "actmax_argv",
-           "neuron_types_argv", "compare_pair", "compare_argv"]
+__all__ = ["PAPER_MODELS", "PAPER_LAYERS", "Link", "LINKS", "STAGES", "ChainOptions", "Layers",
+           "Context", "items", "per_model", "check", "given_checkpoints", "layer_plan",
+           "stage_name", "stage_tag", "command"]
 
 PAPER_MODELS = ("resnet34", "plainnet34")
 PAPER_LAYERS = "pool1,conv3,conv7"       # analysis and actmax layers of the ResNet family
-STAGES = ("train", "analyze", "ablate", "actmax", "neuron_types", "compare", "report")
-DEMO_COMPARE_BATCH = 64     # the demo's 400 validation images: 7 CKA minibatches
+
+
+class Link(NamedTuple):
+    """One stage of the chain: its --stages name, the module jobs.<job>, and what it runs for:
+    "seed" every model at every training seed, "model" every model at seed 0, "once"."""
+    stage: str
+    job: str
+    per: str
+
+
+LINKS = (Link("train", "train", "seed"), Link("analyze", "analyze", "seed"),
+         Link("ablate", "ablate", "seed"), Link("actmax", "actmax", "model"),
+         Link("neuron_types", "neuron_types", "once"), Link("report", "report", "once"))
+STAGES = tuple(link.stage for link in LINKS)
 
 
 class ChainOptions(Protocol):
@@ -178,91 +193,40 @@ def stage_tag(name: str) -> str:
     return f"[{STAGES.index(name.split(':')[0]) + 1}/{len(STAGES)}] {name}"
 
 
-def flag(name: str, value: object) -> list[str]:
-    """[name, value] when the value is given (not None), else nothing."""
-    return [] if value is None else [name, str(value)]
+@dataclass
+class Context:
+    """What a job's `chained` builds its Config from: the chain's options, each model's
+    layers, the checkpoints given or trained so far and their training recipes."""
+
+    o: ChainOptions
+    layers: dict[str, Layers]
+    given: dict[str, str]                                   # model -> checkpoint given
+    checkpoints: dict[tuple[str, int], str | None] = field(default_factory=dict)
+    recipes: dict[tuple[str, int], dict] = field(default_factory=dict)
+    gpus: int = 0                                           # GPUs of the Ray cluster
+
+    @property
+    def out(self) -> str:
+        return self.o.out
+
+    def checkpoint(self, model: str, seed: int = 0) -> str | None:
+        return self.checkpoints.get((model, seed))
+
+    def transform(self, model: str, seed: int = 0) -> tuple[int | None, int | None]:
+        """(resize, crop) of the checkpoint's own evaluation transform, so that analysis sees
+        what training saw; (None, None) without a recipe."""
+        r = self.recipes.get((model, seed))
+        return (int(r["eval_resize"]), int(r["eval_crop"])) if r else (None, None)
+
+    def data(self, training: bool = False) -> tuple[str | None, str | None]:
+        """(data, val) for jobs.train with `training`, else (data, None); (None, None) means the
+        embedded demo data."""
+        o = self.o
+        if o.data is None or (training and o.train_data is None):
+            return None, None
+        return (o.train_data, o.data) if training else (o.data, None)
 
 
-def _data(o: ChainOptions, training: bool = False) -> list[str]:
-    """The data flags of a job (none for the embedded demo data)."""
-    if o.data is None or (training and o.train_data is None):
-        return []
-    return ["--data", o.train_data, "--val", o.data] if training else ["--data", o.data]
-
-
-def _transform(recipe: dict | None) -> list[str]:
-    """The checkpoint's own evaluation transform, so analysis sees what training saw."""
-    return (["--resize", str(recipe["eval_resize"]), "--crop", str(recipe["eval_crop"])]
-            if recipe else [])
-
-
-def train_argv(o: ChainOptions, model: str, seed: int, gpus: int) -> list[str]:
-    """jobs.train: one model at one training seed (2 CPU workers, or one per GPU)."""
-    return ["--preset", o.preset, "--model", model, "--out", layout.train_dir(o.out, model, seed),
-            "--workers", str(o.workers or (gpus or 2)), *_data(o, training=True),
-            *flag("--seed", seed or None), *flag("--loader-workers", o.loader_workers),
-            *(["--use-gpu"] if gpus else []), *flag("--epochs", o.epochs)]
-
-
-def analyze_argv(o: ChainOptions, model: str, seed: int, layers: Layers, ckpt: str | None,
-                 recipe: dict | None) -> list[str]:
-    """jobs.analyze: the model's analysis layers, top-16, with its checkpoint's transform."""
-    return [*flag("--checkpoint", ckpt), "--model", model,
-            "--out", layout.analysis_dir(o.out, model, seed), "--layers", layers.analysis,
-            "--top-k", "16", *_data(o), *_transform(recipe), *flag("--limit", o.limit)]
-
-
-def ablate_argv(o: ChainOptions, model: str, seed: int, layers: Layers, ckpt: str | None,
-                recipe: dict | None) -> list[str]:
-    """jobs.ablate: the census from the analysis, every noise seed and fraction."""
-    return [*flag("--checkpoint", ckpt), "--model", model,
-            "--out", layout.ablation_dir(o.out, model, seed), "--seeds", str(o.noise_seeds),
-            "--train-seed", str(seed), "--from", layout.analysis_dir(o.out, model, seed),
-            *_data(o), *_transform(recipe),
-            "--task-per", "shard",  # decode each batch once for all conditions and seeds
-            *flag("--layer", layers.ablate), *flag("--fraction", o.fractions),
-            *flag("--limit", o.limit),
-            *(["--shards", "2", "--eval-batch", "64"] if o.preset == "demo" else [])]
-
-
-def actmax_argv(o: ChainOptions, model: str, layers: Layers, ckpt: str | None,
-                recipe: dict | None) -> list[str]:
-    """jobs.actmax (training seed 0) at the input size the checkpoint was trained on."""
-    return [*flag("--checkpoint", ckpt), "--model", model, "--out", layout.actmax_dir(o.out, model),
-            "--layers", layers.actmax,
-            *flag("--input-size", recipe["eval_crop"] if recipe else None)]
-
-
-def neuron_types_argv(o: ChainOptions, checkpoints: dict[str, str | None]) -> list[str]:
-    """jobs.neuron_types over --out; given checkpoints outside --out named for the filters."""
-    return ["--from", o.out, "--out", layout.neuron_types_dir(o.out),
-            *[a for m, ckpt in checkpoints.items() if ckpt and not ckpt.startswith(o.out)
-              for a in ("--checkpoint", f"{m}={ckpt}")]]
-
-
-def compare_pair(o: ChainOptions) -> tuple[str, str] | None:
-    """The networks jobs.compare compares: the first two --models when both are of the ResNet
-    family (their paper names are the default layers: pool1, conv2 ... convN), else None."""
-    from pipeline.models.zoo import is_resnet
-
-    if len(o.models) < 2 or not all(is_resnet(m) for m in o.models[:2]):
-        return None
-    return o.models[0], o.models[1]
-
-
-def compare_argv(o: ChainOptions, pair: tuple[str, str], plan: dict[str, Layers],
-                 ckpts: tuple[str | None, str | None], recipe: dict | None) -> list[str]:
-    """jobs.compare of the pair (training seed 0) on the validation data, at the checkpoints'
-    own transform. The paper preset compares pool1 and every numbered conv; the demo keeps it
-    light: the layers both networks analysed plus the stage outputs, minibatches of 64 (a
-    quarter of --limit when that is smaller, at least 4)."""
-    a, b = pair
-    common = [x for x in plan[a].analysis.split(",") if x in plan[b].analysis.split(",")]
-    demo = o.preset == "demo"
-    batch = DEMO_COMPARE_BATCH if o.limit is None else max(4, min(DEMO_COMPARE_BATCH,
-                                                                 o.limit // 4))
-    layers = ",".join(dict.fromkeys([*common, "layer2", "layer3", "layer4"]))
-    return ["--models", f"{a},{b}", "--out", layout.compare_dir(o.out),
-            *(["--checkpoints", f"{ckpts[0]},{ckpts[1]}"] if all(ckpts) else []),
-            *_data(o), *_transform(recipe), *flag("--limit", o.limit),
-            *(["--layers", layers, "--batch-size", str(batch)] if demo else [])]
+def command(job: str, cfg: Any) -> str:
+    """The shell command that runs this stage alone (the log line, run.json's commands)."""
+    return shlex.join(["python", "-m", f"jobs.{job}", *cfg.argv()])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 
@@ -37,32 +37,35 @@ __all__ = ["NeuronTypesConfig", "OUT_SCHEMA", "SUMMARY_SCHEMA", "format_summary"
 PROG = "python -m jobs.neuron_types"
 
 
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, map(str.strip, text.split(","))))
+
+
 @dataclass(frozen=True)
 class NeuronTypesConfig(Options):
     out: str = opt(help="output folder (local path or s3://...)")
     sources_from: tuple[str, ...] = opt((), "analysis output (stimuli/mean.parquet) or "
                                         "jobs.reproduce root; repeatable", flag="--from",
-                                        metavar="URL")
+                                        metavar="URL", decides=True)
     actmax: tuple[str, ...] = opt((), "activation-maximization output folder (actmax.parquet); "
-                                  "repeatable", metavar="URL")
+                                  "repeatable", metavar="URL", decides=True)
     checkpoints: tuple[str, ...] = opt((), "checkpoint whose first-conv filters to measure, one "
                                        "per model; MODEL=URL names the architecture of a plain "
                                        "torchvision state_dict", flag="--checkpoint",
-                                       metavar="[MODEL=]URL")
+                                       metavar="[MODEL=]URL", decides=True)
     sources: tuple[str, ...] | None = opt(None, "comma list of filter, mean, actmax; unset: every "
-                                          "source that has inputs", parse=lambda v: tuple(
-                                              filter(None, map(str.strip, v.split(",")))))
+                                          "source that has inputs", parse=_items, decides=True)
     osi_threshold: float = opt(0.5, "orientation-selective when the orientation selectivity "
-                               "index is >= this")
+                               "index is >= this", decides=True)
     chromatic_threshold: float = opt(1 / 3, "a colour pattern when its chromatic share of the "
-                                     "energy is >= this")
+                                     "energy is >= this", decides=True)
     double_opponent_threshold: float = opt(0.5, "double-opponent (if a colour pattern) when the "
-                                           "double-opponent score is >= this")
+                                           "double-opponent score is >= this", decides=True)
     neuron: str = opt("center", "which mean preferred stimulus of stimuli/mean.parquet",
-                      choices=("center", "all"))
+                      choices=("center", "all"), decides=True)
     neutral: str = opt("auto", "colour meaning 'nothing preferred' for mean and actmax patterns: "
                        "auto (estimated from the data), checkpoint (its preprocessing mean), "
-                       "gray, imagenet or R,G,B in [0, 1]")
+                       "gray, imagenet or R,G,B in [0, 1]", decides=True)
     chunk: int = opt(0, "patterns per unit (0: as many as fit a fixed FFT memory budget)",
                      check=at_least(0))
 
@@ -85,7 +88,7 @@ class NeuronTypesConfig(Options):
         return self.osi_threshold, self.chromatic_threshold, self.double_opponent_threshold
 
 
-def _setup(cfg: NeuronTypesConfig):
+def prepare(cfg: NeuronTypesConfig):
     """Inputs, filters, chunks and input stamps; every bad input surfaces here, before writing."""
     from pipeline.census import inputs as ni
 
@@ -100,9 +103,9 @@ def _setup(cfg: NeuronTypesConfig):
 
 
 def store(cfg: NeuronTypesConfig, stamps: list, device: engine.Device) -> engine.Store:
-    """Partials keyed by the configuration (not --out) and the inputs' size and mtime."""
-    d = {k: v for k, v in cfg.to_dict().items() if k != "out"}
-    return engine.Store(cfg.out, engine.fingerprint(d, stamps, device=device))
+    """Partials keyed by the options that decide the numbers (not --out or --chunk: a unit
+    names its channels) and the inputs' size and mtime."""
+    return engine.Store(cfg.out, engine.fingerprint(cfg, stamps, device=device))
 
 
 def _measure_units(cfg: NeuronTypesConfig, chunks: list, stamps: list, con: Console):
@@ -129,11 +132,12 @@ def _measure_units(cfg: NeuronTypesConfig, chunks: list, stamps: list, con: Cons
 def run(cfg: NeuronTypesConfig) -> dict:
     """The census after argument parsing; returns run.json."""
     from pipeline.census.inputs import filter_rows
-    from pipeline.results.tables import join, write_table
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
 
     con = Console("neuron_types")
     with con.stage("setup", quiet=True):      # inputs, then the filters (tiny: on the driver)
-        found, prep, filters, chunks, stamps = _setup(cfg)
+        found, prep, filters, chunks, stamps = prepare(cfg)
         check_writable(cfg.out)
         parts = filter_rows(filters if "filter" in cfg.wants else [], cfg.thresholds, prep)
     work = {"setup": sum(p.num_rows for p in parts), "measure": 0}     # patterns per stage
@@ -153,9 +157,9 @@ def run(cfg: NeuronTypesConfig) -> dict:
     rows = sort_rows(pa.concat_tables(parts) if parts else OUT_SCHEMA.empty_table())
     summary, props = summarise(rows), properties(rows)
     with con.stage("write", quiet=True):
-        write_table(rows, join(cfg.out, "neuron_types.parquet"), OUT_SCHEMA)
-        write_table(summary, join(cfg.out, "summary.parquet"), SUMMARY_SCHEMA)
-        write_table(props, join(cfg.out, "properties.parquet"), PROPERTY_SCHEMA)
+        write(catalog.NEURON_TYPES, rows, cfg.out)
+        write(catalog.SUMMARY, summary, cfg.out)
+        write(catalog.PROPERTIES, props, cfg.out)
     info = write_run(
         cfg.out, "neuron_types", cfg.to_dict(), device=device,
         fingerprint=st.fingerprint if st else "", seconds=con.seconds, total_seconds=con.wall,
@@ -169,6 +173,19 @@ def run(cfg: NeuronTypesConfig) -> dict:
         st.clear()
     con.result(format_summary(summary, props))
     return info
+
+
+def chained(ctx: Any, model: None, seed: int) -> tuple[NeuronTypesConfig, str]:
+    """jobs.reproduce's census over its whole --out; the checkpoints given outside --out are
+    named for their filters (those under it are found there)."""
+    from pipeline.results import layout
+
+    o = ctx.o
+    given = tuple(f"{m}={c}" for m in o.models
+                  if (c := ctx.checkpoint(m)) and not c.startswith(o.out))
+    cfg = NeuronTypesConfig(out=layout.neuron_types_dir(o.out), sources_from=(o.out,),
+                            checkpoints=given)
+    return cfg, layout.neuron_types_table(o.out, "summary")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

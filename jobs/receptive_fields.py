@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from jobs.runtime.inputs import check_writable
 from jobs.runtime.console import Console
 from jobs.runtime.options import BadInput, Options, opt, run_cli
+from pipeline.results import catalog
 
 JOB = "receptive_fields"
 PROG = f"python -m jobs.{JOB}"
-TABLE_NAME = "receptive_fields.parquet"
+TABLE_NAME = catalog.RECEPTIVE_FIELDS.path
 
 
 def _models(spec: str) -> tuple[str, ...]:
@@ -66,7 +67,7 @@ class Config(Options):
 
 def run(cfg: Config) -> None:
     """Print (and, without --list, write) the table; run.json goes into a folder --out."""
-    from pipeline.models.rf_catalogue import (COLUMNS, LIST_COLUMNS, RF_SCHEMA, format_rf_table,
+    from pipeline.models.rf_catalogue import (COLUMNS, LIST_COLUMNS, format_rf_table,
                                               rf_catalogue, rf_notes)
     from pipeline.results.tables import exists, join, read_json, write_table
 
@@ -83,7 +84,7 @@ def run(cfg: Config) -> None:
     if cfg.list_layers:
         return
     with con.stage("write", quiet=True):
-        write_table(table, url, schema=RF_SCHEMA)
+        write_table(catalog.RECEPTIVE_FIELDS.conform(table), url)   # --out may name the file
     con.info(f"wrote {table.num_rows} rows to {url}")
     run_json = join(folder, "run.json") if folder else None
     if run_json and (not exists(run_json) or read_json(run_json).get("job") == JOB):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from jobs.runtime.inputs import check_writable
 from jobs.runtime.console import Console
@@ -59,6 +59,7 @@ class ReportConfig(Options):
 
 def run(cfg: ReportConfig) -> str:
     """Build the report; prints the URL of its index.html (con.result) and returns it."""
+    from pipeline.census.inputs import first_conv_filters
     from pipeline.report import render_report
     from pipeline.report.load import ReportInputError, load_inputs
     from pipeline.results.tables import join, write_bytes
@@ -66,7 +67,7 @@ def run(cfg: ReportConfig) -> str:
     con = Console("report")
     with con.stage("read", quiet=True):
         with bad_input(ReportInputError):
-            inputs = load_inputs(cfg.root, warn=con.warn)
+            inputs = load_inputs(cfg.root, warn=con.warn, filters=first_conv_filters)
         check_writable(cfg.report_url)
     n, size = 0, 0
     with con.stage("render"):
@@ -81,6 +82,11 @@ def run(cfg: ReportConfig) -> str:
     con.info(f"{n} files, {size / 1e6:.1f} MB -> {index}")
     con.result(index)
     return index
+
+
+def chained(ctx: Any, model: None, seed: int) -> tuple[ReportConfig, None]:
+    """jobs.reproduce's report over its whole --out, rebuilt on every run."""
+    return ReportConfig(out=ctx.out), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

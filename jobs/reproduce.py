@@ -8,9 +8,12 @@
     python -m jobs.reproduce --models resnet50,vgg16 --checkpoints resnet50=r50.pt,vgg16=v16.pt \\
         --layers pool1,conv7,vgg16=features.4,features.28 --ablate-layer vgg16=features.4
 
-Each stage runs its job in this process (one Ray; the job's console nested in the chain's: its
-warnings, epochs and long progress lines show) unless its final output exists under --out
-(local or s3://); an interrupted stage resumes from its own partials. --out has
+Each stage builds its job's Config (`jobs.<job>.chained`, from jobs/chain.py's context) and calls
+its `run` in this process (one Ray; the job's console nested in the chain's: its warnings,
+epochs and long progress lines show) unless its final output exists under --out (local or
+s3://); an interrupted stage resumes from its own partials. Every stage's Config is built once
+before anything runs, so a bad option stops the chain before --out exists. The command that
+runs a stage alone goes to run.json (details.commands), and to the console when it fails. --out has
 pipeline/results/layout.py's layout; training seeds s >= 1 (--seeds) go under seeds/<s>/, the combined
 census, ablation and Table 1 cover every seed, actmax, neuron types, the comparison of the
 first two models (jobs.compare: A×B, A×A and B×B) and the report use seed 0.
@@ -20,19 +23,18 @@ any `MODEL=` apply to every model). Ray's log: <out>/_logs/ray.log; commands run
 from __future__ import annotations
 
 import importlib
-import shlex
 import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from jobs.runtime.inputs import check_writable
-from jobs.runtime.console import Console, init_ray
-from jobs.runtime.options import Options, at_least, bad_input, opt, run_cli
-from jobs.runtime.runinfo import write_run
 from jobs import chain
-from pipeline.results import layout
-from pipeline.results import tables
 from jobs.chain import PAPER_LAYERS, PAPER_MODELS, STAGES, Layers, items, stage_name
+from jobs.runtime.console import Console, init_ray, log
+from jobs.runtime.inputs import check_writable
+from jobs.runtime.options import (BadInput, JobFailed, Options, at_least, bad_input,
+                                  first_line_of, opt, run_cli)
+from jobs.runtime.runinfo import write_run
+from pipeline.results import layout, tables
 
 PROG = "python -m jobs.reproduce"
 
@@ -42,8 +44,7 @@ class ReproduceConfig(Options):
     out: str = opt("./results", "output root, local path or s3://... (default: ./results)",
                    parse=lambda v: v.rstrip("/") or v)
     preset: str = opt("demo", "demo (embedded data, small models) or paper")
-    models: tuple[str, ...] = opt(PAPER_MODELS, "the models compared, comma list (default: "
-                                  f"{','.join(PAPER_MODELS)}); any of "
+    models: tuple[str, ...] = opt(PAPER_MODELS, "the models compared, comma list; any of "
                                   "pipeline.models.zoo.supported_models()", parse=items)
     train_data: str | None = opt(None, "training images (class folders, s3:// ok)")
     data: str | None = opt(None, "validation images (any layout of docs/data.md)")
@@ -68,8 +69,8 @@ class ReproduceConfig(Options):
     ablate_layer: str | None = opt(None, "[MODEL=]LAYER: the layer whose inactive channels are "
                                    "noised, one of the analysis layers (default: pool1 for the "
                                    "ResNet family; required for other models)")
-    stages: tuple[str, ...] = opt(STAGES, "stages to run, comma list (default: all: "
-                                  f"{','.join(STAGES)})", parse=items)
+    stages: tuple[str, ...] = opt(STAGES, "stages to run, comma list (default: all)",
+                                  parse=items)
 
     def check(self) -> None:
         """jobs.chain's checks; their ValueError is the user's input: BadInput."""
@@ -95,66 +96,81 @@ def _concat(parts: list[str], url: str) -> None:
 
 
 class Chain:
-    """The stages in order; a stage runs its job unless its final output exists."""
+    """The links in order; a stage runs its job's Config unless its final output exists."""
 
     def __init__(self, cfg: ReproduceConfig, con: Console) -> None:
         self.cfg, self.con, self.out = cfg, con, cfg.out
-        self.plan, self.given = cfg.layer_plan(), cfg.given_checkpoints()
+        self.ctx = chain.Context(cfg, cfg.layer_plan(), cfg.given_checkpoints())
         self.seconds: dict[str, float] = {}
-        self.commands: dict[str, str] = {}            # stage -> the command it ran
+        self.commands: dict[str, str] = {}            # stage -> the command that runs it alone
         self.skipped: list[str] = []
-        self.checkpoints: dict[tuple[str, int], str] = {}   # (model, training seed) -> URL
-        self.recipes: dict[tuple[str, int], dict] = {}
-        self.gpus = 0
+        # what the chain does after a stage of a model / after every stage of a link
+        self.after_stage = {"train": self.record_checkpoint}
+        self.after_link = {"ablate": self.combine_ablation, "actmax": self.combine_actmax}
 
-    def stage(self, name: str, job: str, argv: list[str], done: str | None) -> None:
-        """`jobs.<job>.main(argv)` in this process (one Ray, its console nested in ours) unless
-        the stage is not asked for or its final output `done` exists; a failure stops the chain."""
-        kind, tag = name.split(":")[0], chain.stage_tag(name)
-        if kind not in self.cfg.stages or (done and tables.exists(done)):
+    @property
+    def checkpoints(self) -> dict[tuple[str, int], str | None]:
+        return self.ctx.checkpoints
+
+    def targets(self, link: chain.Link) -> list[tuple[str | None, int]]:
+        """(model, training seed) pairs a link runs for, in the chain's order."""
+        if link.per == "seed":
+            return [(m, s) for s in range(self.cfg.seeds) for m in self.cfg.models]
+        return [(m, 0) for m in self.cfg.models] if link.per == "model" else [(None, 0)]
+
+    def stage(self, link: chain.Link, model: str | None, seed: int) -> None:
+        """`jobs.<job>.run(config)` in this process (one Ray, its console nested in ours)
+        unless the stage is not asked for or its final output exists; a failure stops the chain
+        with the command that reruns the stage alone."""
+        name = stage_name(link.stage, model, seed) if model else link.stage
+        tag = chain.stage_tag(name)
+        job = importlib.import_module(f"jobs.{link.job}")
+        if link.stage not in self.cfg.stages:
             self.skipped.append(name)
-            why = ("not asked for" if kind not in self.cfg.stages
-                   else f"already complete under {self.out}")
-            return self.con.info(f"{tag}: {why}, skipped")
-        self.commands[name] = shlex.join(["python", "-m", f"jobs.{job}", *argv])
+            return self.con.info(f"{tag}: not asked for, skipped")
+        built = job.chained(self.ctx, model, seed)
+        if built is None:                  # nothing to run (a checkpoint given for training)
+            self.skipped.append(name)
+            return None
+        cfg, done = built
+        if done and tables.exists(done):
+            self.skipped.append(name)
+            return self.con.info(f"{tag}: already complete under {self.out}, skipped")
+        self.commands[name] = chain.command(link.job, cfg)
         # the job keeps its warnings, epochs and long progress lines; a bad input or a failure
-        # leaves it as SystemExit with its own one-line error, which stops the chain
-        with self.con.stage(name, label=tag), self.con.nest(name):
-            importlib.import_module(f"jobs.{job}").main(argv)
+        # stops the chain with the job's one-line error and the command to rerun it
+        try:
+            with self.con.stage(name, label=tag), self.con.nest(name):
+                job.run(cfg)
+        except (BadInput, JobFailed) as e:
+            log(f"{tag} stopped; to rerun this stage alone: {self.commands[name]}")
+            raise type(e)(f"{name}: {first_line_of(e)}") from None
         self.seconds[name] = round(self.con.seconds[name], 2)
 
-    def trained(self, model: str, seed: int = 0) -> tuple[Layers, str | None, dict | None]:
-        """What the later stages of a model need: its layers, checkpoint and training recipe."""
-        return (self.plan[model], self.checkpoints.get((model, seed)),
-                self.recipes.get((model, seed)))
+    def check(self) -> None:
+        """Build every stage's Config once before anything runs or is written: an option that
+        a job refuses stops the chain here (exit 2)."""
+        for link in chain.LINKS:
+            if link.stage in self.cfg.stages:
+                job = importlib.import_module(f"jobs.{link.job}")
+                for model, seed in self.targets(link):
+                    job.chained(self.ctx, model, seed)
 
-    def train(self, model: str, seed: int) -> None:
+    def record_checkpoint(self, model: str, seed: int) -> None:
+        """The checkpoint the later stages of (model, seed) study, and its training recipe."""
         from pipeline.models.checkpoint import load_checkpoint
 
-        ckpt = self.given.get(model) or layout.checkpoint(self.out, model, seed)
+        ckpt = self.ctx.given.get(model) or layout.checkpoint(self.out, model, seed)
         self.checkpoints[(model, seed)] = ckpt
-        if model in self.given:
+        if model in self.ctx.given:
             self.con.info(f"{chain.stage_tag('train:' + model)}: using {ckpt}")
-        else:
-            self.stage(stage_name("train", model, seed), "train",
-                       chain.train_argv(self.cfg, model, seed, self.gpus), ckpt)
         if tables.exists(ckpt):
             recipe = load_checkpoint(ckpt, model).meta.get("recipe")
-            self.recipes.update({(model, seed): recipe} if recipe else {})
+            self.ctx.recipes.update({(model, seed): recipe} if recipe else {})
         elif "train" not in self.cfg.stages:   # nothing trained nor given: seeded stand-ins
             self.checkpoints[(model, seed)] = None
             self.con.warn(f"train:{model}: no checkpoint (stage not run, none given); the later "
                           "stages study an untrained stand-in")
-
-    def analyze(self, model: str, seed: int) -> None:
-        self.stage(stage_name("analyze", model, seed), "analyze",
-                   chain.analyze_argv(self.cfg, model, seed, *self.trained(model, seed)),
-                   layout.stimuli(self.out, model, "channels", seed))
-
-    def ablate(self, model: str, seed: int) -> None:
-        self.stage(stage_name("ablate", model, seed), "ablate",
-                   chain.ablate_argv(self.cfg, model, seed, *self.trained(model, seed)),
-                   layout.ablation_table(self.out, model, "table1", seed))
 
     def combine_ablation(self) -> None:
         """ablation/{ablation,census}.parquet over every model and seed, and Table 1 from them."""
@@ -169,49 +185,32 @@ class Chain:
             tables.write_table(table1(tables.read_table(url["ablation"]),
                                       tables.read_table(url["census"])), url["table1"])
 
-    def compare(self) -> None:
-        """jobs.compare of the first two models (seed 0): A×B, A×A and B×B in one run."""
-        pair = chain.compare_pair(self.cfg)
-        ckpts = tuple(self.checkpoints.get((m, 0)) for m in pair) if pair else ()
-        if pair is None or (any(ckpts) and not all(ckpts)):
-            why = ("needs two ResNet-family models (run python -m jobs.compare --layers ... for "
-                   "others)" if pair is None else "one of the two models has no checkpoint")
-            self.skipped.append("compare")
-            return self.con.info(f"{chain.stage_tag('compare')}: {why}, skipped")
-        self.stage("compare", "compare", chain.compare_argv(
-            self.cfg, pair, self.plan, ckpts, self.recipes.get((pair[0], 0))),
-            layout.compare_table(self.out, "cka"))
+    def combine_actmax(self) -> None:
+        _concat([layout.actmax_table(self.out, m) for m in self.cfg.models],
+                layout.combined(self.out, "actmax", "actmax"))
 
     def run(self) -> None:
-        """Train, analyse and ablate every model at every seed; actmax, neuron types and the
-        report at seed 0."""
+        """Every link in order: train, analyse and ablate every model at every seed; actmax,
+        neuron types and the report at seed 0."""
         import ray
 
-        self.gpus, models = int(ray.cluster_resources().get("GPU", 0)), self.cfg.models
-        for step in (self.train, self.analyze, self.ablate):
-            for seed in range(self.cfg.seeds):
-                for model in models:
-                    step(model, seed)
-        self.combine_ablation()
-        for model in models:
-            self.stage(f"actmax:{model}", "actmax",
-                       chain.actmax_argv(self.cfg, model, *self.trained(model)),
-                       layout.actmax_table(self.out, model))
-        _concat([layout.actmax_table(self.out, m) for m in models],
-                layout.combined(self.out, "actmax", "actmax"))
-        self.stage("neuron_types", "neuron_types", chain.neuron_types_argv(
-            self.cfg, {m: self.checkpoints.get((m, 0)) for m in models}),
-            layout.neuron_types_table(self.out, "summary"))
-        self.compare()
-        self.stage("report", "report", ["--out", self.out], None)   # rebuilt on every run
+        self.ctx.gpus = int(ray.cluster_resources().get("GPU", 0))
+        for link in chain.LINKS:
+            for model, seed in self.targets(link):
+                self.stage(link, model, seed)
+                if link.stage in self.after_stage:
+                    self.after_stage[link.stage](model, seed)
+            if link.stage in self.after_link:
+                self.after_link[link.stage]()
 
 
 def run(cfg: ReproduceConfig) -> dict:
     """The chain after argument parsing; returns run.json."""
-    check_writable(cfg.out)
     con = Console("reproduce")
-    init_ray(cfg.out)
     steps = Chain(cfg, con)
+    steps.check()                                # every bad input surfaces here
+    check_writable(cfg.out)
+    init_ray(cfg.out)
     steps.run()
     ckpts = steps.checkpoints
     info = write_run(

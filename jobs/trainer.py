@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from jobs.runtime import engine
 from jobs.runtime.console import Console, relay
 from jobs.runtime.options import JobFailed
 from pipeline.results import tables
 from pipeline.train import run as trainrun
 from pipeline.data.preprocess import preprocess_from_state
-from pipeline.train.recipe import Training, arrow_storage, configure_torch, make_loaders, write_metrics
+from pipeline.results import catalog
+from pipeline.train.recipe import Training, arrow_storage, configure_torch, make_loaders, metrics_table
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_NAME = "checkpoints"            # Ray Train's run folder under --out
@@ -40,7 +40,7 @@ def train_loop(lc: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = lc["cfg"]                                   # jobs.train.TrainConfig
-    r, ctx, hook = cfg.recipe, ray.train.get_context(), lc["hook"]
+    r, ctx = cfg.recipe, ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     configure_torch(device, r.precision, 1 + lc["loader_workers"])
@@ -53,24 +53,23 @@ def train_loop(lc: dict[str, Any]) -> None:
                         rank, lc["loader_workers"], pin_memory=device.type == "cuda")
     if rank == 0 and restored is not None:
         lc["echo"].put_nowait(f"resuming after epoch {t.epoch}")
-        write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
+        tables.write(catalog.METRICS, metrics_table(t.history), cfg.out)
     for epoch in range(t.epoch + 1, r.epochs + 1):
-        faults = (lambda i, e=epoch: hook(engine.Unit(f"rank{rank}-epoch{e}-batch{i}"))
-                  ) if hook else None                        # tests only (engine.set_test_hook)
-        row = t.run_epoch(epoch, data, world, rank, on_batch=faults)
+        row = t.run_epoch(epoch, data, world, rank)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 t.save(os.path.join(tmp, CHECKPOINT_FILE))
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp)
                              if rank == 0 else None)
         if rank == 0:
-            write_metrics(tables.join(cfg.out, "metrics.parquet"), t.history)
+            tables.write(catalog.METRICS, metrics_table(t.history), cfg.out)
             lc["echo"].put_nowait(trainrun.epoch_line(row, r.epochs))
 
 
 def fit(cfg: Any, train: Any, val: Any, state: dict, init: dict | None,
-         con: Console) -> tuple[dict, int]:
-    """The TorchTrainer run; returns (the last checkpoint's contents, loader processes)."""
+        con: Console) -> tuple[dict, int]:
+    """The TorchTrainer run of `train_loop` (this module's: tests hand in a wrapper through
+    that name); returns (the last checkpoint's contents, loader processes)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -87,8 +86,7 @@ def fit(cfg: Any, train: Any, val: Any, state: dict, init: dict | None,
         trainer = TorchTrainer(train_loop, train_loop_config={
             "cfg": cfg, "train": ray.put(train), "val": ray.put(val), "classes": state["classes"],
             "preprocess": state["preprocess"], "loader_workers": plan.loaders, "echo": echo,
-            "init": ray.put(init) if init is not None else None,
-            "hook": engine.current_test_hook()},
+            "init": ray.put(init) if init is not None else None},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                    resources_per_worker=plan.resources),
             run_config=ray.train.RunConfig(

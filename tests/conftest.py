@@ -1,4 +1,4 @@
-"""Shared test fixtures: a real S3-compatible server (moto) on loopback.
+"""Shared test fixtures: a real S3-compatible server (moto) on loopback; Ray on loopback too.
 
     def test_x(s3_bucket):                     # a fresh, empty bucket on the session's server
         url = f"s3://{s3_bucket}/data"          # s3fs/boto3 find the server through AWS_* env vars
@@ -17,6 +17,10 @@ import uuid
 from typing import Iterator
 
 import pytest
+
+# Ray nodes on 127.0.0.1 only: Ray reads this when it is imported (before any test module is),
+# and only with it does a node keep `_node_ip_address="127.0.0.1"` (jobs.runtime.console).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -12,7 +12,8 @@ Everything but `result` goes to stderr (stdout stays for a job's result, e.g. a 
 A progress line is printed at most every `every` seconds and once at the end, so a log file stays
 readable (tqdm's `{rate_fmt} {remaining}` without carriage returns). `init_ray` starts or joins
 Ray with its own chatter routed to `<out>/_logs/ray.log` (local --out) and the workers' output
-left in Ray's session logs; Ray's errors and the job's warnings stay on the console.
+left in Ray's session logs (`log_to_driver=False`, Ray's public switch); Ray's errors and the
+job's warnings stay on the console. A local Ray it starts listens on loopback only.
 
 A chain (jobs.reproduce) runs each sub-job inside `with con.nest("ablate:resnet34"):`. A Console
 made inside that block is nested: it keeps its warnings, its `tick` lines (train's epochs) and the
@@ -26,12 +27,11 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from typing import Iterator
 
-__all__ = ["log", "Console", "Progress", "init_ray", "format_seconds", "worker_log", "relay"]
+__all__ = ["log", "Console", "Progress", "init_ray", "format_seconds", "relay", "LOOPBACK"]
 
 _NESTING: list[str] = []     # the chain stages now running (Console.nest), innermost last
 
@@ -147,43 +147,6 @@ class Console:
 
 
 @contextlib.contextmanager
-def worker_log(url: str):
-    """Every line Ray forwards from workers (Ray Train's per-report dumps, its controller's and
-    placement-group cleaner's notices, the workers' prints) goes to `url`, none to the console:
-    the console shows this job's lines, and a failing worker's traceback arrives with the error
-    that `fit()` raises. Ray's forwarding handler is swapped back afterwards."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:       # another Ray layout: leave its logging alone
-        yield
-        return
-    found = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
-    if len(found) != 1:       # log_to_driver off: nothing is forwarded
-        yield
-        return
-    local = "://" not in url
-    path = url if local else tempfile.mkstemp(suffix=".log")[1]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as sink:
-        def handle(data: dict) -> None:
-            who = data.get("actor_name") or data.get("task_name") or ""
-            sink.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in data["lines"])
-            sink.flush()
-
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", handle)
-        try:
-            yield
-        finally:
-            dispatcher.remove_handler("ray_print_logs")
-            dispatcher.add_handler("ray_print_logs", found[0])
-    if not local:
-        with open(path, "rb") as f:
-            _write_bytes(url, f.read())
-        os.unlink(path)
-
-
-@contextlib.contextmanager
 def relay(con: Console):
     """A `ray.util.queue.Queue` that remote code puts lines into (`queue.put_nowait(text)`);
     a driver thread prints them through `con.tick` while the block runs, so a job's progress
@@ -208,12 +171,6 @@ def relay(con: Console):
         stop.set()
         thread.join(timeout=30)
         queue.shutdown()
-
-
-def _write_bytes(url: str, data: bytes) -> None:
-    from pipeline.results.tables import write_bytes
-
-    write_bytes(url, data)
 
 
 class _LazyFile(logging.FileHandler):
@@ -249,9 +206,24 @@ def _quiet_ray_logger(path: str | None) -> None:
         logger.addHandler(handler)
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def _loopback_env() -> None:
+    """Make a local Ray node take 127.0.0.1 as its address, so that it listens on loopback only.
+    On Linux Ray replaces 127.0.0.1 in `_node_ip_address` by the machine's routable address
+    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0 (its single-node mode, the default on macOS
+    and Windows), a variable Ray reads when it is imported: set before the first `import ray`."""
+    if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        log("ray was imported before init_ray: the local Ray listens on this machine's address, "
+            "not on loopback only")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(out: str | None = None, num_cpus: int | None = None, quiet: bool = True,
              **kwargs) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one.
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one
+    that listens on 127.0.0.1 only.
 
     `address="local"` avoids joining a stale cluster recorded in /tmp/ray by an earlier
     `ray start`; an already initialised Ray (tests, jobs.reproduce) is reused as it is. With
@@ -261,18 +233,19 @@ def init_ray(out: str | None = None, num_cpus: int | None = None, quiet: bool = 
     the job's own warnings (Console.warn) are never routed away.
     A failing unit's error reaches the driver as an exception either way.
     """
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        _loopback_env()
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    kwargs.setdefault("log_to_driver", not quiet)
     if quiet:
-        kwargs.setdefault("log_to_driver", False)
         _quiet_ray_logger(_log_file(out))
-    else:
-        kwargs.setdefault("log_to_driver", True)
-    address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 _node_ip_address=LOOPBACK, **kwargs)

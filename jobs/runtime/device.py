@@ -2,10 +2,11 @@
 fingerprint that guards resume (configuration, code, device, torch/cuDNN, precision).
 
     device = resolve_device("auto")              # after init_ray(); BadInput for cuda without GPUs
+    device = resolve_device("auto", cluster=False)   # this process (jobs.bench: no Ray)
     plan = device.plan(workers, cpus_per_worker=4)
     plan, decode_threads = device.decode_plan(workers)  # actors that decode their own images
     plan = device.task_plan(gpus=0.5, cpus=2)    # Ray tasks of a fixed share
-    fp = fingerprint(cfg.to_dict(), digest(model.state_dict()), device=device)
+    fp = fingerprint(cfg, digest(model.state_dict()), device=device)   # cfg: its decides=True options
 """
 from __future__ import annotations
 
@@ -80,22 +81,46 @@ def _probe_gpu() -> tuple[str, int | None]:
     return torch.cuda.get_device_name(0), torch.backends.cudnn.version()
 
 
-def resolve_device(spec: str) -> Device:
-    """auto | cpu | cuda against the Ray cluster (Ray must be up); cuda without GPUs: BadInput."""
-    import ray
-
+def resolve_device(spec: str, *, cluster: bool = True) -> Device:
+    """The device of `spec` (auto | cpu | cuda): on the Ray cluster (after init_ray; GPUs are
+    probed by a task on one), or with `cluster=False` in this process (jobs.bench, no Ray).
+    BadInput for an unknown spec or cuda without a GPU; auto picks cuda when there is one."""
     if spec not in ("auto", "cpu", "cuda"):
         raise BadInput(f"invalid device {spec!r}; allowed: auto, cpu, cuda")
+    gpus, cpus, node_cpus = _cluster_counts() if cluster else _local_counts()
+    where = "the Ray cluster has no GPU" if cluster else "no CUDA device is available"
+    if spec == "cuda" and gpus == 0:
+        raise BadInput(f"--device cuda asked for, but {where}; use auto or cpu")
+    if spec == "cpu" or gpus == 0:
+        return Device("cpu", platform.machine() or "cpu", gpus, cpus, node_cpus=node_cpus)
+    if cluster:
+        import ray
+
+        name, cudnn = ray.get(ray.remote(num_gpus=1, num_cpus=0)(_probe_gpu).remote())
+    else:
+        name, cudnn = _probe_gpu()
+    return Device("cuda", name, gpus, cpus, cudnn, node_cpus)
+
+
+def _cluster_counts() -> tuple[int, int, int]:
+    """(GPUs, CPUs, CPUs of the largest node) of the Ray cluster."""
+    import ray
+
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     node_cpus = max((int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
                      if n.get("Alive")), default=cpus)
-    if spec == "cuda" and gpus == 0:
-        raise BadInput("--device cuda asked for, but the Ray cluster has no GPU; use auto or cpu")
-    if spec == "cpu" or gpus == 0:
-        return Device("cpu", platform.machine() or "cpu", gpus, cpus, node_cpus=node_cpus)
-    name, cudnn = ray.get(ray.remote(num_gpus=1, num_cpus=0)(_probe_gpu).remote())
-    return Device("cuda", name, gpus, cpus, cudnn, node_cpus)
+    return gpus, cpus, node_cpus
+
+
+def _local_counts() -> tuple[int, int, int]:
+    """(GPUs, CPUs, CPUs) this process may use."""
+    import torch
+
+    from pipeline.data.decode import default_cpus
+
+    cpus = default_cpus()
+    return (torch.cuda.device_count() if torch.cuda.is_available() else 0), cpus, cpus
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,8 +149,9 @@ def digest(state_dict: dict) -> bytes:
 
 
 def fingerprint(*parts: Any, device: Device) -> str:
-    """Hash of everything that changes a unit's numbers: the parts given (configuration as JSON,
-    bytes such as a weights digest) plus code, device, torch/cuDNN versions and precision."""
+    """Hash of everything that changes a unit's numbers: the parts given (a job's config: the
+    options it declares `decides=True`; dicts as JSON; bytes such as a weights digest) plus code,
+    device, torch/cuDNN versions and precision."""
     import torch
 
     from pipeline.models import precision
@@ -135,5 +161,6 @@ def fingerprint(*parts: Any, device: Device) -> str:
            "cudnn": device.cudnn, "precision": precision.current()}
     h = hashlib.sha256(json.dumps(env, sort_keys=True).encode())
     for p in parts:
+        p = p.decisive() if hasattr(p, "decisive") else p
         h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

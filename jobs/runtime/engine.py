@@ -1,9 +1,8 @@
-"""The one shard engine: units of work, a partial then its marker, resume, bounded retries, merge.
+"""The one shard engine: units of work, a partial then its marker, resume, Ray's own retries, merge.
 
     device = resolve_device(cfg.device)                  # after init_ray(); BadInput if no GPU
     plan = device.plan(cfg.workers or None, cpus_per_worker=8)
-    fp = fingerprint(cfg.to_dict(), weights_digest, device=device)   # everything behind the numbers
-    store = Store(cfg.out, fp)                           # <out>/_partials/<fp>/<unit>.pkl + .done
+    store = Store(cfg.out, fingerprint(cfg, weights_digest, device=device))
     units = [Unit("conv3-00000-00063", (layer, chans), size=64), ...]
     units = range_units("shard-", shard_ranges(n, shards=64))   # shard-000000000-000002000 ...
     run = run_units(units, Task(fn, model), store, plan=plan, progress=bar)   # simple jobs
@@ -11,34 +10,41 @@
     table = merge(store, run.names, combine)             # in unit order: completion order never matters
 
 A unit is a named piece of work (a shard of images, a chunk of channels, an ablation plan). Its
-worker computes a value and the engine pickles it to `<name>.pkl`, THEN writes `<name>.done`
+worker computes a value and the engine writes it to `<name>.state`, THEN writes `<name>.done`
 (JSON: the unit's small info, e.g. images read and skipped, so counts need no partial read). A
-rerun with the same fingerprint skips every unit that has its marker (`run.resumed`); a partial
-without a marker is never trusted. The fingerprint hashes the job's configuration together with
-the code version, the device kind and name, the torch/cuDNN versions and the float precision
-settings, so a change to any of them starts afresh in a new folder.
+value is a state (a dict of numpy arrays and JSON values: `pipeline.results.state`) or a pyarrow
+Table (Arrow IPC); nothing is pickled, and loading a partial runs no code. A rerun with the same
+fingerprint lists the folder once and skips every unit that has its marker (`run.resumed`); a
+partial without a marker is never trusted. The fingerprint hashes the options declared
+`decides=True` and the resolved inputs together with the code version, the device kind and name,
+the torch/cuDNN versions and the float precision settings, so a change to any of them starts
+afresh in a new folder.
 
 `Task(fn, *shared)`: one Ray task per unit, `fn(*shared, *unit.args)`; shared arguments (a model)
 are `ray.put` once. `Pool(cls, *init_args)`: long-lived actors, `cls(*init_args)` once per actor
 (load the model there), then `obj.run(*unit.args)` per unit. A worker returns a value, or
 `Result(value, info)` to record `info` in the marker.
 
-Failures: a unit whose worker process, actor or node died is re-queued (on another actor) and
-tried at most `attempts` times; an exception raised by the unit's own code stops the job with its
-traceback (a bug or bad data: retrying would only repeat it), unless it is one of `retry_on`. An
-actor whose constructor fails (no device, out of memory, a bad driver) is replaced at most
-`start_attempts` times in all; then the job stops with one line (JobFailed, exit 1).
+Failures are Ray's to handle: a task runs with `max_retries` (and `retry_exceptions` for the
+exception types in `retry_on`), an actor with `max_restarts` and `max_task_retries`, all
+`attempts - 1`; Ray re-runs a unit whose worker process, actor or node died (a restarted actor is
+rebuilt from the same arguments: `_Host`). When Ray gives up, the job stops with one line naming the unit
+and the error (JobFailed, exit 1); an exception raised by the unit's own code and not in
+`retry_on` ends the job at once with its traceback (a bug or bad data: retrying would repeat
+it). An actor whose constructor raises stops the job with one line. Each try of a unit leaves a
+tiny record under the store, so `run.retries` counts Ray's retries. An actor with no unit left is
+released at once, so a restarted one can take its place on a full cluster.
 
-Tests inject faults with `set_test_hook(fn)`: `fn(unit)` runs in the worker before each unit
-(sleep, or kill the process). Production code never sets it; no job option or environment variable
-injects faults. Ray lives only here and in jobs/; the workers' code comes from pipeline/.
+Tests inject faults through the work they hand in (a function or class that kills its own
+process); nothing here knows about tests. Ray lives only here and in jobs/; the workers' code
+comes from pipeline/.
 """
 from __future__ import annotations
 
 import functools
-import pickle
 import time
-from collections import deque
+import uuid
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -47,22 +53,7 @@ from jobs.runtime.device import Device, Plan, code_version, digest, fingerprint,
 from jobs.runtime.options import JobFailed
 
 __all__ = ["Unit", "range_units", "Result", "Task", "Pool", "Store", "RunStats", "Device", "Plan",
-           "resolve_device", "fingerprint", "digest", "code_version", "run_units", "merge",
-           "set_test_hook", "current_test_hook"]
-
-_TEST_HOOK: Callable[["Unit"], None] | None = None
-
-
-def set_test_hook(fn: Callable[["Unit"], None] | None) -> None:
-    """Tests only: `fn(unit)` runs in the worker before each unit (fault injection)."""
-    global _TEST_HOOK
-    _TEST_HOOK = fn
-
-
-def current_test_hook() -> Callable[["Unit"], None] | None:
-    """The hook `set_test_hook` installed (None in production), for loops outside `run_units`
-    (the Ray Train loop) that call it themselves."""
-    return _TEST_HOOK
+           "resolve_device", "fingerprint", "digest", "code_version", "run_units", "merge"]
 
 
 # ------------------------------------------------------------------------------- the pieces
@@ -82,7 +73,7 @@ def range_units(prefix: str, ranges: Sequence[tuple[int, int]], *head: Any,
 
 @dataclass
 class Result:
-    value: Any                               # goes to the partial (<name>.pkl)
+    value: Any                               # goes to the partial (<name>.state)
     info: dict = field(default_factory=dict)  # goes to the marker (<name>.done), JSON
 
 
@@ -99,7 +90,7 @@ class Task:
 @dataclass(frozen=True)
 class Pool:
     """Long-lived actors. `inflight` > 1: each actor holds up to that many units at once and
-    computes them strictly in submission order; a worker with a `feed(*args)` method hears of
+    computes them in the order they reached it; a worker with a `feed(*args)` method hears of
     each unit as soon as it arrives (while the previous one computes), so it can start reading
     the next unit's input early (jobs.analyze: one decode pipeline runs across shards)."""
 
@@ -113,6 +104,34 @@ class Pool:
         object.__setattr__(self, "cls", cls)
         object.__setattr__(self, "init_args", init_args)
         object.__setattr__(self, "inflight", int(inflight))
+
+
+_ARROW = b"ARROW1"          # the magic bytes of an Arrow IPC file
+
+
+def _dumps(value: Any) -> bytes:
+    """A partial's bytes: an Arrow IPC file for a table, else a state's .npz (no pickle)."""
+    import pyarrow as pa
+
+    from pipeline.results.state import to_npz_bytes
+
+    if not isinstance(value, pa.Table):
+        return to_npz_bytes(value)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, value.schema) as writer:
+        writer.write_table(value)
+    return sink.getvalue().to_pybytes()
+
+
+def _loads(data: bytes) -> Any:
+    """The value `_dumps` wrote; StateError for anything else (a pickle runs no code here)."""
+    import pyarrow as pa
+
+    from pipeline.results.state import from_npz_bytes
+
+    if data[:len(_ARROW)] == _ARROW:
+        return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    return from_npz_bytes(data)
 
 
 @dataclass(frozen=True)
@@ -133,10 +152,18 @@ class Store:
 
         return join(self.url, f"{name}.{ext}")
 
-    def done(self, name: str) -> bool:
-        from pipeline.results.tables import exists
+    def finished(self) -> set[str]:
+        """The units whose partial and marker are both there: one listing of the folder, not
+        one probe per unit."""
+        from pipeline.results.tables import fs_path
 
-        return exists(self._file(name, "done"))
+        fs, path = fs_path(self.url)
+        try:
+            files = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            return set()
+        return {f[:-len(".done")] for f in files
+                if f.endswith(".done") and f[:-len(".done")] + ".state" in files}
 
     def info(self, name: str) -> dict:
         from pipeline.results.tables import read_json
@@ -146,13 +173,38 @@ class Store:
     def save(self, name: str, value: Any, info: dict) -> None:
         from pipeline.results.tables import write_bytes, write_json
 
-        write_bytes(self._file(name, "pkl"), pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+        write_bytes(self._file(name, "state"), _dumps(value))
         write_json(self._file(name, "done"), info)        # the marker comes last
 
     def load(self, name: str) -> Any:
+        """The partial of `name`; StateError (naming the file) for anything but a state or an
+        Arrow table: a planted pickle is refused, never run."""
+        from pipeline.results.state import StateError
         from pipeline.results.tables import read_bytes
 
-        return pickle.loads(read_bytes(self._file(name, "pkl")))
+        url = self._file(name, "state")
+        try:
+            return _loads(read_bytes(url))
+        except StateError as e:
+            raise StateError(f"{url}: {e}") from None
+
+    def tried(self, name: str, run: str) -> None:
+        """Record one try of unit `name` in run `run` (the worker calls it before computing)."""
+        from pipeline.results.tables import join, write_bytes
+
+        write_bytes(join(self.url, f"_tries-{run}", f"{name}.{uuid.uuid4().hex[:8]}"), b"")
+
+    def tries(self, run: str) -> Counter:
+        """Tries per unit name recorded by run `run`; the records are removed."""
+        from pipeline.results.tables import fs_path, join
+
+        fs, path = fs_path(join(self.url, f"_tries-{run}"))
+        try:
+            names = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return Counter()
+        fs.rm(path, recursive=True)
+        return Counter(n.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] for n in names)
 
     def clear(self) -> None:
         from pipeline.results.tables import exists, remove
@@ -176,10 +228,9 @@ class RunStats:
 
 
 # ------------------------------------------------------------------------------ worker side
-def _execute(call: Callable, unit: Unit, store: Store, hook: Callable | None) -> dict:
+def _execute(call: Callable, unit: Unit, store: Store, run: str) -> dict:
+    store.tried(unit.name, run)
     t = time.perf_counter()
-    if hook is not None:
-        hook(unit)
     out = call(*unit.args)
     value, info = (out.value, out.info) if isinstance(out, Result) else (out, {})
     info = {"unit": unit.name, "seconds": round(time.perf_counter() - t, 3), **info}
@@ -187,42 +238,50 @@ def _execute(call: Callable, unit: Unit, store: Store, hook: Callable | None) ->
     return info
 
 
-def _task(fn: Callable, unit: Unit, store: Store, hook: Callable | None, *shared: Any) -> dict:
-    return _execute(functools.partial(fn, *shared), unit, store, hook)
+def _task(fn: Callable, unit: Unit, store: Store, run: str, *shared: Any) -> dict:
+    return _execute(functools.partial(fn, *shared), unit, store, run)
 
 
 class _Host:
     """The actor around a Pool's class: builds it once, runs units, persists their partials.
 
-    With several units in flight (a threaded actor) Ray may start the calls in any order: the
-    driver numbers them per actor (`seq`), and each call first waits for its turn to be fed
-    (`obj.feed`, in order), then for its turn to compute. Feeding never waits for a computation,
-    so the unit after the running one is fed at once (no deadlock between the two turns)."""
+    The class's arguments come with every call as a reference the driver holds for the whole
+    run (`init`: a one-item list, so Ray does not fetch it per call), and the object is built
+    from them on the first call (`ready`, else the first `run` of a restarted actor): Ray rebuilds
+    a lost actor with its constructor arguments, and those must not live in the object store.
 
-    def __init__(self, cls: type, init_args: tuple, store: Store, hook: Callable | None):
+    With several units in flight (a threaded actor) the calls may start in any order: each takes
+    a ticket on arrival, feeds its unit (`obj.feed`) at once and computes when its ticket is
+    next, so units are fed and computed in the same order. A restarted actor starts counting
+    afresh, whatever the units Ray retries on it."""
+
+    def __init__(self, cls: type, store: Store, run: str):
         import threading
 
-        self.obj, self.store, self.hook = cls(*init_args), store, hook
+        self.cls, self.obj, self.store, self.run_id = cls, None, store, run
         self.turn = threading.Condition()
-        self.fed = self.ran = 0
+        self.arrived = self.ran = 0
 
-    def ready(self) -> bool:
+    def _build(self, init: list) -> None:
+        import ray
+
+        if self.obj is None:
+            self.obj = self.cls(*ray.get(init[0]))
+
+    def ready(self, init: list) -> bool:
+        with self.turn:
+            self._build(init)
         return True
 
-    def run(self, unit: Unit, seq: int | None = None) -> dict:
-        if seq is None:
-            return _execute(self.obj.run, unit, self.store, self.hook)
+    def run(self, unit: Unit, init: list) -> dict:
         with self.turn:
-            self.turn.wait_for(lambda: self.fed == seq)
-            try:
-                if hasattr(self.obj, "feed"):
-                    self.obj.feed(*unit.args)
-            finally:
-                self.fed += 1
-                self.turn.notify_all()
-            self.turn.wait_for(lambda: self.ran == seq)
+            self._build(init)
+            ticket, self.arrived = self.arrived, self.arrived + 1
+            if hasattr(self.obj, "feed"):
+                self.obj.feed(*unit.args)
+            self.turn.wait_for(lambda: self.ran == ticket)
         try:
-            return _execute(self.obj.run, unit, self.store, self.hook)
+            return _execute(self.obj.run, unit, self.store, self.run_id)
         finally:
             with self.turn:
                 self.ran += 1
@@ -238,162 +297,126 @@ def _last_error_line(e: BaseException) -> str:
     return errs[-1] if errs else (lines[0] if lines else type(e).__name__)
 
 
-class _Driver:
-    """The loop behind run_units: hands units to workers, counts, retries, replaces actors."""
+class _Workers:
+    """Ray tasks or actors with Ray's retry options; `call(actor, unit)` submits a unit."""
 
     def __init__(self, work: Task | Pool, store: Store, plan: Plan, attempts: int,
-                 start_attempts: int, retry_on: tuple, stats: RunStats,
-                 progress: Progress | None, on_done: Callable | None) -> None:
+                 retry_on: tuple, run: str, units: int) -> None:
         import ray
 
-        self.ray, self.store, self.plan, self.stats = ray, store, plan, stats
-        self.attempts, self.start_attempts, self.retry_on = attempts, start_attempts, retry_on
-        self.progress, self.on_done = progress, on_done
-        self.hook, self.tries, self.start_failures = _TEST_HOOK, {}, 0
-        self.running: dict[Any, tuple[Any, Unit]] = {}
-        self.starting: dict[Any, Any] = {}
-        self.free: dict[Any, int] = {}           # started actor -> units it may still take
-        self.seq: dict[Any, int] = {}            # actor -> units handed to it so far
-        self.killed: set[Any] = set()            # actors this driver killed (no retry counted)
-        self.actors: list[Any] = []
-        self.inflight = 1 if isinstance(work, Task) else work.inflight
-        opts = {"max_retries": 0} if isinstance(work, Task) else {"max_restarts": 0,
-                                                                  "max_task_retries": 0}
-        if self.inflight > 1:
-            opts["max_concurrency"] = self.inflight
+        self.ray, self.slots = ray, 1 if isinstance(work, Task) else work.inflight
+        retry = {"retry_exceptions": list(retry_on)} if retry_on else {}
         if isinstance(work, Task):
-            self.task = ray.remote(_task).options(**opts, **plan.resources)
-            self.fn, self.shared = work.fn, tuple(ray.put(s) for s in work.shared)
+            task = ray.remote(_task).options(max_retries=attempts - 1, **retry, **plan.resources)
+            shared = tuple(ray.put(s) for s in work.shared)
+            self.actors: list[Any] = [None] * plan.workers
+            self.call = lambda a, u: task.remote(work.fn, u, store, run, *shared)
         else:
-            self.host = ray.remote(_Host).options(**opts, **plan.resources)
-            self.pool = work
-            self.init_ref = ray.put(work.init_args)
+            host = ray.remote(_Host).options(max_restarts=attempts - 1,
+                                             max_task_retries=attempts - 1,
+                                             max_concurrency=self.slots, **plan.resources)
+            # held for the whole run: every call (a retried one too) names these same arguments
+            self.init = [ray.put(work.init_args)]
+            self.actors = [host.remote(work.cls, store, run)
+                           for _ in range(min(plan.workers, units))]
+            self.call = lambda a, u: a.run.options(**retry).remote(u, self.init)
+        self.load = {i: 0 for i in range(len(self.actors))}
+        # actors not built yet: a long wait for them means the cluster lacks resources
+        self.starting = {a.ready.remote(self.init): i for i, a in enumerate(self.actors)
+                         if a is not None}
+        self.resources = plan.resources
 
-    def spawn(self) -> None:
-        a = self.host.remote(self.pool.cls, self.init_ref, self.store, self.hook)
-        self.actors.append(a)
-        self.starting[a.ready.remote()] = a
+    def fill(self, pending: deque, running: dict) -> None:
+        """Hand out units round by round, so that a small job spreads over every worker."""
+        for level in range(self.slots):
+            for i in list(self.load):
+                if pending and self.load[i] <= level:
+                    u = pending.popleft()
+                    running[self.call(self.actors[i], u)] = (i, u)
+                    self.load[i] += 1
 
-    def submit(self, pending: deque) -> None:
-        if hasattr(self, "task"):
-            while pending and len(self.running) < self.plan.workers:
-                u = pending.popleft()
-                ref = self.task.remote(self.fn, u, self.store, self.hook, *self.shared)
-                self.running[ref] = (None, u)
-        while pending and (a := self.slot(len(pending))) is not None:
-            u = pending.popleft()
-            self.free[a] -= 1
-            if self.inflight > 1:
-                self.seq[a] = self.seq.get(a, 0) + 1
-                self.running[a.run.remote(u, self.seq[a] - 1)] = (a, u)
-            else:
-                self.running[a.run.remote(u)] = (a, u)
-
-    def slot(self, pending: int) -> Any:
-        """The actor with the most free room; a busy actor takes one more unit only when every
-        actor still starting will find one left (a small job spreads over all actors)."""
-        a = max(self.free, key=self.free.get, default=None)
-        if a is None or self.free[a] == 0:
-            return None
-        if self.free[a] < self.inflight and pending <= len(self.starting):
-            return None
-        return a
-
-    def started(self, ref: Any) -> None:
-        a = self.starting.pop(ref)
+    def started(self, ref: Any, attempts: int, retry_on: tuple) -> None:
+        """An actor's `ready` came back: built, or the job stops with one line."""
+        self.starting.pop(ref)
         try:
             self.ray.get(ref)
-            self.free[a] = self.inflight
-        except self.ray.exceptions.RayError as e:
-            self.start_failures += 1
-            self.kill(a)
-            line = _last_error_line(e)
-            if self.start_failures >= self.start_attempts:
-                raise JobFailed(f"no worker could start ({self.start_failures} tries); last "
-                                f"error: {line}") from None
-            log(f"a worker failed to start ({line}); starting another")
-            self.spawn()
-
-    def finished(self, ref: Any, pending: deque) -> None:
-        a, u = self.running.pop(ref)
-        try:
-            info = self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as e:
-            if not isinstance(getattr(e, "cause", None), self.retry_on):
-                raise
-            self.retry(u, e, pending, a)
-            return
-        except self.ray.exceptions.RayError as e:     # worker, actor or node died
-            if a in self.killed:      # lost with an actor this driver replaced: not its fault
-                pending.appendleft(u)
-                return
-            self.retry(u, e, pending, a)
-            return
-        if a is not None:
-            self.free[a] += 1
-        self.stats.computed += 1
-        self.stats.infos[u.name] = info
-        if self.progress is not None:
-            self.progress.update(u.size)
-        if self.on_done is not None:
-            self.on_done(u, info)
-
-    def retry(self, u: Unit, e: BaseException, pending: deque, actor: Any) -> None:
-        self.tries[u.name] = self.tries.get(u.name, 0) + 1
-        self.stats.retries += 1
-        if self.tries[u.name] >= self.attempts:
-            raise JobFailed(f"unit {u.name} failed {self.attempts} times; last error: "
+        except self.ray.exceptions.RayTaskError as e:      # the worker's class refused
+            raise JobFailed(f"no worker could start; last error: "
                             f"{_last_error_line(e)}") from None
-        log(f"{u.name} lost ({type(e).__name__}: worker or node died); retrying on another "
-            f"worker")
-        pending.appendleft(u)
-        if actor is not None:             # a task is simply resubmitted by submit()
-            self.kill(actor)
-            self.spawn()
+        except self.ray.exceptions.RayError as e:
+            _stop(None, e, attempts, retry_on)
 
-    def kill(self, actor: Any) -> None:
-        self.free.pop(actor, None)
-        self.killed.add(actor)
-        try:
-            self.ray.kill(actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already dead is fine
-            pass
+    def release_idle(self, pending: deque) -> None:
+        """No unit left for an idle actor: give its resources back (a restarted actor of a lost
+        node may be waiting for them)."""
+        for i in [i for i, n in self.load.items() if n == 0 and not pending]:
+            if self.actors[i] is not None:
+                self.ray.kill(self.actors[i], no_restart=True)
+            del self.load[i]
 
-    def loop(self, todo: list[Unit]) -> None:
-        pending = deque(todo)
-        if hasattr(self, "pool"):
-            for _ in range(min(self.plan.workers, len(todo))):
-                self.spawn()
-        try:
-            while pending or self.running:
-                self.submit(pending)
-                refs = list(self.running) + list(self.starting)
-                done, _ = self.ray.wait(refs, num_returns=1, timeout=30.0)
-                if not done and not self.running:
-                    log(f"waiting for {len(self.starting)} worker(s) to be placed: does the "
-                        f"cluster have the CPUs/GPUs they ask for ({self.plan.resources})?")
-                for ref in done:
-                    if ref in self.starting:
-                        self.started(ref)
-                    else:
-                        self.finished(ref, pending)
-        finally:
-            for a in self.actors:
-                self.kill(a)
+    def close(self) -> None:
+        for a in self.actors:
+            if a is not None:
+                self.ray.kill(a, no_restart=True)
+
+
+def _stop(u: Unit | None, e: BaseException, attempts: int, retry_on: tuple) -> None:
+    """Raise what a unit's (or, `u` None, a worker's start's) final failure means for the job
+    (module docstring)."""
+    import ray
+
+    line = _last_error_line(e)
+    if isinstance(e, ray.exceptions.RayActorError) and e.actor_init_failed:
+        raise JobFailed(f"no worker could start; last error: {line}") from None
+    if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, retry_on):
+        raise e                                    # the unit's own error: its traceback
+    what = f"unit {u.name}" if u is not None else "a worker's start"
+    raise JobFailed(f"{what} failed {attempts} times; last error: {line}") from None
+
+
+def _dispatch(todo: list[Unit], workers: _Workers, stats: RunStats, attempts: int,
+              retry_on: tuple, progress: Progress | None,
+              on_done: Callable | None) -> None:
+    ray, pending, running = workers.ray, deque(todo), {}
+    while pending or running:
+        workers.fill(pending, running)
+        done, _ = ray.wait([*running, *workers.starting], num_returns=1, timeout=30.0)
+        if not done and workers.starting:
+            log(f"waiting for {len(workers.starting)} worker(s) to be placed: does the cluster "
+                f"have the CPUs/GPUs they ask for ({workers.resources})?")
+        for ref in done:
+            if ref in workers.starting:
+                workers.started(ref, attempts, retry_on)
+                continue
+            i, u = running.pop(ref)
+            workers.load[i] -= 1
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                for ready in [r for r, j in workers.starting.items() if j == i]:
+                    workers.started(ready, attempts, retry_on)   # a build failure says so
+                _stop(u, e, attempts, retry_on)
+            stats.computed += 1
+            stats.infos[u.name] = info
+            if progress is not None:
+                progress.update(u.size)
+            if on_done is not None:
+                on_done(u, info)
+        workers.release_idle(pending)
 
 
 def run_units(units: Sequence[Unit], work: Task | Pool, store: Store, *, plan: Plan,
-              resume: bool = True, attempts: int = 3, start_attempts: int = 3,
+              resume: bool = True, attempts: int = 3,
               retry_on: tuple[type[BaseException], ...] = (), progress: Progress | None = None,
               on_done: Callable[[Unit, dict], None] | None = None) -> RunStats:
     """Compute every unit without a marker (module docstring); returns counts and marker infos."""
     names = [u.name for u in units]
     if len(set(names)) != len(names):
         raise ValueError("unit names must be unique")
-    stats = RunStats(names)
+    stats, done = RunStats(names), store.finished() if resume else set()
     todo = []
     for u in units:
-        if resume and store.done(u.name):
+        if u.name in done:
             stats.infos[u.name] = store.info(u.name)
             stats.resumed += 1
             if progress is not None:
@@ -401,9 +424,18 @@ def run_units(units: Sequence[Unit], work: Task | Pool, store: Store, *, plan: P
                 progress.start_done += u.size
         else:
             todo.append(u)
-    if todo:
-        _Driver(work, store, plan, attempts, start_attempts, retry_on, stats, progress,
-                on_done).loop(todo)
+    if not todo:
+        return stats
+    run = uuid.uuid4().hex[:12]
+    workers = _Workers(work, store, plan, attempts, retry_on, run, len(todo))
+    try:
+        _dispatch(todo, workers, stats, attempts, retry_on, progress, on_done)
+    finally:
+        workers.close()
+        stats.retries = sum(n - 1 for n in store.tries(run).values() if n > 1)
+    if stats.retries:
+        log(f"{stats.retries} unit tr{'y was' if stats.retries == 1 else 'ies were'} retried "
+            "after a lost worker or node (Ray's retries); the results are complete")
     return stats
 
 

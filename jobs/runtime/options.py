@@ -1,12 +1,13 @@
-"""Each job option declared once: a frozen dataclass field drives the CLI, the default and the check.
+"""Each job option declared once: a frozen dataclass field is the flag, the default, the check and
+whether the option decides the numbers (the fingerprint of partials and run.json).
 
     @dataclass(frozen=True)
     class Config(Options):
         out: str = opt(help="output folder (local or s3://)")                  # required flag
-        steps: int = opt(31, "Adam steps (paper: 31)", check=at_least(1))
+        steps: int = opt(31, "Adam steps (paper: 31)", check=at_least(1), decides=True)
         device: str = opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))
         crop: bool = opt(True, "optimise the whole input", flag="--no-crop")  # store_false
-        scale: tuple = opt((), "zoom factors, e.g. 0.9,1.1", parse=parse_floats)
+        scale: tuple = opt((), "zoom factors, e.g. 0.9,1.1", parse=parse_floats, decides=True)
 
         def check(self) -> None:          # optional: checks that involve several fields
             ...
@@ -14,17 +15,27 @@
     def main(argv=None) -> int:
         return run_cli("python -m jobs.NAME", __doc__, Config, run, argv)
 
-The flag is `--field-name` unless `flag=` says otherwise; its type comes from the annotation
-(`int | None` gives an optional int; `tuple[str, ...]` without `parse` a repeatable flag whose
-values form the tuple). `parse` turns the command-line string into the value (and may
-raise BadInput); `check(value)` returns an error text or None; `choices` may be a callable, so
-that lists such as the model names are read only when a parser is built. Every check runs in
-`Options.__post_init__`, so a config built in Python is validated exactly like one from the CLI.
+    Config(out="x", steps=5).argv()       # ["--out", "x", "--steps", "5"]: the same run from a shell
+    Config(out="x").decisive()            # {"steps": 31, "scale": []}: what the fingerprint hashes
+
+The flag is `--field-name` unless `flag=` says otherwise. A bool is a switch that flips its
+default (`None` default: `--x` / `--no-x`); a `tuple[...]` without `parse` is a repeatable flag;
+`parse` turns the command-line string into the value (and may raise BadInput) and `show` turns
+the value back into that string. `choices` (a sequence, or a callable read only when a config is
+checked: the 70 model names) and `check(value)` run in `Options.__post_init__`, so a config built in
+Python is checked exactly like one from the command line, and the usage line stays one line.
+
+Why not tyro or jsonargparse: both were tried (tyro 1.0.17, jsonargparse 4.53.0, simple-parsing
+0.1.9). tyro prints its errors as multi-line boxes, jsonargparse spells flags with underscores and
+takes bools as `--x true`, simple-parsing adds a second flag beside every alias: each breaks the
+flags the README, infra/*.yaml and scripts use, or the one-line errors. This layer is argparse
+plus one pass over the fields.
 
 Exit codes (`run_cli`): BadInput -> one line `PROG: error: ...` on stderr, exit 2, before any
-output is written; JobFailed (the job stopped for a reason that is not the user's input, e.g. no
-worker could start) -> one line, exit 1; any other exception keeps its traceback (a bug).
-`with bad_input():` turns the ValueError of a pipeline call on user input into BadInput.
+output is written; JobFailed (the job stopped for a reason that is not the user's input, e.g. a
+unit failed on every try) -> one line, exit 1; Ctrl-C -> one line, exit 130; any other exception
+keeps its traceback (a bug). `with bad_input():` turns the ValueError of a pipeline call on user
+input into BadInput.
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-__all__ = ["BadInput", "JobFailed", "fail", "bad_input", "Opt", "opt", "Options", "at_least",
+__all__ = ["BadInput", "JobFailed", "fail", "bad_input", "opt", "Options", "at_least",
            "in_range", "build_parser", "parse_config", "run_cli"]
 
 _MISSING = dataclasses.MISSING
@@ -69,32 +80,35 @@ def bad_input(*errors: type[BaseException], prefix: str = "",
     try:
         yield
     except errors or (ValueError,) as e:
-        raise BadInput(prefix + (_first_line(e) if first_line else str(e))) from None
+        raise BadInput(prefix + (first_line_of(e) if first_line else str(e))) from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line_of(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass(frozen=True)
-class Opt:
-    """What a field adds to a dataclass field: its CLI face and its check."""
+class _Opt:
+    """What a field adds to a dataclass field: its CLI face, its check, its part in the numbers."""
 
     help: str
-    flag: str | None = None                       # default: --field-name
-    choices: Sequence | Callable[[], Sequence] | None = None
-    parse: Callable[[str], Any] | None = None     # CLI string -> value (may raise BadInput)
-    check: Callable[[Any], str | None] | None = None   # value -> error text, or None when fine
-    metavar: str | None = None
+    flag: str | None
+    parse: Callable[[str], Any] | None       # CLI string -> value (may raise BadInput)
+    show: Callable[[Any], str] | None        # value -> CLI string (argv())
+    check: Callable[[Any], str | None] | None   # value -> error text, or None when fine
+    choices: Sequence | Callable[[], Sequence] | None
+    decides: bool                            # changes the numbers: part of the fingerprint
+    metavar: str | None
 
 
 def opt(default: Any = _MISSING, help: str = "", *, flag: str | None = None,
-        choices: Sequence | Callable[[], Sequence] | None = None,
-        parse: Callable[[str], Any] | None = None,
-        check: Callable[[Any], str | None] | None = None, metavar: str | None = None) -> Any:
-    """A dataclass field with its CLI help, choices, parser and check (no default: required)."""
-    meta = {"opt": Opt(help, flag, choices, parse, check, metavar)}
+        parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
+        check: Callable[[Any], str | None] | None = None,
+        choices: Sequence | Callable[[], Sequence] | None = None, decides: bool = False,
+        metavar: str | None = None) -> Any:
+    """A dataclass field with its CLI help, parser, check and role (no default: required)."""
+    meta = {"opt": _Opt(help, flag, parse, show, check, choices, decides, metavar)}
     if default is _MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -109,12 +123,12 @@ def in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
     return lambda v: None if v is None or lo <= v <= hi else f"must be in {lo}..{hi}"
 
 
+def _opt(f: dataclasses.Field) -> _Opt:
+    return f.metadata["opt"]
+
+
 def _flag(f: dataclasses.Field) -> str:
-    return f.metadata["opt"].flag or "--" + f.name.replace("_", "-")
-
-
-def _choices(o: Opt) -> Sequence | None:
-    return o.choices() if callable(o.choices) else o.choices
+    return _opt(f).flag or "--" + f.name.replace("_", "-")
 
 
 def _base_type(annotation: Any) -> Any:
@@ -125,21 +139,13 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def _repeatable(o: Opt, annotation: Any) -> bool:
-    """A `tuple[...]` field without `parse`: a flag that may be given several times."""
-    return o.parse is None and typing.get_origin(_base_type(annotation)) is tuple
-
-
 class Options:
     """Mixin for frozen dataclasses whose fields are `opt(...)`: validated on construction."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            o = f.metadata.get("opt")
-            if o is None:
-                continue
-            value = getattr(self, f.name)
-            allowed = _choices(o)
+            o, value = _opt(f), getattr(self, f.name)
+            allowed = o.choices() if callable(o.choices) else o.choices
             if allowed is not None and value is not None and value not in allowed:
                 raise BadInput(f"invalid {_flag(f)} {value!r}; allowed: "
                                f"{', '.join(map(str, allowed))}")
@@ -154,73 +160,82 @@ class Options:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def decisive(self) -> dict[str, Any]:
+        """The options declared `decides=True`, by name: what the fingerprint hashes of them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if _opt(f).decides}
+
+    def argv(self) -> list[str]:
+        """The command-line arguments that give this config (defaults left out)."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is not _MISSING and value == f.default:
+                continue
+            o, flag = _opt(f), _flag(f)
+            if isinstance(value, bool) and f.default is None:
+                out.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, bool):
+                out.append(flag)
+            elif isinstance(value, tuple) and o.parse is None:
+                out += [a for v in value for a in (flag, str(v))]
+            elif value is not None:
+                text = o.show(value) if o.show else (",".join(map(str, value)) if isinstance(
+                    value, tuple) else str(value))
+                out += [flag, text]
+        return out
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse prints usage too: one line is enough
         fail(self.prog, f"{message} (see --help)")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's line breaks and shows defaults that say something."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("%(default)" not in text and action.default not in (None, False, True, (),
-                                                                 argparse.SUPPRESS)
-                and action.option_strings):
-            text += " (default: %(default)s)"
-        return text
+def _help(f: dataclasses.Field) -> str:
+    """The option's help, with the static choices and a default that says something."""
+    o, text = _opt(f), _opt(f).help
+    if o.choices is not None and not callable(o.choices):
+        text += f" (one of: {', '.join(map(str, o.choices))})"
+    if f.default not in (_MISSING, None, False, True, ()):
+        text += f" (default: {o.show(f.default) if o.show else f.default})"
+    return text.replace("%", "%%")
 
 
 def build_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """The argparse parser of an Options dataclass: one flag per field."""
-    p = _Parser(prog=prog, description=doc, formatter_class=_Formatter)
+    """The argparse parser of an Options dataclass: one flag per field. An absent flag leaves
+    no attribute (SUPPRESS), so the dataclass default stands. The usage line names the required
+    flags and `[options]`: --help lists them all."""
+    required = [f"{_flag(f)} {f.name.upper()}" for f in dataclasses.fields(cls)
+                if f.default is _MISSING]
+    p = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                argument_default=argparse.SUPPRESS,
+                usage=" ".join(["%(prog)s", *required, "[options]"]))
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        o = f.metadata.get("opt")
-        if o is None:
-            continue
-        kind = _base_type(hints[f.name])
-        kw: dict[str, Any] = {"dest": f.name, "help": o.help}
-        if f.default is _MISSING and f.default_factory is _MISSING:
+        o, kind = _opt(f), _base_type(hints[f.name])
+        kw: dict[str, Any] = {"dest": f.name, "help": _help(f)}
+        if f.default is _MISSING:
             kw["required"] = True
-        if kind is bool and f.default is None:   # tri-state: --x / --no-x / neither (None)
-            kw.update(action=argparse.BooleanOptionalAction, default=None)
-        elif kind is bool:
-            kw["action"] = "store_false" if f.default is True else "store_true"
-        elif _repeatable(o, hints[f.name]):          # --from a --from b -> ("a", "b")
-            kw.update(action="append", default=None, metavar=o.metavar)
+        if kind is bool:
+            kw["action"] = (argparse.BooleanOptionalAction if f.default is None else
+                            "store_false" if f.default else "store_true")
         else:
-            # a parsed option's CLI default is None: the dataclass default stands
-            kw["default"] = None if (o.parse or "required" in kw) else f.default
-            if o.parse is None and kind in (int, float, str):
+            kw["metavar"] = o.metavar
+            if typing.get_origin(kind) is tuple and o.parse is None:
+                kw["action"] = "append"                   # --from a --from b -> ("a", "b")
+            elif o.parse is None and kind in (int, float):
                 kw["type"] = kind
-            if o.choices is not None:
-                kw["choices"] = _choices(o)
-            if o.metavar:
-                kw["metavar"] = o.metavar
         p.add_argument(_flag(f), **kw)
     return p
 
 
 def parse_config(cls: type, argv: Sequence[str] | None, prog: str, doc: str | None = None):
     """argv -> a validated `cls` instance. Argument errors exit 2; bad values raise BadInput."""
-    ns = vars(build_parser(cls, prog, doc).parse_args(argv))
-    hints = typing.get_type_hints(cls)
-    values = {}
+    values = vars(build_parser(cls, prog, doc).parse_args(argv))
     for f in dataclasses.fields(cls):
-        if f.name not in ns:
-            continue
-        o, v = f.metadata["opt"], ns[f.name]
-        if o.parse is not None:
-            if v is None:
-                continue                  # not given: the dataclass default
-            v = o.parse(v)
-        elif _repeatable(o, hints[f.name]):
-            if v is None:
-                continue                  # not given: the dataclass default
-            v = tuple(v)
-        values[f.name] = v
+        if f.name in values:
+            parse = _opt(f).parse
+            v = values[f.name]
+            values[f.name] = parse(v) if parse else tuple(v) if isinstance(v, list) else v
     return cls(**values)
 
 
@@ -228,12 +243,11 @@ def run_cli(prog: str, doc: str | None, cls: type, body: Callable[[Any], Any],
             argv: Sequence[str] | None = None) -> int:
     """Parse, validate and run `body(config)` with the project's exit codes (module docstring)."""
     try:
-        cfg = parse_config(cls, argv, prog, doc)
-        body(cfg)
+        body(parse_config(cls, argv, prog, doc))
     except BadInput as e:
-        fail(prog, _first_line(e), 2)
+        fail(prog, first_line_of(e), 2)
     except JobFailed as e:
-        fail(prog, _first_line(e), 1)
+        fail(prog, first_line_of(e), 1)
     except KeyboardInterrupt:
         fail(prog, "interrupted; rerun the same command to resume from the finished units", 130)
     return 0

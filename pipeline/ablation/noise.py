@@ -233,7 +233,7 @@ def make_plan(condition: str, seed: int, inactive: Sequence[int], num_channels: 
 def minibatch_shards(n: int, eval_batch: int, shards: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of `shards` (at most) shards of n images, cut on minibatch
     boundaries: every forward batch holds the same images however the work is sharded."""
-    from pipeline.data.listing import shard_ranges
+    from pipeline.data.shards import shard_ranges
 
     m = math.ceil(n / eval_batch)
     return [(a * eval_batch, min(b * eval_batch, n)) for a, b in shard_ranges(m, shards=shards)]

@@ -1,12 +1,11 @@
 """What `jobs.ablate` settles before its Ray work and records after it, without Ray: the labels
 checked against the model, the census read from an analysis output (--from), and the setup
-whose description keys the partials' fingerprint and fills run.json's counts and details.
+that fills run.json's counts and details (jobs.ablate.fingerprint keys the partials).
 
     check_labels(manifest.labels, model, url, "resnet34")       # ValueError: labels it lacks
     census = read_census(analysis_out, "resnet34", layer, train_seed=0)   # ValueError: no rows
     s = AblationSetup(model, "resnet34", preprocess, False, layer, url, manifest, transform, 0,
                       weights)
-    s.key(eval_batch=256, inactive=[3, 7])       # + weights: the evaluation's partials folder
     s.details([3, 7], precision)                 # run.json's details
 
 The layer itself is `pipeline.ablation.noise.ablation_layer`; the tables are `pipeline.ablation.table1`.
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -63,20 +62,6 @@ class AblationSetup:
     train_seed: int            # the training run the weights come from
     weights: bytes             # digest of the weights (jobs.runtime.device.digest)
     census: pa.Table | None = None   # from --from; None: a census pass computes it
-
-    def key(self, eval_batch: int, inactive: Sequence[int] | None = None,
-            precision: dict | None = None) -> dict[str, Any]:
-        """What the partials' fingerprint hashes besides the weights: preprocessing, data,
-        layer, minibatch, transform and the units' precision (default
-        pipeline.models.precision.setting(): strict fp32), plus the inactive set for the evaluation.
-        Not shards, seeds or subsets: unit names hold ranges and plans."""
-        from pipeline.models.precision import setting
-
-        return {"model": self.model_name, "preprocess": self.preprocess.state(),
-                "data": self.data, "images": len(self.manifest), "layer": self.layer.name,
-                "eval_batch": eval_batch, "transform": asdict(self.transform),
-                "precision": precision or setting(),
-                "inactive": None if inactive is None else list(inactive)}
 
     def counts(self, skipped: int, eval_batch: int, shards: int,
                evaluations: int) -> dict[str, int]:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from pipeline.ablation.noise import CONDITIONS, Plan, Subset
+from pipeline.results import catalog
 
 __all__ = ["NEAR_DEAD_FRACTION", "CENSUS_SCHEMA", "census_table", "inactive_channels",
            "ABLATION_SCHEMA", "TABLE1_SCHEMA", "ablation_table", "table1", "format_table1",
@@ -28,11 +29,7 @@ __all__ = ["NEAR_DEAD_FRACTION", "CENSUS_SCHEMA", "census_table", "inactive_chan
 NEAR_DEAD_FRACTION = 1e-3   # "near dead": positive on fewer than 0.1 % of positions
 
 
-CENSUS_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("images", pa.int64()), ("max", pa.float32()), ("positive_fraction", pa.float64()),
-    ("inactive", pa.bool_()), ("near_dead", pa.bool_()), ("train_seed", pa.int64()),
-])
+CENSUS_SCHEMA = catalog.CENSUS.schema
 
 
 def census_table(channels: pa.Table, model: str, layer: str, num_channels: int,
@@ -74,35 +71,9 @@ def inactive_channels(census: pa.Table) -> list[int]:
                   if r["inactive"])
 
 
-ABLATION_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("condition", pa.string()),
-    ("seed", pa.int64()), ("images", pa.int64()), ("loss", pa.float64()),
-    ("top1", pa.float64()), ("top5", pa.float64()),
-    ("top1_count", pa.int64()), ("top5_count", pa.int64()), ("loss_sum", pa.float64()),
-    ("delta_loss", pa.float64()), ("inactive_channels", pa.list_(pa.int32())),
-    ("noised_channels", pa.list_(pa.int32())), ("noised_per_image", pa.float64()),
-    ("fraction", pa.float64()), ("note", pa.string()),
-    ("subset_channels", pa.int32()), ("train_seed", pa.int64()),
-])
+ABLATION_SCHEMA = catalog.ABLATION.schema
 
-TABLE1_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("images", pa.int64()),
-    ("channels", pa.int32()), ("inactive", pa.int32()), ("near_dead", pa.int32()),
-    ("inactive_channels", pa.list_(pa.int32())), ("seeds", pa.int32()),
-    ("fraction", pa.float64()), ("clean_loss", pa.float64()), ("clean_top1", pa.float64()),
-    ("delta_loss_mean", pa.float64()), ("delta_loss_std", pa.float64()),
-    ("delta_loss_rnd_mean", pa.float64()), ("delta_loss_rnd_std", pa.float64()),
-    ("control_delta_loss_mean", pa.float64()), ("control_delta_loss_std", pa.float64()),
-    ("note", pa.string()),
-    # added with the training-seed statistics and the subset sweep
-    ("condition", pa.string()), ("subset_channels", pa.int32()), ("train_seeds", pa.int32()),
-    ("train_seed_ids", pa.list_(pa.int64())), ("inactive_mean", pa.float64()),
-    ("inactive_std", pa.float64()), ("inactive_per_seed", pa.list_(pa.int32())),
-    ("delta_loss_per_seed", pa.list_(pa.float64())), ("std_across", pa.string()),
-    # the training seeds whose ΔL (ΔL_rnd, control ΔL) enters the row: those with inactive
-    # channels; `train_seeds` is every seed run
-    ("contributing_seeds", pa.int32()),
-])
+TABLE1_SCHEMA = catalog.TABLE1.schema
 
 
 def no_inactive_note(layer: str) -> str:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from pipeline.models.geometry import ModuleField, module_outputs
 from pipeline.models.hooks import Trace
-from pipeline.results.png import png_bytes
+from pipeline.results import catalog
 from pipeline.models.layers import Layer, analysable_layers, catalogue, has_paper_names
 from pipeline.data.preprocess import Preprocess
 from pipeline.seeds import derive_seed
@@ -54,7 +54,7 @@ __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
            "pixel", "decorrelated", "fft", "PARAMS",
            "Transform", "jitter", "random_scale", "compose",
            "ActmaxResult", "optimize", "Window", "input_window",
-           "Settings", "maximize_channels", "calibrate_bn", "display_images", "png_bytes",
+           "Settings", "maximize_channels", "calibrate_bn", "display_images",
            "derive_seed", "channel_list", "sort_rows", "chunk_table", "TABLE_SCHEMA"]
 
 
@@ -568,22 +568,7 @@ def display_images(inputs: Tensor, preprocess: Preprocess) -> np.ndarray:
 
 
 # --------------------------------------------- rows of actmax.parquet (jobs.actmax's task)
-TABLE_SCHEMA = pa.schema([
-    ("model", pa.string()),
-    ("layer", pa.string()),
-    ("channel", pa.int32()),
-    ("steps", pa.int32()),
-    ("lr", pa.float64()),
-    ("weight_decay", pa.float64()),
-    ("objective_start", pa.float32()),    # pre-ReLU centre neuron at the start image
-    ("objective_end", pa.float32()),      # ... and at the optimised image
-    ("image", pa.binary()),               # PNG, RGB after preprocess.inverse, min-max stretched
-    ("input", pa.list_(pa.float32())),    # optimised model input, C-order (3, H, W)
-    ("input_size", pa.int32()),           # H = W
-    ("y", pa.int32()),                    # the centre neuron (H//2, W//2) of the feature map
-    ("x", pa.int32()),
-    ("param", pa.string()),               # pixel | decorrelated | fft
-])
+TABLE_SCHEMA = catalog.ACTMAX.schema
 
 
 def channel_list(spec: str, n: int) -> list[int]:
@@ -619,10 +604,11 @@ def sort_rows(table: pa.Table, layers: Sequence[str]) -> pa.Table:
 
 
 def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channels: list[int],
-                size: int, settings: Any, device: str = "cpu", threads: int | None = None
-                ) -> pa.Table:
+                size: int, settings: Any, device: str = "cpu", threads: int | None = None, *,
+                encode: Callable[[np.ndarray], bytes]) -> pa.Table:
     """Optimise one (layer, channel chunk) with maximize_channels; its rows of actmax.parquet
-    (jobs.actmax runs one per Ray task)."""
+    (jobs.actmax runs one per Ray task). `encode`: (H, W, 3) uint8 -> the `image` column's
+    bytes (the job passes pipeline.results.png.png_bytes: no file format is chosen here)."""
     if threads:
         torch.set_num_threads(threads)
     res = maximize_channels(model, layer, channels, size, preprocess, settings, device)
@@ -636,7 +622,7 @@ def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channe
         "channel": channels,
         "objective_start": res.start.numpy(),
         "objective_end": res.end.numpy(),
-        "image": [png_bytes(p) for p in display_images(res.input, preprocess)],
+        "image": [encode(p) for p in display_images(res.input, preprocess)],
         "input": pa.FixedSizeListArray.from_arrays(pa.array(inputs.ravel()), inputs.shape[1])
                                       .cast(pa.list_(pa.float32())),
     }).select(TABLE_SCHEMA.names).cast(TABLE_SCHEMA)

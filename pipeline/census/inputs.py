@@ -22,15 +22,17 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline.results import layout
+from pipeline.results import catalog, layout
 from pipeline.census.patterns import (IMAGENET_MEAN, SOURCES, PatternError,
-                                      actmax_input_patterns, actmax_png_patterns,
+                                      actmax_input_patterns, actmax_image_patterns,
                                       colour_covariance, data_neutral, mean_colours, mean_noise,
                                       mean_patterns, measure_rows, stimulus_filters)
+from pipeline.results.png import decode_png
 from pipeline.results.tables import exists, fs_path, join
 
 __all__ = ["NEUTRALS", "InputError", "Inputs", "Chunk", "parse_neutral", "check_options",
-           "parse_checkpoint", "discover", "load_filters", "filter_rows", "plan_chunks",
+           "parse_checkpoint", "discover", "load_filters", "first_conv_filters", "filter_rows",
+           "plan_chunks",
            "read_neutral", "measure_chunk", "stamp"]
 
 NEUTRALS = {"gray": (0.5, 0.5, 0.5), "imagenet": IMAGENET_MEAN}
@@ -166,13 +168,13 @@ def discover(froms: Sequence[str], actmax: Sequence[str], checkpoints: Sequence[
             _baseline(found, layout.stimuli(url, m, "mean"))
         roots.append(url)
     for url in actmax:
-        if exists(join(url, "actmax.parquet")):
-            found.actmax.append(join(url, "actmax.parquet"))
+        if exists(catalog.ACTMAX.at(url)):
+            found.actmax.append(catalog.ACTMAX.at(url))
         elif url.endswith(".parquet") and exists(url):
             found.actmax.append(url)
         else:
             raise InputError(f"no actmax table at --actmax {url}: expected "
-                             f"{join(url, 'actmax.parquet')}")
+                             f"{catalog.ACTMAX.at(url)}")
     for spec in checkpoints:
         model, url = parse_checkpoint(spec)
         if not exists(url):
@@ -182,8 +184,8 @@ def discover(froms: Sequence[str], actmax: Sequence[str], checkpoints: Sequence[
         if not actmax:
             combined = layout.combined(root, "actmax", "actmax")
             found.actmax += [combined] if exists(combined) else [   # per-model, before concat
-                join(layout.actmax_dir(root, m), "actmax.parquet") for m in _root_models(
-                    root, "actmax", lambda m: join(layout.actmax_dir(root, m), "actmax.parquet"))]
+                layout.actmax_table(root, m) for m in _root_models(
+                    root, "actmax", lambda m: layout.actmax_table(root, m))]
         if not checkpoints:
             found.checkpoints += [(m, layout.checkpoint(root, m)) for m in _root_models(
                 root, "train", lambda m: layout.checkpoint(root, m))]
@@ -196,7 +198,7 @@ def discover(froms: Sequence[str], actmax: Sequence[str], checkpoints: Sequence[
 
 def _baseline(found: Inputs, mean_url: str) -> None:
     """Record the baseline table beside a mean table (stimuli/baseline.parquet), if any."""
-    url = mean_url.rsplit("/", 1)[0] + "/baseline.parquet"
+    url = join(mean_url.rsplit("/", 1)[0], catalog.BASELINE.file)     # beside mean.parquet
     if exists(url):
         found.baseline[mean_url] = url
 
@@ -222,6 +224,25 @@ def load_filters(checkpoints: Sequence[tuple[str | None, str]]
         if found is not None:
             filters.append((loaded.model_name, found[0], list(found[1]), found[2]))
     return prep, filters
+
+
+def first_conv_filters(url: str, model: str) -> tuple[np.ndarray | None, str]:
+    """A checkpoint's first convolution on RGB input (`conv1` of a ResNet, `features.0` of a
+    VGG) in stimulus space, as the neuron-type census measures it (`stimulus_filters`); else
+    (None, why). The report's filter figures (jobs.report passes it to its loader)."""
+    from pipeline.models.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        loaded = load_checkpoint(url, model_name=model)
+    except CheckpointError:
+        try:  # a checkpoint saved under another model name still has a first conv
+            loaded = load_checkpoint(url)
+        except CheckpointError as e:
+            return None, f"skipping the first-conv filters of {model}: {e}"
+    found = stimulus_filters(loaded.model, loaded.preprocess.state())   # effective: sign of γ
+    if found is None:
+        return None, f"skipping the first-conv filters of {model}: no convolution on RGB input"
+    return found[1], ""
 
 
 def read_rows(url: str, columns: list[str], filters: list[tuple] | None = None) -> pa.Table:
@@ -377,7 +398,8 @@ def _patterns(c: Chunk) -> tuple:
                                                  c.preprocess, c.neutral, label), None, None)
     t = read_rows(c.url, ["channel", "image"], where)
     return (t.column("channel").to_numpy(),
-            *actmax_png_patterns(t.column("image").to_pylist(), c.neutral), None, None)
+            *actmax_image_patterns([decode_png(b) for b in t.column("image").to_pylist()],
+                                   c.neutral), None, None)
 
 
 def measure_chunk(c: Chunk) -> pa.Table:

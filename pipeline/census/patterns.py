@@ -6,7 +6,7 @@ values it read lives here, free of files and of Ray:
     pats = mean_patterns(channels, sizes, means, where="url: resnet34 conv3")  # mean.parquet rows
     se = mean_noise(weights, images, baseline)                  # their sampling noise
     pats, neutrals = actmax_input_patterns(inputs, preprocess_state, neutral)  # exact RGB
-    pats, neutrals = actmax_png_patterns(pngs, neutral)                        # display PNGs
+    pats, neutrals = actmax_image_patterns(images, neutral)   # display images, decoded PNGs
     layer, pats, noise = stimulus_filters(model, preprocess_state)   # first conv: expected stimulus
     rows = measure_rows(model, layer, source, channels, pats, neutrals, thresholds, noises,
                         references, covariance)
@@ -15,7 +15,7 @@ values it read lives here, free of files and of Ray:
 
 The patterns are compared in one space, the stimulus space (DESIGN.md): filters are mapped to
 their expected mean preferred stimulus (`pipeline.census.types.filter_to_stimulus`). Rows and
-counts are sorted by source, then models and layers in display order (`pipeline.report.order`:
+counts are sorted by source, then models and layers in display order (`pipeline.models.order`:
 the paper's names in the paper's order, any other name in the order the tables list it).
 Each pattern is read against its null (a neutral colour, a mean stimulus's baseline patch, or 0)
 and its noise (`pipeline.census.types.structure`); below the floor it is 'no structure'.
@@ -27,46 +27,25 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline.results.png import decode_png
+from pipeline.results import catalog
 from pipeline.census.types import (IMAGENET_COVARIANCE, PROPERTIES, TYPES, Thresholds,
                                    filter_threshold, measure_batch, preferred_stimulus,
                                    selection_noise, standard_error, stimulus_covariance)
-from pipeline.report.order import order_layers, order_models, rank_of
+from pipeline.models.order import order_layers, order_models, rank_of
 
 __all__ = ["SOURCES", "IMAGENET_MEAN", "OUT_SCHEMA", "SUMMARY_SCHEMA", "PROPERTY_SCHEMA",
            "PatternError", "mean_patterns", "mean_noise", "colour_covariance",
-           "actmax_input_patterns", "actmax_png_patterns", "first_conv", "first_conv_bn",
+           "actmax_input_patterns", "actmax_image_patterns", "first_conv", "first_conv_bn",
            "stimulus_filters", "border_colour", "mean_colours", "data_neutral", "measure_rows",
            "summarise", "properties", "format_summary", "sort_rows"]
 
 SOURCES = ("filter", "mean", "actmax")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
-OUT_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("source", pa.string()), ("size", pa.int32()),
-    ("osi", pa.float64()), ("orientation_deg", pa.float64()),
-    ("chromatic_fraction", pa.float64()), ("opponent_axis", pa.string()),
-    ("chromatic_balance", pa.float64()), ("chromatic_coherence", pa.float64()),
-    ("double_opponent_score", pa.float64()), ("double_opponent", pa.bool_()),
-    ("orientation_selective", pa.bool_()), ("energy", pa.float64()),
-    ("neutral", pa.list_(pa.float32())), ("type", pa.string()),
-    # the noise floor and the properties on their own
-    ("single_opponent", pa.bool_()), ("no_structure", pa.bool_()),
-    ("contrast", pa.float64()), ("noise", pa.float64()), ("contrast_z", pa.float64()),
-    ("floor", pa.float64()), ("reference", pa.string()),
-])
-SUMMARY_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("source", pa.string()),
-    ("type", pa.string()), ("count", pa.int64()),
-])
+OUT_SCHEMA = catalog.NEURON_TYPES.schema
+SUMMARY_SCHEMA = catalog.SUMMARY.schema
 # Per (model, layer, source): channels, each property on its own, and the overlaps.
-PROPERTY_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("source", pa.string()),
-    ("channels", pa.int64()), ("structured", pa.int64()),
-    *[(p, pa.int64()) for p in PROPERTIES],
-    ("oriented_single_opponent", pa.int64()), ("oriented_double_opponent", pa.int64()),
-])
+PROPERTY_SCHEMA = catalog.PROPERTIES.schema
 _MEASURED = ("osi", "orientation_deg", "chromatic_fraction", "opponent_axis", "chromatic_balance",
              "chromatic_coherence", "double_opponent_score", "double_opponent",
              "orientation_selective", "single_opponent", "no_structure", "energy", "contrast",
@@ -142,10 +121,11 @@ def actmax_input_patterns(channels: Sequence[int], inputs: Sequence[Sequence[flo
     return pats, neutrals
 
 
-def actmax_png_patterns(images: Sequence[bytes], neutral: tuple | None = None
-                        ) -> tuple[list[np.ndarray], list[tuple]]:
-    """actmax display PNGs -> RGB in [0, 1]; the neutral is each image's border colour unless given."""
-    pats = [decode_png(data).transpose(2, 0, 1) / 255.0 for data in images]
+def actmax_image_patterns(images: Sequence[np.ndarray], neutral: tuple | None = None
+                          ) -> tuple[list[np.ndarray], list[tuple]]:
+    """actmax display images ((H, W, 3) uint8, the `image` PNGs decoded by the caller) -> RGB
+    in [0, 1]; the neutral is each image's border colour unless given."""
+    pats = [np.asarray(img).transpose(2, 0, 1) / 255.0 for img in images]
     return pats, [neutral or border_colour(p) for p in pats]
 
 

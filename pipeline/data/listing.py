@@ -34,17 +34,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.shards import shard_ranges   # noqa: F401 - the manifest's shards, listed here too
+from pipeline.results import catalog
+
 __all__ = ["Manifest", "SourceError", "EmptySourceError", "MissingLabelsError", "MANIFEST_SCHEMA",
            "IMAGE_EXTENSIONS", "build_manifest", "write_manifest", "read_manifest", "shard_ranges"]
 
 # torchvision's IMG_EXTENSIONS (ImageFolder), compared case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-MANIFEST_SCHEMA = pa.schema([
-    pa.field("image_index", pa.int64(), nullable=False),
-    pa.field("path", pa.string(), nullable=False),
-    pa.field("label", pa.int64(), nullable=True),
-])
+MANIFEST_SCHEMA = catalog.MANIFEST.schema
 
 _GT_NAME = "ILSVRC2012_validation_ground_truth.txt"
 _META_NAME = "meta.mat"
@@ -400,28 +399,3 @@ def read_manifest(url: str) -> Manifest:
     raw = meta.get(b"preferred_stimuli.classes") or meta.get(b"classes")
     classes = [str(c) for c in json.loads(raw)] if raw else []
     return Manifest(root=root, table=out, classes=classes)
-
-
-# ----------------------------------------------------------------------------- shards
-
-def shard_ranges(n: int, shards: int | None = None, shard_size: int | None = None) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) ranges covering 0..n, deterministic.
-
-    Exactly one of `shards` (sizes differ by at most one, larger ones first; never more shards
-    than images, so none is empty) or `shard_size` (all full but the last).
-    """
-    if (shards is None) == (shard_size is None):
-        raise ValueError("give exactly one of shards or shard_size")
-    if n < 1:
-        raise ValueError(f"nothing to shard: {n} images")
-    if shards is not None:
-        if shards < 1:
-            raise ValueError(f"shards must be >= 1, got {shards}")
-        k = min(shards, n)
-        q, r = divmod(n, k)
-        bounds = np.cumsum([0] + [q + 1] * r + [q] * (k - r))
-        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-    assert shard_size is not None
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    return [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.models.geometry import RF, module_fields
 from pipeline.models.layers import analysable_layers, rf_layers
+from pipeline.results import catalog
 
 __all__ = ["COLUMNS", "LIST_COLUMNS", "RF_SCHEMA", "skeleton", "rf_catalogue", "format_rf_table",
            "rf_notes", "receptive_fields", "rf_rows", "rf_table"]
@@ -84,26 +85,7 @@ def rf_notes(table: pa.Table) -> list[str]:
     return out
 
 
-RF_SCHEMA = pa.schema([
-    ("model", pa.string()),
-    ("layer", pa.string()),
-    ("module", pa.string()),
-    ("channels", pa.int64()),
-    ("rf_size", pa.int64()),
-    ("jump", pa.int64()),
-    ("offset", pa.float64()),
-    ("feature_size", pa.int64()),
-    ("input_size", pa.int64()),
-    ("rf_size_y", pa.int64()),
-    ("rf_size_x", pa.int64()),
-    ("jump_y", pa.int64()),
-    ("jump_x", pa.int64()),
-    ("offset_y", pa.float64()),
-    ("offset_x", pa.float64()),
-    ("feature_height", pa.int64()),
-    ("feature_width", pa.int64()),
-    ("global_context", pa.bool_()),
-])
+RF_SCHEMA = catalog.RECEPTIVE_FIELDS.schema
 
 
 def receptive_fields(model: nn.Module, input_size: int = 224) -> dict[str, RF]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tvr
 
 __all__ = ["BasicBlock", "PlainBlock", "Bottleneck", "PlainBottleneck", "MODELS",
-           "build_model", "model_names", "supported_models", "is_resnet", "n_classes"]
+           "build_model", "model_names", "supported_models", "is_resnet", "width_for", "n_classes"]
 
 
 class BasicBlock(tvr.BasicBlock):
@@ -199,6 +199,12 @@ def is_resnet(model_or_name: nn.Module | str) -> bool:
     """True for the ResNet family and its PlainNets (the models with paper layer names)."""
     name = model_or_name if isinstance(model_or_name, str) else getattr(model_or_name, "name", "")
     return name in MODELS
+
+
+def width_for(name: str, width: int) -> int:
+    """The base width `name` is built with: `width` for the ResNet family (and its PlainNets),
+    torchvision's 64 for every other model (the one place this rule lives)."""
+    return width if is_resnet(name) else 64
 
 
 def n_classes(model: nn.Module) -> int:

@@ -2,7 +2,7 @@
 selection every section shares (`ReportData`: frames, the models and layers to show, each
 layer's geometry, and the decoded tiles the figures and the atlas both use).
 
-Model and layer names come from the tables, never from a fixed list (`pipeline.report.order`).
+Model and layer names come from the tables, never from a fixed list (`pipeline.models.order`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.report.images import (crop_center_rf, decode_png, difference_images,
                                     filter_images, is_true, mean_image)
-from pipeline.report.order import order_layers, order_models
+from pipeline.models.order import order_layers, order_models
 
 __all__ = ["ReportInputs", "ReportOptions", "ReportData", "prepare", "filter_tiles",
            "default_title"]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.report.order import order_layers, order_models, rank_of
+from pipeline.models.order import order_layers, order_models, rank_of
 
 __all__ = ["fmt", "pm", "TableView", "table_view", "sort_rows", "table1_frame", "census_frame",
            "rf_frames", "types_frame", "properties_frame", "PAPER_TABLE1"]
@@ -72,7 +72,7 @@ def table_view(df: pd.DataFrame, max_rows: int = 500) -> TableView:
 
 def sort_rows(df: pd.DataFrame, models: list[str] | None = None,
               layers: list[str] | None = None) -> pd.DataFrame:
-    """Rows in display order of model, then layer (`pipeline.report.order`); ties keep the
+    """Rows in display order of model, then layer (`pipeline.models.order`); ties keep the
     table's order (a stable sort), so rows per seed or per fraction stay as written."""
     keys = [k for k in ("model", "layer") if k in df.columns]
     if not keys or df.empty:

@@ -1,13 +1,17 @@
 """What the report reads: every table under a results root, as `ReportInputs`.
 
 The one module of the report package that opens files (through pipeline.results.tables); the rest draws
-from the tables it returns. Paths come from `pipeline.results.layout` (the tree `jobs.reproduce` writes,
-training seed 0); a single job's output folder works too (receptive_fields.parquet and stimuli/
-at its top, or actmax.parquet, ablation.parquet ... at its top).
+from the tables it returns. Where each table lies: `pipeline.results.layout` (the tree
+`jobs.reproduce` writes, training seed 0) and `pipeline.results.catalog` (each table's file under
+a job's --out); a single job's output folder works too (receptive_fields.parquet and stimuli/ at
+its top, or actmax.parquet, ablation.parquet ... at its top). The report computes nothing from
+a model: the first-conv filters, read from checkpoints, come through `filters` (jobs.report
+passes `pipeline.census.inputs.first_conv_filters`).
 
-    inputs = load_inputs("s3://bucket/run1", warn=print)   # ReportInputError: nothing usable
+    inputs = load_inputs("s3://bucket/run1", warn=print, filters=first_conv_filters)
 
-Absent parts stay None and are named in `inputs.missing` (their section says "not available").
+Absent parts stay None and are named in `inputs.missing` (their section says "not available");
+a table that is there but unreadable raises ReportInputError naming the file.
 """
 from __future__ import annotations
 
@@ -16,14 +20,18 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.results import layout
+from pipeline.models.order import order_models
 from pipeline.report.data import ReportInputs
-from pipeline.report.order import order_models
+from pipeline.results import catalog, layout
 from pipeline.results.tables import exists, fs_path, join, read_json, read_table
 
-__all__ = ["ReportInputError", "load_inputs", "first_conv_filters"]
+__all__ = ["ReportInputError", "load_inputs", "Filters"]
 
-_STIMULI = ("topk", "mean", "channels", "baseline")
+# ReportInputs field <- the analysis table it holds
+_STIMULI = {"topk": catalog.TOPK, "mean": catalog.MEAN, "channels": catalog.CHANNELS,
+            "baseline": catalog.BASELINE}
+# (checkpoint URL, model) -> (first-conv filters in stimulus space or None, why not)
+Filters = Callable[[str, str], "tuple[np.ndarray | None, str]"]
 
 
 class ReportInputError(ValueError):
@@ -68,18 +76,18 @@ def _concat(tables: list[pa.Table | None]) -> pa.Table | None:
 def _load_analysis(out: str, inputs: ReportInputs) -> None:
     """One analysis folder per model (reproduce layout), or a single jobs.analyze output."""
     dirs = {m: layout.analysis_dir(out, m) for m in _subdirs(layout.stage_dir(out, "analysis"))}
-    if exists(join(out, "receptive_fields.parquet")) or exists(join(out, "stimuli")):
+    if exists(catalog.RECEPTIVE_FIELDS.at(out)) or exists(join(out, "stimuli")):
         dirs["analysis"] = out
     parts: dict[str, list] = {k: [] for k in ("rf", *_STIMULI)}
     for name, d in dirs.items():
-        parts["rf"].append(_read(join(d, "receptive_fields.parquet")))
-        for t in _STIMULI:
-            parts[t].append(_read(layout.stimuli_table(d, t)))
+        parts["rf"].append(_read(catalog.RECEPTIVE_FIELDS.at(d)))
+        for field, table in _STIMULI.items():
+            parts[field].append(_read(table.at(d)))
         if exists(join(d, "run.json")):
             inputs.runs[name] = read_json(join(d, "run.json"))
-    inputs.rf, inputs.topk = _concat(parts["rf"]), _concat(parts["topk"])
-    inputs.mean, inputs.channels = _concat(parts["mean"]), _concat(parts["channels"])
-    inputs.baseline = _concat(parts["baseline"])
+    inputs.rf = _concat(parts["rf"])
+    for field in _STIMULI:
+        setattr(inputs, field, _concat(parts[field]))
     if not dirs:
         inputs.missing["analysis"] = f"no {layout.stage_dir(out, 'analysis')}/<model>/"
 
@@ -87,21 +95,21 @@ def _load_analysis(out: str, inputs: ReportInputs) -> None:
 def _load_results(out: str, inputs: ReportInputs) -> None:
     """actmax, ablation and neuron-type tables: the combined ones, else at the top."""
     # `input` holds each optimised model input as floats (MBs per row at 224 px): not needed.
-    inputs.actmax = _first(layout.combined(out, "actmax", "actmax"), join(out, "actmax.parquet"),
+    inputs.actmax = _first(layout.combined(out, "actmax", "actmax"), catalog.ACTMAX.at(out),
                            drop=("input",))
     if inputs.actmax is None:
         inputs.missing["actmax"] = f"no {layout.combined(out, 'actmax', 'actmax')}"
     for name in ("table1", "ablation", "census"):
         setattr(inputs, name, _first(layout.combined(out, "ablation", name),
-                                     join(out, f"{name}.parquet")))
+                                     catalog.TABLES[name].at(out)))
     if inputs.table1 is None and inputs.ablation is None:
         inputs.missing["ablation"] = f"no {layout.combined(out, 'ablation', 'table1')}"
-    summary = join(layout.neuron_types_dir(out), "summary.parquet")
+    summary = layout.neuron_types_table(out, "summary")
     inputs.neuron_types = _read(summary)
     if inputs.neuron_types is None:
         inputs.missing["neuron_types"] = f"no {summary}"
-    inputs.properties = _read(join(layout.neuron_types_dir(out), "properties.parquet"))
-    rows = join(layout.neuron_types_dir(out), "neuron_types.parquet")
+    inputs.properties = _read(layout.neuron_types_table(out, "properties"))
+    rows = layout.neuron_types_table(out, "neuron_types")
     if exists(rows):      # only what the figures need: which channels have no structure
         inputs.type_rows = read_table(rows, columns=["model", "layer", "source", "channel",
                                                      "type"])
@@ -109,51 +117,34 @@ def _load_results(out: str, inputs: ReportInputs) -> None:
 
 def _load_compare(out: str, inputs: ReportInputs) -> None:
     """jobs.compare's tables: under compare/ (reproduce layout), else at the top (its --out)."""
-    for name in ("cka", "matches", "selectivity"):
-        setattr(inputs, name, _first(layout.compare_table(out, name), join(out, f"{name}.parquet")))
+    for table in (catalog.CKA, catalog.MATCHES, catalog.SELECTIVITY):
+        setattr(inputs, table.name, _first(layout.compare_table(out, table.name), table.at(out)))
     if inputs.cka is None:
         inputs.missing["compare"] = (f"no {layout.compare_table(out, 'cka')}: the chain compares "
                                      "two ResNet-family models; else run python -m jobs.compare")
 
 
-def first_conv_filters(url: str, model: str) -> tuple[np.ndarray | None, str]:
-    """A checkpoint's first convolution on RGB input (`conv1` of a ResNet, `features.0` of a
-    VGG) in stimulus space, as the neuron-type census measures it
-    (`pipeline.census.patterns.stimulus_filters`); else (None, why)."""
-    from pipeline.models.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.census.patterns import stimulus_filters
-
-    try:
-        loaded = load_checkpoint(url, model_name=model)
-    except CheckpointError:
-        try:  # a checkpoint saved under another model name still has a first conv
-            loaded = load_checkpoint(url)
-        except CheckpointError as e:
-            return None, f"skipping the first-conv filters of {model}: {e}"
-    found = stimulus_filters(loaded.model, loaded.preprocess.state())   # effective: sign of γ
-    if found is None:
-        return None, f"skipping the first-conv filters of {model}: no convolution on RGB input"
-    return found[1], ""
-
-
-def _load_train(out: str, inputs: ReportInputs, warn: Callable[[str], None]) -> None:
-    """Per trained model: its metrics and its checkpoint's first-conv filters."""
+def _load_train(out: str, inputs: ReportInputs, warn: Callable[[str], None],
+                filters: Filters | None) -> None:
+    """Per trained model: its metrics and (with `filters`) its checkpoint's first-conv filters."""
     for model in order_models(_subdirs(layout.stage_dir(out, "train"))):
         metrics = _read(layout.metrics(out, model))
         if metrics is not None:
             inputs.metrics[model] = metrics
-        if exists(layout.checkpoint(out, model)):
-            weight, why = first_conv_filters(layout.checkpoint(out, model), model)
+        if filters is not None and exists(layout.checkpoint(out, model)):
+            weight, why = filters(layout.checkpoint(out, model), model)
             if weight is None:
                 warn(why)
             else:
                 inputs.filters[model] = weight
     if not inputs.metrics:
-        inputs.missing["train"] = f"no {layout.stage_dir(out, 'train')}/<model>/metrics.parquet"
+        inputs.missing["train"] = f"no {layout.metrics(out, '<model>')}"
 
 
-def load_inputs(out: str, warn: Callable[[str], None] = lambda msg: None) -> ReportInputs:
-    """Every table the report shows from a results root; absent parts stay None."""
+def load_inputs(out: str, warn: Callable[[str], None] = lambda msg: None,
+                filters: Filters | None = None) -> ReportInputs:
+    """Every table the report shows from a results root; absent parts stay None. `filters`
+    reads a checkpoint's first-conv filters (None: no filter figures)."""
     fs, path = fs_path(out)
     if not fs.exists(path):
         raise ReportInputError(f"results folder {out} does not exist; give the --out of "
@@ -162,12 +153,14 @@ def load_inputs(out: str, warn: Callable[[str], None] = lambda msg: None) -> Rep
     _load_analysis(out, inputs)
     _load_results(out, inputs)
     _load_compare(out, inputs)
-    _load_train(out, inputs, warn)
+    _load_train(out, inputs, warn, filters)
     tables = [inputs.rf, inputs.topk, inputs.mean, inputs.channels, inputs.actmax, inputs.table1,
               inputs.ablation, inputs.neuron_types, inputs.cka]
     if all(t is None for t in tables) and not inputs.metrics and not inputs.filters:
-        raise ReportInputError(f"no results under {out}: expected analysis/<model>/stimuli/"
-                               "*.parquet, ablation/table1.parquet, actmax/actmax.parquet, "
-                               "train/<model>/, neuron_types/summary.parquet or "
-                               "compare/cka.parquet")
+        expected = [layout.stimuli(".", "<model>", "topk"), layout.combined(".", "ablation", "table1"),
+                    layout.combined(".", "actmax", "actmax"), layout.train_dir(".", "<model>"),
+                    layout.neuron_types_table(".", "summary"),
+                    layout.compare_table(".", "cka")]
+        raise ReportInputError(f"no results under {out}: expected "
+                               + ", ".join(e.removeprefix("./") for e in expected))
     return inputs

@@ -20,7 +20,7 @@ from pipeline.report.frames import (PAPER_TABLE1, census_frame, properties_frame
                                     table1_frame, table_view, types_frame)
 from pipeline.report.images import (Figure, ImageSink, cell_size, fade, fit_tile, mosaic,
                                     topk_grid)
-from pipeline.report.order import order_models
+from pipeline.models.order import order_models
 from pipeline.report.templating import render
 
 __all__ = ["Section", "slug", "rf_section", "table1_section", "topk_section", "mean_section",

@@ -1,4 +1,7 @@
-"""Results: rows -> Parquet, JSON and PNG under --out.
+"""Results: what every output is and where it lies; rows -> Parquet, JSON and PNG under --out.
 
-`tables` is the one Parquet/JSON writer and reader (atomic, fsspec); `layout` names every path
-under a `jobs.reproduce` --out; `png` encodes and decodes images."""
+`catalog` declares every table once (path under the writing job's --out, schema, row order);
+`layout` names where each job's --out sits in a `jobs.reproduce` tree; `tables` is the one
+Parquet/JSON writer and reader (atomic, fsspec: the only module here that opens files);
+`state` stores accumulator state as plain arrays (no pickle); `png` encodes and decodes images;
+`urls` joins URL strings. All but `tables` are declarations and codecs any package may import."""

@@ -1,7 +1,7 @@
 """Where `jobs.reproduce` puts each result under its --out: path functions only, no I/O.
 
 `reproduce` writes this layout and `report` / `neuron_types` read it, so its paths are spelt out
-here once. Training seed 0 is the top level of --out; seed s >= 1 repeats the per-seed tree
+here once; the file of each table inside a job's --out comes from `pipeline.results.catalog`. Training seed 0 is the top level of --out; seed s >= 1 repeats the per-seed tree
 (train/, analysis/, ablation/<model>/, actmax/) under `<out>/seeds/<s>/`. The tables that cover
 every model and seed (ablation/{ablation,census,table1}.parquet), and neuron_types/, report/ and
 run.json, live at the top level only.
@@ -17,7 +17,8 @@ run.json, live at the top level only.
 """
 from __future__ import annotations
 
-from pipeline.results.tables import join   # string joining only: the one URL join of the project
+from pipeline.results import catalog
+from pipeline.results.urls import join
 
 __all__ = ["SEEDS_DIR", "STAGE_DIRS", "join", "seed_root", "stage_dir", "model_dir", "train_dir",
            "checkpoint", "metrics", "analysis_dir", "stimuli", "stimuli_table", "ablation_dir",
@@ -26,6 +27,12 @@ __all__ = ["SEEDS_DIR", "STAGE_DIRS", "join", "seed_root", "stage_dir", "model_d
 
 SEEDS_DIR = "seeds"
 STAGE_DIRS = ("train", "analysis", "ablation", "actmax", "neuron_types", "compare", "report")
+
+
+def _table(name: str) -> catalog.Table:
+    if name not in catalog.TABLES:
+        raise ValueError(f"unknown table {name!r}; allowed: {', '.join(catalog.TABLES)}")
+    return catalog.TABLES[name]
 
 
 def seed_root(out: str, train_seed: int = 0) -> str:
@@ -56,7 +63,7 @@ def checkpoint(out: str, model: str, train_seed: int = 0) -> str:
 
 
 def metrics(out: str, model: str, train_seed: int = 0) -> str:
-    return join(train_dir(out, model, train_seed), "metrics.parquet")
+    return catalog.METRICS.at(train_dir(out, model, train_seed))
 
 
 def analysis_dir(out: str, model: str, train_seed: int = 0) -> str:
@@ -64,13 +71,13 @@ def analysis_dir(out: str, model: str, train_seed: int = 0) -> str:
 
 
 def stimuli(out: str, model: str, table: str, train_seed: int = 0) -> str:
-    """analysis/<model>/stimuli/<table>.parquet; table: topk, mean or channels."""
+    """analysis/<model>/stimuli/<table>.parquet; table: topk, mean, channels or baseline."""
     return stimuli_table(analysis_dir(out, model, train_seed), table)
 
 
 def stimuli_table(analysis_out: str, table: str) -> str:
     """<analysis out>/stimuli/<table>.parquet for any jobs.analyze --out."""
-    return join(analysis_out, "stimuli", f"{table}.parquet")
+    return _table(f"stimuli/{table}").at(analysis_out)
 
 
 def ablation_dir(out: str, model: str, train_seed: int = 0) -> str:
@@ -80,7 +87,7 @@ def ablation_dir(out: str, model: str, train_seed: int = 0) -> str:
 def combined(out: str, stage: str, table: str) -> str:
     """<out>/<stage>/<table>.parquet: one table over every model (and every training seed):
     ablation/{ablation,census,table1}, actmax/actmax."""
-    return join(stage_dir(out, stage), f"{table}.parquet")
+    return _table(table).at(stage_dir(out, stage))
 
 
 def actmax_dir(out: str, model: str, train_seed: int = 0) -> str:
@@ -102,17 +109,17 @@ def run_json(out: str) -> str:
 def ablation_table(out: str, model: str, table: str, train_seed: int = 0) -> str:
     """ablation/<model>/<table>.parquet of one model and training seed; table: census, ablation
     or table1 (jobs.ablate's outputs)."""
-    return join(ablation_dir(out, model, train_seed), f"{table}.parquet")
+    return _table(table).at(ablation_dir(out, model, train_seed))
 
 
 def actmax_table(out: str, model: str, train_seed: int = 0) -> str:
     """actmax/<model>/actmax.parquet (jobs.actmax's output for one model)."""
-    return join(actmax_dir(out, model, train_seed), "actmax.parquet")
+    return catalog.ACTMAX.at(actmax_dir(out, model, train_seed))
 
 
 def neuron_types_table(out: str, table: str) -> str:
     """neuron_types/<table>.parquet; table: neuron_types or summary."""
-    return join(neuron_types_dir(out), f"{table}.parquet")
+    return _table(table).at(neuron_types_dir(out))
 
 
 def compare_dir(out: str) -> str:
@@ -121,5 +128,5 @@ def compare_dir(out: str) -> str:
 
 
 def compare_table(out: str, table: str) -> str:
-    """compare/<table>.parquet; table: cka, matches or selectivity."""
-    return join(compare_dir(out), f"{table}.parquet")
+    """compare/<table>.parquet; table: cka, matches or selectivity (jobs.compare's outputs)."""
+    return _table(table).at(compare_dir(out))

@@ -4,8 +4,9 @@ Only this module, `pipeline.data.listing`, `pipeline.data.decode` and `pipeline.
 A final table is written to a temporary name next to its destination and moved into place, so a reader never sees
 half a table and a crashed run leaves no final output.
 
-    write_table(table, "s3://bucket/out/stimuli/topk.parquet")
-    table = read_table("./results/analysis/stimuli/topk.parquet")
+    write(catalog.TOPK, rows, out)          # rows conformed to the declaration -> <out>/stimuli/topk.parquet
+    rows = read(catalog.TOPK, out)          # the table a job wrote under its --out
+    write_table(table, "s3://bucket/out/x.parquet")       # any other URL
 """
 from __future__ import annotations
 
@@ -17,16 +18,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["join", "fs_path", "exists", "makedirs", "write_table", "read_table",
+from pipeline.results.catalog import Table
+from pipeline.results.urls import join
+
+__all__ = ["join", "fs_path", "exists", "makedirs", "write", "read", "write_table", "read_table",
            "write_json", "read_json", "write_bytes", "read_bytes", "remove"]
-
-
-def join(url: str, *parts: str) -> str:
-    """Join URL parts with '/', keeping the scheme (`s3://b/x` + `y` -> `s3://b/x/y`)."""
-    out = url.rstrip("/")
-    for p in parts:
-        out += "/" + p.strip("/")
-    return out
 
 
 def fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -76,6 +72,19 @@ def write_table(table: pa.Table, url: str, schema: pa.Schema | None = None) -> N
 def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = fs_path(url)
     return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def write(table: Table, rows: pa.Table, out: str) -> str:
+    """`rows` as the catalog declares `table` (its columns and types, rows in its order),
+    written atomically to its path under a job's `out`; returns the URL."""
+    url = table.at(out)
+    write_table(table.conform(rows), url)
+    return url
+
+
+def read(table: Table, out: str, columns: list[str] | None = None) -> pa.Table:
+    """The `table` a job wrote under its `out` (FileNotFoundError when there is none)."""
+    return read_table(table.at(out), columns)
 
 
 def write_json(url: str, obj: Any) -> None:

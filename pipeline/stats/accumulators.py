@@ -1,12 +1,15 @@
 """Mergeable per-channel accumulators: top-k stimuli, positive-mean stimuli, channel statistics.
 
-Each accumulator follows one shape (see STYLE.md, item 4):
+Each accumulator follows one shape:
 
     acc = TopK(channels=64, k=16, neuron="any")
     acc.update(acts, indices)          # acts (N, C, H, W) of one layer, indices (N,) image_index
     acc.merge(other)                   # associative and commutative: any split merged == one pass
-    acc.state(); TopK.from_state(s)    # plain numpy arrays: Ray ships it, pickle persists it
-    acc.to_table(model=..., layer=...) # rows of DESIGN.md's tables
+    acc.state(); TopK.from_state(s)    # plain arrays and JSON scalars (pipeline.results.state)
+    acc.to_table(model=..., layer=...) # rows of its table (pipeline.results.catalog)
+
+and the collection's surface (`pipeline.stats.collection.Accumulator`: `kind`, `table`, `build`,
+`add`, `rows`), through which `pipeline.stats.analysis` runs them with any other accumulator.
 
 Speed: one read of the activations. `Scan(acts)` reduces a batch of one layer once to small
 (N, C) per-image figures (maximum, sum, positive count, centre value); every accumulator of
@@ -63,6 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.models.geometry import RF
+from pipeline.results import catalog
+from pipeline.stats.collection import Accumulator, Batch, LayerSpec
 
 __all__ = ["TopK", "update_topk", "PositiveMean", "ChannelStats", "Scan", "ImageIndex", "use_compile",
            "COMPILE_ENV", "TOPK_SCHEMA", "MEAN_SCHEMA", "CHANNELS_SCHEMA"]
@@ -71,24 +76,10 @@ TOPK_NEURONS = ("any", "center")
 MEAN_NEURONS = ("center", "all")
 COMPILE_ENV = "PREFERRED_STIMULI_COMPILE"
 MAX_IMAGE_INDEX = 2 ** 32          # image_index must lie in [0, 2**32): it fills the low key half
-# topk.parquet without the geometry and patch columns, which the job adds after the merge.
-TOPK_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("neuron", pa.string()), ("rank", pa.int32()), ("activation", pa.float32()),
-    ("image_index", pa.int64()), ("y", pa.int32()), ("x", pa.int32()),
-])
-MEAN_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("neuron", pa.string()), ("count", pa.int64()), ("images", pa.int64()),
-    ("size", pa.int32()), ("mean", pa.list_(pa.float32())),
-    ("sum", pa.list_(pa.float64())), ("weight", pa.list_(pa.float64())),
-])
-CHANNELS_SCHEMA = pa.schema([
-    ("model", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("images", pa.int64()), ("max", pa.float32()), ("mean", pa.float64()),
-    ("positive_fraction", pa.float64()), ("inactive", pa.bool_()),
-    ("positions", pa.int64()), ("positive", pa.int64()), ("sum", pa.float64()),
-])
+# topk.parquet without the geometry and patch columns, which come later (`TopK.rows`, the job).
+TOPK_SCHEMA = catalog.TOPK.without("top", "left", "size", "patch")
+MEAN_SCHEMA = catalog.MEAN.schema
+CHANNELS_SCHEMA = catalog.CHANNELS.schema
 
 
 def use_compile() -> bool:
@@ -465,12 +456,14 @@ class _OnDevice:
         return getattr(self, name).detach().cpu().numpy().copy()
 
 
-class TopK(_OnDevice):
+class TopK(_OnDevice, Accumulator):
     """The k strongest images per channel, for neuron `any` (each image's best position) or
     `center` (the centre neuron (H//2, W//2)). State: (C, m) tensors, m <= k, sorted best first,
     on the activations' device: activation, image_index, and y, x (kept as one int64
     y * 2**32 + x), plus each entry's order key (`_order_key`, derived: not in the state)."""
 
+    kind = "topk"
+    table = catalog.TOPK
     _tensors = ("activation", "image_index", "y", "x")
     _stored = ("activation", "image_index", "_pos", "_key")
 
@@ -580,6 +573,28 @@ class TopK(_OnDevice):
             "x": pa.array(x.reshape(-1).astype(np.int32)),
         }, schema=TOPK_SCHEMA)
 
+    # --- the collection's surface (pipeline.stats.collection.Accumulator)
+    @classmethod
+    def build(cls, layer: LayerSpec, k: int = 16, neuron: str = "any") -> "TopK":
+        return cls(layer.channels, k, neuron)
+
+    def add(self, batch: Batch, layer: LayerSpec) -> None:
+        update_topk([(self, batch.scans[layer.name])], batch.index)
+
+    @classmethod
+    def add_all(cls, items: "list[tuple[TopK, LayerSpec]]", batch: Batch) -> None:
+        """Every TopK of the batch (all layers and neurons) in one stacked update."""
+        update_topk([(acc, batch.scans[layer.name]) for acc, layer in items], batch.index)
+
+    def rows(self, model: str, layer: LayerSpec) -> pa.Table:
+        """`to_table` plus each row's RF box (top, left, size): topk.parquet without `patch`."""
+        t = self.to_table(model, layer.name)
+        top, left = layer.rf.boxes(torch.tensor(t["y"].to_numpy()),     # Arrow's buffers
+                                   torch.tensor(t["x"].to_numpy()))     # are read-only
+        t = t.append_column("top", pa.array(top.numpy().astype(np.int32)))
+        t = t.append_column("left", pa.array(left.numpy().astype(np.int32)))
+        return t.append_column("size", pa.array(np.full(t.num_rows, layer.size, np.int32)))
+
 
 def update_topk(pairs: "list[tuple[TopK, Scan]]",
                 indices: "Tensor | np.ndarray | ImageIndex") -> None:
@@ -672,7 +687,7 @@ def _keep(act: np.ndarray, key: np.ndarray, pos: np.ndarray, new_act: np.ndarray
             allpos.reshape(-1)[flat])
 
 
-class PositiveMean(_OnDevice):
+class PositiveMean(_OnDevice, Accumulator):
     """Sum and per-pixel weight of the RF patches of positive activations, per channel.
 
     neuron `center`: the paper's mean preferred stimulus of the centre neuron, over the images
@@ -701,6 +716,8 @@ class PositiveMean(_OnDevice):
     _FLUSH_IMAGES = (_EXACT_F32 - 1) // 255
     _DEFER_BYTES = 4 << 20       # centre crops waiting for the matmul, per accumulator,
     _DEFER_IMAGES = 1024         # and at most this many images (and _FLUSH_IMAGES)
+    kind = "mean"
+    table = catalog.MEAN
     _tensors = ("count", "sum", "weight")
     _stored = ("_count", "_sum", "_weight")
 
@@ -904,14 +921,27 @@ class PositiveMean(_OnDevice):
             "weight": lists(weight3, pa.float64()),
         }, schema=MEAN_SCHEMA)
 
+    # --- the collection's surface (pipeline.stats.collection.Accumulator)
+    @classmethod
+    def build(cls, layer: LayerSpec, neuron: str = "center") -> "PositiveMean":
+        return cls(layer.channels, layer.size, layer.jump, layer.first, neuron)
 
-class ChannelStats(_OnDevice):
+    def add(self, batch: Batch, layer: LayerSpec) -> None:
+        self.update(batch.scans[layer.name], batch.images)
+
+    def rows(self, model: str, layer: LayerSpec) -> pa.Table:
+        return self.to_table(model, layer.name)
+
+
+class ChannelStats(_OnDevice, Accumulator):
     """Per channel over every position of every image: max, mean, positive fraction, inactive.
 
     `inactive` = the maximum over everything seen is 0 (post-ReLU activations are >= 0).
     Updates from a `Scan`: the per-image max, float64 sum and positive count of one pass.
     """
 
+    kind = "channels"
+    table = catalog.CHANNELS
     _tensors = ("max", "sum", "positive")
 
     def __init__(self, channels: int):
@@ -979,3 +1009,14 @@ class ChannelStats(_OnDevice):
             "positive": pa.array(pos),
             "sum": pa.array(sm),
         }, schema=CHANNELS_SCHEMA)
+
+    # --- the collection's surface (pipeline.stats.collection.Accumulator)
+    @classmethod
+    def build(cls, layer: LayerSpec) -> "ChannelStats":
+        return cls(layer.channels)
+
+    def add(self, batch: Batch, layer: LayerSpec) -> None:
+        self.update(batch.scans[layer.name])
+
+    def rows(self, model: str, layer: LayerSpec) -> pa.Table:
+        return self.to_table(model, layer.name)

@@ -1,67 +1,51 @@
-"""Per-shard stimulus analysis: a model, its layers and image batches -> mergeable accumulators.
+"""Per-shard stimulus analysis: a model, its layers and image batches -> a collection of
+mergeable accumulators (pipeline.stats.collection).
 
-Pure compute, no Ray and no file I/O (but `ShardFeed`, a worker's body, which reads through
-pipeline.data.decode): `jobs.analyze` (and `jobs.bench`) feed it batches and ship its state around.
+Pure compute, no Ray and no file I/O: `pipeline.stats.worker` (a worker's body, which reads
+images through pipeline.data.decode) and `jobs.bench` feed it batches; `jobs.analyze` ships its
+state around.
 
     specs = layer_specs(model, resolve_layers(model, "pool1,conv3,conv7"), input_size=224)
-    runner = ShardRunner(model, preprocess, specs, AnalysisOptions(top_k=16), device="cpu",
-                         batch_size=64)
+    coll = AnalysisOptions(top_k=16).collection()   # or any pipeline.stats.collection.Collection
+    runner = ShardRunner(model, preprocess, specs, coll, device="cpu", batch_size=64)
     result = runner.new_result()
     for batch in batches:                      # uint8 (N, 3, 224, 224) RGB, image_index (N,)
         runner.step(result, batch.images, batch.indices)
     result.merge(other_result)                 # results of other shards, any order
-    tables = result.tables("resnet34")         # {"topk", "mean", "channels"}: pyarrow Tables
+    tables = result.tables("resnet34")         # {"stimuli/topk": ..., "stimuli/mean": ...}
 
-Per layer a `LayerResult` holds TopK (neuron `any` and `center`), PositiveMean (`center`, and
-`all` when asked for) and ChannelStats. Every forward pass runs with the same batch shape (a
-short last batch is padded with black images whose outputs are dropped): CPU kernels may round
-differently for other batch sizes, and the tables must be bit-identical for any sharding.
+`AnalysisResult` runs whatever collection it is given: one instance of each accumulator per
+layer, all updated from one `Batch` (each layer's activations scanned once). The job's default
+collection (`AnalysisOptions.collection`): TopK (neuron `any` and `center`), PositiveMean
+(`center`, and `all` when asked for), ChannelStats and BaselineMean (the same neurons as the
+means). Every forward pass runs with the same batch shape (a short last batch is padded with
+black images whose outputs are dropped): CPU kernels may round differently for other batch
+sizes, and the tables must be bit-identical for any sharding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from pipeline.stats.accumulators import (CHANNELS_SCHEMA, MEAN_NEURONS, MEAN_SCHEMA, TOPK_NEURONS, TOPK_SCHEMA,
-                           ChannelStats, ImageIndex, PositiveMean, Scan, TopK, update_topk)
-from pipeline.models.geometry import RF, module_fields
+from pipeline.stats.accumulators import (MEAN_NEURONS, TOPK_NEURONS, ChannelStats, ImageIndex,
+                                         PositiveMean, Scan, TopK)
+from pipeline.stats.baseline import BaselineMean
+from pipeline.stats.collection import Accumulator, Batch, Collection, LayerSpec, Use
+from pipeline.models.geometry import module_fields
 from pipeline.models.hooks import Trace
 from pipeline.data.hostmem import keep_freed_memory
 from pipeline.models.layers import Layer
 from pipeline.data.preprocess import Preprocess
 
-__all__ = ["LayerSpec", "AnalysisOptions", "LayerResult", "AnalysisResult", "ShardRunner",
-           "layer_specs", "TOPK_GEOMETRY_SCHEMA", "state_nbytes", "accumulator_timing",
-           "model_blob", "runner_from_blob", "merge_states", "run_unit", "FeedSpec", "ShardFeed"]
-
-# topk.parquet before the PNG patches are added: accumulator columns plus the RF box.
-TOPK_GEOMETRY_SCHEMA = pa.schema(list(TOPK_SCHEMA) + [
-    ("top", pa.int32()), ("left", pa.int32()), ("size", pa.int32())])
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What the accumulators of one layer need to know: channels and RF geometry."""
-
-    name: str
-    channels: int
-    size: int          # RF side in input pixels
-    jump: int          # input pixels between neighbouring neurons
-    first: int         # top (= left) input row of neuron 0's RF; may be negative
-    feature_size: int  # H = W of the feature map for the analysed input size
-
-    @property
-    def rf(self) -> RF:
-        return RF.square_grid(self.size, self.jump, self.first, self.feature_size)
-
-    def box(self, y: int, x: int) -> tuple[int, int]:
-        return self.rf.box(y, x)[:2]
+__all__ = ["LayerSpec", "AnalysisOptions", "AnalysisResult", "ShardRunner", "layer_specs",
+           "default_batch_size", "state_nbytes", "accumulator_timing", "merge_states",
+           "as_collection"]
 
 
 def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[LayerSpec]:
@@ -82,15 +66,6 @@ def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[
     return specs
 
 
-def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str, Any]:
-    """What a worker rebuilds the model from (`runner_from_blob`): plain tensors, picklable."""
-    from pipeline.models.zoo import n_classes
-
-    return {"model": name, "width": getattr(model, "width", 64), "num_classes": n_classes(model),
-            "preprocess": preprocess.state(),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-
-
 def default_batch_size(crop: int) -> int:
     """Images per forward pass when none is given: as many pixels as 64 images of 224 px
     (3.2 M), as a power of two within [64, 256]: 64 at 224 px and above, 128 at 128 px, 256 at
@@ -99,17 +74,6 @@ def default_batch_size(crop: int) -> int:
     2 CPU threads) 256 analyses ~14 % more images per second than 64."""
     n = 64 * 224 * 224 // max(1, crop * crop)
     return max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
-
-
-def runner_from_blob(blob: dict[str, Any], specs: list[LayerSpec], options: "AnalysisOptions",
-                     device: str = "cpu", batch_size: int = 64) -> "ShardRunner":
-    """The model of `model_blob` on `device`, wrapped in a ShardRunner for `specs`."""
-    from pipeline.models.checkpoint import model_from_state_dict
-    from pipeline.data.preprocess import preprocess_from_state
-
-    model = model_from_state_dict(blob["state_dict"], blob["model"])
-    return ShardRunner(model, preprocess_from_state(blob["preprocess"]), specs, options,
-                       device=device, batch_size=batch_size)
 
 
 @dataclass(frozen=True)
@@ -128,151 +92,135 @@ class AnalysisOptions:
             if n not in MEAN_NEURONS:
                 raise ValueError(f"unknown mean neuron {n!r}; allowed: {', '.join(MEAN_NEURONS)}")
 
+    def collection(self) -> Collection:
+        """The job's accumulators: top-k per neuron, mean stimuli and their unconditional
+        baseline per neuron, channel statistics (tables in this order, layer by layer)."""
+        return Collection((
+            *(Use.of(TopK, k=self.top_k, neuron=n) for n in self.topk_neurons),
+            *(Use.of(PositiveMean, neuron=n) for n in self.mean_neurons),
+            Use.of(ChannelStats),
+            *(Use.of(BaselineMean, neuron=n) for n in self.mean_neurons)))
 
-class LayerResult:
-    """All accumulators of one layer, updated from one `Scan` (one read of the activations).
 
-    `compile`: fuse the scan with torch.compile (None: the PREFERRED_STIMULI_COMPILE variable,
-    see `pipeline.stats.accumulators.use_compile`). Not part of the state: it changes nothing but the
-    channel sums, by ~1e-7 relative (the eager CPU path sums each image in float32)."""
-
-    def __init__(self, spec: LayerSpec, options: AnalysisOptions, compile: bool | None = None):
-        self.spec = spec
-        self.compile = compile
-        c = spec.channels
-        self.topk = {n: TopK(c, options.top_k, n) for n in options.topk_neurons}
-        self.mean = {n: PositiveMean(c, spec.size, spec.jump, spec.first, n)
-                     for n in options.mean_neurons}
-        self.channels = ChannelStats(c)
-
-    def scan(self, acts: Tensor) -> Scan:
-        return Scan(acts, compiled=self.compile)
-
-    def update_rest(self, scan: Scan, images: Tensor) -> None:
-        """Every accumulator but the top-k (`AnalysisResult.update` does those of all layers
-        at once)."""
-        for acc in self.mean.values():
-            acc.update(scan, images)
-        self.channels.update(scan)
-
-    def flush(self) -> None:
-        """Add what waits (the centre means' crops, `PositiveMean.flush`) into the state."""
-        for acc in self.mean.values():
-            acc.flush()
-
-    def merge(self, other: "LayerResult") -> None:
-        if other.spec != self.spec or other.topk.keys() != self.topk.keys() \
-                or other.mean.keys() != self.mean.keys():
-            raise ValueError(f"cannot merge results of different configurations ({self.spec.name})")
-        for n, acc in self.topk.items():
-            acc.merge(other.topk[n])
-        for n, acc in self.mean.items():
-            acc.merge(other.mean[n])
-        self.channels.merge(other.channels)
-
-    def state(self) -> dict[str, Any]:
-        return {"spec": self.spec.__dict__.copy(),
-                "topk": {n: a.state() for n, a in self.topk.items()},
-                "mean": {n: a.state() for n, a in self.mean.items()},
-                "channels": self.channels.state()}
-
-    @classmethod
-    def from_state(cls, s: dict[str, Any]) -> "LayerResult":
-        r = cls.__new__(cls)
-        r.spec, r.compile = LayerSpec(**s["spec"]), None
-        r.topk = {n: TopK.from_state(v) for n, v in s["topk"].items()}
-        r.mean = {n: PositiveMean.from_state(v) for n, v in s["mean"].items()}
-        r.channels = ChannelStats.from_state(s["channels"])
-        return r
+def as_collection(given: "Collection | Any") -> Collection:
+    """A Collection, or options that build one (`pipeline.stats.analysis.AnalysisOptions`)."""
+    return given if isinstance(given, Collection) else given.collection()
 
 
 class AnalysisResult:
-    """Accumulators of every analysed layer; merge / state / from_state / tables."""
+    """One instance of every accumulator of a collection for each layer (or whatever the class's
+    `for_layers` makes): update / merge / state / from_state / tables.
 
-    def __init__(self, specs: list[LayerSpec], options: AnalysisOptions,
+    `compile`: fuse each layer's scan with torch.compile (None: the PREFERRED_STIMULI_COMPILE
+    variable, see `pipeline.stats.accumulators.use_compile`). Not part of the state: it changes
+    nothing but the channel sums, by ~1e-7 relative (the eager CPU path sums each image in
+    float32)."""
+
+    def __init__(self, specs: Sequence[LayerSpec], collection: "Collection | Any",
                  compile: bool | None = None):
-        self.layers = {s.name: LayerResult(s, options, compile) for s in specs}
+        self.specs = list(specs)
+        self.collection = as_collection(collection)
+        self.compile = compile
+        self.images = 0
+        # key -> (use, layer, accumulator), in collection order, layer by layer within a use
+        self.entries: dict[str, tuple[Use, Any, Accumulator]] = {}
+        for use in self.collection.uses:
+            for layer, acc in use.cls.for_layers(self.specs, **dict(use.options)):
+                self.entries[f"{layer.name}/{use.key}"] = (use, layer, acc)
 
-    @property
-    def images(self) -> int:
-        return next(iter(self.layers.values())).channels.images if self.layers else 0
+    def batch(self, acts: dict[str, Tensor], images: Tensor, indices: "Tensor | Any",
+              labels: Tensor | None = None) -> Batch:
+        """The `Batch` every accumulator sees: each layer's activations scanned once."""
+        return Batch(images, ImageIndex(indices, images.shape[0]),
+                     {s.name: Scan(acts[s.name], compiled=self.compile) for s in self.specs},
+                     labels)
 
-    def update(self, acts: dict[str, Tensor], images: Tensor, indices: "Tensor | np.ndarray"
-               ) -> "AnalysisResult":
-        """One batch: `acts` per layer (N, C, H, W) on any device, uint8 `images` (N, 3, H, W),
-        `indices` (N,) image_index. State stays on the activations' device (no host copy)."""
-        indices = ImageIndex(indices, images.shape[0])      # checked once for every layer
-        scans = {name: layer.scan(acts[name]) for name, layer in self.layers.items()}
-        update_topk([(acc, scans[name]) for name, layer in self.layers.items()
-                     for acc in layer.topk.values()], indices)     # one stacked update on CPU
-        for name, layer in self.layers.items():
-            layer.update_rest(scans[name], images)
+    def update(self, acts: dict[str, Tensor], images: Tensor, indices: "Tensor | Any",
+               labels: Tensor | None = None) -> "AnalysisResult":
+        """One batch: `acts` per layer name (N, C, H, W) on any device, uint8 `images`
+        (N, 3, H, W), `indices` (N,) image_index. State stays on the activations' device."""
+        batch = self.batch(acts, images, indices, labels)
+        groups: dict[type, list] = {}
+        for use, layer, acc in self.entries.values():
+            groups.setdefault(use.cls, []).append((acc, layer))
+        for cls, items in groups.items():
+            cls.add_all(items, batch)
+        self.images += batch.n
         return self
 
     def flush(self) -> "AnalysisResult":
-        """Add what waits for later batches into the state (`state()`, `merge()` and `tables()`
-        do it themselves; timings call it to count the work)."""
-        for layer in self.layers.values():
-            layer.flush()
+        for _, _, acc in self.entries.values():
+            acc.flush()
         return self
 
     def merge(self, other: "AnalysisResult") -> "AnalysisResult":
-        if other.layers.keys() != self.layers.keys():
-            raise ValueError("cannot merge results over different layers")
-        for name, layer in self.layers.items():
-            layer.merge(other.layers[name])
+        if other.collection != self.collection or other.specs != self.specs:
+            raise ValueError("cannot merge results of different layers or collections")
+        for key, (_, _, acc) in self.entries.items():
+            acc.merge(other.entries[key][2])
+        self.images += other.images
         return self
 
     def state(self) -> dict[str, Any]:
-        return {"layers": {n: r.state() for n, r in self.layers.items()}}
+        """Plain arrays and JSON scalars only (`pipeline.results.state.check_state` holds)."""
+        return {"images": self.images, "layers": {s.name: vars(s).copy() for s in self.specs},
+                "collection": _described(self.collection),
+                "accumulators": {k: acc.state() for k, (_, _, acc) in self.entries.items()}}
 
     @classmethod
-    def from_state(cls, s: dict[str, Any]) -> "AnalysisResult":
-        r = cls.__new__(cls)
-        r.layers = {n: LayerResult.from_state(v) for n, v in s["layers"].items()}
+    def from_state(cls, state: dict[str, Any], collection: "Collection | Any"
+                   ) -> "AnalysisResult":
+        """The result `state()` came from; `collection` names the classes (a state never
+        names code to import) and must be the one the state was made with."""
+        coll = as_collection(collection)
+        if list(state["collection"].items()) != list(_described(coll).items()):
+            raise ValueError("the state was made by another collection of accumulators")
+        r = cls([LayerSpec(**s) for s in state["layers"].values()], coll)
+        r.images = int(state["images"])
+        accs = state["accumulators"]
+        if accs.keys() != r.entries.keys():
+            raise ValueError("the state's accumulators do not match its collection")
+        r.entries = {k: (use, layer, use.cls.from_state(accs[k]))
+                     for k, (use, layer, _) in r.entries.items()}
         return r
 
+    def by_layer(self) -> dict[str, dict[str, Accumulator]]:
+        """layer name -> {use key -> accumulator}: one layer's accumulators (its state size)."""
+        out: dict[str, dict[str, Accumulator]] = {}
+        for use, layer, acc in self.entries.values():
+            out.setdefault(layer.name, {})[use.key] = acc
+        return out
+
     def tables(self, model: str) -> dict[str, pa.Table]:
-        """`topk` (without patches, with top/left/size), `mean` and `channels` tables."""
-        topk, mean, chans = [], [], []
-        for name, layer in self.layers.items():
-            for acc in layer.topk.values():
-                t = acc.to_table(model, name)
-                sp = layer.spec
-                top, left = sp.rf.boxes(torch.tensor(t["y"].to_numpy()),     # Arrow's buffers
-                                        torch.tensor(t["x"].to_numpy()))     # are read-only
-                t = t.append_column("top", pa.array(top.numpy().astype(np.int32)))
-                t = t.append_column("left", pa.array(left.numpy().astype(np.int32)))
-                t = t.append_column("size", pa.array(np.full(t.num_rows, sp.size, np.int32)))
-                topk.append(t)
-            mean += [acc.to_table(model, name) for acc in layer.mean.values()]
-            chans.append(layer.channels.to_table(model, name))
-
-        def cat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
-            return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
-
-        return {"topk": cat(topk, TOPK_GEOMETRY_SCHEMA), "mean": cat(mean, MEAN_SCHEMA),
-                "channels": cat(chans, CHANNELS_SCHEMA)}
+        """Rows of every table of the collection, keyed by table name (`catalog.Table.name`),
+        layer by layer in the order of the layers, accumulators in collection order; columns
+        typed as the catalog declares them (topk: without its `patch`, added later)."""
+        parts: dict[Table, list] = {t: [] for t in self.collection.tables}
+        rank: dict[str, int] = {}            # layers in the order the entries first name them
+        entries = sorted(self.entries.values(),
+                         key=lambda e: rank.setdefault(e[1].name, len(rank)))
+        for use, layer, acc in entries:
+            parts[use.cls.table].append(acc.rows(model, layer))
+        out = {}
+        for table, rows in parts.items():
+            if not rows:
+                continue
+            t = pa.concat_tables(rows)
+            out[table.name] = t.cast(pa.schema([table.schema.field(n) for n in t.column_names]))
+        return out
 
 
-def merge_states(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Merge two `AnalysisResult.state()`s (host arrays): what the job's merge tree folds."""
-    return AnalysisResult.from_state(a).merge(AnalysisResult.from_state(b)).state()
+def _described(coll: Collection) -> dict[str, dict[str, Any]]:
+    """The collection in a state: use key -> its kind and options, in order."""
+    return {u.key: u.describe() for u in coll.uses}
 
 
-def run_unit(runner: "ShardRunner", batches: Iterator[Any]) -> tuple[AnalysisResult, dict]:
-    """Consume one unit's batches (`pipeline.data.decode.Batch`, up to the one marked `last`) from a
-    longer feed; returns the result and its marker info (images, skipped files, decode wait)."""
-    result, skipped, wait = runner.new_result(), [], 0.0
-    while True:
-        t = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - t
-        skipped += [list(s) for s in batch.skipped]
-        runner.step(result, batch.images, batch.indices)
-        if batch.last:
-            return result, {"images": result.images, "skipped": skipped,
-                            "decode_wait_seconds": round(wait, 3)}
+def merge_states(a: dict[str, Any], b: dict[str, Any], collection: "Collection | Any"
+                 ) -> dict[str, Any]:
+    """Merge two `AnalysisResult.state()`s (host arrays) of `collection`: what the job's merge
+    tree folds (`functools.partial(merge_states, collection=...)`)."""
+    return AnalysisResult.from_state(a, collection).merge(
+        AnalysisResult.from_state(b, collection)).state()
 
 
 def state_nbytes(state: Any) -> int:
@@ -297,7 +245,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, fl
     return best
 
 
-def accumulator_timing(specs: list[LayerSpec], options: AnalysisOptions, acts: dict[str, Tensor],
+def accumulator_timing(specs: list[LayerSpec], options: "Collection | AnalysisOptions",
+                       acts: dict[str, Tensor],
                        images: Tensor, indices: Tensor, repeats: int = 5,
                        compile: bool | None = None, updates: int = 8) -> dict[str, float]:
     """Milliseconds per batch of `AnalysisResult.update` on captured activations, against the
@@ -357,7 +306,7 @@ class ShardRunner:
     """
 
     def __init__(self, model: nn.Module, preprocess: Preprocess, specs: list[LayerSpec],
-                 options: AnalysisOptions, device: str = "cpu", batch_size: int = 64,
+                 options: "Collection | AnalysisOptions", device: str = "cpu", batch_size: int = 64,
                  layers: list[Layer] | None = None, compile: bool | None = None):
         from pipeline.models.layers import resolve_layers
 
@@ -370,13 +319,14 @@ class ShardRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocess = preprocess
         self.specs = specs
-        self.options = options
+        self.options = options                  # as given (jobs.bench describes it)
+        self.collection = as_collection(options)
         self.batch_size = int(batch_size)
         self.compile = compile           # accumulator scan: None = PREFERRED_STIMULI_COMPILE
         self.layers = layers or resolve_layers(model, [s.name for s in specs])
 
     def new_result(self) -> AnalysisResult:
-        return AnalysisResult(self.specs, self.options, self.compile)
+        return AnalysisResult(self.specs, self.collection, self.compile)
 
     def activations(self, images: Tensor) -> dict[str, Tensor]:
         """Post-ReLU activations of the layers for a uint8 (N, 3, H, W) batch, on the device."""
@@ -408,78 +358,3 @@ class ShardRunner:
         for images, indices in batches:
             self.step(result, images, indices)
         return result
-
-
-@dataclass(frozen=True)
-class FeedSpec:
-    """What a shard worker needs besides the model blob (picklable, sent once per worker)."""
-
-    specs: list                  # LayerSpec
-    options: AnalysisOptions
-    manifest: Any                # pipeline.data.listing.Manifest
-    transform: Any               # pipeline.data.decode.EvalTransform
-    demo_root: str | None        # the demo data's root: each node makes its own copy
-    device: str                  # cpu | cuda (nvJPEG decode on cuda)
-    batch_size: int
-    threads: int                 # torch threads (CPU)
-    decode_cpus: int             # decode threads (reserved by the worker besides `threads`)
-    prefetch: int = 2            # decoded batches queued ahead of the computation
-
-
-class ShardFeed:
-    """The body of one analysis worker: the model once, ONE Decoder and ONE Prefetcher for all
-    its shards. Files are read through pipeline.data.decode (the source); no Ray here.
-
-    `feed(start, stop)` queues a shard for the decode thread as soon as the worker hears of it,
-    so decoding runs on into the next shard while `run` computes the current one; `run` takes
-    the shards in the order they were fed (a shard never fed is fed by `run` itself)."""
-
-    def __init__(self, blob: dict[str, Any], spec: FeedSpec) -> None:
-        import queue
-        from collections import deque
-
-        from pipeline.data.decode import Decoder, Prefetcher
-        from pipeline.models.precision import set_strict_fp32
-
-        set_strict_fp32()              # the census's max == 0 is exact: no TF32 in this worker
-        if spec.device == "cpu":
-            torch.set_num_threads(spec.threads)
-        if spec.demo_root is not None:
-            from pipeline.data.demo import ensure_demo_data
-
-            ensure_demo_data(spec.demo_root)
-        self.runner = runner_from_blob(blob, spec.specs, spec.options, spec.device,
-                                       spec.batch_size)
-        self.decoder = Decoder(spec.transform, cpus=spec.decode_cpus, device=spec.device,
-                               nvjpeg=spec.device == "cuda")
-        self.units: queue.Queue = queue.Queue()
-        self.fed: deque = deque()
-        self.batches = Prefetcher(spec.manifest, self.decoder, spec.batch_size,
-                                  spec.prefetch).run(iter(self.units.get, None))
-
-    def feed(self, start: int, stop: int) -> None:
-        self.fed.append((start, stop))
-        self.units.put((start, stop))
-
-    def close(self) -> None:
-        """End the decode thread (it waits for the next shard) and the decoder's threads."""
-        self.units.put(None)
-        self.batches.close()
-        self.decoder.close()
-
-    def __del__(self) -> None:
-        if hasattr(self, "batches"):
-            self.close()
-
-    def run(self, start: int, stop: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(state, marker info) of shard [start, stop)."""
-        from pipeline.models.precision import current
-
-        if not self.fed:
-            self.feed(start, stop)
-        if self.fed[0] != (start, stop):   # the decode thread is on another shard: never mix
-            raise RuntimeError(f"shard {start}-{stop} asked for while {self.fed[0]} was fed "
-                               "first; shards must run in the order they are fed")
-        self.fed.popleft()
-        result, info = run_unit(self.runner, self.batches)
-        return result.state(), {"start": start, "stop": stop, **info, "precision": current()}

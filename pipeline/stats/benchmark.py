@@ -98,11 +98,14 @@ def paper_state_bytes(top_k: int = 16, mean_all: bool = False) -> dict[str, Any]
     specs = layer_specs(model, resolve_layers(model, list(PAPER_LAYERS)), 224)
     opts = AnalysisOptions(top_k=top_k, mean_neurons=("center", "all") if mean_all else ("center",))
     res = AnalysisResult(specs, opts)
-    for layer in res.layers.values():   # fill the top-k to k entries: its size once warmed up
-        for acc in layer.topk.values():
-            acc.update(torch.zeros(top_k, acc.channels, 1, 1), torch.arange(top_k))
+    layers = res.by_layer()
+    for accs in layers.values():   # fill the top-k to k entries: its size once warmed up
+        for acc in accs.values():
+            if acc.kind == "topk":
+                acc.update(torch.zeros(top_k, acc.channels, 1, 1), torch.arange(top_k))
     return {"bytes": state_nbytes(res.state()),
-            "per_layer": {n: state_nbytes(r.state()) for n, r in res.layers.items()}}
+            "per_layer": {n: sum(state_nbytes(a.state()) for a in accs.values())
+                          for n, accs in layers.items()}}
 
 
 def _sync(device: str) -> None:
@@ -228,11 +231,11 @@ def bench_runner(model_name: str, layers: str, crop: int, top_k: int = 16,
     what is allowed."""
     from pipeline.stats.analysis import AnalysisOptions, ShardRunner, layer_specs
     from pipeline.models.layers import resolve_layers
-    from pipeline.models.zoo import build_model, is_resnet
+    from pipeline.models.zoo import build_model, width_for
     from pipeline.data.preprocess import IMAGENET
 
     torch.manual_seed(0)
-    model = build_model(model_name, num_classes=1000, width=width if is_resnet(model_name) else 64)
+    model = build_model(model_name, num_classes=1000, width=width_for(model_name, width))
     lays = resolve_layers(model, layers)
     opts = AnalysisOptions(top_k=top_k, mean_neurons=("center", "all") if mean_all else ("center",))
     return ShardRunner(model, IMAGENET, layer_specs(model, lays, crop), opts, device=device,
@@ -329,13 +332,13 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
 
     from pipeline.actmax.optimize import Settings, calibrate_bn, maximize_channels, neuron, optimize, pixel
     from pipeline.models.layers import resolve_layers
-    from pipeline.models.zoo import build_model, is_resnet
+    from pipeline.models.zoo import build_model, width_for
     from pipeline.data.preprocess import IMAGENET
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = calibrate_bn(build_model(model, width=width if is_resnet(model) else 64), size,
+    net = calibrate_bn(build_model(model, width=width_for(model, width)), size,
                        images=4, batch=4)
     lay = resolve_layers(net, layer)[0]
     channels = min(channels, lay.channels)

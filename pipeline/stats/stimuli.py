@@ -18,14 +18,15 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from pipeline.stats.analysis import TOPK_GEOMETRY_SCHEMA
 from pipeline.models.geometry import cut_patches
+from pipeline.results import catalog
 from pipeline.results.png import png_bytes
 
 __all__ = ["TOPK_TABLE_SCHEMA", "image_groups", "patch_groups", "render_rows",
            "render_group", "with_patches"]
 
-TOPK_TABLE_SCHEMA = pa.schema(list(TOPK_GEOMETRY_SCHEMA) + [("patch", pa.binary())])
+TOPK_TABLE_SCHEMA = catalog.TOPK.schema
+TOPK_GEOMETRY_SCHEMA = catalog.TOPK.without("patch")     # the rows before their patches
 
 
 def image_groups(topk: pa.Table, parts: int) -> list[np.ndarray]:

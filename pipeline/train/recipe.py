@@ -39,13 +39,14 @@ from pipeline.data.augment import AUGMENTS, EvalResizeCrop
 from pipeline.data.preprocess import Preprocess
 from pipeline.train.syncbn import convert_sync_batchnorm
 from pipeline.train.data import ImageDataset, build_train_loader, build_val_loader, collate
+from pipeline.results import catalog
 
 __all__ = ["Recipe", "PRESETS", "PRECISIONS", "preset", "train_models", "build_optimizer",
            "build_scheduler", "EpochStats", "EvalStats", "topk_correct", "train_epoch",
            "evaluate", "weighted_loss", "restore_training_state", "epoch_row", "seed_everything",
            "METRICS_SCHEMA", "Training", "Loaders", "make_loaders", "zca_moments",
            "default_loader_workers", "write_model", "arrow_storage", "configure_torch", "metrics_table",
-           "write_metrics", "EvalResizeCrop", "ImageDataset", "collate", "training_sources"]
+           "EvalResizeCrop", "ImageDataset", "collate", "training_sources"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -356,24 +357,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, int]],
 # One rank's training run: what the Ray Train loop wires together
 # ---------------------------------------------------------------------------------------------
 
-METRICS_SCHEMA = pa.schema([
-    pa.field("epoch", pa.int64()),
-    pa.field("train_loss", pa.float64()),
-    pa.field("val_loss", pa.float64()),
-    pa.field("top1", pa.float64()),
-    pa.field("top5", pa.float64()),
-    pa.field("lr", pa.float64()),
-    pa.field("seconds", pa.float64()),
-    pa.field("images_per_s", pa.float64()),
-    pa.field("train_images", pa.int64()),
-    pa.field("val_images", pa.int64()),
-    pa.field("skipped", pa.int64()),
-    pa.field("workers", pa.int64()),
-    pa.field("seed", pa.int64()),            # training seed (init, data order, augmentation)
-    pa.field("precision", pa.string()),      # fp32 | bf16
-    pa.field("augment", pa.string()),        # pipeline.data.augment.AUGMENTS
-    pa.field("sync_bn", pa.bool_()),         # BatchNorm statistics over the whole global batch
-])
+METRICS_SCHEMA = catalog.METRICS.schema
 
 
 def configure_torch(device: torch.device, precision: str, threads: int) -> None:
@@ -501,13 +485,6 @@ class Training:
 
 def metrics_table(history: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(history), METRICS_SCHEMA)
-
-
-def write_metrics(url: str, history: Sequence[dict[str, Any]]) -> None:
-    """metrics.parquet: one row per finished epoch, the whole table rewritten atomically."""
-    from pipeline.results.tables import write_table
-
-    write_table(metrics_table(history), url, METRICS_SCHEMA)
 
 
 def zca_moments(urls: Sequence[str], resize: int, crop: int,

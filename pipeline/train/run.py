@@ -3,7 +3,7 @@ check that a rerun into the same folder is the same run, the ZCA sample and its 
 workers' plan, the console's epoch line and the run report.
 
     init, width = load_init("torchvision:r18.pth", "resnet18", num_classes=8)
-    state = prior_state(f"{out}/_partials/train.json", run_identity(recipe, data=data), out)
+    state = prior_state(f"{out}/_partials/train.json", {"lr": 0.05, "data": data}, out)
     urls = zca_sample(train_manifest, recipe.zca_images, recipe.seed)   # engine units: slices
     state = zca_state(merged_whitening_stats, unit_infos, n_units, fingerprint, recipe.zca_eps)
     plan = worker_plan(recipe, 8, None, gpu=True, sync_bn=True, cluster=ray_cluster_resources)
@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 from pipeline.results import tables
 
 __all__ = ["load_init", "prior_state", "model_epochs", "zca_sample", "zca_shard", "zca_state",
-           "epoch_line", "history_counts", "run_report", "run_identity", "run_config", "WorkerPlan",
+           "epoch_line", "history_counts", "run_report", "run_config", "WorkerPlan",
            "worker_plan"]
 
 
@@ -45,7 +45,8 @@ def load_init(spec: str, model_name: str, num_classes: int) -> tuple[dict[str, A
 
 def prior_state(url: str, identity: dict[str, Any], out: str) -> dict[str, Any] | None:
     """The saved state (settings, ZCA) of an earlier run into `out`, None without one;
-    ValueError naming the first setting in which that run differs from `identity`."""
+    ValueError naming the first setting in which that run differs from `identity` (what
+    defines a run: jobs.train's options that decide the numbers, as the recipe resolved them)."""
     if not tables.exists(url):
         return None
     state = tables.read_json(url)
@@ -125,14 +126,6 @@ def run_report(last: dict[str, Any], state: dict[str, Any], before: int, sizes: 
             "details": {"model": last["recipe"]["model"],
                         "final": history[-1] if history else {},
                         "train_images_per_s_mean": h["images_per_s_mean"]}}
-
-def run_identity(recipe: Any, **sources: Any) -> dict[str, Any]:
-    """What defines a run (the `sources` flags and the recipe without its name and epochs): a
-    rerun into the same folder must agree, so only the epochs may grow."""
-    r = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.as_dict().items()
-         if k not in ("name", "epochs")}
-    return {**sources, **r}
-
 
 def run_config(flags: dict[str, Any], recipe: Any, loaders: int, sync_bn: bool) -> dict[str, Any]:
     """run.json's config: the flags and what they resolved to."""

@@ -249,10 +249,10 @@ def test_a_model_without_inactive_channels_says_so(world, ray_cluster):
     (["--fraction", "0.5,0ch"], "--fraction item '0ch' is neither"),
     (["--train-seed", "-1"], "--train-seed must be >= 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--task-per", "seed"], "argument --task-per: invalid choice"),
+    (["--task-per", "seed"], "invalid --task-per 'seed'; allowed: plan, shard"),
     (["--layer", "fc"], "--layer must name one layer with channel maps"),
     (["--layer", "conv99"], "unknown layer 'conv99'; allowed"),
-    (["--model", "vit_b_16"], "argument --model: invalid choice: 'vit_b_16'"),
+    (["--model", "vit_b_16"], "invalid --model 'vit_b_16'; allowed: alexnet"),
     (["--model", "mobilenet_v3_small"], "has no max-pooling layer to default to; name one with "
                                         "--layer"),
     (["--checkpoint", "{root}/squeeze.pt", "--layer", "features.99"],
@@ -325,7 +325,6 @@ def test_units_run_in_strict_fp32_and_the_fingerprint_records_it(world, runs, ra
 
     from jobs import ablate
     from jobs.runtime import engine
-    from jobs.runtime.console import Console
     from jobs.runtime.options import parse_config
     from pipeline.models.precision import current, setting, strict_flags
 
@@ -344,7 +343,7 @@ def test_units_run_in_strict_fp32_and_the_fingerprint_records_it(world, runs, ra
     cfg = parse_config(ablate.AblateConfig, [str(a) for a in [
         "--data", world / "val", "--checkpoint", world / "dead.pt", *COMMON, "--shards", "1",
         "--out", runs["a"]]], ablate.PROG)
-    setup = ablate.prepare(cfg, Console("test"))
+    setup, _ = ablate.prepare(cfg)
     device = engine.resolve_device("cpu")
     census = ablate.fingerprint(cfg, setup, device)
     assert info["fingerprint"] == ablate.fingerprint(cfg, setup, device, DEAD)

@@ -69,8 +69,8 @@ def test_parse_channels():
     (["--channels", "x"], "invalid channel spec"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--scale", "0.9,zero"], "invalid --scale"),
-    (["--param", "lbfgs"], "invalid choice"),
-    (["--model", "vit_b_16"], "invalid choice"),
+    (["--param", "lbfgs"], "invalid --param 'lbfgs'; allowed: pixel, decorrelated, fft"),
+    (["--model", "vit_b_16"], "invalid --model 'vit_b_16'; allowed: "),
     (["--model", "vgg16"], "checkpoint holds resnet18, not vgg16"),
     (["--scale", "0.9,0"], "scales > 0"),
     (["--model", "plainnet18"], "checkpoint holds resnet18, not plainnet18"),
@@ -140,9 +140,9 @@ def test_job_resumes_from_partials(ray_cluster, checkpoint, tmp_path):
     argv = _args(out, "--checkpoint", url, "--model", "resnet18", "--layers", "conv3",
                  "--channels", "0-3", "--steps", "3", "--chunk", "2")
     cfg = parse_config(job.ActmaxConfig, argv, job.PROG)
-    setup = job._setup(cfg)
+    setup = job.prepare(cfg)
     part = job.chunk_table(model, "resnet18", zca, catalogue(model)["conv3"], [0, 1], SIZE,
-                           cfg.settings())
+                           cfg.settings(), encode=job.png_bytes)
     part = part.set_column(part.schema.get_field_index("objective_end"), "objective_end",
                            pa.array([-123.0, -456.0], "float32"))
     store = job.store(cfg, setup, engine.resolve_device("auto"))
@@ -188,7 +188,7 @@ def test_any_cnn_by_module_path(ray_cluster, tmp_path):
     assert [(r["layer"], r["channel"]) for r in rows] == \
         [(lay, c) for lay in layers.split(",") for c in range(3)]
     cfg = parse_config(job.ActmaxConfig, argv, job.PROG)
-    setup = job._setup(cfg)          # the same seeded, BN-calibrated stand-in the job built
+    setup = job.prepare(cfg)          # the same seeded, BN-calibrated stand-in the job built
     for lay in setup.layers:
         want = am.maximize_channels(setup.model, lay, range(3), setup.input_size,
                                     setup.preprocess, cfg.settings())

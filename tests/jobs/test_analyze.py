@@ -37,7 +37,7 @@ from tests.helpers import assert_run_shape, local_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GOOD = 18
-TABLES = ("topk", "mean", "channels")
+TABLES = ("topk", "mean", "channels", "baseline")
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,11 @@ def argv_for(data: dict, out: str, *extra: str) -> list[str]:
             *extra]
 
 
-# the job in a subprocess, each unit slowed by the engine's test hook (a real kill needs a process)
-HOOKED = ("import sys; from jobs import analyze; from jobs.runtime import engine; from tests.helpers import Sleep; "
-          "engine.set_test_hook(Sleep(float(sys.argv[1]))); sys.exit(analyze.main(sys.argv[2:]))")
+# the job in a subprocess (a real kill needs a process), each unit slowed: its worker class,
+# a public name of jobs.analyze, replaced by a slowed subclass (tests.helpers.slowed)
+HOOKED = ("import sys; from jobs import analyze; from tests.helpers import slowed; "
+          "analyze.ShardWorker = slowed(analyze.ShardWorker, float(sys.argv[1])); "
+          "sys.exit(analyze.main(sys.argv[2:]))")
 
 
 def hooked_job(sleep: float, argv: list[str]) -> list[str]:
@@ -96,6 +98,9 @@ def assert_same_tables(a: dict, b: dict) -> None:
     ma, mb = (t["mean"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
               for t in (a["mean"], b["mean"]))
     assert np.array_equal(ma, mb, equal_nan=True)                    # NaN: pixels never seen
+    ba, bb = a["baseline"], b["baseline"]                              # exact integer sums
+    assert ba.drop(["mean"]).equals(bb.drop(["mean"])) and np.array_equal(
+        *(t["mean"].combine_chunks().flatten().to_numpy() for t in (ba, bb)), equal_nan=True)
     ca, cb = a["channels"], b["channels"]
     assert ca.drop(["mean", "sum"]).equals(cb.drop(["mean", "sum"]))
     np.testing.assert_allclose(ca["sum"].to_numpy(), cb["sum"].to_numpy(), rtol=1e-12)
@@ -170,6 +175,11 @@ def test_tables_hold_the_design_columns_and_true_patches(single, data):
                                                          ("pool1", "conv3", "conv7")}
     for r in mean:
         assert len(r["mean"]) == 3 * r["size"] ** 2 and 0 <= r["count"] <= N_GOOD
+    # the null of each mean stimulus: one row per (layer, neuron), over every image read
+    base = t["baseline"].to_pylist()
+    assert [(r["layer"], r["neuron"], r["images"]) for r in base] == \
+        [(r["layer"], "center", N_GOOD) for r in mean if r["channel"] == 0]
+    assert all(len(r["mean"]) == 3 * r["size"] ** 2 == 3 * sizes[r["layer"]] ** 2 for r in base)
 
 
 def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster):
@@ -203,7 +213,7 @@ def test_interrupted_run_resumes_with_identical_tables(single, data, ray_cluster
 def test_one_decode_pipeline_runs_across_shards_with_the_same_result(data, tmp_path):
     """ShardFeed (the actor's body, no Ray here): the next shard's first batch is decoded before
     the current shard's last batch is computed, and two shards merge to the one-shard result."""
-    from pipeline.stats.analysis import FeedSpec, ShardFeed
+    from pipeline.stats.worker import FeedSpec, ShardFeed
     from pipeline.models.precision import current, restore
 
     flags = current()                    # ShardFeed makes its process strict-fp32 for good
@@ -217,7 +227,8 @@ def test_one_decode_pipeline_runs_across_shards_with_the_same_result(data, tmp_p
 def _feed_across_shards(prep, FeedSpec, ShardFeed) -> None:
     from pipeline.stats.analysis import AnalysisResult, merge_states
 
-    spec = FeedSpec(prep.specs, prep.options, prep.manifest, prep.transform, None, "cpu", 4, 1, 1)
+    coll = prep.options.collection()
+    spec = FeedSpec(prep.specs, coll, prep.manifest, prep.transform, None, "cpu", 4, 1, 1)
     feeder, events = ShardFeed(prep.blob, spec), []
     submit, step = feeder.decoder.submit, feeder.runner.step
 
@@ -247,9 +258,9 @@ def _feed_across_shards(prep, FeedSpec, ShardFeed) -> None:
     single = ShardFeed(prep.blob, spec)
     whole, _ = single.run(0, N_GOOD + 1)                 # never fed: run feeds it itself
     single.close()
-    got = AnalysisResult.from_state(merge_states(first, second)).tables("m")
-    want = AnalysisResult.from_state(whole).tables("m")
-    assert all(got[t].equals(want[t]) for t in ("topk", "channels"))
+    got = AnalysisResult.from_state(merge_states(first, second, coll), coll).tables("m")
+    want = AnalysisResult.from_state(whole, coll).tables("m")
+    assert all(got[t].equals(want[t]) for t in ("stimuli/topk", "stimuli/channels"))
 
 
 def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
@@ -258,6 +269,7 @@ def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
     from pipeline.models.hooks import capture
     from pipeline.models.layers import resolve_layers
     from pipeline.models.precision import strict_fp32
+    from pipeline.models.study import load_model
 
     out, k, layers = str(tmp_path / "mnv3"), 3, "features.1,features.2"
     argv = ["--data", data["data"], "--model", "mobilenet_v3_small", "--layers", layers,
@@ -265,7 +277,7 @@ def test_non_resnet_module_paths_match_brute_force(ray_cluster, data, tmp_path):
             "--shards", "3", "--workers", "2", "--out", out]
     assert job.main(argv) == 0
     t = tables_of(out)
-    jm = job.load_job_model(None, "mobilenet_v3_small", num_classes=1000, width=64, seed=0)
+    jm = load_model(None, "mobilenet_v3_small", num_classes=1000, width=64, seed=0)
     batch = load_batch(build_manifest(data["data"]), list(range(N_GOOD + 1)),
                        EvalTransform(72, 64))
     x = IMAGENET(batch.images.float() / 255)
@@ -310,7 +322,8 @@ def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys
     out = str(tmp_path / "out")
     assert "unknown layer 'conv99'" in _bad(capsys, argv_for(data, out) + ["--layers", "pool1,conv99"])
     assert "fc" in _bad(capsys, argv_for(data, out) + ["--layers", "fc"])
-    assert "unknown model 'resnet35'" in _bad(capsys, argv_for(data, out) + ["--model", "resnet35"])
+    assert "invalid --model 'resnet35'; allowed: " in _bad(capsys, argv_for(data, out) +
+                                                            ["--model", "resnet35"])
     # a resnet18 state_dict does not fit plainnet18 (no projection shortcuts)
     sd = str(tmp_path / "sd.pt")
     torch.save(build_model("resnet18", num_classes=2, width=8).state_dict(), sd)
@@ -323,6 +336,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_tables(ray_cluster, data, capsys
     assert "does not fit resnet18" in err and "missing keys" in err
     (tmp_path / "empty").mkdir()
     assert "no images" in _bad(capsys, argv_for(data, out) + ["--data", str(tmp_path / "empty")])
+    assert not Path(out).exists()           # every input above is refused before --out exists
     Path(tmp_path / "file").write_text("x")
     assert "not writable" in _bad(capsys, argv_for(data, str(tmp_path / "file" / "out")))
     assert "--top-k" in _bad(capsys, argv_for(data, out) + ["--top-k", "0"])

@@ -1,5 +1,6 @@
-"""jobs.chain: per-model options, the layer plan and the command line of every job the chain
-runs, checked against the commands written out by hand."""
+"""jobs.chain: per-model options, the layer plan and the Config every chained job builds from the
+chain's context, checked against the values written out by hand; every Config round-trips
+through the command that reruns its stage alone."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -51,60 +52,81 @@ def test_checks_name_the_flag_and_what_is_allowed():
     chain.check(opts(train_data=None, checkpoints="resnet34=a.pt,plainnet34=b.pt"))
 
 
-def test_commands_of_one_model_at_seed_1_on_a_gpu_cluster():
+def _ctx(o, **kw) -> chain.Context:
+    return chain.Context(o, chain.layer_plan(o), chain.given_checkpoints(o), **kw)
+
+
+def _rerun(job, cfg):
+    """The config its rerun command gives (jobs.reproduce's log line and run.json)."""
+    import shlex
+
+    from jobs.runtime.options import parse_config
+
+    argv = shlex.split(chain.command(job.__name__.split(".")[-1], cfg))
+    assert argv[:3] == ["python", "-m", job.__name__]
+    return parse_config(type(cfg), argv[3:], job.PROG)
+
+
+def test_configs_of_one_model_at_seed_1_on_a_gpu_cluster():
+    from jobs import ablate, actmax, analyze, train
+    from pipeline.ablation.noise import parse_subsets
+
     o = opts(limit=100, fractions="0.5", ablate_layer="resnet34=pool1", epochs=5)
-    layers = chain.layer_plan(o)["resnet34"]
-    assert layers == chain.Layers("pool1,conv3,conv7", "pool1,conv3,conv7", "pool1")
-    assert chain.train_argv(o, "resnet34", 1, gpus=4) == [
-        "--preset", "paper", "--model", "resnet34", "--out", "s3://b/r/seeds/1/train/resnet34",
-        "--workers", "4", "--data", "s3://b/train", "--val", "s3://b/val", "--seed", "1",
-        "--use-gpu", "--epochs", "5"]
-    ckpt, recipe = "s3://b/r/seeds/1/train/resnet34/model.pt", {"eval_resize": 256,
-                                                              "eval_crop": 224}
-    assert chain.analyze_argv(o, "resnet34", 1, layers, ckpt, recipe) == [
-        "--checkpoint", ckpt, "--model", "resnet34", "--out",
-        "s3://b/r/seeds/1/analysis/resnet34", "--layers", "pool1,conv3,conv7", "--top-k", "16",
-        "--data", "s3://b/val", "--resize", "256", "--crop", "224", "--limit", "100"]
-    assert chain.ablate_argv(o, "resnet34", 1, layers, ckpt, recipe) == [
-        "--checkpoint", ckpt, "--model", "resnet34", "--out",
-        "s3://b/r/seeds/1/ablation/resnet34", "--seeds", "3", "--train-seed", "1", "--from",
-        "s3://b/r/seeds/1/analysis/resnet34", "--data", "s3://b/val", "--resize", "256",
-        "--crop", "224", "--task-per", "shard", "--layer", "pool1", "--fraction", "0.5",
-        "--limit", "100"]                                      # paper preset: no demo shards
-    assert chain.actmax_argv(o, "resnet34", layers, None, None) == [
-        "--model", "resnet34", "--out", "s3://b/r/actmax/resnet34", "--layers",
-        "pool1,conv3,conv7"]                                   # a stand-in: no checkpoint
+    ckpt = "s3://b/r/seeds/1/train/resnet34/model.pt"
+    ctx = _ctx(o, gpus=4, checkpoints={("resnet34", 1): ckpt},
+               recipes={("resnet34", 1): {"eval_resize": 256, "eval_crop": 224}})
+    assert ctx.layers["resnet34"] == chain.Layers("pool1,conv3,conv7", "pool1,conv3,conv7",
+                                                  "pool1")
+    built = {job: job.chained(ctx, "resnet34", 1) for job in (train, analyze, ablate)}
+    assert built[train] == (train.TrainConfig(
+        out="s3://b/r/seeds/1/train/resnet34", preset="paper", model="resnet34", workers=4,
+        data="s3://b/train", val="s3://b/val", seed=1, use_gpu=True, epochs=5), ckpt)
+    assert built[analyze] == (analyze.Config(
+        checkpoint=ckpt, model="resnet34", out="s3://b/r/seeds/1/analysis/resnet34",
+        layers="pool1,conv3,conv7", top_k=16, data="s3://b/val", resize=256, crop=224,
+        limit=100), "s3://b/r/seeds/1/analysis/resnet34/stimuli/channels.parquet")
+    assert built[ablate] == (ablate.AblateConfig(
+        checkpoint=ckpt, model="resnet34", out="s3://b/r/seeds/1/ablation/resnet34", seeds=3,
+        train_seed=1, from_analysis="s3://b/r/seeds/1/analysis/resnet34", data="s3://b/val",
+        resize=256, crop=224, task_per="shard", layer="pool1",
+        fraction=parse_subsets("0.5"), limit=100),            # paper preset: no demo shards
+        "s3://b/r/seeds/1/ablation/resnet34/table1.parquet")
+    # a stand-in at seed 0 (no checkpoint): no --checkpoint, no --input-size
+    assert actmax.chained(ctx, "resnet34", 0) == (actmax.ActmaxConfig(
+        model="resnet34", out="s3://b/r/actmax/resnet34", layers="pool1,conv3,conv7"),
+        "s3://b/r/actmax/resnet34/actmax.parquet")
+    for job, (cfg, _) in [*built.items(), (actmax, actmax.chained(ctx, "resnet34", 0))]:
+        assert _rerun(job, cfg) == cfg
+    assert chain.command("analyze", built[analyze][0]).startswith(
+        "python -m jobs.analyze --data s3://b/val --model resnet34 --checkpoint " + ckpt)
+
+
+def test_a_given_checkpoint_means_no_training_and_demo_ablation_shards():
+    from jobs import ablate, train
+
+    o = opts(preset="demo", train_data=None, data=None, checkpoints="resnet34=s3://c/r.pt")
+    ctx = _ctx(o)
+    assert train.chained(ctx, "resnet34", 0) is None
+    cfg, _ = train.chained(ctx, "plainnet34", 0)
+    assert (cfg.data, cfg.val, cfg.workers, cfg.use_gpu, cfg.seed) == (None, None, 2, False, None)
+    cfg, _ = ablate.chained(ctx, "plainnet34", 0)
+    assert (cfg.shards, cfg.eval_batch, cfg.data) == (2, 64, None)
 
 
 def test_neuron_types_names_only_checkpoints_outside_out():
-    argv = chain.neuron_types_argv(opts(), {"resnet34": "s3://b/r/train/resnet34/model.pt",
-                                            "plainnet34": "s3://c/p.pt", "vgg16": None})
-    assert argv == ["--from", "s3://b/r", "--out", "s3://b/r/neuron_types",
-                    "--checkpoint", "plainnet34=s3://c/p.pt"]
+    from jobs import neuron_types, report
+
+    ctx = _ctx(opts(models=("resnet34", "plainnet34", "vgg16"), layers="vgg16=features.4",
+                    ablate_layer="vgg16=features.4"),
+               checkpoints={("resnet34", 0): "s3://b/r/train/resnet34/model.pt",
+                            ("plainnet34", 0): "s3://c/p.pt", ("vgg16", 0): None})
+    cfg, done = neuron_types.chained(ctx, None, 0)
+    assert cfg.argv() == ["--out", "s3://b/r/neuron_types", "--from", "s3://b/r",
+                          "--checkpoint", "plainnet34=s3://c/p.pt"]
+    assert done == "s3://b/r/neuron_types/summary.parquet"
+    assert report.chained(ctx, None, 0) == (report.ReportConfig(out="s3://b/r"), None)
 
 
-def test_compare_runs_on_the_first_two_resnet_family_models():
-    o = opts()
-    assert chain.compare_pair(o) == ("resnet34", "plainnet34")
-    assert chain.compare_pair(opts(models=("resnet50", "vgg16"))) is None
-    assert chain.compare_pair(opts(models=("resnet34",))) is None
-    assert chain.compare_pair(opts(models=("resnet18", "plainnet18", "vgg16"))) == \
-        ("resnet18", "plainnet18")
-    ckpts = ("s3://b/r/train/resnet34/model.pt", "s3://b/r/train/plainnet34/model.pt")
-    recipe = {"eval_resize": 256, "eval_crop": 224}
-    # the paper preset: the job's default layers (pool1, conv2 ... conv33) and minibatch (256)
-    assert chain.compare_argv(o, ("resnet34", "plainnet34"), chain.layer_plan(o), ckpts,
-                              recipe) == [
-        "--models", "resnet34,plainnet34", "--out", "s3://b/r/compare", "--checkpoints",
-        ",".join(ckpts), "--data", "s3://b/val", "--resize", "256", "--crop", "224"]
-    # the demo: the analysed layers both share, the stage outputs, minibatches of 64
-    demo = opts(preset="demo", train_data=None, data=None,
-                layers="pool1,conv3,plainnet34=pool1,conv7")
-    assert chain.compare_argv(demo, ("resnet34", "plainnet34"), chain.layer_plan(demo),
-                              (None, None), None) == [
-        "--models", "resnet34,plainnet34", "--out", "s3://b/r/compare",
-        "--layers", "pool1,layer2,layer3,layer4", "--batch-size", "64"]
-    limited = opts(preset="demo", limit=30)
-    argv = chain.compare_argv(limited, ("resnet34", "plainnet34"), chain.layer_plan(limited),
-                              ckpts, None)
-    assert argv[argv.index("--batch-size") + 1] == "7" and "--limit" in argv
+def test_the_links_are_the_stages_in_order():
+    assert chain.STAGES == ("train", "analyze", "ablate", "actmax", "neuron_types", "report")
+    assert [link.per for link in chain.LINKS] == ["seed", "seed", "seed", "model", "once", "once"]

@@ -325,7 +325,7 @@ def test_run_json_shape_and_resume_from_a_partial(results, tmp_path):
     out = str(tmp_path / "resume")
     argv = ["--from", root, "--sources", "mean", "--chunk", "3", "--out", out]
     cfg = parse_config(job.NeuronTypesConfig, argv, job.PROG)
-    _, _, _, chunks, stamps = job._setup(cfg)
+    _, _, _, chunks, stamps = job.prepare(cfg)
     assert len(chunks) == 2 * 2 * 2          # 2 models x 2 layers x channels {0-2, 3-4}
     store = job.store(cfg, stamps, engine.resolve_device("cpu"))
     from pipeline.census.inputs import measure_chunk

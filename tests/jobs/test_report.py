@@ -564,7 +564,7 @@ def test_table1_falls_back_to_ablation_rows(tmp_path: Path):
     (["--out", "{tmp}/nope"], "does not exist"),
     (["--out", "{tmp}/empty"], "no results under"),
     (["--out", "{tmp}/empty", "--figure-channels", "0"], "--figure-channels must be >= 1"),
-    (["--out", "{tmp}/empty", "--topk-neuron", "left"], "invalid choice"),
+    (["--out", "{tmp}/empty", "--topk-neuron", "left"], "invalid --topk-neuron 'left'; allowed: any, center"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, argv, needle):
     (tmp_path / "empty").mkdir()

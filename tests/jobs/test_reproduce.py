@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_run_shape
+from tests.helpers import LOOPBACK, assert_run_shape
 
 SECRET_ID = "AKIAREPRODUCETEST0001"
 SECRET_KEY = "reproduce-secret-must-never-be-logged"
@@ -37,7 +37,7 @@ def run(s3_server, tmp_path_factory):
     generate_demo_data(str(data), DemoSpec(seed=3, train_per_class=12, val_per_class=6))
     boto3.client("s3").create_bucket(Bucket="reproduce")
     ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=200 * 1024**2)
+             object_store_memory=200 * 1024**2, _node_ip_address=LOOPBACK, log_to_driver=False)
     try:
         yield {"data": data, "out": "s3://reproduce/results"}
     finally:
@@ -224,7 +224,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
             main([*argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
-    assert not (tmp_path / "out" / "run.json").exists()
+    assert not (tmp_path / "out").exists()          # every bad input surfaced before --out
 
 
 def test_any_pair_gets_per_model_layers_and_the_paper_pair_keeps_its_own():
@@ -348,18 +348,19 @@ def test_two_training_seeds_give_per_seed_census_rows_and_table1_across_them(run
 
 
 def test_without_the_train_stage_or_a_checkpoint_later_stages_get_stand_ins(tmp_path):
-    """`--stages analyze,...` with nothing trained and no checkpoint given: the jobs are called
-    without --checkpoint (seeded untrained stand-ins), with a warning, not with a missing path."""
-    from jobs.runtime.console import Console
+    """`--stages analyze,...` with nothing trained and no checkpoint given: the jobs' Configs
+    have no checkpoint (seeded untrained stand-ins), with a warning, not a missing path."""
+    from jobs import analyze
+    from jobs.chain import LINKS
     from jobs.reproduce import Chain, ReproduceConfig
-
-    from jobs.chain import analyze_argv
+    from jobs.runtime.console import Console
 
     con = Console("reproduce")
     cfg = ReproduceConfig(stages=("analyze",), out=str(tmp_path))
     chain = Chain(cfg, con)
-    chain.train("resnet34", 0)
-    assert analyze_argv(cfg, "resnet34", 0, *chain.trained("resnet34"))[:2] == [
-        "--model", "resnet34"]
+    chain.stage(LINKS[0], "resnet34", 0)
+    chain.record_checkpoint("resnet34", 0)
+    built, _ = analyze.chained(chain.ctx, "resnet34", 0)
+    assert built.checkpoint is None and built.argv()[:2] == ["--model", "resnet34"]
     assert chain.skipped == ["train:resnet34"]
     assert any("untrained stand-in" in w for w in con.warnings)

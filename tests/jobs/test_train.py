@@ -11,6 +11,7 @@ exit 2 with one line before any output exists.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import uuid
@@ -20,8 +21,8 @@ import pytest
 import torch
 import torchvision
 
-from jobs.runtime import engine
 from jobs import train as job
+from jobs import trainer
 from pipeline.results import tables
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.data.demo import DemoSpec, generate_demo_data
@@ -29,7 +30,7 @@ from pipeline.models.zoo import build_model
 from pipeline.data.preprocess import WhiteningStats
 from pipeline.data.listing import build_manifest
 from pipeline.train.recipe import PRESETS, default_loader_workers, preset, write_model
-from tests.helpers import Die, assert_run_shape
+from tests.helpers import LOOPBACK, assert_run_shape, dying_train_loop
 
 # crop-flip: these tests check the job's mechanics on 96 images; the demo's colour-blind
 # augmentation (hue rotation, grayscale) makes a 2-epoch loss decrease on them a coin toss.
@@ -45,8 +46,9 @@ def cluster(s3_server):
 
     os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 * 1024 ** 2})
-    c.add_node(num_cpus=1, object_store_memory=100 * 1024 ** 2)
+        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 * 1024 ** 2,
+        "node_ip_address": LOOPBACK})
+    c.add_node(num_cpus=1, object_store_memory=100 * 1024 ** 2, node_ip_address=LOOPBACK)
     ray.init(address=c.address)
     yield c
     ray.shutdown()
@@ -154,15 +156,15 @@ def test_a_different_setting_into_the_same_out_is_refused(first_run, capsys):
 
 
 def test_rerun_for_three_epochs_trains_only_the_third_and_survives_a_killed_worker(
-        first_run, tmp_path):
+        first_run, tmp_path, monkeypatch):
     out = first_run["out"]
-    # Rank 1 (on the second node) exits hard at batch 2 of epoch 3, once (engine's test hook).
-    engine.set_test_hook(Die(str(tmp_path), ("rank1-epoch3-batch2",)))
+    # Rank 1 (on the second node) exits hard at batch 2 of epoch 3, once: the training loop
+    # TorchTrainer runs is jobs.trainer.train_loop, here a wrapper that kills its own process.
+    monkeypatch.setattr(trainer, "train_loop", functools.partial(
+        dying_train_loop, str(tmp_path), "rank1-epoch3-batch2"))
     argv = [*first_run["argv"][:-4], "--epochs", "3", "--out", out]
-    try:
-        assert job.main(argv) == 0
-    finally:
-        engine.set_test_hook(None)
+    assert job.main(argv) == 0
+    monkeypatch.undo()
     assert os.path.exists(tmp_path / "rank1-epoch3-batch2")   # the worker really died mid-epoch
     rows = tables.read_table(f"{out}/metrics.parquet").to_pylist()
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -309,7 +311,7 @@ def unlabelled(tmp_path, tiny) -> str:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("model", "argument --model: invalid choice: 'resnet35'"),
+    ("model", "invalid --model 'resnet35'; allowed: "),
     ("loaders", "--loader-workers must be >= 0, got -1"),
     ("labels", "labels required but"),
     ("out", "is not writable"),

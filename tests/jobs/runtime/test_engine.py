@@ -1,25 +1,31 @@
 """jobs.runtime.engine, jobs.runtime.options, jobs.runtime.runinfo and jobs.runtime.console on one real local Ray cluster.
 
-Units run as tasks and on actor pools; a partial is trusted only with its marker; a rerun resumes;
-merging ignores completion order; dead workers are retried a bounded number of times; an actor
-whose constructor fails stops the job with one line; the fingerprint moves with every ingredient.
+Units run as tasks and on actor pools; a partial is trusted only with its marker and is never a
+pickle; a rerun lists the folder once and resumes; merging ignores completion order; Ray retries
+dead workers a bounded number of times (faults come in through the work itself); an actor whose
+constructor fails stops the job with one line; the fingerprint moves with every ingredient; options
+are declared once and round-trip through argv.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import random
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs.runtime import device
 from jobs.runtime import engine
 from jobs.runtime.console import Progress
 from jobs.runtime.engine import Pool, Result, Store, Task, Unit
-from jobs.runtime.options import (BadInput, JobFailed, Options, at_least, bad_input, build_parser, opt,
-                             parse_config, run_cli)
+from jobs.runtime.options import (BadInput, JobFailed, Options, at_least, bad_input, build_parser,
+                                  opt, parse_config, run_cli)
+from pipeline.results.state import StateError
 from tests.helpers import Die, assert_run_shape, local_ray
 
 PLAN = engine.Plan(2, {"num_cpus": 1}, 1)
@@ -31,15 +37,17 @@ def ray_cluster():
         yield address
 
 
-@pytest.fixture
-def hook():
-    """Set a fault-injection hook for one test, always cleared afterwards."""
-    yield engine.set_test_hook
-    engine.set_test_hook(None)
-
-
 def square(offset: int, x: int) -> Result:
-    return Result(x * x + offset, {"x": x})
+    return Result({"y": x * x + offset}, {"x": x})
+
+
+def square_or_die(die: Die, offset: int, x: int) -> Result:
+    die(x)                                 # the fault: this worker process exits hard
+    return square(offset, x)
+
+
+def add(a: dict, b: dict) -> dict:
+    return {"y": a["y"] + b["y"]}
 
 
 def fails(x: int) -> int:
@@ -49,10 +57,12 @@ def fails(x: int) -> int:
 class Squarer:
     """A Pool worker: state built once per actor (like a model), then one call per unit."""
 
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
+    def __init__(self, offset: int, die: Die | None = None) -> None:
+        self.offset, self.die = offset, die
 
     def run(self, x: int) -> Result:
+        if self.die is not None:
+            self.die(x)
         return square(self.offset, x)
 
 
@@ -75,49 +85,112 @@ def test_units_run_partial_then_marker_then_resume(ray_cluster, tmp_path, work):
     assert bar.done == 15
     folder = tmp_path / "_partials" / "fp1"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"u{i:02d}.pkl" for i in range(5)] + [f"u{i:02d}.done" for i in range(5)])
+        [f"u{i:02d}.state" for i in range(5)] + [f"u{i:02d}.done" for i in range(5)])
     for i in range(5):
-        assert pickle.loads((folder / f"u{i:02d}.pkl").read_bytes()) == i * i + 10
+        with np.load(folder / f"u{i:02d}.state", allow_pickle=False) as npz:   # plain .npz
+            assert "$tree" in npz.files
+        assert store.load(f"u{i:02d}") == {"y": i * i + 10}
         marker = json.loads((folder / f"u{i:02d}.done").read_text())
         assert marker["unit"] == f"u{i:02d}" and marker["x"] == i and marker["seconds"] >= 0
 
     # a partial without its marker (a worker died between the two writes) is recomputed
     (folder / "u03.done").unlink()
-    (folder / "u03.pkl").write_bytes(pickle.dumps(-1))
+    (folder / "u03.state").write_bytes(b"torn")
     again = engine.run_units(_units(), work, store, plan=PLAN)
     assert again.counts() == {"units": 5, "units_computed": 1, "units_resumed": 4, "retries": 0}
-    assert store.load("u03") == 19 and again.infos["u01"]["x"] == 1
+    assert store.load("u03") == {"y": 19} and again.infos["u01"]["x"] == 1
     # everything done: not even a worker is started (a failing one would raise)
     done = engine.run_units(_units(), Task(fails), store, plan=PLAN)
     assert (done.computed, done.resumed) == (0, 5)
+
+
+def test_resume_lists_the_folder_once(ray_cluster, tmp_path, monkeypatch):
+    """Finished units are found by one listing of <fingerprint>/, not one probe per unit."""
+    import fsspec.implementations.local as local
+
+    store = Store(str(tmp_path), "fp")
+    engine.run_units(_units(), Task(square, 0), store, plan=PLAN)
+    calls = {"ls": 0, "exists": 0}
+    for name in calls:
+        method = getattr(local.LocalFileSystem, name)
+        monkeypatch.setattr(local.LocalFileSystem, name, lambda self, *a, _m=method, _n=name,
+                            **k: (calls.__setitem__(_n, calls[_n] + 1), _m(self, *a, **k))[1])
+    run = engine.run_units(_units(), Task(fails), store, plan=PLAN)
+    assert run.resumed == 5 and calls == {"ls": 1, "exists": 0}
+
+
+def test_a_planted_pickle_is_refused_and_never_run(ray_cluster, tmp_path):
+    """Partials are data: a pickle planted where a partial lies is refused with the file's name,
+    its code never runs; a stray .pkl (the old format) is not even read."""
+    sentinel = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    store = Store(str(tmp_path), "fp")
+    engine.run_units(_units(2), Task(square, 0), store, plan=PLAN)
+    folder = tmp_path / "_partials" / "fp"
+    (folder / "u01.state").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(StateError, match=r"u01\.state: not a partial state"):
+        engine.merge(store, ["u00", "u01"], add)
+    # an object array inside a real .npz is refused as well (np.load allow_pickle=False)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{"$tree": np.frombuffer(b'{"y": {"$array": "a0"}}', np.uint8),
+                     "a0": np.array([Evil()], dtype=object)})
+    (folder / "u01.state").write_bytes(buf.getvalue())
+    with pytest.raises(StateError):
+        engine.merge(store, ["u00", "u01"], add)
+    # the old format: <unit>.pkl with a marker but no .state is recomputed, never loaded
+    (folder / "u01.state").unlink()
+    (folder / "u01.pkl").write_bytes(pickle.dumps(Evil()))
+    run = engine.run_units(_units(2), Task(square, 0), store, plan=PLAN)
+    assert (run.resumed, run.computed) == (1, 1)
+    assert engine.merge(store, run.names, add) == {"y": 1}
+    assert not sentinel.exists()
+
+
+def test_arrow_tables_are_partials_too(ray_cluster, tmp_path):
+    def rows(x: int) -> pa.Table:
+        return pa.table({"x": [x, x], "name": ["a", "b"]})
+
+    store = Store(str(tmp_path), "fp")
+    run = engine.run_units(_units(3), Task(rows), store, plan=PLAN)
+    assert (tmp_path / "_partials" / "fp" / "u02.state").read_bytes()[:6] == b"ARROW1"
+    merged = engine.merge(store, run.names, lambda a, b: pa.concat_tables([a, b]))
+    assert merged.to_pydict() == {"x": [0, 0, 1, 1, 2, 2], "name": ["a", "b"] * 3}
 
 
 def test_merge_ignores_order_and_tree_equals_fold(ray_cluster, tmp_path):
     store = Store(str(tmp_path), "fp")
     engine.run_units(_units(7), Task(square, 0), store, plan=PLAN)
     names = [f"u{i:02d}" for i in range(7)]
-    concat = lambda a, b: (a if isinstance(a, list) else [a]) + [b]   # order-sensitive on purpose
+    concat = lambda a, b: (a if isinstance(a, list) else [a["y"]]) + [b["y"]]   # order-sensitive
     want = engine.merge(store, names, concat)
     assert want == [i * i for i in range(7)]                          # sorted unit order
     for seed in range(3):
         shuffled = random.Random(seed).sample(names, len(names))
         assert engine.merge(store, shuffled, concat) == want
-    total = engine.merge(store, names, lambda a, b: a + b)
+    total = engine.merge(store, names, add)
     for fan_in in (2, 3, 8):
-        assert engine.merge(store, names[::-1], lambda a, b: a + b, fan_in=fan_in) == total
+        assert engine.merge(store, names[::-1], add, fan_in=fan_in) == total
 
 
-def test_dead_worker_is_retried_then_bounded(ray_cluster, tmp_path, hook):
+def test_dead_worker_is_retried_by_ray_then_bounded(ray_cluster, tmp_path):
     store = Store(str(tmp_path / "out"), "fp")
-    hook(Die(str(tmp_path), ("u01", "u03")))        # each of these dies once
-    run = engine.run_units(_units(), Task(square, 0), store, plan=PLAN)
+    die = Die(str(tmp_path), (1, 3))                   # units u01 and u03 die once each
+    run = engine.run_units(_units(), Task(square_or_die, die, 0), store, plan=PLAN)
     assert run.retries == 2 and run.computed == 5
-    assert [store.load(f"u{i:02d}") for i in range(5)] == [0, 1, 4, 9, 16]
+    assert [store.load(f"u{i:02d}")["y"] for i in range(5)] == [0, 1, 4, 9, 16]
+    assert not list((tmp_path / "out" / "_partials" / "fp").glob("_tries*"))   # counted, removed
 
-    hook(Die(str(tmp_path), ("u02",), always=True))
-    with pytest.raises(JobFailed, match=r"unit u02 failed 2 times; last error: .*") as e:
-        engine.run_units(_units(), Task(square, 0), Store(str(tmp_path / "o2"), "fp"),
-                         plan=PLAN, attempts=2)
+    flags = tmp_path / "always"
+    flags.mkdir()
+    with pytest.raises(JobFailed, match=r"^unit u02 failed 2 times; last error: .*") as e:
+        engine.run_units(_units(), Task(square_or_die, Die(str(flags), (2,), always=True), 0),
+                         Store(str(tmp_path / "o2"), "fp"), plan=PLAN, attempts=2)
     assert len(str(e.value).splitlines()) == 1
 
 
@@ -136,7 +209,7 @@ class Feeder:
 
         time.sleep(0.3)                   # the next unit arrives while this one computes
         self.ran.append(x)
-        return Result(x, {"fed": list(self.fed), "ran": list(self.ran)})
+        return Result({"y": x}, {"fed": list(self.fed), "ran": list(self.ran)})
 
 
 def test_pool_inflight_feeds_the_next_unit_early_and_computes_in_order(ray_cluster, tmp_path):
@@ -145,20 +218,26 @@ def test_pool_inflight_feeds_the_next_unit_early_and_computes_in_order(ray_clust
     store = Store(str(tmp_path), "fp")
     one = engine.Plan(1, {"num_cpus": 1}, 1)
     run = engine.run_units(_units(6), Pool(Feeder, inflight=2), store, plan=one)
-    assert run.computed == 6 and [store.load(f"u{i:02d}") for i in range(6)] == list(range(6))
-    for i in range(6):
-        info = run.infos[f"u{i:02d}"]
-        assert info["ran"] == list(range(i + 1))              # strictly in submission order
-        assert info["fed"] == list(range(min(i + 2, 6)))      # the next one fed while computing
+    assert run.computed == 6
+    assert [store.load(f"u{i:02d}")["y"] for i in range(6)] == list(range(6))
+    last = max(run.infos.values(), key=lambda i: len(i["ran"]))
+    assert sorted(last["ran"]) == list(range(6)) and last["fed"] == last["ran"]   # same order
+    for info in run.infos.values():
+        ran, fed = info["ran"], info["fed"]
+        assert fed[:len(ran)] == ran                          # computed in the order fed
+        if len(ran) < 6:
+            assert len(fed) == len(ran) + 1                   # the next one fed while computing
 
 
 @pytest.mark.parametrize("inflight", [1, 2])
-def test_actor_pool_survives_a_dead_actor(ray_cluster, tmp_path, hook, inflight):
-    hook(Die(str(tmp_path), ("u02",)))
+def test_actor_pool_survives_a_dead_actor(ray_cluster, tmp_path, inflight):
+    """Ray restarts the actor (max_restarts) and retries its units (max_task_retries)."""
     store = Store(str(tmp_path / "out"), "fp")
-    run = engine.run_units(_units(), Pool(Squarer, 1, inflight=inflight), store, plan=PLAN)
-    assert run.retries == 1 and run.computed == 5
-    assert engine.merge(store, run.names, lambda a, b: a + b) == sum(i * i + 1 for i in range(5))
+    work = Pool(Squarer, 1, Die(str(tmp_path), (2,)), inflight=inflight)
+    run = engine.run_units(_units(), work, store, plan=PLAN)
+    assert run.retries >= 1 and run.computed == 5          # u02, and what shared its actor
+    assert (tmp_path / "2").exists()                        # it really died
+    assert engine.merge(store, run.names, add) == {"y": sum(i * i + 1 for i in range(5))}
 
 
 def test_unit_exception_keeps_its_traceback_and_is_not_retried(ray_cluster, tmp_path):
@@ -168,7 +247,7 @@ def test_unit_exception_keeps_its_traceback_and_is_not_retried(ray_cluster, tmp_
         engine.run_units([Unit("a", (1,))], Task(fails), Store(str(tmp_path), "fp"), plan=PLAN)
     assert isinstance(e.value.cause, ZeroDivisionError)
     # unless the job names it as transient (e.g. an OSError from object storage)
-    with pytest.raises(JobFailed, match="unit a failed 2 times; last error: ZeroDivisionError"):
+    with pytest.raises(JobFailed, match="^unit a failed 2 times; last error: ZeroDivisionError"):
         engine.run_units([Unit("a", (1,))], Task(fails), Store(str(tmp_path), "fp"),
                          plan=PLAN, retry_on=(ZeroDivisionError,), attempts=2)
 
@@ -179,14 +258,13 @@ def test_actor_constructor_failure_stops_the_job_with_one_line(ray_cluster, tmp_
         out: str = opt(str(tmp_path / "out"), "output")
 
     def body(cfg: Cfg) -> None:
-        engine.run_units(_units(), Pool(NoDevice, 0), Store(cfg.out, "fp"), plan=PLAN,
-                         start_attempts=3)
+        engine.run_units(_units(), Pool(NoDevice, 0), Store(cfg.out, "fp"), plan=PLAN)
 
     with pytest.raises(SystemExit) as e:
         run_cli("python -m jobs.x", None, Cfg, body, [])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("python -m jobs.x: error: no worker could start (3 tries); last error: "
+    assert err[-1] == ("python -m jobs.x: error: no worker could start; last error: "
                        "RuntimeError: CUDA error: no CUDA-capable device is detected"), err
     assert not (tmp_path / "out").exists()
 
@@ -281,13 +359,15 @@ def _kinds() -> list[str]:
 @dataclass(frozen=True)
 class Demo(Options):
     out: str = opt(help="where to write")
-    steps: int = opt(31, "optimiser steps", check=at_least(1))
+    steps: int = opt(31, "optimiser steps", check=at_least(1), decides=True)
     size: int | None = opt(None, "side in pixels", check=at_least(16))
     kind: str = opt("a", "which kind", choices=_kinds)
     crop: bool = opt(True, "do not crop", flag="--no-crop")
     fast: bool = opt(False, "go fast")
     scale: tuple = opt((), "factors, e.g. 0.9,1.1",
-                       parse=lambda s: tuple(float(v) for v in s.split(",")))
+                       parse=lambda s: tuple(float(v) for v in s.split(",")), decides=True)
+    tags: tuple[str, ...] = opt((), "a tag; repeatable", flag="--tag")
+    sync: bool | None = opt(None, "synchronise (default: decide later)")
 
     def check(self) -> None:
         if self.fast and self.steps > 100:
@@ -298,12 +378,14 @@ def test_options_declared_once_drive_cli_and_dataclass(capsys):
     defaults = parse_config(Demo, ["--out", "x"], "prog")
     assert defaults == Demo(out="x")                     # the CLI's defaults are the dataclass's
     full = parse_config(Demo, ["--out", "x", "--steps", "5", "--size", "32", "--kind", "b",
-                               "--no-crop", "--fast", "--scale", "0.9,1.1"], "prog")
-    assert full == Demo("x", 5, 32, "b", False, True, (0.9, 1.1))
+                               "--no-crop", "--fast", "--scale", "0.9,1.1", "--tag", "p",
+                               "--tag", "q", "--sync"], "prog")
+    assert full == Demo("x", 5, 32, "b", False, True, (0.9, 1.1), ("p", "q"), True)
+    assert parse_config(Demo, ["--out", "x", "--no-sync"], "prog").sync is False
     text = build_parser(Demo, "prog", "doc").format_help()
     for f in dataclasses.fields(Demo):
         assert f.metadata["opt"].help in " ".join(text.split())
-    assert "--no-crop" in text and "{a,b}" in text and "(default: 31)" in text
+    assert "--no-crop" in text and "(default: 31)" in text and "--no-sync" in text
     # one check, whichever door the value comes in by
     for bad, message in ((dict(steps=0), "--steps must be >= 1, got 0"),
                          (dict(size=8), "--size must be >= 16, got 8"),
@@ -318,8 +400,49 @@ def test_options_declared_once_drive_cli_and_dataclass(capsys):
             run_cli("prog", None, Demo, lambda cfg: None, argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("prog: error:"), err
-        assert message in err[0] or "invalid choice" in err[0]
+        assert err == [f"prog: error: {message}"], err
+
+
+def test_argv_gives_back_the_config_and_decisive_holds_what_decides():
+    cfg = Demo(out="x y", steps=5, crop=False, scale=(0.9, 1.1), tags=("p", "q"), sync=False)
+    assert cfg.argv() == ["--out", "x y", "--steps", "5", "--no-crop", "--scale", "0.9,1.1",
+                          "--tag", "p", "--tag", "q", "--no-sync"]
+    assert parse_config(Demo, cfg.argv(), "prog") == cfg
+    assert Demo(out="x").argv() == ["--out", "x"]
+    assert cfg.decisive() == {"steps": 5, "scale": (0.9, 1.1)}
+    cpu = engine.Device("cpu", "x86_64", 0, 2)
+    same = dataclasses.replace(cfg, out="elsewhere", kind="b", tags=())   # not decides=True
+    assert engine.fingerprint(same, device=cpu) == engine.fingerprint(cfg, device=cpu)
+    assert engine.fingerprint(dataclasses.replace(cfg, steps=6), device=cpu) != \
+        engine.fingerprint(cfg, device=cpu)
+
+
+def test_every_job_parses_its_own_argv_and_keeps_a_short_usage_line():
+    """Each job's Config round-trips through argv() (jobs.reproduce's rerun commands), and its
+    usage line names options, not the 70 model names (they are checked, not listed)."""
+    import importlib
+
+    from jobs.runtime.inputs import model_choices
+
+    for name in ("analyze", "ablate", "actmax", "bench", "neuron_types", "train", "report",
+                 "receptive_fields", "demo_data", "reproduce"):
+        job = importlib.import_module(f"jobs.{name}")
+        cls = next(v for k, v in vars(job).items() if isinstance(v, type)
+                   and issubclass(v, Options) and v is not Options and v.__module__ == job.__name__)
+        usage = build_parser(cls, job.PROG, job.__doc__).format_usage()
+        assert "resnet152" not in usage and "densenet121" not in usage, (name, usage)
+        assert usage.startswith(f"usage: {job.PROG} ") and usage.strip().endswith("[options]")
+        assert len(usage.splitlines()) == 1, (name, usage)
+        required = {"out": "o"} if any(f.name == "out" and f.default is dataclasses.MISSING
+                                       for f in dataclasses.fields(cls)) else {}
+        cfg = cls(**required, **({"sources_from": ("r",)} if name == "neuron_types" else {}))
+        assert parse_config(cls, cfg.argv(), job.PROG) == cfg, name
+    from jobs import bench
+
+    assert "densenet121" in bench.Config.__dataclass_fields__["model"].metadata["opt"].choices()
+    with pytest.raises(BadInput, match="invalid --model 'resnet35'; allowed: alexnet, "):
+        bench.Config(model="resnet35")
+    assert set(model_choices()) >= {"resnet34", "plainnet34", "vgg16"}
 
 
 def test_only_bad_input_becomes_exit_2(capsys):

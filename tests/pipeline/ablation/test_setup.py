@@ -14,7 +14,6 @@ from pipeline.stats.accumulators import ChannelStats
 from pipeline.data.decode import EvalTransform
 from pipeline.models.layers import catalogue
 from pipeline.models.zoo import build_model
-from pipeline.models.precision import setting
 from pipeline.data.preprocess import IMAGENET
 from pipeline.ablation.table1 import census_table
 from pipeline.results.tables import write_table
@@ -54,19 +53,12 @@ def test_read_census_is_the_census_of_the_analysis_table(tmp_path):
         read_census(out, "vgg11", pool1, 0)
 
 
-def test_key_counts_and_details():
+def test_counts_and_details():
     model = _model()
     pool1 = catalogue(model)["pool1"]
     manifest = type("M", (), {"__len__": lambda self: 1000})()
     s = AblationSetup(model, "resnet18", IMAGENET, True, pool1, "s3://b/val", manifest,
                       EvalTransform(72, 64), 1, b"w")
-    key = s.key(256)
-    assert key == {"model": "resnet18", "preprocess": IMAGENET.state(), "data": "s3://b/val",
-                   "images": 1000, "layer": "pool1", "eval_batch": 256,
-                   "transform": {"resize": 72, "crop": 64}, "precision": setting(),
-                   "inactive": None}
-    assert s.key(256, (3, 5))["inactive"] == [3, 5]
-    assert s.key(256, precision={"mode": "tf32"})["precision"] == {"mode": "tf32"}
     assert s.counts(7, 256, 4, 9) == {"images": 1000, "images_read": 993, "images_skipped": 7,
                                       "shards": 4, "minibatches": 4, "evaluations": 9}
     details = s.details([3], {"mode": "x"})

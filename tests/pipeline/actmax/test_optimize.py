@@ -12,6 +12,7 @@ from pipeline.actmax import optimize as am
 from pipeline.models.hooks import Trace, capture
 from pipeline.models.layers import catalogue
 from pipeline.models.zoo import build_model
+from pipeline.results.png import png_bytes
 from pipeline.data.preprocess import IMAGENET
 
 SIZE = 32
@@ -224,7 +225,7 @@ def test_display_png_decodes_at_input_size(resnet):
     pics = am.display_images(res.input, IMAGENET)
     assert pics.shape == (2, SIZE, SIZE, 3) and pics.dtype == np.uint8
     for p, x in zip(pics, res.input):
-        img = Image.open(io.BytesIO(am.png_bytes(p)))
+        img = Image.open(io.BytesIO(png_bytes(p)))
         assert img.size == (SIZE, SIZE) and img.mode == "RGB"
         arr = np.asarray(img)
         assert np.array_equal(arr, p)

@@ -467,8 +467,8 @@ def test_normalize_filters_use_imagenet_covariance_unless_given():
 
 # ----------------------------------------------------------------------------- pipeline.census.patterns
 def test_pattern_extraction_and_counts():
-    from pipeline.results.png import png_bytes
-    from pipeline.census.patterns import (PatternError, actmax_input_patterns, actmax_png_patterns,
+    from pipeline.results.png import decode_png, png_bytes
+    from pipeline.census.patterns import (PatternError, actmax_input_patterns, actmax_image_patterns,
                                           border_colour, data_neutral, mean_colours, mean_patterns,
                                           measure_rows, summarise, format_summary)
 
@@ -487,7 +487,7 @@ def test_pattern_extraction_and_counts():
     # PNG: exact /255, neutral = the border ring's median colour.
     img = np.full((9, 9, 3), 200, np.uint8)
     img[3:6, 3:6] = (255, 0, 0)
-    pats, neutrals = actmax_png_patterns([png_bytes(img)])
+    pats, neutrals = actmax_image_patterns([decode_png(png_bytes(img))])
     np.testing.assert_allclose(pats[0], img.transpose(2, 0, 1) / 255.0)
     assert neutrals[0] == border_colour(pats[0]) == pytest.approx((200 / 255,) * 3)
     # actmax input: the inverse preprocessing, neutral its zero image.

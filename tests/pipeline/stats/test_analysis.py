@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
+from pipeline.results.state import check_state, from_npz_bytes, to_npz_bytes
 from pipeline.stats.analysis import (AnalysisOptions, AnalysisResult, ShardRunner, accumulator_timing,
-                               layer_specs, state_nbytes)
+                                     layer_specs, merge_states, state_nbytes)
 from pipeline.models.hooks import capture
 from pipeline.models.layers import resolve_layers
 from pipeline.models.zoo import build_model
@@ -25,6 +27,21 @@ def setup():
     images = torch.randint(0, 256, (13, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
     indices = np.arange(100, 113)[::-1].copy()   # image_index need not follow batch order
     return model, layers, specs, images, indices
+
+
+def _same(a, b) -> bool:
+    """Tables equal value for value, NaN equal to NaN (the mean patches mark unseen pixels)."""
+    if a.schema != b.schema or a.num_rows != b.num_rows:
+        return False
+    for name in a.column_names:
+        x, y = a[name].combine_chunks(), b[name].combine_chunks()
+        if pa.types.is_list(x.type) and pa.types.is_floating(x.type.value_type):
+            if not (x.offsets.equals(y.offsets) and np.array_equal(
+                    x.flatten().to_numpy(), y.flatten().to_numpy(), equal_nan=True)):
+                return False
+        elif not x.equals(y):
+            return False
+    return True
 
 
 def _run(setup, ranges, batch_size, options=AnalysisOptions(top_k=4, mean_neurons=("center", "all"))):
@@ -58,6 +75,7 @@ def test_rf_box_covers_exactly_the_gradient_support(setup):
 def test_runner_equals_brute_force(setup):
     model, layers, specs, images, indices = setup
     got = _run(setup, [(0, 13)], batch_size=5).tables("resnet18")
+    got = {k.split("/")[1]: v for k, v in got.items()}
     with torch.no_grad():
         acts = capture(model, IMAGENET(images.float() / 255), layers)
     topk = got["topk"].to_pylist()
@@ -111,7 +129,8 @@ def test_runner_equals_brute_force(setup):
 def test_identical_for_any_sharding(setup):
     one = _run(setup, [(0, 13)], batch_size=4)
     many = _run(setup, [(7, 13), (0, 3), (3, 7)], batch_size=4)   # shards merged out of order
-    t1, t2 = one.tables("m"), many.tables("m")
+    t1, t2 = ({k.split("/")[1]: v for k, v in r.tables("m").items()} for r in (one, many))
+    assert set(t1) == {"topk", "mean", "channels", "baseline"}
     assert t1["topk"].equals(t2["topk"])
     # exact: the RF sums are integers in float64 (NaN marks never-seen pixels: compare as arrays)
     assert t1["mean"].drop(["mean"]).equals(t2["mean"].drop(["mean"]))
@@ -124,13 +143,33 @@ def test_identical_for_any_sharding(setup):
 
 
 def test_state_round_trip_and_size(setup):
-    res = _run(setup, [(0, 6)], batch_size=4, options=AnalysisOptions(top_k=4))
-    back = AnalysisResult.from_state(res.state())
-    assert back.tables("m")["topk"].equals(res.tables("m")["topk"])
+    opts = AnalysisOptions(top_k=4, mean_neurons=("center", "all"))
+    res = _run(setup, [(0, 6)], batch_size=4, options=opts)
+    state = res.state()
+    check_state(state)            # plain arrays and JSON scalars: stored without pickle
+    back = AnalysisResult.from_state(from_npz_bytes(to_npz_bytes(state)), opts)
+    for name, table in res.tables("m").items():
+        assert _same(back.tables("m")[name], table), name
+    with pytest.raises(ValueError, match="another collection"):
+        AnalysisResult.from_state(state, AnalysisOptions(top_k=5))
     # O(layers x channels x (k + RF^2)): the centre-mean sums dominate
     specs = setup[2]
     assert state_nbytes(res.state()) >= sum(s.channels * 3 * s.size ** 2 * 8 for s in specs)
-    assert res.images == 6
+    assert res.images == 6 and back.images == 6
+
+
+def test_merged_states_equal_one_pass(setup):
+    """The job's merge tree folds states: shards merged as states equal one pass, bit for bit."""
+    opts = AnalysisOptions(top_k=3, mean_neurons=("center", "all"))
+    whole = _run(setup, [(0, 13)], batch_size=4, options=opts)
+    parts = [_run(setup, [r], batch_size=4, options=opts).state() for r in ((0, 5), (5, 13))]
+    merged = AnalysisResult.from_state(merge_states(parts[1], parts[0], opts.collection()), opts)
+    for name, table in whole.tables("m").items():
+        got = merged.tables("m")[name]
+        if name == "stimuli/channels":   # float64 sums of per-image sums: order-dependent bits
+            np.testing.assert_allclose(got["sum"].to_numpy(), table["sum"].to_numpy(), rtol=1e-12)
+            got, table = got.drop(["sum", "mean"]), table.drop(["sum", "mean"])
+        assert _same(got, table), name
 
 
 def test_accumulator_timing_reports_the_floor_and_leaves_no_trace(setup):
@@ -144,20 +183,15 @@ def test_accumulator_timing_reports_the_floor_and_leaves_no_trace(setup):
                       "amax_floor_ms_per_batch", "accumulator_floor_ratio"}
     assert all(v > 0 for v in t.values())
     # one shared Scan per layer gives the same tables as accumulators fed one by one
-    res = AnalysisResult(specs, AnalysisOptions(top_k=2, mean_neurons=("center", "all")))
+    opts = AnalysisOptions(top_k=2, mean_neurons=("center", "all"))
+    res = AnalysisResult(specs, opts)
     res.update(acts, images[:4], torch.as_tensor(indices[:4]))
-    for name, layer in res.layers.items():
-        solo = AnalysisResult([layer.spec], AnalysisOptions(top_k=2, mean_neurons=("center", "all")))
-        one = solo.layers[name]
-        for n, acc in one.topk.items():
-            acc.update(acts[name], indices[:4])
-            assert acc.to_table("m", name).equals(layer.topk[n].to_table("m", name))
-        for n, acc in one.mean.items():
-            acc.update(acts[name], images[:4])
-            assert acc.to_table("m", name).drop(["mean"]).equals(
-                layer.mean[n].to_table("m", name).drop(["mean"]))
-        one.channels.update(acts[name])
-        assert one.channels.to_table("m", name).equals(layer.channels.to_table("m", name))
+    for spec in specs:
+        solo = AnalysisResult([spec], opts)
+        solo.update({spec.name: acts[spec.name]}, images[:4], indices[:4])
+        for key, acc in solo.by_layer()[spec.name].items():
+            want = res.by_layer()[spec.name][key].rows("m", spec)
+            assert _same(acc.rows("m", spec), want), key
 
 
 def test_default_batch_size_holds_about_64_images_of_224_px_in_powers_of_two():

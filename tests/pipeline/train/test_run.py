@@ -9,7 +9,7 @@ import torchvision
 from pipeline.results import tables
 from pipeline.models.zoo import build_model
 from pipeline.train.recipe import preset
-from pipeline.train.run import (epoch_line, load_init, prior_state, run_identity, run_report,
+from pipeline.train.run import (epoch_line, load_init, prior_state, run_report,
                                worker_plan)
 
 
@@ -30,17 +30,11 @@ def test_init_from_a_torchvision_state_dict(tmp_path):
 
 def test_a_rerun_must_be_the_same_run_but_may_ask_for_more_epochs(tmp_path):
     url, out = str(tmp_path / "train.json"), str(tmp_path)
-    demo = preset("demo", model="resnet18")
-    identity = run_identity(demo, preset="demo", data=None, val=None, init=None)
-    assert identity["crop_scale"] == [0.08, 1.0]             # JSON's lists, not tuples
-    assert "epochs" not in identity and "name" not in identity
+    identity = {"preset": "demo", "model": "resnet18", "lr": 0.05, "data": None}
     assert prior_state(url, identity, out) is None           # nothing there yet
     tables.write_json(url, {"identity": identity, "classes": ["a", "b"]})
-    longer = run_identity(preset("demo", model="resnet18", epochs=9), preset="demo", data=None,
-                          val=None, init=None)
-    assert prior_state(url, longer, out)["classes"] == ["a", "b"]
-    other = run_identity(preset("demo", model="resnet18", lr=0.1), preset="demo", data=None,
-                         val=None, init=None)
+    assert prior_state(url, dict(identity), out)["classes"] == ["a", "b"]
+    other = {**identity, "lr": 0.1}
     with pytest.raises(ValueError, match=f"{out} holds a run with lr=0.05, not 0.1; rerun with "
                                          "the same settings"):
         prior_state(url, other, out)
