@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from pipeline.compare.cka import MIN_IMAGES
-from pipeline.compare.result import CompareSpec, Comparison
-from pipeline.stats.analysis import interleaved
+from pipeline.compare.collection import ComparePlan
+from pipeline.stats.analysis import AnalysisResult, interleaved
 
 __all__ = ["CompareBench", "bench_pair", "sizes", "peak_rss", "measure_compare",
            "compare_summary"]
@@ -52,43 +52,41 @@ class CompareBench:
     classes: int = 1000
 
 
-def bench_pair(b: CompareBench) -> tuple[Any, CompareSpec]:
-    """(PairRunner, CompareSpec) of two random-weight networks (seeds 0 and 1)."""
+def bench_pair(b: CompareBench) -> tuple[Any, ComparePlan]:
+    """(PairRunner, ComparePlan) of two random-weight networks (seeds 0 and 1); the plan's CKA
+    centres the activations in place, as the job's does."""
     from pipeline.compare.runner import PairRunner
     from pipeline.data.preprocess import IMAGENET
-    from pipeline.models.hooks import capture
     from pipeline.models.layers import resolve_layers
     from pipeline.models.zoo import build_model, is_resnet
+    from pipeline.stats.analysis import layer_specs
 
-    nets, layers, shapes = [], [], []
+    nets, layers, specs = [], [], []
     for seed, name in enumerate(b.models):
         torch.manual_seed(seed)
         net = build_model(name, num_classes=b.classes,
                           width=b.width if is_resnet(name) else 64).eval()
         lays = resolve_layers(net, b.layers)
-        with torch.no_grad():
-            acts = capture(net, torch.zeros((1, 3, b.crop, b.crop)), lays)
         nets.append(net)
         layers.append(lays)
-        shapes.append(tuple(tuple(acts[x.name].shape[1:]) for x in lays))
+        specs.append(tuple(layer_specs(net, lays, b.crop)))
     names = tuple(b.models) if b.models[0] != b.models[1] else tuple(
         f"{b.models[0]}_{s}" for s in "ab")
-    spec = CompareSpec(names, tuple(x.name for x in layers[0]), shapes[0], shapes[1],
-                       b.classes, b.batch_size, b.precision)
-    return PairRunner(tuple(nets), (IMAGENET, IMAGENET), tuple(layers), b.device), spec
+    plan = ComparePlan(names, specs[0], specs[1], b.classes, b.batch_size, b.precision,
+                       in_place=True)
+    return PairRunner(tuple(nets), (IMAGENET, IMAGENET), tuple(layers), b.device), plan
 
 
-def sizes(spec: CompareSpec) -> dict[str, int]:
+def sizes(plan: ComparePlan) -> dict[str, int]:
     """Bytes the comparison holds besides the models: `gram_bytes` (the stacked float64 Grams
     of one minibatch, M = 2 × layers of B × B), `cross_sum_bytes` (Σ C_A × C_B + 6 C float64
     per layer), `class_sum_bytes`, `hsic_bytes` (the M × M sums) and `activation_bytes` (both
     networks' captured float32 outputs of one minibatch)."""
-    b, m = spec.batch_size, 2 * len(spec.layers)
-    cross = sum((sa[0] * sb[0] + 3 * (sa[0] + sb[0])) * 8
-                for sa, sb in zip(spec.shapes_a, spec.shapes_b))
-    cls = sum((spec.classes * s[0]) * 8 + spec.classes * 8
-              for s in (*spec.shapes_a, *spec.shapes_b))
-    acts = sum(b * int(np.prod(s)) * 4 for s in (*spec.shapes_a, *spec.shapes_b))
+    b, m = plan.batch_size, 2 * len(plan.layers)
+    cross = sum((sa.channels * sb.channels + 3 * (sa.channels + sb.channels)) * 8
+                for sa, sb in zip(plan.a, plan.b))
+    cls = sum((plan.classes * s.channels) * 8 + plan.classes * 8 for s in (*plan.a, *plan.b))
+    acts = sum(b * s.channels * s.feature_size ** 2 * 4 for s in (*plan.a, *plan.b))
     return {"gram_bytes": m * b * b * 8, "cross_sum_bytes": cross, "class_sum_bytes": cls,
             "hsic_bytes": m * m * 8, "activation_bytes": acts}
 
@@ -117,14 +115,14 @@ def _peak_main(config: str) -> None:
     kind = args.pop("kind")
     b = CompareBench(**{**args, "models": tuple(args["models"])})
     torch.set_num_threads(b.cpus)
-    runner, spec = bench_pair(b)
+    runner, plan = bench_pair(b)
     images, labels = _images(b, 2 * b.batch_size)
     before = _high_water()
-    result = Comparison(spec)
+    result = AnalysisResult(plan.specs, plan.collection())
     for k in range(2):
         sl = slice(k * b.batch_size, (k + 1) * b.batch_size)
         if kind == "compare":
-            runner.step(result, images[sl], np.arange(sl.start, sl.stop), labels[sl])
+            runner.step(plan, result, images[sl], np.arange(sl.start, sl.stop), labels[sl])
         else:
             runner.activations(images[sl])
     peak = _high_water()
@@ -147,7 +145,7 @@ def _sync(device: str) -> None:
 
 
 def measure_compare(b: CompareBench, images: torch.Tensor, labels: np.ndarray,
-                    memory: bool = True, pair: tuple[Any, CompareSpec] | None = None
+                    memory: bool = True, pair: tuple[Any, ComparePlan] | None = None
                     ) -> dict[str, Any]:
     """Every figure of `jobs.bench --compare` (module docstring) on `images` (uint8), cut into
     whole minibatches of b.batch_size (all of them when fewer); `pair`: `bench_pair(b)`."""
@@ -157,8 +155,8 @@ def measure_compare(b: CompareBench, images: torch.Tensor, labels: np.ndarray,
     threads = torch.get_num_threads()
     torch.set_num_threads(b.cpus)
     try:
-        runner, spec = pair or bench_pair(b)
-        spec64 = replace(spec, precision="float64")
+        runner, plan = pair or bench_pair(b)
+        plan64 = replace(plan, precision="float64")
         batches = [(images[i:i + b.batch_size], np.arange(i, min(i + b.batch_size, n)),
                     labels[i:i + b.batch_size]) for i in range(0, n, b.batch_size)]
         if b.device == "cuda":
@@ -170,26 +168,26 @@ def measure_compare(b: CompareBench, images: torch.Tensor, labels: np.ndarray,
                 runner.activations(x)
             _sync(b.device)
 
-        def compare(s: CompareSpec):
+        def compare(p: ComparePlan):
             def run() -> None:
-                result = Comparison(s)
+                result = AnalysisResult(p.specs, p.collection())
                 for x, ix, lab in batches:
-                    runner.step(result, x, ix, lab)
+                    runner.step(p, result, x, ix, lab)
                 _sync(b.device)
             return run
 
-        best = interleaved({"forwards": forwards, "compare": compare(spec),
-                            "compare64": compare(spec64)}, b.repeats)
+        best = interleaved({"forwards": forwards, "compare": compare(plan),
+                            "compare64": compare(plan64)}, b.repeats)
     finally:
         torch.set_num_threads(threads)
-    out = {"compare_models": list(spec.names), "compare_layers": list(spec.layers),
+    out = {"compare_models": list(plan.names), "compare_layers": list(plan.layers),
            "crop": b.crop, "width": b.width, "batch_size": b.batch_size,
            "precision": b.precision, "device": b.device, "cpus": b.cpus, "images": n,
            "forwards_images_per_s": round(n / best["forwards"], 2),
            "compare_images_per_s": round(n / best["compare"], 2),
            "compare_float64_images_per_s": round(n / best["compare64"], 2),
            "ratio": round(best["forwards"] / best["compare"], 3),
-           "ratio_float64": round(best["forwards"] / best["compare64"], 3), **sizes(spec)}
+           "ratio_float64": round(best["forwards"] / best["compare64"], 3), **sizes(plan)}
     if b.device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
         out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())

@@ -6,6 +6,12 @@
     acc.state(); CKA.from_state(s)     # plain numpy arrays
     acc.to_table()                     # cka.parquet rows of the grids A×B, A×A, B×B
 
+As an accumulator of a `pipeline.stats.collection.Collection` (`Use.of(CKA, net_a=..., net_b=...,
+batch_size=B)`): `for_layers` makes ONE instance over every (network, layer) feature of the
+batch (`pipeline.compare.scan.feature` names), whose `add` takes each Batch as one minibatch:
+every image_index of the batch lies in [k·B, (k+1)·B), and no minibatch k is added twice, even
+across merged shards.
+
 For a minibatch of n >= 4 images, X is a layer's output flattened per image (n, D), K = XXᵀ with
 its diagonal set to 0 (L likewise for another layer), and
 
@@ -30,6 +36,7 @@ agrees to ~1e-15 relative.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,7 +44,12 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-__all__ = ["CKA", "CKA_SCHEMA", "MIN_IMAGES", "PRECISIONS", "gram", "unbiased_hsic", "cka_grid"]
+from pipeline.compare.scan import activations, feature, split
+from pipeline.results import catalog
+from pipeline.stats.collection import Accumulator, Batch, LayerSpec
+
+__all__ = ["CKA", "Grid", "MIN_IMAGES", "PRECISIONS", "gram", "unbiased_hsic", "cka_grid",
+           "minibatch_of"]
 
 MIN_IMAGES = 4                   # n(n−3) > 0: the unbiased estimator needs 4 images
 PRECISIONS = ("float64", "float32")
@@ -45,12 +57,6 @@ PRECISIONS = ("float64", "float32")
 # thread synchronisation that a busy neighbour makes expensive (measured on 2 shared cores)
 _CHUNK_BYTES = 128 << 20
 
-CKA_SCHEMA = pa.schema([
-    ("net_a", pa.string()), ("layer_a", pa.string()), ("net_b", pa.string()),
-    ("layer_b", pa.string()), ("cka", pa.float64()), ("hsic_ab", pa.float64()),
-    ("hsic_aa", pa.float64()), ("hsic_bb", pa.float64()), ("n_images", pa.int64()),
-    ("n_batches", pa.int64()),
-])
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -124,23 +130,80 @@ def cka_grid(hsic: np.ndarray) -> np.ndarray:
         return hsic / np.sqrt(np.outer(d, d))
 
 
-class CKA:
-    """Sums of HSIC₁ over minibatches for every pair of (network, layer) features."""
+def minibatch_of(indices: "np.ndarray | Tensor", batch_size: int) -> int:
+    """The minibatch k that every image_index of a batch lies in; ValueError when they straddle
+    two (a batch must be one minibatch, never a mix)."""
+    k = np.unique(np.asarray(indices, dtype=np.int64) // batch_size)
+    if k.size != 1:
+        raise ValueError(f"a batch spans minibatches {k.tolist()} of size {batch_size}; batches "
+                         f"must be cut at multiples of the batch size")
+    return int(k[0])
 
-    name = "cka"
-    schema = CKA_SCHEMA
 
-    def __init__(self, nets: Sequence[tuple[str, Sequence[str]]], precision: str = "float64"):
+@dataclass(frozen=True)
+class Grid:
+    """What one CKA instance of a collection covers: every layer of networks A and B."""
+
+    net_a: str
+    net_b: str
+    layers: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.net_a}~{self.net_b}"
+
+
+class CKA(Accumulator):
+    """Sums of HSIC₁ over minibatches for every pair of (network, layer) features.
+
+    `batch_size` (collection use): the minibatch B that `add` checks each Batch against and
+    records (`minibatches`); `in_place`: `add` may centre the batch's activations in place
+    (the float32 path without a copy), so the collection runs CKA after every other
+    accumulator of the batch."""
+
+    kind = "cka"
+    table = catalog.CKA
+
+    def __init__(self, nets: Sequence[tuple[str, Sequence[str]]], precision: str = "float64",
+                 batch_size: int | None = None, in_place: bool = False):
         _dtype(precision)
         self.nets = tuple((str(n), tuple(str(x) for x in layers)) for n, layers in nets)
         names = [n for n, _ in self.nets]
         if not 1 <= len(names) <= 2 or len(set(names)) != len(names):
             raise ValueError(f"CKA compares one or two distinct networks, got {names}")
+        if batch_size is not None and batch_size < MIN_IMAGES:
+            raise ValueError(f"the CKA minibatch must hold at least {MIN_IMAGES} images, got "
+                             f"{batch_size}")
         self.keys = [(n, layer) for n, layers in self.nets for layer in layers]
         self.precision = precision
+        self.batch_size, self.in_place = batch_size, bool(in_place)
         self.hsic = torch.zeros((len(self.keys),) * 2, dtype=torch.float64)
         self.batches = 0
         self.images = 0
+        self.minibatches: list[int] = []     # minibatch k of every Batch added (any size)
+
+    @classmethod
+    def for_layers(cls, layers: Sequence[LayerSpec], *, net_a: str, net_b: str,
+                   batch_size: int, precision: str = "float64", in_place: bool = False
+                   ) -> list[tuple[Grid, "CKA"]]:
+        """One instance over A's and B's layers (`feature` names, each layer under both)."""
+        names = [split(s.name) for s in layers]
+        ours = tuple(layer for net, layer in names if net == net_a)
+        grid = Grid(net_a, net_b, ours)
+        return [(grid, cls([(net_a, ours), (net_b, ours)], precision, batch_size, in_place))]
+
+    def add(self, batch: Batch, grid: Grid) -> None:
+        """One Batch = one minibatch (checked against `batch_size`)."""
+        if self.batch_size is not None and batch.n:
+            k = minibatch_of(batch.index.tensor.numpy(), self.batch_size)
+            if k in self.minibatches:
+                raise ValueError(f"minibatch {k} added twice")
+            self.minibatches.append(k)
+        self.update([activations(batch, feature(n, layer)) for n, layer in self.keys],
+                    overwrite=self.in_place)
+
+    def rows(self, model: str, grid: Grid) -> pa.Table:
+        return self.to_table()
 
     def update(self, features: Sequence[Tensor], overwrite: bool = False) -> bool:
         """One minibatch: a feature tensor (n, ...) per key, in `keys` order. Returns whether it
@@ -164,11 +227,16 @@ class CKA:
         return True
 
     def merge(self, other: "CKA") -> "CKA":
-        if other.nets != self.nets or other.precision != self.precision:
-            raise ValueError("cannot merge CKA sums of other networks, layers or precision")
+        if (other.nets, other.precision, other.batch_size) != (self.nets, self.precision,
+                                                                self.batch_size):
+            raise ValueError("cannot merge CKA sums of other networks, layers, precision or "
+                             "minibatch size")
+        if set(self.minibatches) & set(other.minibatches):
+            raise ValueError("the two results share minibatches: a shard counted twice")
         self.hsic = self.hsic + other.hsic.to(self.hsic.device)
         self.batches += other.batches
         self.images += other.images
+        self.minibatches = sorted(self.minibatches + other.minibatches)
         return self
 
     def state(self) -> dict[str, Any]:
@@ -176,13 +244,17 @@ class CKA:
         return {"names": [n for n, _ in self.nets],
                 "layers": {n: list(layers) for n, layers in self.nets},
                 "precision": self.precision, "hsic": self.hsic.cpu().numpy(),
-                "batches": self.batches, "images": self.images}
+                "batches": self.batches, "images": self.images, "batch_size": self.batch_size,
+                "in_place": self.in_place,
+                "minibatches": np.asarray(self.minibatches, np.int64)}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "CKA":
-        acc = cls([(n, s["layers"][n]) for n in s["names"]], s["precision"])
+        acc = cls([(n, s["layers"][n]) for n in s["names"]], s["precision"], s["batch_size"],
+                  s["in_place"])
         acc.hsic = torch.from_numpy(np.array(s["hsic"], dtype=np.float64))
         acc.batches, acc.images = int(s["batches"]), int(s["images"])
+        acc.minibatches = [int(k) for k in s["minibatches"]]
         return acc
 
     def mean_hsic(self) -> np.ndarray:
@@ -196,7 +268,7 @@ class CKA:
         c = cka_grid(h)
         at = {key: i for i, key in enumerate(self.keys)}
         grids = [(0, 1), (0, 0), (1, 1)] if len(self.nets) == 2 else [(0, 0)]
-        rows: dict[str, list] = {f: [] for f in CKA_SCHEMA.names}
+        rows: dict[str, list] = {f: [] for f in self.table.schema.names}
         for ga, gb in grids:
             (na, la), (nb, lb) = self.nets[ga], self.nets[gb]
             for x in la:
@@ -207,4 +279,4 @@ class CKA:
                                  ("hsic_bb", h[j, j]), ("n_images", self.images),
                                  ("n_batches", self.batches)):
                         rows[f].append(v)
-        return pa.table(rows, schema=CKA_SCHEMA)
+        return pa.table(rows, schema=self.table.schema)

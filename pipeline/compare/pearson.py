@@ -5,6 +5,11 @@
     acc.merge(other)                   # float64 sums add; min/max exact
     acc.to_table("resnet34", "plainnet34")   # matches.parquet rows, one per channel of A
 
+As an accumulator of a `pipeline.stats.collection.Collection` (`Use.of(CrossSums, net_a=...,
+net_b=...)`): `for_layers` makes one instance per layer name that both networks have (a `Pair`
+of their `LayerSpec`s; `per="image"` where their maps differ in size), and `add` reads both
+networks' activations of that layer from the Batch and their shared `LayerScan`s.
+
 A sample is one (image, spatial position) when both maps have the same size (`per="position"`),
 else one image, each channel's value its spatial mean (`per="image"`). The state is the float64
 sums n, Σx, Σy, Σx², Σy², Σxy (C_A × C_B), and each channel's minimum and maximum, from which
@@ -21,26 +26,23 @@ nulls, as do A's channels left over when B has fewer.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
 
-from pipeline.compare.scan import LayerScan
+from pipeline.compare.scan import LayerScan, activations, feature, split
+from pipeline.results import catalog
+from pipeline.stats.collection import Accumulator, Batch, LayerSpec
 
-__all__ = ["CrossSums", "MATCHES_SCHEMA", "PER", "correlation", "match"]
+__all__ = ["CrossSums", "Pair", "PER", "correlation", "match"]
 
 PER = ("position", "image")
 _CHUNK_ELEMENTS = 1 << 24        # float64 samples copied at a time per network (128 MiB)
 
-MATCHES_SCHEMA = pa.schema([
-    ("net_a", pa.string()), ("net_b", pa.string()), ("layer", pa.string()),
-    ("channel_a", pa.int32()), ("best_b", pa.int32()), ("best_r", pa.float64()),
-    ("matched_b", pa.int32()), ("matched_r", pa.float64()),
-    ("samples", pa.int64()), ("per", pa.string()),
-])
 
 
 def _samples(acts: Tensor, per: str, start: int, stop: int) -> Tensor:
@@ -103,11 +105,34 @@ def match(r: np.ndarray, constant_a: np.ndarray | None = None
     return best_b, best_r, matched_b, matched_r
 
 
-class CrossSums:
+@dataclass(frozen=True)
+class Pair:
+    """One layer name in networks A and B: what a CrossSums instance of a collection covers."""
+
+    net_a: str
+    net_b: str
+    a: LayerSpec
+    b: LayerSpec
+
+    @property
+    def layer(self) -> str:
+        return split(self.a.name)[1]
+
+    @property
+    def name(self) -> str:
+        return f"{self.net_a}~{self.net_b}/{self.layer}"
+
+    @property
+    def per(self) -> str:
+        """Samples per image and position when both maps have one size, else per image."""
+        return "position" if self.a.feature_size == self.b.feature_size else "image"
+
+
+class CrossSums(Accumulator):
     """Float64 sums for the Pearson correlation of every channel pair (A, B) of one layer."""
 
-    name = "matches"
-    schema = MATCHES_SCHEMA
+    kind = "matches"
+    table = catalog.MATCHES
 
     def __init__(self, layer: str, channels_a: int, channels_b: int, per: str = "position"):
         if per not in PER:
@@ -121,6 +146,23 @@ class CrossSums:
         self.sxy = torch.zeros((ca, cb), dtype=torch.float64)
         self.lo = [torch.full((c,), torch.inf, dtype=torch.float64) for c in self.channels]
         self.hi = [torch.full((c,), -torch.inf, dtype=torch.float64) for c in self.channels]
+
+    @classmethod
+    def for_layers(cls, layers: Sequence[LayerSpec], *, net_a: str, net_b: str
+                   ) -> list[tuple[Pair, "CrossSums"]]:
+        """One instance per layer of A that B has too, in A's order."""
+        by_name = {s.name: s for s in layers}
+        pairs = [Pair(net_a, net_b, s, by_name[feature(net_b, split(s.name)[1])])
+                 for s in layers if split(s.name)[0] == net_a
+                 and feature(net_b, split(s.name)[1]) in by_name]
+        return [(p, cls(p.layer, p.a.channels, p.b.channels, p.per)) for p in pairs]
+
+    def add(self, batch: Batch, pair: Pair) -> None:
+        self.update(activations(batch, pair.a.name), activations(batch, pair.b.name),
+                    (LayerScan.shared(batch, pair.a.name), LayerScan.shared(batch, pair.b.name)))
+
+    def rows(self, model: str, pair: Pair) -> pa.Table:
+        return self.to_table(pair.net_a, pair.net_b)
 
     def _to(self, device: torch.device) -> None:
         for f in ("sx", "sxx", "sy", "syy", "sxy"):
@@ -218,4 +260,4 @@ class CrossSums:
             "matched_r": pa.array(matched_r),
             "samples": pa.array(np.full(ca, self.n, np.int64)),
             "per": pa.array([self.per] * ca, pa.string()),
-        }, schema=MATCHES_SCHEMA)
+        }, schema=self.table.schema)

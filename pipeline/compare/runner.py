@@ -1,9 +1,9 @@
 """Two networks on the same images: one decode, one truncated forward per network, one update.
 
     runner = PairRunner((model_a, model_b), (prep_a, prep_b), (layers_a, layers_b), "cpu")
-    result = Comparison(spec)
+    result = AnalysisResult(plan.specs, plan.collection())    # plan: collection.ComparePlan
     for batch in batches:                       # pipeline.data.decode.Batch, one minibatch each
-        runner.step(result, batch.images, batch.indices, batch.labels)
+        runner.step(plan, result, batch.images, batch.indices, batch.labels)
 
 Each network runs through `pipeline.models.hooks.Trace`, stopped after its deepest compared layer,
 on the uint8 batch preprocessed its own way (each checkpoint carries its preprocessing). When
@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.compare.result import CompareSpec, Comparison
+from pipeline.compare.collection import ComparePlan
+from pipeline.stats.analysis import AnalysisResult
 
 __all__ = ["PairRunner", "PairFeedSpec", "PairFeed", "runner_from_blobs", "same_network"]
 
 
 def same_network(blob_a: dict[str, Any], blob_b: dict[str, Any]) -> bool:
-    """Whether two model blobs (`pipeline.stats.analysis.model_blob`) are one network: same
+    """Whether two model blobs (`pipeline.stats.worker.model_blob`) are one network: same
     architecture, preprocessing and weights, bit for bit."""
     if (blob_a["model"], blob_a["preprocess"].keys()) != (blob_b["model"],
                                                            blob_b["preprocess"].keys()):
@@ -74,22 +75,22 @@ class PairRunner:
         a = self._forward(0, x)
         return a, (a if self.same else self._forward(1, x))
 
-    def step(self, result: Comparison, images: Tensor, indices: np.ndarray,
-             labels: np.ndarray) -> None:
-        """One minibatch into `result` (an empty batch changes nothing)."""
+    def step(self, plan: ComparePlan, result: AnalysisResult, images: Tensor,
+             indices: np.ndarray, labels: np.ndarray) -> None:
+        """One minibatch into `result` (an empty batch changes nothing). The activations are
+        ours and done with after the update: a plan with `in_place` lets the CKA centre them."""
         if images.shape[0] == 0:
             return
         acts_a, acts_b = self.activations(images)
-        # no_grad, not inference_mode: the state must stay updatable outside it (merge); the
-        # activations are ours and done with after the update: the CKA may centre them in place
+        # no_grad, not inference_mode: the state must stay updatable outside it (merge)
         with torch.no_grad():
-            result.update(acts_a, acts_b, np.asarray(indices), np.asarray(labels),
-                          overwrite=True)
+            result.update(plan.acts(acts_a, acts_b), images, np.asarray(indices),
+                          torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
 def runner_from_blobs(blobs: tuple[dict, dict], layers: tuple[tuple[str, ...], tuple[str, ...]],
                       device: str = "cpu") -> PairRunner:
-    """Both models of `pipeline.stats.analysis.model_blob` form, rebuilt on `device`."""
+    """Both models of `pipeline.stats.worker.model_blob` form, rebuilt on `device`."""
     from pipeline.data.preprocess import preprocess_from_state
     from pipeline.models.checkpoint import model_from_state_dict
     from pipeline.models.layers import resolve_layers
@@ -108,8 +109,7 @@ def runner_from_blobs(blobs: tuple[dict, dict], layers: tuple[tuple[str, ...], t
 class PairFeedSpec:
     """What a compare worker needs besides the two model blobs (picklable, sent once)."""
 
-    spec: CompareSpec
-    layers: tuple[tuple[str, ...], tuple[str, ...]]   # each network's layer names (same names)
+    plan: ComparePlan
     manifest: Any                # pipeline.data.listing.Manifest
     transform: Any               # pipeline.data.decode.EvalTransform
     demo_root: str | None        # the demo data's root: each node makes its own copy
@@ -140,12 +140,12 @@ class PairFeed:
 
             ensure_demo_data(spec.demo_root)
         self.spec = spec
-        self.runner = runner_from_blobs(blobs, spec.layers, spec.device)
+        self.runner = runner_from_blobs(blobs, (spec.plan.layers,) * 2, spec.device)
         self.decoder = Decoder(spec.transform, cpus=spec.decode_cpus, device=spec.device,
                                nvjpeg=spec.device == "cuda")
         self.units: queue.Queue = queue.Queue()
         self.fed: deque = deque()
-        self.batches = Prefetcher(spec.manifest, self.decoder, spec.spec.batch_size,
+        self.batches = Prefetcher(spec.manifest, self.decoder, spec.plan.batch_size,
                                   spec.prefetch).run(iter(self.units.get, None))
 
     def feed(self, start: int, stop: int) -> None:
@@ -168,22 +168,23 @@ class PairFeed:
 
         from pipeline.models.precision import current
 
-        if start % self.spec.spec.batch_size:
+        plan = self.spec.plan
+        if start % plan.batch_size:
             raise ValueError(f"shard {start}-{stop} does not start a minibatch of "
-                             f"{self.spec.spec.batch_size}")
+                             f"{plan.batch_size}")
         if not self.fed:
             self.feed(start, stop)
         if self.fed[0] != (start, stop):   # the decode thread is on another shard: never mix
             raise RuntimeError(f"shard {start}-{stop} asked for while {self.fed[0]} was fed "
                                "first; shards must run in the order they are fed")
         self.fed.popleft()
-        result, skipped, wait = Comparison(self.spec.spec), [], 0.0
+        result, skipped, wait = AnalysisResult(plan.specs, plan.collection()), [], 0.0
         while True:
             t = time.perf_counter()
             batch = next(self.batches)
             wait += time.perf_counter() - t
             skipped += [list(s) for s in batch.skipped]
-            self.runner.step(result, batch.images, batch.indices, batch.labels)
+            self.runner.step(plan, result, batch.images, batch.indices, batch.labels)
             if batch.last:
                 break
         return result.state(), {"start": start, "stop": stop, "images": result.images,

@@ -5,6 +5,10 @@
     acc.merge(other)                   # per-class float64 sums and image counts add
     acc.to_table("resnet34")           # selectivity.parquet rows, one per channel
 
+As an accumulator of a `pipeline.stats.collection.Collection` (`Use.of(ClassMeans,
+classes=K)`): one instance per `LayerSpec` (each network's layers, `pipeline.compare.scan.feature`
+names), fed the Batch's labels (`Batch.labels`; -1: unknown, skipped).
+
 Each image contributes its spatial mean of max(activation, 0) per channel to its class: a
 float32 sum over the image's positions (~1e-7 relative, like ChannelStats' mean; the same image
 always gives the same bits), added per class in float64. With μ_c the class-conditional mean over the classes that have at least one image
@@ -25,15 +29,12 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from pipeline.compare.scan import LayerScan
+from pipeline.compare.scan import LayerScan, activations, split
+from pipeline.results import catalog
+from pipeline.stats.collection import Accumulator, Batch, LayerSpec
 
-__all__ = ["ClassMeans", "SELECTIVITY_SCHEMA", "selectivity"]
+__all__ = ["ClassMeans", "selectivity"]
 
-SELECTIVITY_SCHEMA = pa.schema([
-    ("net", pa.string()), ("layer", pa.string()), ("channel", pa.int32()),
-    ("selectivity", pa.float64()), ("top_class", pa.int64()), ("n_classes", pa.int64()),
-    ("images", pa.int64()), ("mu_max", pa.float64()), ("mu_rest", pa.float64()),
-])
 
 
 def selectivity(sums: np.ndarray, counts: np.ndarray
@@ -56,11 +57,11 @@ def selectivity(sums: np.ndarray, counts: np.ndarray
     return si, present[top].astype(np.int64), mu_max, mu_rest, int(k)
 
 
-class ClassMeans:
+class ClassMeans(Accumulator):
     """Per-class sums of each channel's per-image spatial mean of max(activation, 0)."""
 
-    name = "selectivity"
-    schema = SELECTIVITY_SCHEMA
+    kind = "selectivity"
+    table = catalog.SELECTIVITY
 
     def __init__(self, layer: str, channels: int, classes: int):
         if classes < 1:
@@ -68,6 +69,19 @@ class ClassMeans:
         self.layer, self.channels, self.classes = str(layer), int(channels), int(classes)
         self.sums = torch.zeros((self.classes, self.channels), dtype=torch.float64)
         self.counts = torch.zeros(self.classes, dtype=torch.int64)
+
+    @classmethod
+    def build(cls, layer: LayerSpec, *, classes: int) -> "ClassMeans":
+        return cls(split(layer.name)[1], layer.channels, classes)
+
+    def add(self, batch: Batch, layer: LayerSpec) -> None:
+        if batch.labels is None:
+            raise ValueError("class selectivity needs the batch's labels")
+        self.update(activations(batch, layer.name), batch.labels,
+                    LayerScan.shared(batch, layer.name))
+
+    def rows(self, model: str, layer: LayerSpec) -> pa.Table:
+        return self.to_table(split(layer.name)[0])
 
     def update(self, acts: Tensor, labels: "Tensor | np.ndarray",
                scan: LayerScan | None = None) -> "ClassMeans":
@@ -129,4 +143,4 @@ class ClassMeans:
             "n_classes": pa.array(np.full(c, k, np.int64)),
             "images": pa.array(np.full(c, int(counts.sum()), np.int64)),
             "mu_max": pa.array(mu_max), "mu_rest": pa.array(mu_rest),
-        }, schema=SELECTIVITY_SCHEMA)
+        }, schema=self.table.schema)

@@ -237,3 +237,43 @@ def test_gram_paths_agree_and_overwrite_centres_in_place():
     acc = CKA([("A", ["l"]), ("B", ["l"])], "float32")
     assert acc.update([owned, owned], overwrite=True)                 # one tensor: one Gram
     assert abs(acc.to_table().to_pylist()[0]["cka"] - 1.0) < 1e-12
+
+
+def test_as_an_accumulator_of_a_collection_each_batch_one_minibatch():
+    """`Use.of(CKA, ...)` in an AnalysisResult: one instance over both networks' features,
+    equal to the closed form per minibatch; a batch straddling minibatches or given twice is
+    refused; the state passes check_state and survives the npz round trip."""
+    from pipeline.compare.scan import feature
+    from pipeline.results.state import check_state, from_npz_bytes, to_npz_bytes
+    from pipeline.stats.analysis import AnalysisResult
+    from pipeline.stats.collection import Collection, LayerSpec, Use
+
+    specs = [LayerSpec(feature(net, "x"), 3, 1, 1, 0, 4) for net in ("A", "B")]
+    coll = Collection((Use.of(CKA, net_a="A", net_b="B", batch_size=8),))
+    res = AnalysisResult(specs, coll)
+    g = torch.Generator().manual_seed(7)
+    feats = torch.relu(torch.randn((16, 2, 3, 4, 4), generator=g) + 0.3)   # 16 images, 2 nets
+    images = torch.zeros((16, 3, 4, 4), dtype=torch.uint8)
+    for k in range(2):
+        sl = slice(8 * k, 8 * k + 8)
+        res.update({s.name: feats[sl, i].contiguous() for i, s in enumerate(specs)},
+                   images[sl], np.arange(sl.start, sl.stop))
+    (grid_key, (_, grid, acc)), = res.entries.items()
+    assert grid.layers == ("x",) and acc.minibatches == [0, 1]
+    flat = [[feats[8 * k:8 * k + 8, i].double().reshape(8, -1).numpy() for i in range(2)]
+            for k in range(2)]
+    h = {(i, j): np.mean([_closed_form_loops(f[i], f[j]) for f in flat])
+         for i in range(2) for j in range(2)}
+    row = res.tables("")["cka"].to_pylist()[0]
+    assert (row["net_a"], row["net_b"], row["n_batches"], row["n_images"]) == ("A", "B", 2, 16)
+    assert abs(row["cka"] - h[0, 1] / np.sqrt(h[0, 0] * h[1, 1])) < 1e-9
+    with pytest.raises(ValueError, match="spans minibatches"):
+        res.update({s.name: feats[4:12, i].contiguous() for i, s in enumerate(specs)},
+                   images[4:12], np.arange(4, 12))
+    with pytest.raises(ValueError, match="minibatch 1 added twice"):
+        res.update({s.name: feats[8:, i].contiguous() for i, s in enumerate(specs)},
+                   images[8:], np.arange(8, 16))
+    state = res.state()
+    check_state(state)
+    back = AnalysisResult.from_state(from_npz_bytes(to_npz_bytes(state)), coll)
+    assert back.tables("")["cka"].equals(res.tables("")["cka"])

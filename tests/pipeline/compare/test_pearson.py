@@ -3,6 +3,8 @@ best match, the one-to-one assignment, constant channels, maps of different size
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -149,3 +151,31 @@ def test_large_batches_are_cut_into_chunks_with_the_same_sums(monkeypatch):
     chunked = _acc([(a, b)])
     np.testing.assert_allclose(chunked.sxy.numpy(), whole.sxy.numpy(), rtol=1e-13)
     np.testing.assert_allclose(chunked.correlation(), whole.correlation(), atol=1e-12)
+
+
+def test_as_an_accumulator_of_a_collection_pairs_the_shared_layer_names():
+    """`Use.of(CrossSums, ...)`: one instance per layer both networks have (A's order), samples
+    per image where the maps differ in size; its rows equal the direct update's."""
+    from pipeline.compare.scan import feature
+    from pipeline.results.state import check_state
+    from pipeline.stats.analysis import AnalysisResult
+    from pipeline.stats.collection import Collection, LayerSpec, Use
+
+    specs = [LayerSpec(feature("A", "p"), 3, 1, 1, 0, 4), LayerSpec(feature("A", "q"), 2, 1, 1, 0, 4),
+             LayerSpec(feature("A", "only_a"), 2, 1, 1, 0, 4),
+             LayerSpec(feature("B", "p"), 4, 1, 1, 0, 4), LayerSpec(feature("B", "q"), 2, 1, 1, 0, 2)]
+    res = AnalysisResult(specs, Collection((Use.of(CrossSums, net_a="A", net_b="B"),)))
+    assert [(p.layer, p.per) for _, p, _ in res.entries.values()] == [("p", "position"),
+                                                                      ("q", "image")]
+    g = torch.Generator().manual_seed(2)
+    acts = {s.name: torch.randn((6, s.channels, s.feature_size, s.feature_size), generator=g)
+            for s in specs}
+    res.update(acts, torch.zeros((6, 3, 4, 4), dtype=torch.uint8), np.arange(6))
+    check_state(res.state())
+    t = res.tables("")["matches"]
+    for layer, per in (("p", "position"), ("q", "image")):
+        want = CrossSums(layer, acts[feature("A", layer)].shape[1],
+                         acts[feature("B", layer)].shape[1], per).update(
+            acts[feature("A", layer)], acts[feature("B", layer)]).to_table("A", "B")
+        got = t.filter(pa.compute.equal(t["layer"], layer))
+        assert got.equals(want), layer

@@ -101,3 +101,36 @@ def test_any_split_merged_equals_one_pass(sizes, data):
         b.drop(["selectivity", "mu_max", "mu_rest"]))
     np.testing.assert_allclose(a["selectivity"].to_numpy(), b["selectivity"].to_numpy(),
                                rtol=1e-12, equal_nan=True)
+
+
+def test_as_an_accumulator_of_a_collection_on_the_batch_labels():
+    """`Use.of(ClassMeans, classes=K)`: one instance per (network, layer) spec, fed
+    `Batch.labels`; rows name the network and the layer apart and equal the direct
+    computation; a batch without labels is refused."""
+    from pipeline.compare.scan import feature
+    from pipeline.results.state import check_state
+    from pipeline.stats.analysis import AnalysisResult
+    from pipeline.stats.collection import Collection, LayerSpec, Use
+
+    specs = [LayerSpec(feature(net, "conv3"), 4, 1, 1, 0, 2) for net in ("A", "B")]
+    res = AnalysisResult(specs, Collection((Use.of(ClassMeans, classes=5),)))
+    batches = [_batch(s, n, c=4) for s, n in enumerate((7, 12))]
+    acts = {n: [a[:, :, :2, :2].contiguous() * (1 + i) for a, _ in batches]
+            for i, n in enumerate(("A", "B"))}
+    for k, (_, labels) in enumerate(batches):
+        res.update({feature(n, "conv3"): acts[n][k] for n in ("A", "B")},
+                   torch.zeros((len(labels), 3, 2, 2), dtype=torch.uint8),
+                   np.arange(len(labels)) + 100 * k, torch.as_tensor(labels))
+    check_state(res.state())
+    rows = res.tables("")["selectivity"].to_pylist()
+    labels = np.concatenate([l for _, l in batches])
+    for net in ("A", "B"):
+        want = _direct(torch.cat(acts[net]), labels)
+        got = [r for r in rows if r["net"] == net]
+        assert [r["layer"] for r in got] == ["conv3"] * 4
+        for g, w in zip(got, want):
+            assert g["top_class"] == w["top_class"]
+            assert g["selectivity"] == pytest.approx(w["selectivity"], rel=1e-6, abs=1e-12)
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        res.update({feature(n, "conv3"): acts[n][0] for n in ("A", "B")},
+                   torch.zeros((7, 3, 2, 2), dtype=torch.uint8), np.arange(7) + 500)

@@ -1,20 +1,24 @@
-"""A whole comparison on two real (tiny, seeded) networks: the minibatch rule, shards merged ==
-one pass, every table against a computation from the captured activations, self-comparison."""
+"""A whole comparison on two real (tiny, seeded) networks, run as a collection by the analysis's
+own `AnalysisResult`: the minibatch rule, shards merged (through npz states, no pickle) == one
+pass, every table against a computation from the captured activations, self-comparison."""
 from __future__ import annotations
 
-import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.compare.result import CompareSpec, Comparison, merge_states, minibatch_of, shard_ranges
+from pipeline.compare.cka import minibatch_of
+from pipeline.compare.collection import ComparePlan, shard_ranges
 from pipeline.compare.runner import PairRunner, runner_from_blobs, same_network
 from pipeline.data.preprocess import IMAGENET
 from pipeline.models.hooks import capture
 from pipeline.models.layers import resolve_layers
 from pipeline.models.zoo import build_model
-from pipeline.stats.analysis import model_blob
+from pipeline.results.state import check_state, from_npz_bytes, to_npz_bytes
+from pipeline.stats.analysis import AnalysisResult, layer_specs, merge_states
+from pipeline.stats.worker import model_blob
 
 LAYERS = ("pool1", "conv3", "conv5", "conv9")
 N, B, CLASSES = 23, 5, 4
@@ -32,29 +36,44 @@ def pair():
     return a, b, images, labels
 
 
-def _spec(a, b, names=("resnet18", "plainnet18"), precision="float64") -> CompareSpec:
-    shapes = []
-    x = torch.zeros((1, 3, 32, 32))
-    for m in (a, b):
-        acts = capture(m, x, resolve_layers(m, list(LAYERS)))
-        shapes.append(tuple(tuple(acts[l].shape[1:]) for l in LAYERS))
-    return CompareSpec(names, LAYERS, shapes[0], shapes[1], CLASSES, B, precision)
+def _spec(a, b, names=("resnet18", "plainnet18"), precision="float64",
+          in_place=False) -> ComparePlan:
+    specs = [tuple(layer_specs(m, resolve_layers(m, list(LAYERS)), 32)) for m in (a, b)]
+    return ComparePlan(names, specs[0], specs[1], CLASSES, B, precision, in_place)
 
 
-def _run(runner, spec, images, labels, keep=None, ranges=None) -> Comparison:
-    """Minibatches of `ranges` (default one shard) through the runner; `keep`: readable mask."""
+class _Run:
+    """A merged result and its tables (the job's: `AnalysisResult.tables`)."""
+
+    def __init__(self, result: AnalysisResult):
+        self.result = result
+        self.cka = result.entries[next(k for k in result.entries if "/cka(" in k)][2]
+
+    @property
+    def images(self) -> int:
+        return self.result.images
+
+    def tables(self):
+        return self.result.tables("")
+
+
+def _run(runner, spec, images, labels, keep=None, ranges=None) -> _Run:
+    """Minibatches of `ranges` (default one shard) through the runner; `keep`: readable mask.
+    Each shard's state goes through the engine's npz form and merges as the job's do."""
     keep = np.ones(len(images), bool) if keep is None else keep
-    results = []
+    coll, results = spec.collection(), []
     for start, stop in ranges or [(0, len(images))]:
-        r = Comparison(spec)
+        r = AnalysisResult(spec.specs, coll)
         for s in range(start, stop, B):
             idx = np.arange(s, min(s + B, stop))[keep[s:min(s + B, stop)]]
-            runner.step(r, images[idx], idx, labels[idx])
-        results.append(r.state())
+            runner.step(spec, r, images[idx], idx, labels[idx])
+        state = r.state()
+        check_state(state)
+        results.append(from_npz_bytes(to_npz_bytes(state)))
     state = results[0]
     for s in results[1:]:
-        state = merge_states(state, pickle.loads(pickle.dumps(s)))
-    return Comparison.from_state(state)
+        state = merge_states(state, s, coll)
+    return _Run(AnalysisResult.from_state(state, coll))
 
 
 def _runner(a, b, same=False):
@@ -82,8 +101,9 @@ def test_tables_against_the_captured_activations(pair):
     a, b, images, labels = pair
     spec = _spec(a, b)
     res = _run(_runner(a, b), spec, images, labels)
-    assert res.images == N and res.batches == [0, 1, 2, 3, 4]
+    assert res.images == N and res.cka.minibatches == [0, 1, 2, 3, 4]
     t = res.tables()
+    assert list(t) == ["matches", "selectivity", "cka"]
     x = images.float() / 255.0
     with torch.no_grad():
         fa = capture(a, IMAGENET(x), resolve_layers(a, list(LAYERS)))
@@ -170,7 +190,7 @@ def test_self_comparison_of_one_network(pair):
     assert not same_network(blob, model_blob(other, "resnet18", IMAGENET))
     runner = runner_from_blobs((blob, blob), (LAYERS, LAYERS))
     assert runner.same and runner.models[0] is runner.models[1]
-    spec = _spec(a, a, names=("resnet18_a", "resnet18_b"))
+    spec = _spec(a, a, names=("resnet18_a", "resnet18_b"), precision="float32", in_place=True)
     t = _run(runner, spec, images, labels).tables()
     for row in t["cka"].to_pylist():
         if row["layer_a"] == row["layer_b"]:
@@ -193,14 +213,20 @@ def test_self_comparison_of_one_network(pair):
 def test_misuse_raises(pair):
     a, b, images, labels = pair
     spec = _spec(a, b)
-    r, runner = Comparison(spec), _runner(a, b)
-    runner.step(r, images[:5], np.arange(5), labels[:5])
-    with pytest.raises(ValueError, match="minibatch 0 given twice"):
-        runner.step(r, images[:5], np.arange(5), labels[:5])
+    r, runner = AnalysisResult(spec.specs, spec.collection()), _runner(a, b)
+    runner.step(spec, r, images[:5], np.arange(5), labels[:5])
+    with pytest.raises(ValueError, match="minibatch 0 added twice"):
+        runner.step(spec, r, images[:5], np.arange(5), labels[:5])
+    with pytest.raises(ValueError, match="spans minibatches"):
+        runner.step(spec, r, images[8:12], np.arange(8, 12), labels[8:12])
     with pytest.raises(ValueError, match="share minibatches"):
-        Comparison.from_state(r.state()).merge(r)
+        AnalysisResult.from_state(r.state(), spec.collection()).merge(r)
     with pytest.raises(ValueError, match="distinct names"):
         _spec(a, b, names=("x", "x"))
+    with pytest.raises(ValueError, match="contains '/'"):
+        _spec(a, b, names=("x/1", "y"))
+    with pytest.raises(ValueError, match="another collection"):     # other B: no merge
+        AnalysisResult.from_state(r.state(), replace(spec, batch_size=6).collection())
 
 
 def _assert_plain(state, path="state"):
@@ -224,9 +250,9 @@ def test_state_is_plain_values_and_round_trips(pair):
     a, b, images, labels = pair
     spec = _spec(a, b, precision="float32")
     res = _run(_runner(a, b), spec, images, labels, ranges=shard_ranges(N, B, shards=2))
-    s = res.state()
+    s = res.result.state()
     _assert_plain(s)
-    back = Comparison.from_state(s)
-    assert back.spec == spec and back.batches == res.batches
+    back = _Run(AnalysisResult.from_state(from_npz_bytes(to_npz_bytes(s)), spec.collection()))
+    assert back.result.specs == spec.specs and back.cka.minibatches == res.cka.minibatches
     for name, t in back.tables().items():
         assert t.equals(res.tables()[name]), name
