@@ -25,7 +25,8 @@ from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.hooks import capture
 from pipeline.models.layers import resolve_layers
 from pipeline.models.zoo import build_model
-from pipeline.results.tables import read_json, read_table
+from pipeline.results import catalog
+from pipeline.results.tables import read, read_json
 from tests.helpers import assert_run_shape, local_ray
 
 N_GOOD, BROKEN = 21, 6          # 22 files; the broken one sorts to image_index 6
@@ -70,12 +71,15 @@ def argv_for(data: dict, out: str, *extra: str) -> list[str]:
             "--precision", "float64", "--out", out, *extra]
 
 
+TABLES = (catalog.CKA, catalog.MATCHES, catalog.SELECTIVITY)
+
+
 def tables_of(out: str) -> dict:
-    return {t: read_table(f"{out}/{t}.parquet") for t in job.TABLES}
+    return {t.name: read(t, out) for t in TABLES}
 
 
 def assert_close_tables(a: dict, b: dict, atol: float = 1e-9) -> None:
-    for name in job.TABLES:
+    for name in (t.name for t in TABLES):
         x, y = a[name], b[name]
         floats = [f.name for f in x.schema if f.type == "double"]
         assert x.drop(floats).equals(y.drop(floats)), name
@@ -202,8 +206,8 @@ def test_rerun_resumes_from_the_markers(single, data, ray_cluster):
 
     out = data["root"] / "resume"
     shutil.copytree(single, out)
-    for name in job.TABLES:
-        (out / f"{name}.parquet").unlink()
+    for table in TABLES:
+        Path(table.at(str(out))).unlink()
     # the partials of a 1-shard run: drop its marker, the shard is computed again
     assert job.main(argv_for(data, str(out), "--shards", "1", "--workers", "1")) == 0
     run = json.loads((out / "run.json").read_text())
@@ -244,7 +248,11 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(data, capsys, tmp_pat
     assert "--checkpoints takes one value per network" in _bad(capsys, [*argv, "--checkpoints",
                                                                        r18])
     assert "--names must differ" in _bad(capsys, [*argv, "--names", "x,x"])
-    assert "unknown model 'resnet35'" in _bad(capsys, [*plain, "--models", "resnet35,resnet18"])
+    assert "invalid --models 'resnet35'; allowed: " in _bad(capsys, [*plain, "--models",
+                                                                     "resnet35,resnet18"])
+    assert "--names may not contain '/'" in _bad(capsys, [*argv, "--names", "a/1,b"])
+    err = _bad(capsys, [*argv, "--layers", "pool1,fc"])
+    assert "--layers, network A (resnet18): layer fc has no spatial map" in err
     assert "--layers is required" in _bad(capsys, [*plain, "--models",
                                                    "squeezenet1_1,mobilenet_v3_small"])
     (tmp_path / "empty").mkdir()

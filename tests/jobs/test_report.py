@@ -162,8 +162,9 @@ def matched(layer: str, c: int) -> tuple[int, float]:
 
 
 def write_compare(out: Path) -> None:
-    """jobs.compare's three tables for the fake pair, through the job's own schemas."""
-    from pipeline.compare.result import SCHEMAS
+    """jobs.compare's three tables for the fake pair, written through the catalog."""
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
 
     cka = [dict(net_a=a, layer_a=x, net_b=b, layer_b=y, cka=cka_value(a, x, b, y), hsic_ab=1.0,
                 hsic_aa=1.0, hsic_bb=1.0, n_images=96, n_batches=3)
@@ -175,8 +176,9 @@ def write_compare(out: Path) -> None:
     sel = [dict(net=m, layer=l, channel=c, selectivity=(c + 1) / (LAYERS[l][4] + 1) / (k + 1),
                 top_class=c % 3, n_classes=3, images=100, mu_max=1.0, mu_rest=0.5)
            for k, m in enumerate(MODELS) for l in LAYERS for c in range(LAYERS[l][4])]
-    for name, rows in (("cka", cka), ("matches", matches), ("selectivity", sel)):
-        write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[name]), str(out / f"{name}.parquet"))
+    for table, rows in ((catalog.CKA, cka), (catalog.MATCHES, matches),
+                        (catalog.SELECTIVITY, sel)):
+        write(table, pa.Table.from_pylist(rows, schema=table.schema), str(out))
 
 
 # Any torchvision model: module-path layer names, a layer with global context, training seeds.
