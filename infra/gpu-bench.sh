@@ -1,83 +1,85 @@
 #!/usr/bin/env bash
-# GPU check from a fresh checkout, in one go (a few minutes on one GPU):
-#   1. install the project with its test extra into a virtual environment under $TMPDIR,
-#   2. run the CUDA tests (every test whose name contains "cuda"),
-#   3. write N synthetic JPEGs of ImageNet's size distribution (default 5,000) and run
-#      `python -m jobs.bench` on them at full size (resnet34 width 64, 256 -> 224 crops): CPU
-#      decode and nvJPEG decode side by side, truncated forward, analysis, end to end,
-#      accumulators,
-#   4. print ONE JSON line: GPU name, versions, every figure, projected seconds for 50,000 images.
+# Device check, as shipped: run from a checkout with the host's python3 and nothing installed
+# (no Ray, no s3fs, no network; torch >= 2.11, torchvision >= 0.26, numpy, pyarrow, pillow,
+# fsspec). A few minutes on one GPU, data included. Without CUDA the same stages run on the CPU
+# (the rehearsal that CI runs on a few hundred images).
 #
-#   infra/gpu-bench.sh                                   # on the GPU machine
-#   infra/gpu-bench.sh --device cpu --images 64 --no-install --no-tests -- --width 8
+#   bash infra/gpu-bench.sh                         # 5,000 images; results in ./bench-out/
+#   OUT=/tmp/check BENCH_IMAGES=256 bash infra/gpu-bench.sh
 #
-# Options: --device cuda|cpu (default cuda), --images N (default 5000), --data DIR (where the
-# synthetic JPEGs go; default a folder under $TMPDIR, kept for reruns), --no-install (use
-# $PYTHON or python3 as it is), --no-tests; arguments after `--` go to jobs.bench as they are.
-set -euo pipefail
+# Steps, all logged to $OUT/device-check.log:
+#   1. nvidia-smi (if there is one);
+#   2. the CUDA tests, by node id (none needs Ray; they skip without CUDA), through pytest if
+#      the host has it, else through tests/nodes.py (the same test functions, no pytest);
+#   3. python -m pipeline.stats.devicecheck: BENCH_IMAGES synthetic ImageNet-size JPEGs made on
+#      the spot, then one analysis worker's path without Ray at batch 64 and 256, strict fp32,
+#      timed per stage (read, CPU decode, nvJPEG decode, preprocess, forward, accumulators,
+#      state to host, end to end), with the projected seconds for 50,000 images.
+# Writes $OUT/device-check.json (every figure, the test results, the GPU, the versions).
+#
+# Environment: OUT (default ./bench-out), BENCH_IMAGES (default 5000), BENCH_DATA (where the
+# JPEGs go, kept for reruns; default $TMPDIR/preferred-stimuli-device-check), BENCH_DEVICE
+# (auto, cuda or cpu), BENCH_WIDTH (resnet34 base width, default 64), BENCH_BATCHES (default
+# 64,256), PYTHON (default python3). Bad values: one line on stderr, exit 2.
+set -uo pipefail
 
-DEVICE=cuda
-IMAGES=5000
-INSTALL=1
-TESTS=1
-DATA="${TMPDIR:-/tmp}/preferred-stimuli-gpu-bench"
+cd "$(dirname "$0")/.." || exit 2
 PY="${PYTHON:-python3}"
-EXTRA=()
+OUT="${OUT:-./bench-out}"
+IMAGES="${BENCH_IMAGES:-5000}"
+DATA="${BENCH_DATA:-${TMPDIR:-/tmp}/preferred-stimuli-device-check}"
+DEVICE="${BENCH_DEVICE:-auto}"
+WIDTH="${BENCH_WIDTH:-64}"
+BATCHES="${BENCH_BATCHES:-64,256}"
+# the CUDA tests that need no Ray (and no moto, hypothesis or network)
+NODES=(
+  tests/pipeline/data/test_decode_cuda.py::test_cuda_nvjpeg_matches_cpu_path_and_falls_back
+  tests/pipeline/data/test_decode_cuda.py::test_cuda_prefetcher_streams_nvjpeg_batches
+  tests/pipeline/stats/test_analysis_cuda.py::test_cuda_analysis_equals_cpu_on_the_same_activations
+  tests/pipeline/stats/test_analysis_cuda.py::test_cuda_steady_state_never_waits_for_the_device
+)
 
 die() { echo "infra/gpu-bench.sh: error: $*" >&2; exit 2; }
-
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --device) [[ $# -ge 2 ]] || die "--device needs a value (cuda or cpu)"; DEVICE="$2"; shift 2 ;;
-    --images) [[ $# -ge 2 ]] || die "--images needs a value"; IMAGES="$2"; shift 2 ;;
-    --data) [[ $# -ge 2 ]] || die "--data needs a folder"; DATA="$2"; shift 2 ;;
-    --no-install) INSTALL=0; shift ;;
-    --no-tests) TESTS=0; shift ;;
-    --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown option $1 (allowed: --device, --images, --data, --no-install, --no-tests, -- BENCH-ARGS)" ;;
-  esac
-done
-[[ "$DEVICE" == cuda || "$DEVICE" == cpu ]] || die "--device must be cuda or cpu, got $DEVICE"
-[[ "$IMAGES" =~ ^[1-9][0-9]*$ ]] || die "--images must be a positive integer, got $IMAGES"
-
-cd "$(dirname "$0")/.."
+[[ "$IMAGES" =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGES must be a positive integer, got '$IMAGES'"
+[[ "$WIDTH" =~ ^[1-9][0-9]*$ ]] || die "BENCH_WIDTH must be a positive integer, got '$WIDTH'"
+[[ "$DEVICE" =~ ^(auto|cuda|cpu)$ ]] || die "BENCH_DEVICE must be auto, cuda or cpu, got '$DEVICE'"
+[[ "$BATCHES" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "BENCH_BATCHES must be a comma list of positive integers, got '$BATCHES'"
+command -v "$PY" >/dev/null 2>&1 || die "no Python interpreter '$PY' (set PYTHON)"
+mkdir -p "$OUT" || die "cannot create OUT=$OUT"
+LOG="$OUT/device-check.log"
+: >"$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
-LOG="$(mktemp -t gpu-bench-log.XXXXXX)"
+say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
-if [[ $INSTALL == 1 ]]; then
-  VENV="${TMPDIR:-/tmp}/preferred-stimuli-gpu-bench-venv"   # outside the checkout (ray uploads it)
-  "$PY" -m venv "$VENV"
-  PY="$VENV/bin/python"
-  "$PY" -m pip install --quiet --upgrade pip >>"$LOG" 2>&1
-  "$PY" -m pip install --quiet -e '.[test]' >>"$LOG" 2>&1 || { tail -20 "$LOG" >&2; die "install failed (log: $LOG)"; }
+say "nvidia-smi"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi >>"$LOG" 2>&1
+  DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+else
+  echo "(no nvidia-smi on this host)" >>"$LOG"
+  DRIVER=""
 fi
 
-TESTS_RESULT="not run"
-if [[ $TESTS == 1 ]]; then
-  if PYTHONPATH="$PWD" "$PY" -m pytest -q -p no:cacheprovider -k cuda tests >>"$LOG" 2>&1; then
-    TESTS_RESULT="passed: $(grep -Eo '[0-9]+ passed' "$LOG" | tail -1)"
-  else
-    tail -30 "$LOG" >&2
-    die "CUDA tests failed (log: $LOG)"
-  fi
+say "CUDA tests: ${#NODES[@]} by node id"
+if "$PY" -c "import pytest" >/dev/null 2>&1; then
+  RUNNER=(-m pytest -q -p no:cacheprovider -rs)
+else
+  RUNNER=(-m tests.nodes)
 fi
+if "$PY" "${RUNNER[@]}" "${NODES[@]}" >>"$LOG" 2>&1; then
+  TESTS="$(tail -n 1 "$LOG")"
+else
+  TESTS="FAILED: $(tail -n 1 "$LOG")"
+  say "CUDA tests failed (see $LOG); going on with the benchmark"
+fi
+say "CUDA tests: $TESTS"
 
-BENCH_OUT="$(mktemp -t gpu-bench-json.XXXXXX)"
-PYTHONPATH="$PWD" "$PY" -m jobs.bench --device "$DEVICE" --synthetic "$IMAGES" --data "$DATA" \
-  --images "$IMAGES" --batch-size 256 --width 64 --resize 256 --crop 224 --repeats 2 \
-  --scaling-images 512 --json ${EXTRA[@]+"${EXTRA[@]}"} >"$BENCH_OUT" 2>>"$LOG" \
-  || { tail -30 "$LOG" >&2; die "jobs.bench failed (log: $LOG)"; }
-sed '$d' "$BENCH_OUT" >&2          # the human-readable lines, to stderr
-
-WALL=$(( $(date +%s) - START ))
-DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 || true)"
-PYTHONPATH="$PWD" "$PY" - "$BENCH_OUT" "$TESTS_RESULT" "$WALL" "$DRIVER" <<'EOF'
-import json, platform, sys
-
-res = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-res.update({"check": "infra/gpu-bench.sh", "cuda_tests": sys.argv[2], "script_seconds": int(sys.argv[3]),
-            "driver": sys.argv[4] or None, "python": platform.python_version()})
-res.setdefault("gpu", None)
-print(json.dumps(res, sort_keys=True))
-EOF
+say "device check: $IMAGES images, batches $BATCHES, device $DEVICE"
+"$PY" -m pipeline.stats.devicecheck --out "$OUT" --data "$DATA" --images "$IMAGES" \
+  --device "$DEVICE" --width "$WIDTH" --batches "$BATCHES" \
+  --note "cuda_tests=$TESTS" --note "driver=$DRIVER" \
+  --note "script_seconds_before_check=$(( $(date +%s) - START ))" 2>&1 | tee -a "$LOG"
+RC=${PIPESTATUS[0]}
+say "done in $(( $(date +%s) - START )) s (exit $RC): $OUT/device-check.json, $LOG"
+exit "$RC"

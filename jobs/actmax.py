@@ -26,7 +26,7 @@ from jobs.runtime.console import Console, init_ray
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import write_run
 from pipeline.actmax.optimize import TABLE_SCHEMA as SCHEMA
-from pipeline.actmax.optimize import chunk_table, sort_rows
+from pipeline.actmax.optimize import chunk_table, sort_rows, timed_chunk
 from pipeline.results.png import png_bytes
 
 __all__ = ["ActmaxConfig", "SCHEMA", "parse_channels", "parse_scales", "main",
@@ -145,10 +145,24 @@ def prepare(cfg: ActmaxConfig) -> _Setup:
 
 def _chunk(model: Any, model_name: str, preprocess: Any, size: int, settings: Any, device: str,
            threads: int | None, layer: Any, channels: list[int]) -> engine.Result:
-    """One unit: the chunk's rows, and its mean objective for the marker."""
-    t = chunk_table(model, model_name, preprocess, layer, channels, size, settings, device, threads,
-                    encode=png_bytes)
-    return engine.Result(t, {k: float(np.mean(t[k])) for k in ("objective_start", "objective_end")})
+    """One unit: the chunk's rows; for the marker its mean objective and its seconds (in the
+    Adam steps, and in all: the rest of a task's time is its start)."""
+    t, secs = timed_chunk(model, model_name, preprocess, layer, channels, size, settings, device,
+                          threads, encode=png_bytes)
+    return engine.Result(t, {**{k: float(np.mean(t[k])) for k in ("objective_start",
+                                                                   "objective_end")},
+                             "steps_seconds": secs["steps"], "chunk_seconds": secs["total"]})
+
+
+def _where_time_went(con: Console, ran: list[dict]) -> dict[str, float]:
+    """run.json's `details.time`: of the run's wall seconds, those in the Adam steps of the
+    units computed now (summed over tasks), the rest of those tasks (geometry, measurements,
+    PNGs) and everything else: Ray's and the workers' start, setup, the write."""
+    steps = sum(i.get("steps_seconds", 0.0) for i in ran)
+    tasks = sum(i.get("chunk_seconds", 0.0) for i in ran)
+    return {"steps_seconds": round(steps, 3), "task_seconds_besides_steps": round(tasks - steps, 3),
+            "wall_seconds": round(con.wall, 3), "start_up_and_io_seconds":
+            round(max(0.0, con.wall - tasks), 3)}
 
 
 def units(cfg: ActmaxConfig, setup: _Setup) -> list[engine.Unit]:
@@ -191,8 +205,10 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         work = engine.Task(_chunk, setup.model, setup.model_name, setup.preprocess,
                            setup.input_size, cfg.settings(), device.kind,
                            plan.threads if device.kind == "cpu" else None)
+        ran: list[dict] = []                  # marker infos of the units computed now
         stats = engine.run_units(todo, work, st, plan=plan,
-                                 progress=con.progress(total, "channels"))
+                                 progress=con.progress(total, "channels"),
+                                 on_done=lambda u, i: ran.append(i))
     with con.stage("write"):
         table = sort_rows(engine.merge(st, stats.names, lambda a, b: pa.concat_tables([a, b])),
                           [lay.name for lay in setup.layers])
@@ -201,7 +217,8 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         cfg.out, "actmax", cfg.to_dict(), device=device.report(plan.workers),
         fingerprint=st.fingerprint, seconds=con.seconds, total_seconds=con.wall,
         counts={**stats.counts(), "layers": len(setup.layers), "channels": table.num_rows},
-        work=table.num_rows, unit="channels", warnings=con.warnings, details=setup.details)
+        work=table.num_rows, unit="channels", warnings=con.warnings,
+        details={**setup.details, "time": _where_time_went(con, ran)})
     st.clear()
     con.info(f"wrote {table.num_rows} rows to {url} in "
              f"{con.wall:.1f} s")

@@ -9,13 +9,14 @@ Each shard of the manifest is one unit of jobs.runtime.engine on a pool of long-
 else one per 4 CPUs), each loading the model once and running ONE decode pipeline that reads on
 into its next shard while the current one computes (two shards in flight per actor). A shard's
 accumulator state goes to `<out>/_partials/<fingerprint>/`, then its marker; a rerun resumes.
-Partials merge in a tree of Ray tasks, the top-k RF patches are cut in parallel tasks, and the
-tables of the analysis's collection of accumulators (`stimuli/{topk,mean,channels,baseline}
-.parquet`, pipeline.results.catalog) and `run.json` are written only when complete.
+Partials merge on the driver into one result; the images of the top-k rows are decoded there and
+each distinct RF square cut once, the PNGs encoded by light Ray tasks; the tables of the
+analysis's collection of accumulators (`stimuli/{topk,mean,channels,baseline}.parquet`,
+pipeline.results.catalog) and `run.json` are written only when complete. Default shards are a
+multiple of the workers (`jobs.runtime.device.Plan.shards`).
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -48,13 +49,14 @@ class Config(Options):
     out: str = opt("./results/analysis", "output folder (local or s3://)",
                    parse=lambda v: v.rstrip("/") or v,
                    check=lambda v: None if v else "is empty; give a local folder or an s3:// URL")
-    shards: int | None = opt(None, "number of shards (default: ~2000 images each, at least 2 per "
-                             "worker)", check=at_least(1))
+    shards: int | None = opt(None, "number of shards (default: a multiple of the workers, ~2000 "
+                             "images each)", check=at_least(1))
     shard_size: int | None = opt(None, "images per shard instead", check=at_least(1))
     workers: int | None = opt(None, "Ray actors (default: one per GPU, else one per 4 CPUs)",
                               check=at_least(1))
-    batch_size: int | None = opt(None, "images per forward pass (default: 64 at 224 px and "
-                                 "above, up to 256 for smaller crops)", check=at_least(1),
+    batch_size: int | None = opt(None, "images per forward pass (default: 256 on CUDA up to 224 "
+                                 "px; on the CPU 64 at 224 px, up to 256 for smaller crops; "
+                                 "never more than the images)", check=at_least(1),
                                  decides=True)
     limit: int | None = opt(None, "analyse only the first N images", check=at_least(1),
                             decides=True)
@@ -87,6 +89,7 @@ class Prepared:
     options: Any                 # pipeline.stats.analysis.AnalysisOptions
     rf_table: Any
     batch_size: int              # --batch-size, else pipeline.stats.analysis.default_batch_size
+                                 # (the CPU's here; run() takes the device's)
 
     @property
     def manifest(self) -> Any:
@@ -124,7 +127,8 @@ def prepare(cfg: Config) -> Prepared:
     options = AnalysisOptions(top_k=cfg.top_k,
                               mean_neurons=("center", "all") if cfg.mean_all else ("center",))
     return Prepared(cfg, s, model_blob(s.model.model, s.model.name, s.model.preprocess), specs,
-                    options, rf, cfg.batch_size or default_batch_size(s.transform.crop))
+                    options, rf, cfg.batch_size or default_batch_size(
+                        s.transform.crop, images=len(s.source.manifest)))
 
 
 def store(prep: Prepared, device: engine.Device, precision: dict | None = None) -> engine.Store:
@@ -149,26 +153,53 @@ class ShardWorker(ShardFeed):
     """A Pool worker: ShardFeed (one decode pipeline across its shards), results as Result."""
 
     def run(self, start: int, stop: int) -> engine.Result:
-        return engine.Result(*super().run(start, stop))
+        from pipeline.stats.analysis import state_nbytes
+
+        state, info = super().run(start, stop)
+        # the state's size in the marker: the driver reports it without another copy
+        return engine.Result(state, {**info, "state_bytes": state_nbytes(state)})
 
 
-def render_patches(prep: Prepared, topk: Any, parts: int) -> dict[int, bytes]:
+def _as_result(value: Any, coll: Any) -> Any:
+    """A partial as loaded (a state) or a result being folded: the result."""
+    from pipeline.stats.analysis import AnalysisResult
+
+    return value if isinstance(value, AnalysisResult) else AnalysisResult.from_state(value, coll)
+
+
+def _fold(coll: Any, a: Any, b: Any) -> Any:
+    """engine.merge's combine: partials fold into one AnalysisResult of the collection `coll`
+    (no state round trips)."""
+    return _as_result(a, coll).merge(_as_result(b, coll))
+
+
+def render_patches(prep: Prepared, topk: Any, cpus: int) -> dict[int, bytes]:
+    """PNG of every top-k row: images decoded and squares cut here (pipeline.stats.stimuli),
+    the PNG groups encoded by Ray tasks in light workers (numpy and Pillow: no torch import),
+    or here when there is only one group's work."""
     import ray
 
-    from pipeline.stats.stimuli import patch_groups, render_group
+    from pipeline.stats.patches import encode
+    from pipeline.stats.stimuli import patch_pngs
 
-    task, man = ray.remote(render_group).options(num_cpus=1), ray.put(prep.manifest)
-    refs = [task.remote(man, prep.transform, rows, prep.demo_root)
-            for rows in patch_groups(topk, parts)]
-    return {k: v for d in ray.get(refs) for k, v in d.items()}
+    task = ray.remote(encode).options(num_cpus=1)
+
+    def fan_out(groups: list) -> list:
+        if len(groups) == 1:
+            return [encode(groups[0])]
+        return ray.get([task.remote(g) for g in groups])
+
+    return patch_pngs(prep.manifest, prep.transform, topk, max_groups=2 * max(1, cpus),
+                      encode_groups=fan_out)
 
 
-def units(prep: Prepared, workers: int) -> list[engine.Unit]:
+def units(prep: Prepared, plan: engine.Plan) -> list[engine.Unit]:
+    """The shards: --shard-size or --shards, else `Plan.shards` (a multiple of the workers)."""
     from pipeline.data.shards import shard_ranges
 
     n, cfg = len(prep.manifest), prep.cfg
     ranges = (shard_ranges(n, shard_size=cfg.shard_size) if cfg.shard_size else
-              shard_ranges(n, shards=cfg.shards or max(2 * workers, math.ceil(n / 2000))))
+              shard_ranges(n, shards=cfg.shards or plan.shards(n)))
     return engine.range_units("shard-", ranges)
 
 
@@ -179,7 +210,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     from pipeline.data.listing import write_manifest
     from pipeline.results import catalog
     from pipeline.results.tables import write
-    from pipeline.stats.analysis import AnalysisResult, merge_states
+    from pipeline.stats.analysis import default_batch_size
     from pipeline.stats.worker import FeedSpec
     from pipeline.stats.stimuli import with_patches
 
@@ -191,8 +222,11 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
             con.warn(prep.study.model.warning)
         init_ray(cfg.out)
         device = engine.resolve_device(cfg.device)
+        if cfg.batch_size is None:      # the device's default (prepare() assumed the CPU's)
+            prep.batch_size = default_batch_size(prep.transform.crop, device.kind,
+                                                 len(prep.manifest))
         pl, dec = device.decode_plan(cfg.workers)
-        todo, st = units(prep, pl.workers), store(prep, device)
+        todo, st = units(prep, pl), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
         write_manifest(prep.manifest, catalog.MANIFEST.at(cfg.out))
         write(catalog.RECEPTIVE_FIELDS, prep.rf_table, cfg.out)
@@ -209,27 +243,29 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
                                  plan=pl, resume=cfg.resume, progress=con.progress(n, "images"),
                                  on_done=lambda u, i: fresh.append(i["images"]))
     with con.stage("merge"):
-        state = engine.merge(st, stats.names, partial(merge_states, collection=coll), fan_in=4)
-        tables = AnalysisResult.from_state(state, coll).tables(prep.model_name)
+        # on the driver, into one result: a partial is a few MiB and merging it milliseconds,
+        # less than a worker process's start (a tree of Ray tasks paid one per leaf)
+        merged = _as_result(engine.merge(st, stats.names, partial(_fold, coll)), coll)
+        tables = merged.tables(prep.model_name)
     with con.stage("patches"):
         topk = tables[catalog.TOPK.name]
-        pngs = render_patches(prep, topk, parts=2 * max(1, device.cpus))
+        pngs = render_patches(prep, topk, device.cpus)
         tables[catalog.TOPK.name] = with_patches(topk, pngs)
     with con.stage("write"):
         for table in coll.tables:
             write(table, tables[table.name], cfg.out)
-    info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, state, {
-        "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v)})
+    info = _report(cfg, prep, con, device, pl.workers, dec, st, stats, {
+        "images": n, "fresh": sum(fresh), "patches": sum(1 for v in pngs.values() if v),
+        "rows": sum(t.num_rows for t in tables.values())})
     con.info(f"done: {info['counts']['images_read']} images ({len(info['skipped'])} skipped) in "
              f"{con.wall:.1f} s -> {cfg.out}")
     return info
 
 
 def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, workers: int,
-            dec: int, st: engine.Store, stats: engine.RunStats, state: dict, n: dict) -> dict:
-    """run.json (jobs.runtime.runinfo): counts from the markers, the workers' precision flags."""
-    from pipeline.stats.analysis import state_nbytes
-
+            dec: int, st: engine.Store, stats: engine.RunStats, n: dict) -> dict:
+    """run.json (jobs.runtime.runinfo): counts from the markers, the workers' precision flags,
+    a shard state's size (every shard's is the same: it does not grow with the images)."""
     m = Markers.of(stats)
     read = sum(i["images"] for i in m.infos)
     return write_run(
@@ -238,11 +274,14 @@ def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, wo
         counts={**m.counts, "images_read": read, "images": n["images"],
                 "shards": len(stats.names), "layers": len(prep.specs), "patches": n["patches"]},
         seconds=con.seconds, total_seconds=con.wall, work=read, unit="images",
-        stage_work={"setup": n["images"], "analyze": n["fresh"]}, warnings=con.warnings,
+        stage_work={"setup": n["images"], "analyze": n["fresh"],
+                    "merge": (len(stats.names), "partials"), "patches": (n["patches"], "patches"),
+                    "write": (n["rows"], "rows")}, warnings=con.warnings,
         details={"model": prep.model_name, "untrained": prep.study.model.untrained,
                  "preprocess": prep.blob["preprocess"], "transform": asdict(prep.transform),
                  "layers": [asdict(s) for s in prep.specs],
-                 "worker_state_bytes": state_nbytes(state), "precision": m.precision(),
+                 "worker_state_bytes": max((i.get("state_bytes", 0) for i in m.infos), default=0),
+                 "precision": m.precision(),
                  "decode": {"threads": dec, "nvjpeg": device.kind == "cuda", "prefetch": 2}})
 
 

@@ -98,5 +98,5 @@ def assert_run_shape(run: dict) -> None:
     assert set(runinfo.COUNTS) <= set(run["counts"])
     assert set(run["device"]) == {"kind", "name", "workers"}
     assert "total" in run["seconds"]
-    assert set(run["seconds"]) == set(run["throughput"]) - {"unit"}
+    assert set(run["seconds"]) == set(run["throughput"]) - {"unit", "units"}
     assert {"torch", "ray", "python"} <= set(run["versions"])

@@ -5,6 +5,7 @@ fingerprint that guards resume (configuration, code, device, torch/cuDNN, precis
     device = resolve_device("auto", cluster=False)   # this process (jobs.bench: no Ray)
     plan = device.plan(workers, cpus_per_worker=4)
     plan, decode_threads = device.decode_plan(workers)  # actors that decode their own images
+    shards = plan.shards(50_000)                 # default shard count: a multiple of the workers
     plan = device.task_plan(gpus=0.5, cpus=2)    # Ray tasks of a fixed share
     fp = fingerprint(cfg, digest(model.state_dict()), device=device)   # cfg: its decides=True options
 """
@@ -20,7 +21,11 @@ from typing import Any
 
 from jobs.runtime.options import BadInput
 
-__all__ = ["Device", "Plan", "resolve_device", "code_version", "digest", "fingerprint"]
+__all__ = ["Device", "Plan", "SHARD_IMAGES", "resolve_device", "code_version", "digest",
+           "fingerprint"]
+
+
+SHARD_IMAGES = 2000          # images per shard the default aims at (jobs.analyze)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,14 @@ class Plan:
     workers: int
     resources: dict          # Ray options per task/actor: num_cpus, num_gpus
     threads: int             # torch threads per CPU worker
+
+    def shards(self, images: int, target: int = SHARD_IMAGES) -> int:
+        """Default shard count for `images`: a multiple of the workers, about `target` images
+        each (never more shards than images). Equal shards in whole rounds end together: no
+        worker idles at the tail while another still has a shard to go (25 shards on 8 GPUs
+        left 7 of them idle for the 25th); the tail is one shard's spread between workers."""
+        rounds = max(1, -(-images // (self.workers * target)))
+        return max(1, min(images, self.workers * rounds))
 
 
 @dataclass(frozen=True)

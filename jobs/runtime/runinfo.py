@@ -14,8 +14,10 @@
      "details": {...}}                       # what only this job reports (model, input size...)
 
 `throughput` is work items per second of each stage's wall time (the item is the job's unit of
-progress: images for analyze/ablate, channels for actmax). Readers find the same quantity under
-the same key in every job (never `wall`, `wall_s` or `total` elsewhere).
+progress: images for analyze/ablate, channels for actmax; a stage counted in its own unit is
+named under `throughput["units"]`, e.g. analyze's merge in partials and patches in PNGs).
+Readers find the same quantity under the same key in every job (never `wall`, `wall_s` or
+`total` elsewhere).
 
 `Markers.of(*runs)` reads what the units' markers of jobs.runtime.engine runs say together (unit
 counts, skipped images, the workers' precision flags) for jobs whose units report those.
@@ -50,14 +52,20 @@ def package_versions() -> dict[str, str]:
 def run_report(job: str, config: dict, *, device: dict | None = None, fingerprint: str = "",
                counts: dict | None = None, skipped: list[dict] | None = None,
                seconds: dict[str, float] | None = None, total_seconds: float = 0.0,
-               work: int = 0, unit: str = "items", stage_work: dict[str, int] | None = None,
+               work: int = 0, unit: str = "items",
+               stage_work: dict[str, int | tuple[int, str]] | None = None,
                warnings: list[str] | None = None, details: dict | None = None) -> dict:
     """The run.json dictionary. `work` items were handled in total (throughput over the whole
-    run); `stage_work` overrides it per stage (default: every stage handled `work` items)."""
+    run); `stage_work` overrides it per stage (default: every stage handled `work` items), as
+    a count of `unit` or as (count, another unit) for a stage whose work is counted otherwise
+    (a merge in partials, a rendering in patches): `throughput["units"]` names those."""
     seconds = {k: round(v, 3) for k, v in (seconds or {}).items()}
     seconds["total"] = round(total_seconds, 3)
-    per_stage = {k: work for k in seconds} | (stage_work or {})
-    throughput: dict[str, Any] = {"unit": unit}
+    stage_work = stage_work or {}
+    own = {k: w[1] for k, w in stage_work.items() if isinstance(w, tuple)}
+    per_stage = {k: work for k in seconds} | {k: w[0] if isinstance(w, tuple) else w
+                                              for k, w in stage_work.items()}
+    throughput: dict[str, Any] = {"unit": unit} | ({"units": own} if own else {})
     throughput.update({k: round(per_stage[k] / max(v, 1e-9), 3) for k, v in seconds.items()})
     skipped = list(skipped or [])
     full_counts = {k: 0 for k in COUNTS} | {"images_skipped": len(skipped)} | (counts or {})

@@ -33,6 +33,7 @@ the model's preprocessing), `jitter` / `random_scale` transforms drawn from a se
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -55,7 +56,8 @@ __all__ = ["Objective", "neuron", "channel", "l2", "total_variation",
            "Transform", "jitter", "random_scale", "compose",
            "ActmaxResult", "optimize", "Window", "input_window",
            "Settings", "maximize_channels", "calibrate_bn", "display_images",
-           "derive_seed", "channel_list", "sort_rows", "chunk_table", "TABLE_SCHEMA"]
+           "derive_seed", "channel_list", "sort_rows", "chunk_table", "timed_chunk",
+           "TABLE_SCHEMA"]
 
 
 # --------------------------------------------------------------------------------- objectives
@@ -288,6 +290,7 @@ class ActmaxResult:
     y: int = -1              # centre neuron (H//2, W//2) of the full map (-1: no spatial map)
     x: int = -1
     window: tuple[int, int, int, int] = (0, 0, 0, 0)  # rows [0]:[1], cols [2]:[3] optimised
+    seconds: float = 0.0     # wall seconds of the Adam steps (what is not start-up)
 
 
 @contextlib.contextmanager
@@ -337,6 +340,7 @@ def optimize(model: nn.Module, objective: Objective, params: list[Tensor], image
         with torch.no_grad():
             img = image_fn()
             start = values(measure, img, img).detach()
+        t0 = time.perf_counter()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             img = image_fn()
@@ -346,13 +350,16 @@ def optimize(model: nn.Module, objective: Objective, params: list[Tensor], image
             (-v.sum()).backward()
             opt.step()
             history.append(v.detach())
+        if history and history[-1].is_cuda:
+            torch.cuda.synchronize(history[-1].device)
+        seconds = time.perf_counter() - t0
         with torch.no_grad():
             img = image_fn()
             end = values(measure, img, img).detach()
             final = img.detach()
     hist = torch.stack(history) if history else torch.zeros((0, final.shape[0]))
     return ActmaxResult(final.float().cpu(), start.float().cpu(), end.float().cpu(),
-                        hist.float().cpu())
+                        hist.float().cpu(), seconds=seconds)
 
 
 # ---------------------------------------------------------------------- receptive-field window
@@ -606,18 +613,32 @@ def sort_rows(table: pa.Table, layers: Sequence[str]) -> pa.Table:
 def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channels: list[int],
                 size: int, settings: Any, device: str = "cpu", threads: int | None = None, *,
                 encode: Callable[[np.ndarray], bytes]) -> pa.Table:
-    """Optimise one (layer, channel chunk) with maximize_channels; its rows of actmax.parquet
-    (jobs.actmax runs one per Ray task). `encode`: (H, W, 3) uint8 -> the `image` column's
-    bytes (the job passes pipeline.results.png.png_bytes: no file format is chosen here)."""
+    """Optimise one (layer, channel chunk) with maximize_channels; its rows of actmax.parquet.
+    `encode`: (H, W, 3) uint8 -> the `image` column's bytes (the job passes
+    pipeline.results.png.png_bytes: no file format is chosen here)."""
+    return timed_chunk(model, model_name, preprocess, layer, channels, size, settings, device,
+                       threads, encode=encode)[0]
+
+
+def timed_chunk(model: Any, model_name: str, preprocess: Any, layer: Any, channels: list[int],
+                size: int, settings: Any, device: str = "cpu", threads: int | None = None, *,
+                encode: Callable[[np.ndarray], bytes]) -> tuple[pa.Table, dict[str, float]]:
+    """`chunk_table` (jobs.actmax runs one per Ray task) and where its seconds went: `steps`
+    (the Adam loop), `total` (also the geometry, the start and end measurements, the PNGs)."""
+    t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    if torch.device(device).type == "cpu":
+        from pipeline.data.hostmem import keep_freed_memory
+
+        keep_freed_memory()     # the backward's buffers reused, not page-faulted anew each step
     res = maximize_channels(model, layer, channels, size, preprocess, settings, device)
     n = len(channels)
     inputs = res.input.numpy().astype(np.float32).reshape(n, -1)
     same = {"model": model_name, "layer": layer.name, "steps": settings.steps, "lr": settings.lr,
             "weight_decay": settings.weight_decay, "input_size": size, "y": res.y, "x": res.x,
             "param": settings.param}
-    return pa.table({
+    table = pa.table({
         **{k: [v] * n for k, v in same.items()},
         "channel": channels,
         "objective_start": res.start.numpy(),
@@ -626,3 +647,4 @@ def chunk_table(model: Any, model_name: str, preprocess: Any, layer: Any, channe
         "input": pa.FixedSizeListArray.from_arrays(pa.array(inputs.ravel()), inputs.shape[1])
                                       .cast(pa.list_(pa.float32())),
     }).select(TABLE_SCHEMA.names).cast(TABLE_SCHEMA)
+    return table, {"steps": round(res.seconds, 3), "total": round(time.perf_counter() - t0, 3)}

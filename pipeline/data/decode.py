@@ -11,10 +11,13 @@ Training's validation (`pipeline.train.recipe.EvalResizeCrop`) and the analysis 
   centre crop. Equal to PIL's Resize+CenterCrop where no resize is needed (shorter side already
   `resize`); elsewhere within a small rounding difference (docs/analysis.md gives the measured
   maximum).
-* `Decoder`: one batch of files at a time with `cpus` threads (the worker reserves those CPUs);
-  with `nvjpeg=True` complete 3-component JPEGs are decoded as one batch on the GPU
-  (`decode_jpeg(device="cuda")`) and resized there, every other file falls back to the CPU path.
-  Batches for CUDA are pinned and copied without blocking.
+* `Decoder`: one batch of files at a time with `cpus` threads (the worker reserves those CPUs).
+  The threads read the files too (`read_file`; on S3 every file of a batch is requested at once
+  on fsspec's loop, so the thread that submits never waits for storage); per image they hold
+  the GIL only for a little glue. With `nvjpeg=True` complete 3-component JPEGs are decoded as
+  one batch on the GPU (`decode_jpeg(list, device="cuda")`) and resized there in one call per
+  image size, every other file is decoded on the CPU into a pinned row. Batches for CUDA are
+  pinned and copied without blocking.
 * `Prefetcher`: one pipeline per worker fed a sequence of units (shards: `(start, stop)` ranges or
   index arrays) that keeps decoding across unit boundaries; each batch says which unit it belongs
   to and whether it is that unit's last.
@@ -32,20 +35,23 @@ import io
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.data.listing import Manifest, SourceError, _fs, _read_small
+from pipeline.data.listing import Manifest, SourceError
 
 __all__ = ["EvalTransform", "Batch", "Decoder", "Prefetcher", "decode_rgb", "resize_crop",
-           "decode_image", "jpeg_info", "load_batch", "iter_batches", "default_cpus"]
+           "decode_image", "jpeg_info", "read_file", "load_batch", "iter_batches",
+           "default_cpus"]
 
-_FETCH_CONCURRENCY = 64     # simultaneous requests per batch on async filesystems (S3)
+_FETCH_CONCURRENCY = 64     # requests open at once on an async filesystem's loop (S3)
 _SOF = {0xC0, 0xC1, 0xC2}   # baseline, extended, progressive Huffman: what both decoders take
 _quiet = False
 
@@ -105,7 +111,7 @@ def default_cpus() -> int:
 
 # ----------------------------------------------------------------------------- one image
 
-def jpeg_info(data: bytes) -> tuple[int, int, int] | None:
+def jpeg_info(data: bytes | bytearray) -> tuple[int, int, int] | None:
     """(height, width, components) of a complete baseline/progressive JPEG, else None.
 
     Reads the markers up to the frame header. None for anything else (PNG, arithmetic or
@@ -141,7 +147,7 @@ def jpeg_info(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def decode_rgb(data: bytes) -> torch.Tensor:
+def decode_rgb(data: bytes | bytearray) -> torch.Tensor:
     """Bytes -> uint8 (3, H, W) RGB, decoded by content; raises on unusable data.
 
     1- and 3-component JPEGs: libjpeg-turbo through torchvision (GIL released, same pixels as
@@ -151,7 +157,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     info = jpeg_info(data)
     if info is not None and info[2] in (1, 3):
         decode_jpeg, rgb = _torchvision_decode_jpeg()
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb)
+        return decode_jpeg(_as_uint8(data), mode=rgb)
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
@@ -173,7 +179,7 @@ def resize_crop(image: torch.Tensor, transform: EvalTransform) -> torch.Tensor:
     return TF.center_crop(image, [transform.crop, transform.crop])
 
 
-def decode_image(data: bytes, transform: EvalTransform) -> torch.Tensor:
+def decode_image(data: bytes | bytearray, transform: EvalTransform) -> torch.Tensor:
     """Bytes -> uint8 (3, crop, crop) RGB: `decode_rgb` then `resize_crop`."""
     return resize_crop(decode_rgb(data), transform)
 
@@ -185,46 +191,81 @@ def _reason(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- bytes
 
-def _prefetch_async(urls: Sequence[str]) -> list:
-    """Bytes (or the exception) for URLs on async filesystems, fetched concurrently; elsewhere
-    the (filesystem, path) to read them from (resolved once, here)."""
-    out: list = [None] * len(urls)
-    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
-    for i, u in enumerate(urls):
+def read_file(fs: fsspec.AbstractFileSystem, path: str) -> bytes | bytearray:
+    """One file's bytes. Local files are read straight into a bytearray (open, fstat, readinto:
+    a few system calls, the GIL released in each, and a buffer torch.frombuffer takes without
+    a copy); other filesystems through fsspec's `cat_file`."""
+    if isinstance(fs, LocalFileSystem):
+        with open(path, "rb", buffering=0) as f:
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = f.readinto(view[got:])
+                if not n:           # the file shrank while we read it
+                    return buf[:got]
+                got += n
+            return buf
+    return fs.cat_file(path)
+
+
+_GATES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = \
+    weakref.WeakKeyDictionary()
+
+
+async def _cat_gated(fs: Any, path: str) -> bytes:
+    # one semaphore per event loop, made in that loop: at most _FETCH_CONCURRENCY requests open
+    loop = asyncio.get_running_loop()
+    gate = _GATES.get(loop)
+    if gate is None:
+        gate = _GATES[loop] = asyncio.Semaphore(_FETCH_CONCURRENCY)
+    async with gate:
+        # fs.cat(list) would glob paths holding [ ] * ?; _cat_file reads them literally
+        return await fs._cat_file(path)
+
+
+class _Files:
+    """The bytes of one batch's files, and their decoding; failures come back as a reason
+    string, never raised. Files on async filesystems (S3) are requested at once on fsspec's
+    event loop, concurrently and without blocking the caller (the producer thread only
+    schedules them); the others are read by whichever decode thread asks for them."""
+
+    def __init__(self, locations: list) -> None:
+        self.data: list = []        # bytes, an exception, a Future, or (filesystem, path)
+        for loc in locations:
+            if isinstance(loc, BaseException):
+                self.data.append(loc)
+                continue
+            fs, path = loc
+            if getattr(fs, "async_impl", False):
+                try:
+                    loc = asyncio.run_coroutine_threadsafe(_cat_gated(fs, path), fs.loop)
+                except Exception as e:  # noqa: BLE001 - no loop: this file fails alone
+                    loc = e
+            self.data.append(loc)
+
+    def read(self, k: int) -> bytes | bytearray | str:
+        d = self.data[k]
         try:
-            fs, p = _fs(u)
+            if isinstance(d, tuple):
+                d = read_file(*d)
+            elif isinstance(d, Future):
+                d = d.result()
         except Exception as e:  # noqa: BLE001
-            out[i] = e
-            continue
-        if getattr(fs, "async_impl", False):
-            g = groups.setdefault(id(fs), (fs, [], []))
-            g[1].append(i)
-            g[2].append(p)
-        else:
-            out[i] = (fs, p)
-    for fs, members, paths in groups.values():
-        for i, v in zip(members, _cat_async(fs, paths)):
-            out[i] = v
-    return out
+            d = e
+        if isinstance(d, BaseException):
+            return "read failed: " + _reason(d)
+        return d if d else "empty file"
+
+    def decoded(self, k: int, transform: EvalTransform) -> torch.Tensor | str:
+        d = self.read(k)
+        return d if isinstance(d, str) else _decode_or_reason(d, transform)
 
 
-def _cat_async(fs, paths: list[str]) -> list[bytes | BaseException]:
-    # fs.cat(list) would glob paths holding [ ] * ?; _cat_file reads them literally.
-    from fsspec.asyn import sync
-
-    async def fetch() -> list[bytes | BaseException]:
-        gate = asyncio.Semaphore(_FETCH_CONCURRENCY)
-
-        async def one(p: str) -> bytes:
-            async with gate:
-                return await fs._cat_file(p)
-
-        return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
-
+def _decode_or_reason(data: bytes | bytearray, transform: EvalTransform) -> torch.Tensor | str:
     try:
-        return sync(fs.loop, fetch)
-    except Exception as e:  # noqa: BLE001 - the loop itself failed: every file fails with it
-        return [e] * len(paths)
+        return decode_image(data, transform)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+        return "decode failed: " + _reason(e)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -239,34 +280,28 @@ def _rows(manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
                  skipped=skipped)
 
 
-class _Files:
-    """The bytes of one batch's files (fetched concurrently on S3, else read by whichever thread
-    decodes them), and their decoding; failures come back as a reason string, never raised."""
+class _Staging:
+    """Pinned host rows for the images of an nvJPEG batch that take the CPU path (grayscale,
+    CMYK, PNG, damaged JPEGs: a few in a hundred), allocated when the first one comes and
+    filled in any order by the decode threads; `to(device)` moves the filled rows in one
+    non-blocking copy."""
 
-    def __init__(self, data: list) -> None:
-        self.data = data        # bytes, an exception, or (filesystem, path) to read
+    def __init__(self, n: int, crop: int, pin: bool) -> None:
+        self.shape, self.pin = (n, 3, crop, crop), pin
+        self.rows: torch.Tensor | None = None
+        self.used = 0
+        self.lock = threading.Lock()
 
-    def read(self, k: int) -> bytes | str:
-        d = self.data[k]
-        if isinstance(d, tuple):    # a synchronous filesystem (local disk, NFS): read in this thread
-            try:
-                d = _read_small(*d)
-            except Exception as e:  # noqa: BLE001
-                d = e
-        if isinstance(d, BaseException):
-            return "read failed: " + _reason(d)
-        if isinstance(d, str):  # already a reason (read by the nvJPEG branch)
-            return d
-        return d if d else "empty file"
+    def put(self, image: torch.Tensor) -> int:
+        with self.lock:
+            if self.rows is None:
+                self.rows = torch.empty(self.shape, dtype=torch.uint8, pin_memory=self.pin)
+            slot, self.used = self.used, self.used + 1
+        self.rows[slot].copy_(image)
+        return slot
 
-    def decoded(self, k: int, transform: EvalTransform) -> torch.Tensor | str:
-        d = self.read(k)
-        if isinstance(d, str):
-            return d
-        try:
-            return decode_image(d, transform)
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-            return "decode failed: " + _reason(e)
+    def to(self, device: torch.device) -> torch.Tensor | None:
+        return None if not self.used else self.rows[:self.used].to(device, non_blocking=True)
 
 
 class Decoder:
@@ -275,6 +310,11 @@ class Decoder:
     `device` is where batches land: "cpu", or "cuda" (CPU-decoded rows are written into a pinned
     buffer and copied without blocking; nvJPEG rows never leave the GPU). The thread pool lives
     as long as the decoder: one per worker, reused for every batch. `close()` ends it.
+
+    Per image the threads hold the GIL only for a little glue (a file read by system calls, the
+    JPEG header check, the calls into libjpeg-turbo and the resize kernel, which release it);
+    with nvJPEG the threads read and check the files, and the calling thread decodes the whole
+    batch in one call and resizes it in one call per distinct image size.
     """
 
     def __init__(self, transform: EvalTransform, cpus: int | None = None,
@@ -306,9 +346,6 @@ class Decoder:
                                            a) for a in range(0, n, step)]
         return lambda: [r for f in futures for r in f.result()]
 
-    def _map(self, fn, items: list) -> list:
-        return self._dispatch(lambda k: fn(items[k]), len(items))()
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -326,18 +363,19 @@ class Decoder:
 
     def submit(self, manifest: Manifest, indices: Sequence[int] | np.ndarray
                ) -> Callable[[], Batch]:
-        """Start reading and decoding; the returned call waits for the Batch. On the CPU path
-        every image is queued on the pool at once and written into its row of the batch, so a
-        caller that submits the next batch before collecting this one (Prefetcher) leaves no
-        thread idle at batch boundaries, and no serial stacking copy follows."""
+        """Start reading and decoding; the returned call waits for the Batch. Reads on S3 start
+        here (without waiting for them); every image is queued on the pool at once and written
+        into its row of the batch, so a caller that submits the next batch before collecting
+        this one (Prefetcher) leaves no thread idle at batch boundaries, and no serial stacking
+        copy follows. With nvJPEG the batch is decoded on the GPU when collected."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(manifest)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"image_index out of range 0..{n - 1}")
         paths = manifest._paths()
-        files = _Files(_prefetch_async(manifest.urls(idx)))
-        if self.nvjpeg:     # decoded when collected: its GPU work precedes that batch's event
-            return lambda: self._load_nvjpeg(manifest, idx, paths, files)
+        files = _Files(manifest.locate(idx))
+        if self.nvjpeg:
+            return self._submit_nvjpeg(manifest, idx, paths, files)
         c = self.transform.crop
         out = torch.empty((len(idx), 3, c, c), dtype=torch.uint8,
                           pin_memory=self.device.type == "cuda")
@@ -363,53 +401,86 @@ class Decoder:
         images = out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
         return _rows(manifest, idx, paths, reasons, images)
 
-    def _load_nvjpeg(self, manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
-                     files: "_Files") -> Batch:
-        """Complete 3-component JPEGs as one GPU batch; every other file on the CPU path."""
-        raw = self._map(files.read, list(range(len(idx))))
-        files.data = list(raw)       # bytes or a reason, read once
-        gpu_ks = [k for k, d in enumerate(raw)
-                  if isinstance(d, bytes) and (jpeg_info(d) or (0, 0, 0))[2] == 3]
-        results: list[torch.Tensor | str | None] = [None] * len(idx)
-        on_gpu: set[int] = set()
-        for k, im in zip(gpu_ks, self._nvjpeg([raw[k] for k in gpu_ks])):  # type: ignore[misc]
-            if im is not None:
-                results[k] = im
-                on_gpu.add(k)
-        rest = [k for k in range(len(idx)) if k not in on_gpu]
-        for k, r in zip(rest, self._map(lambda k: files.decoded(k, self.transform), rest)):
-            results[k] = r
-        keep = [k for k, r in enumerate(results) if isinstance(r, torch.Tensor)]
-        reasons = [r if isinstance(r, str) else None for r in results]
-        return _rows(manifest, idx, paths, reasons, self._assemble(results, keep, on_gpu))
+    def _submit_nvjpeg(self, manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
+                       files: _Files) -> Callable[[], Batch]:
+        """The threads read each file and route it: a complete 3-component JPEG goes to the
+        GPU as bytes (decoded with the whole batch when collected), anything else is decoded
+        on the CPU at once into a pinned row (`_Staging`)."""
+        staging = _Staging(len(idx), self.transform.crop, self.device.type == "cuda")
 
-    def _nvjpeg(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
-        """Decode on the GPU as one batch and resize there; None where it failed (CPU retries)."""
-        if not blobs:
+        def route(k: int) -> torch.Tensor | int | str:
+            d = files.read(k)
+            if isinstance(d, str):
+                return d
+            if (jpeg_info(d) or (0, 0, 0))[2] == 3:
+                return _as_uint8(d)
+            r = _decode_or_reason(d, self.transform)
+            return r if isinstance(r, str) else staging.put(r)
+
+        routed = self._dispatch(route, len(idx))
+        return lambda: self._collect_nvjpeg(manifest, idx, paths, routed(), staging)
+
+    def _collect_nvjpeg(self, manifest: Manifest, idx: np.ndarray, paths: Sequence[str],
+                        routed: list, staging: _Staging) -> Batch:
+        """One nvJPEG call for the batch's JPEGs, one resize per distinct size, the CPU rows
+        copied over in one go, the rows stacked in order."""
+        gpu_ks = [k for k, r in enumerate(routed) if isinstance(r, torch.Tensor)]
+        decoded = dict(zip(gpu_ks, self._nvjpeg([routed[k] for k in gpu_ks])))
+        for k, im in decoded.items():
+            if im is None:      # nvJPEG refused it: the CPU path decides
+                r = _decode_or_reason(routed[k].numpy().tobytes(), self.transform)
+                routed[k] = r if isinstance(r, str) else staging.put(r)
+        crops = _resize_crop_groups({k: im for k, im in decoded.items() if im is not None},
+                                    self.transform)
+        host = staging.to(self.device)
+        rows = [crops[k] if k in crops else host[r] for k, r in enumerate(routed)
+                if not isinstance(r, str)]
+        c = self.transform.crop
+        images = (torch.stack(rows) if rows else
+                  torch.empty((0, 3, c, c), dtype=torch.uint8, device=self.device))
+        reasons = [r if isinstance(r, str) else None for r in routed]
+        return _rows(manifest, idx, paths, reasons, images)
+
+    def _nvjpeg(self, bufs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decode on the GPU as one batch (full size); None where it failed (the CPU retries).
+        torchvision waits for its own decode stream and makes the current stream wait for the
+        result, so nothing else synchronises here."""
+        if not bufs:
             return []
         decode_jpeg, rgb = _torchvision_decode_jpeg()
-        bufs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         try:
-            ims = decode_jpeg(bufs, mode=rgb, device=self.device)
+            return list(decode_jpeg(bufs, mode=rgb, device=self.device))
         except Exception:  # noqa: BLE001 - one bad file fails the batch: retry one by one
-            ims = []
+            out: list[torch.Tensor | None] = []
             for b in bufs:
                 try:
-                    ims.append(decode_jpeg(b, mode=rgb, device=self.device))
+                    out.append(decode_jpeg(b, mode=rgb, device=self.device))
                 except Exception:  # noqa: BLE001
-                    ims.append(None)
-        return [None if im is None else resize_crop(im, self.transform) for im in ims]
+                    out.append(None)
+            return out
 
-    def _assemble(self, results: list, keep: list[int], on_gpu: set[int]) -> torch.Tensor:
-        c = self.transform.crop
-        if not keep:
-            return torch.empty((0, 3, c, c), dtype=torch.uint8, device=self.device)
-        host = [k for k in keep if k not in on_gpu]
-        if not host:
-            return torch.stack([results[k] for k in keep])
-        staged = torch.stack([results[k] for k in host]).pin_memory()
-        moved = dict(zip(host, staged.to(self.device, non_blocking=True).unbind(0)))
-        return torch.stack([moved[k] if k in moved else results[k] for k in keep])
+
+def _as_uint8(data: bytes | bytearray) -> torch.Tensor:
+    """The bytes as a uint8 tensor: a bytearray without a copy (bytes are read-only)."""
+    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data),
+                            dtype=torch.uint8)
+
+
+def _resize_crop_groups(images: dict[int, torch.Tensor], transform: EvalTransform
+                        ) -> dict[int, torch.Tensor]:
+    """`resize_crop` of many images, one call per distinct size (images stacked): each output
+    pixel depends on its own image only, so a stacked call gives each image what a call of its
+    own gives, and the Python work per batch is per size, not per image."""
+    groups: dict[tuple, list[int]] = {}
+    for k, im in images.items():
+        groups.setdefault(tuple(im.shape), []).append(k)
+    out: dict[int, torch.Tensor] = {}
+    for ks in groups.values():
+        stacked = images[ks[0]].unsqueeze(0) if len(ks) == 1 else \
+            torch.stack([images[k] for k in ks])
+        for k, crop in zip(ks, resize_crop(stacked, transform).unbind(0)):
+            out[k] = crop
+    return out
 
 
 def load_batch(manifest: Manifest, indices: list[int] | np.ndarray, transform: EvalTransform,

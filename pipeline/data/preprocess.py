@@ -26,6 +26,16 @@ __all__ = ["Preprocess", "Normalize", "ZCA", "WhiteningStats", "IMAGENET",
 class Preprocess:
     kind = "identity"
 
+    def _constant(self, name: str, values: list, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """`values` as a tensor like `x` (dtype, device), made once per dtype and device: a new
+        one per batch would copy from pageable host memory, which waits for the GPU."""
+        cache = self.__dict__.setdefault("_constants", {})
+        key = (name, x.dtype, x.device)
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = torch.tensor(values, dtype=x.dtype, device=x.device).view(shape)
+        return t
+
     def __call__(self, x: Tensor) -> Tensor:
         return x
 
@@ -48,14 +58,15 @@ class Normalize(Preprocess):
         self.mean = [float(v) for v in mean]
         self.std = [float(v) for v in std]
 
-    def _view(self, v: list[float], x: Tensor) -> Tensor:
-        return torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-
     def __call__(self, x: Tensor) -> Tensor:
-        return (x - self._view(self.mean, x)) / self._view(self.std, x)
+        shape = (1, 3, 1, 1)
+        return (x - self._constant("mean", self.mean, x, shape)) / \
+            self._constant("std", self.std, x, shape)
 
     def inverse(self, x: Tensor) -> Tensor:
-        return x * self._view(self.std, x) + self._view(self.mean, x)
+        shape = (1, 3, 1, 1)
+        return x * self._constant("std", self.std, x, shape) + \
+            self._constant("mean", self.mean, x, shape)
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "mean": self.mean, "std": self.std}
@@ -74,9 +85,8 @@ class ZCA(Preprocess):
         self.matrix = [[float(v) for v in row] for row in matrix]
 
     def _tensors(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        w = torch.tensor(self.matrix, dtype=x.dtype, device=x.device)
-        return mean, w
+        return (self._constant("mean", self.mean, x, (1, 3, 1, 1)),
+                self._constant("matrix", self.matrix, x, (3, 3)))
 
     def __call__(self, x: Tensor) -> Tensor:
         mean, w = self._tensors(x)

@@ -103,9 +103,12 @@ def _fused(acts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _fused_flat(acts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """`_fused` over (N, C, H*W) rows: the form torch.compile vectorises into one loop."""
+    """Max, float32 sum and int32 positive count of each (N, C, H*W) row: the form
+    torch.compile vectorises into one loop. Each row in float32, as the eager CPU scan (the
+    reasons: `Scan`; in its own order, so the bits differ); a float64 accumulation made the
+    compiled kernel ~2x slower (a conversion per element)."""
     f = acts.flatten(2)
-    return f.amax(2), f.sum(2, dtype=torch.float64), (f > 0).sum(2, dtype=torch.int64)
+    return f.amax(2), f.sum(2), (f > 0).sum(2, dtype=torch.int32)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -199,19 +202,26 @@ class _Positives:
         np.greater(block, 0, out=self.view[:k])
         words = self.flags[:k].view(torch.int64).view(k, self.groups, self.per)
         part = self.part[:k]
+        lanes = part.view(torch.uint8).view(k, self.groups * 8)
+        if torch.get_num_threads() == 1:    # nothing to keep on this core: one call each
+            torch.sum(words, 2, out=part)
+            torch.sum(lanes, 1, out=out[:k])
+            return
         step = max(1, self._SERIAL // (self.groups * self.per))
         for i in range(0, k, step):
             torch.sum(words[i:i + step], 2, out=part[i:i + step])
         step = max(1, self._SERIAL // (self.groups * 8))
         for i in range(0, k, step):
-            torch.sum(part[i:i + step].view(torch.uint8), 1, out=out[i:i + step])
+            torch.sum(lanes[i:i + step], 1, out=out[i:i + step])
 
 
-def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Max, float32 sum, int64 positive count (`_Positives`) and element `at` of the rows of
-    `f`, `step` rows at a time, so that every read of a block but the first comes from cache
-    (element `at` too: read later from the whole tensor, one per row, it would cost a cache and
-    TLB miss each). One block: no element copy (None), the fewest calls."""
+def _blocked(f: Tensor, step: int, at: int, positions: bool = False
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, np.ndarray | None]:
+    """Max, float32 sum, int64 positive count (`_Positives`), element `at` and (`positions`)
+    numpy's first-maximum index of the rows of `f`, `step` rows at a time, so that every read
+    of a block but the first comes from cache (element `at` too: read later from the whole
+    tensor, one per row, it would cost a cache and TLB miss each). One block: no element copy
+    (None), the fewest calls."""
     total, length = f.shape
     rows = min(step, total)
     cache = _SCRATCH.__dict__.setdefault("positives", {})
@@ -221,10 +231,13 @@ def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Ten
             cache.clear()
         count = cache[rows, length] = _Positives(rows, length)
     src = f.detach().numpy()
+    arg = np.empty(total, np.int64) if positions else None
     if total <= step:
         m, s, p = f.amax(1), f.sum(1), torch.empty(total, dtype=torch.int64)
         count(src, p)
-        return m, s, p, None
+        if arg is not None:
+            np.argmax(src, 1, out=arg)
+        return m, s, p, None, arg
     m = torch.empty(total, dtype=f.dtype)
     s = torch.empty(total, dtype=torch.float32)
     p = torch.empty(total, dtype=torch.int64)
@@ -235,7 +248,9 @@ def _blocked(f: Tensor, step: int, at: int) -> tuple[Tensor, Tensor, Tensor, Ten
         torch.sum(blk, 1, out=so)
         eo.copy_(blk.select(1, at))
         count(src[i * step:i * step + len(blk)], po)
-    return m, s, p, e
+        if arg is not None:
+            np.argmax(src[i * step:i * step + len(blk)], 1, out=arg[i * step:i * step + len(blk)])
+    return m, s, p, e, arg
 
 
 class Scan:
@@ -248,6 +263,7 @@ class Scan:
     few images that can enter a top-k).
 
     `compiled`: fuse max, sum and count into one torch.compile'd kernel (None: `use_compile()`).
+    `positions`: also every row's first maximum, in the same pass (eager CPU).
     Eager CPU (`_blocked`): one pass over cache-sized blocks of (image, channel) rows, each block
     read from memory once (amax) and then, while it sits in cache, summed in float32, its
     centre column copied, and its positive values counted (`_Positives`, exact integers).
@@ -267,6 +283,11 @@ class Scan:
         self.device = acts.device
         self.compiled = use_compile() if compiled is None else bool(compiled)
         self._cache: dict[str, Tensor] = {}
+        # Set before the scan runs (`update_topk` does, while a top-k is not yet full): the
+        # eager CPU pass then also finds every row's first maximum from cache, cheaper than
+        # gathering the rows of many entering candidates from memory afterwards.
+        self.positions = False
+        self._argmax: np.ndarray | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -293,9 +314,12 @@ class Scan:
             m, s, p = f.amax(1), f.sum(1), (f > 0).sum(1)
         else:
             step = max(1, _SCAN_BYTES // (4 * length))
-            m, s, p, e = _blocked(f, step, (self.h // 2) * self.w + self.w // 2)
+            m, s, p, e, arg = _blocked(f, step, (self.h // 2) * self.w + self.w // 2,
+                                       self.positions)
             if e is not None:
                 self._cache["center"] = e[:rows].view(self.n, self.c)
+            if arg is not None:
+                self._argmax = arg[:rows]
         self._cache.update(max=m[:rows].view(self.n, self.c), sum=s[:rows].view(self.n, self.c),
                            pos=p[:rows].view(self.n, self.c))
 
@@ -340,6 +364,8 @@ class Scan:
         of the activations on the host: the smallest y, then x (numpy's `argmax` returns the
         first maximal index, -0.0 equal to 0.0, like torch's, and is ~10x faster on CPU).
         Rows are gathered a cache-sized block at a time."""
+        if self._argmax is not None:          # computed by the scan (`positions`)
+            return self._argmax[rows]
         flat = self.acts.detach().reshape(self.n * self.c, -1)
         if flat.dtype not in (torch.float32, torch.float64, torch.float16):
             return flat[torch.from_numpy(rows)].argmax(1).numpy()
@@ -352,7 +378,9 @@ class Scan:
         out = np.empty(total, np.int64)
         for i in range(0, total, step):
             part = rows[i:i + step]
-            out[i:i + len(part)] = np.take(src, part, axis=0, out=buf[:len(part)]).argmax(1)
+            # mode="clip" (the rows are valid): with "raise" numpy buffers `out`, ~3x slower
+            out[i:i + len(part)] = np.take(src, part, axis=0, out=buf[:len(part)],
+                                           mode="clip").argmax(1)
         return out
 
     def first_max_all(self) -> Tensor:
@@ -381,11 +409,12 @@ class ImageIndex:
         self._dev: Tensor | None = None
 
     def on(self, device: torch.device) -> Tensor:
-        """The indices on `device`, copied there once per batch (not once per accumulator)."""
+        """The indices on `device`, copied there once per batch (not once per accumulator),
+        from pinned memory: a copy from pageable memory would wait for the device."""
         if device.type == "cpu":
             return self.tensor
         if self._dev is None or self._dev.device != device:
-            self._dev = self.tensor.to(device, non_blocking=True)
+            self._dev = self.tensor.pin_memory().to(device, non_blocking=True)
         return self._dev
 
     @property
@@ -616,6 +645,8 @@ def update_topk(pairs: "list[tuple[TopK, Scan]]",
         if acc.activation.device != scan.device:
             acc._to(scan.device)
         if scan.device.type == "cpu":
+            if acc.neuron == "any" and acc.activation.shape[1] < acc.k and not scan._cache:
+                scan.positions = True    # a fresh top-k: most of the batch may enter
             groups.setdefault((acc.k, acc.activation.shape[1]), []).append((acc, scan))
         else:
             acc._update_device(scan, ix, acc._values(scan))
@@ -687,6 +718,42 @@ def _keep(act: np.ndarray, key: np.ndarray, pos: np.ndarray, new_act: np.ndarray
             allpos.reshape(-1)[flat])
 
 
+_INT_MM: list[bool] = []          # whether torch's int8 matrix product runs on this CPU
+
+
+def _int8_sums_apply(images: Tensor) -> bool:
+    """Whether the centre mean's crops of `images` are summed by `_int8_sums`: uint8 images on
+    the CPU, where torch's int8 matrix product runs (probed once per process: a private API
+    that an older or differently built torch may lack; the float32 path serves then)."""
+    if images.device.type != "cpu" or images.dtype != torch.uint8:
+        return False
+    if not _INT_MM:
+        try:
+            one = torch.ones(1, 1, dtype=torch.int8)
+            _INT_MM.append(int(torch._int_mm(one, one)[0, 0]) == 1)
+        except Exception:  # noqa: BLE001 - missing or not built for this CPU: float32 path
+            _INT_MM.append(False)
+    return _INT_MM[0]
+
+
+def _int8_sums(masks: Tensor, crops: Tensor, counts: Tensor) -> Tensor:
+    """(C, size) float64 sums of uint8 `crops` (n, size) under int8 0/1 `masks` (C, n),
+    exactly, by int8 products with int32 sums (`torch._int_mm`, oneDNN). Each crop value
+    x = 16 h + l is split into nibbles (0..15), one product each: whatever kernel oneDNN picks,
+    even one that adds pairs of products in saturating 16 bits (CPUs without VNNI, after
+    shifting an operand by 128), a pair stays below 2 * 143 * 15 < 2**15, so every sum is exact
+    (one product of x - 128 would be ~3x faster still, but a pair could reach 2 * 129 * 128 and
+    saturate there); |int32 sum| <= n * 255. 1.7-2.7x faster than the float32 matmul with its
+    conversion of the crops, on this project's build machine. The crops are spent (shifted in
+    place). `counts` is unused (the float path's signature)."""
+    low = _scratch("low", crops.shape, torch.uint8)
+    torch.bitwise_and(crops, 15, out=low)
+    high = crops.bitwise_right_shift_(4)
+    sums = torch._int_mm(masks, high.view(torch.int8)).mul_(16)
+    sums.add_(torch._int_mm(masks, low.view(torch.int8)))
+    return _scratch("sums", sums.shape, torch.float64).copy_(sums)
+
+
 class PositiveMean(_OnDevice, Accumulator):
     """Sum and per-pixel weight of the RF patches of positive activations, per channel.
 
@@ -756,14 +823,34 @@ class PositiveMean(_OnDevice, Accumulator):
         return self._weight
 
     def flush(self) -> "PositiveMean":
-        """Add the waiting centre crops into the float64 state: one float32 matmul of the 0/1
-        masks with the crops, a cache-sized block of images at a time (exact: see the class
-        docstring), then one float64 addition. Called by everything that reads the state."""
+        """Add the waiting centre crops into the float64 state: one matrix product of the 0/1
+        masks with the crops (on the CPU in int8 with int32 sums, `_int8_sums`; elsewhere in
+        float32, `_float_sums`: exact either way, see the class docstring), then one float64
+        addition. Called by everything that reads the state."""
         if not self._pn:
             return self
         n, c = self._pn, self.channels
         a, b, l, r = self._box
         masks = self._masks[:, :n]
+        cnt = masks.sum(1, dtype=torch.int64)
+        if masks.dtype == torch.int8:
+            out = _int8_sums(masks, self._crops[:n], cnt)
+        else:
+            out = self._float_sums(masks)
+        self._count += cnt
+        self._sum[:, :, a:b, l:r] += out.view(c, 3, b - a, r - l)
+        self._weight[:, a:b, l:r] += cnt.to(torch.float64).view(c, 1, 1)
+        self._pn = 0
+        for buf in self._bufs:
+            _give(buf)
+        self._crops = self._masks = None
+        self._bufs = ()
+        return self
+
+    def _float_sums(self, masks: Tensor) -> Tensor:
+        """(C, size) sums of the waiting crops under the 0/1 masks: float32 matmuls a
+        cache-sized block of images at a time (exact: see the class docstring), in float64."""
+        c, n = masks.shape
         size = self._crops.shape[1]
         step = max(1, _BLOCK_BYTES // (4 * size))
         cpu = self._crops.device.type == "cpu"
@@ -773,18 +860,8 @@ class PositiveMean(_OnDevice, Accumulator):
             part = self._crops[i:min(i + step, n)]
             crops = buf[:len(part)].copy_(part) if cpu else part.to(torch.float32)
             out.addmm_(masks[:, i:i + step], crops, beta=1 if i else 0)
-        cnt = masks.sum(1)
-        self._count += cnt.to(torch.int64)
-        if cpu:      # the float64 copy in a reused buffer (a new one faults on every page)
-            out = _scratch("sums", out.shape, torch.float64).copy_(out)
-        self._sum[:, :, a:b, l:r] += out.view(c, 3, b - a, r - l)
-        self._weight[:, a:b, l:r] += cnt.to(torch.float64).view(c, 1, 1)
-        self._pn = 0
-        for buf in self._bufs:
-            _give(buf)
-        self._crops = self._masks = None
-        self._bufs = ()
-        return self
+        # the float64 copy in a reused buffer on the CPU (a new one faults on every page)
+        return _scratch("sums", out.shape, torch.float64).copy_(out) if cpu else out.double()
 
     def _padded(self, images: Tensor, h: int, w: int) -> Tensor:
         """Images padded (zeros) or cropped so that neuron (y, x)'s RF starts at (j*y, j*x)."""
@@ -837,7 +914,8 @@ class PositiveMean(_OnDevice, Accumulator):
                 self._crops = self._bufs[0].view(images.dtype).view(cap, size)
                 # zeroed: the matmul may load (and mask off) floats past a block's last column,
                 # and a leftover denormal or NaN there made it ~3x slower (microcode assists)
-                self._masks = self._bufs[1].view(torch.float32).view(c, cap).zero_()
+                kind = torch.int8 if _int8_sums_apply(images) else torch.float32
+                self._masks = self._bufs[1].view(kind)[:c * cap].view(c, cap).zero_()
             p = self._pn
             self._crops[p:p + m].view(m, 3, y1 - y0, x1 - x0).copy_(
                 images[i:i + m, :, y0:y1, x0:x1])
@@ -903,10 +981,27 @@ class PositiveMean(_OnDevice, Accumulator):
     def to_table(self, model: str, layer: str) -> pa.Table:
         c, s = self.channels, self.size
         n = 3 * s * s
-        weight3 = np.broadcast_to(self._host("weight")[:, None], (c, 3, s, s)).reshape(c, n)
+        sm = self.sum.detach().cpu().numpy().reshape(c, n)
+        wt = self.weight.detach().cpu().numpy().reshape(c, 1, s * s)
+        # the columns in numpy, a channel at a time: the same float64 operations as `mean()`
+        # (sum / 255, then / weight, then to float32), without (C, 3, s, s) temporaries of
+        # each step (an RF of 255 px over 256 channels is 400 MB per float64 array)
+        scaled = np.empty((c, n), np.float64)
+        weight3 = np.empty((c, n), np.float64)
+        mean = np.empty((c, n), np.float32)
+        for k in range(c):
+            np.divide(sm[k], 255.0, out=scaled[k])
+            w = weight3[k].reshape(3, s * s)
+            w[:] = wt[k]
+            m = scaled[k] / np.maximum(weight3[k], 1.0)
+            m[weight3[k] <= 0] = np.nan
+            mean[k] = m
 
-        def lists(a: np.ndarray, t: pa.DataType) -> pa.Array:
-            return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), t), n).cast(pa.list_(t))
+        def lists(a: np.ndarray) -> pa.Array:     # zero-copy: the arrays are Arrow's values
+            values = pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), a.size,
+                                           [None, pa.py_buffer(a)])
+            return pa.ListArray.from_arrays(pa.array(np.arange(0, c * n + 1, n, dtype=np.int32)),
+                                            values)
 
         return pa.table({
             "model": pa.array([model] * c, pa.string()),
@@ -916,9 +1011,9 @@ class PositiveMean(_OnDevice, Accumulator):
             "count": pa.array(self._host("count")),
             "images": pa.array(np.full(c, self.images, dtype=np.int64)),
             "size": pa.array(np.full(c, s, dtype=np.int32)),
-            "mean": lists(self.mean().numpy().astype(np.float32), pa.float32()),
-            "sum": lists(self._host("sum") / 255.0, pa.float64()),
-            "weight": lists(weight3, pa.float64()),
+            "mean": lists(mean),
+            "sum": lists(scaled),
+            "weight": lists(weight3),
         }, schema=MEAN_SCHEMA)
 
     # --- the collection's surface (pipeline.stats.collection.Accumulator)

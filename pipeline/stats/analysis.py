@@ -66,14 +66,20 @@ def layer_specs(model: nn.Module, layers: list[Layer], input_size: int) -> list[
     return specs
 
 
-def default_batch_size(crop: int) -> int:
-    """Images per forward pass when none is given: as many pixels as 64 images of 224 px
-    (3.2 M), as a power of two within [64, 256]: 64 at 224 px and above, 128 at 128 px, 256 at
+def default_batch_size(crop: int, device: str = "cpu", images: int | None = None) -> int:
+    """Images per forward pass when none is given, a power of two within [64, 256] (never
+    more than `images` rounded up to a power of two: every forward runs the same batch shape,
+    so a 64-image run at batch 256 would pad each batch with 192 black images). CPU: as
+    many pixels as 64 images of 224 px (3.2 M): 64 at 224 px and above, 128 at 128 px, 256 at
     the demo's 64 px. Below ~160 px a batch of 64 is so little work that per-batch costs (each
     layer's dispatch, the accumulators' ~100 small calls) weigh: at 64 px (resnet34 width 16,
-    2 CPU threads) 256 analyses ~14 % more images per second than 64."""
-    n = 64 * 224 * 224 // max(1, crop * crop)
-    return max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
+    2 CPU threads) 256 analyses ~14 % more images per second than 64. CUDA: as many pixels as
+    256 images of 224 px (12.8 M): 256 up to 224 px (a GPU needs the work per launch; resnet34
+    to conv7 at 224 px and batch 256 holds ~2 GiB of activations), 64 at 448 px."""
+    pixels = (256 if device == "cuda" else 64) * 224 * 224
+    n = pixels // max(1, crop * crop)
+    size = max(64, min(256, 1 << (max(n, 1).bit_length() - 1)))
+    return size if images is None else min(size, 1 << max(0, images - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,7 @@ def accumulator_timing(specs: list[LayerSpec], options: "Collection | AnalysisOp
                        images: Tensor, indices: Tensor, repeats: int = 5,
                        compile: bool | None = None, updates: int = 8) -> dict[str, float]:
     """Milliseconds per batch of `AnalysisResult.update` on captured activations, against the
-    memory floor: one `amax` read of the same activations (`acts.amax((0, 2, 3))` per layer).
+    memory floor: one `amax` read of the same activations (each (image, channel) row's).
 
     `accumulator_ms_per_batch`: the steady state of a long run, where a batch's images rarely
     enter a top-k: the result first holds k images stronger than any here (every activation
@@ -286,7 +292,10 @@ def accumulator_timing(specs: list[LayerSpec], options: "Collection | AnalysisOp
             "hot": steady,
             "cold": lambda: AnalysisResult(specs, options, compile).update(
                 acts, images, indices).flush(),
-            "floor": lambda: [a.amax((0, 2, 3)) for a in acts.values()],
+            # one read: each (image, channel)'s amax, over contiguous rows on the CPU (the
+            # scan's own first pass; the per-channel amax((0, 2, 3)) reads strided memory and
+            # took ~3x as long: the floor it gave was too easy)
+            "floor": lambda: [a.amax((2, 3)) for a in acts.values()],
         }
         secs = interleaved({k: synced(fn) for k, fn in runs.items()}, max(1, repeats))
         best = {k: v * 1e3 / (updates if k == "hot" else 1) for k, v in secs.items()}
@@ -328,15 +337,22 @@ class ShardRunner:
     def new_result(self) -> AnalysisResult:
         return AnalysisResult(self.specs, self.collection, self.compile)
 
-    def activations(self, images: Tensor) -> dict[str, Tensor]:
-        """Post-ReLU activations of the layers for a uint8 (N, 3, H, W) batch, on the device."""
+    def inputs(self, images: Tensor) -> Tensor:
+        """The model input of a uint8 (N, 3, H, W) batch on the device: [0, 1], preprocessed."""
         x = images.to(self.device, non_blocking=True).float().div_(255.0)
         x = self.preprocess(x)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Post-ReLU activations of the layers for model inputs `x` (the forward stops after
+        the deepest)."""
         with torch.inference_mode(), Trace(self.model, self.layers) as tr:
             tr.run(x)
         return tr.outputs
+
+    def activations(self, images: Tensor) -> dict[str, Tensor]:
+        """Post-ReLU activations of the layers for a uint8 (N, 3, H, W) batch, on the device."""
+        return self.forward(self.inputs(images))
 
     def step(self, result: AnalysisResult, images: Tensor, indices: np.ndarray | Tensor) -> None:
         n = images.shape[0]

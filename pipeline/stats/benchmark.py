@@ -37,11 +37,13 @@ __all__ = ["Timing", "synthetic_jpeg", "synthetic_name", "paper_state_bytes", "d
 
 @dataclass(frozen=True)
 class Timing:
-    """How to time: the workload and the repetitions (jobs.bench's flags of the same names)."""
+    """How to time: the workload, the worker's share and the repetitions (jobs.bench fills it
+    with jobs.analyze's defaults: batch, threads, strict fp32)."""
     images: int = 256           # images per pass (cycling through the source if it has fewer)
     batch_size: int = 64        # images per forward
     repeats: int = 3            # timed repetitions of the in-memory passes; the best counts
-    cpus: int = 1               # decode threads and torch threads
+    threads: int = 1            # torch threads of one worker
+    decode_threads: int = 1     # its decode threads
     scaling_images: int = 256   # images for the 1- and 2-thread decode figures
     device: str = "cpu"         # cpu | cuda (already resolved)
 
@@ -154,13 +156,13 @@ def _decode_figures(manifest: Any, transform: Any, idx: np.ndarray, t: Timing
                     ) -> tuple[dict[str, Any], list]:
     """Decode throughputs (files -> batches; 1 vs 2 threads; nvJPEG on CUDA) and the host
     batches of the first pass, which feed the in-memory passes."""
-    bs = t.batch_size
-    t_dec, host = decode_seconds(manifest, transform, idx, bs, t.cpus, "cpu", keep=True)
+    bs, dt = t.batch_size, t.decode_threads
+    t_dec, host = decode_seconds(manifest, transform, idx, bs, dt, "cpu", keep=True)
     out: dict[str, Any] = {}
     if t.device == "cuda":
         out["decode_cpu_to_host_images_per_s"] = round(len(idx) / t_dec, 2)
-        t_dec, _ = decode_seconds(manifest, transform, idx, bs, t.cpus, "cuda")
-        t_nv, _ = decode_seconds(manifest, transform, idx, bs, t.cpus, "cuda", nvjpeg=True)
+        t_dec, _ = decode_seconds(manifest, transform, idx, bs, dt, "cuda")
+        t_nv, _ = decode_seconds(manifest, transform, idx, bs, dt, "cuda", nvjpeg=True)
         out["nvjpeg_decode_images_per_s"] = round(len(idx) / t_nv, 2)
     sidx = idx[:min(len(idx), t.scaling_images)]
     t1s, t2s = [], []
@@ -175,20 +177,39 @@ def _decode_figures(manifest: Any, transform: Any, idx: np.ndarray, t: Timing
     return out, [b for b in host if len(b)]
 
 
-def _end_to_end_seconds(runner: Any, manifest: Any, transform: Any, idx: np.ndarray, t: Timing,
-                        nvjpeg: bool) -> float:
-    """Files to accumulator state: the decode pipeline feeding the analysis step."""
-    from pipeline.data.decode import Decoder, Prefetcher
+def cycled(manifest: Any, n: int) -> Any:
+    """The manifest's first `n` images, cycling through it when it has fewer (image_index stays
+    0..n-1): the job's own reader then serves any number of benchmark images."""
+    import pyarrow as pa
 
-    res = runner.new_result()
-    with Decoder(transform, cpus=t.cpus, device=t.device, nvjpeg=nvjpeg) as dec:
-        dec.load(manifest, idx[:min(len(idx), t.batch_size)])
+    from pipeline.data.listing import Manifest
+
+    idx = np.arange(n, dtype=np.int64)
+    table = manifest.table.take(pa.array(idx % len(manifest)))
+    table = table.set_column(0, "image_index", pa.array(idx))
+    return Manifest(manifest.root, table, manifest.classes)
+
+
+def end_to_end(runner: Any, manifest: Any, transform: Any, t: Timing) -> dict[str, float]:
+    """Files to accumulator state through `ShardFeed`, the body of a jobs.analyze actor (its
+    decode pipeline, its model rebuilt from the blob, its threads, strict fp32), on one shard
+    of `t.images` images (nvJPEG on CUDA, as there): seconds to build the worker and to run the
+    shard."""
+    from pipeline.stats.worker import FeedSpec, ShardFeed, model_blob
+
+    blob = model_blob(runner.model.cpu(), runner.model.name, runner.preprocess)
+    runner.model.to(runner.device)
+    spec = FeedSpec(runner.specs, runner.options, cycled(manifest, t.images), transform, None,
+                    t.device, t.batch_size, t.threads, t.decode_threads)
+    t0 = time.perf_counter()
+    feed = ShardFeed(blob, spec)
+    built = time.perf_counter()
+    try:
+        feed.run(0, t.images)
         _sync(t.device)
-        t0 = time.perf_counter()
-        for b in Prefetcher(manifest, dec, t.batch_size).run([idx]):
-            runner.step(res, b.images, b.indices)
-        _sync(t.device)
-        return time.perf_counter() - t0
+        return {"worker_start": built - t0, "seconds": time.perf_counter() - built}
+    finally:
+        feed.close()
 
 
 def _model_seconds(runner: Any, batches: list, t: Timing) -> dict[str, float]:
@@ -211,16 +232,17 @@ def _model_seconds(runner: Any, batches: list, t: Timing) -> dict[str, float]:
             runner.activations(x)
         _sync(t.device)
 
-    def analysis() -> None:
-        res = runner.new_result()
+    def analysis() -> None:      # one shard of these images: a fresh result, flushed
+        res = state["result"] = runner.new_result()
         for x, ix in batches:
             runner.step(res, x, ix)
+        res.flush()
         _sync(t.device)
-        state["bytes"] = state_nbytes(res.state())
 
     best = interleaved({"forward": forward, "analysis": analysis, "truncated": truncated},
                        t.repeats)
-    return best | {"state_bytes": state["bytes"]}
+    # the state's trip to the host is once per shard (the engine saves it): not timed here
+    return best | {"state_bytes": state_nbytes(state["result"].state())}
 
 
 def bench_runner(model_name: str, layers: str, crop: int, top_k: int = 16,
@@ -246,10 +268,13 @@ def _describe(runner: Any, t: Timing) -> dict[str, Any]:
     """The JSON line's keys that name what was measured, and where."""
     import torchvision
 
+    from pipeline.models.precision import setting
+
     m, o = runner.model, runner.options
     out = {"device": t.device, "batch_size": t.batch_size, "model": m.name, "width": m.width,
            "layers": [s.name for s in runner.specs], "top_k": o.top_k,
-           "mean_all": "all" in o.mean_neurons, "threads": t.cpus, "cpus": t.cpus,
+           "mean_all": "all" in o.mean_neurons, "threads": t.threads,
+           "decode_threads": t.decode_threads, "precision": setting()["mode"],
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                         "cuda": torch.version.cuda},
            "paper_worker_state_bytes": paper_state_bytes(o.top_k, "all" in o.mean_neurons)["bytes"]}
@@ -259,33 +284,36 @@ def _describe(runner: Any, t: Timing) -> dict[str, Any]:
 
 
 def measure(runner: Any, manifest: Any, transform: Any, t: Timing) -> dict[str, Any]:
-    """Every key of jobs.bench's JSON line but the source's (crop, resize, data, files)."""
+    """Every per-image figure of jobs.bench's JSON line (its fixed costs are the job's:
+    jobs/bench.py), in strict fp32 as the job's workers run."""
+    from pipeline.models.precision import restore, set_strict_fp32
+
     idx = np.arange(t.images, dtype=np.int64) % len(manifest)
-    dec, host = _decode_figures(manifest, transform, idx, t)
-    images = torch.cat([b.images for b in host])
-    indices = torch.as_tensor(np.concatenate([b.indices for b in host]), dtype=torch.int64)
-    if t.device == "cuda":
-        images = images.pin_memory()
-    bs, n = t.batch_size, len(images)
-    batches = [(images[i:i + bs], indices[i:i + bs]) for i in range(0, n, bs)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(t.cpus)
+    before, threads = set_strict_fp32(), torch.get_num_threads()
     try:
+        dec, host = _decode_figures(manifest, transform, idx, t)
+        images = torch.cat([b.images for b in host])
+        indices = torch.as_tensor(np.concatenate([b.indices for b in host]), dtype=torch.int64)
+        if t.device == "cuda":
+            images = images.pin_memory()
+        bs, n = t.batch_size, len(images)
+        batches = [(images[i:i + bs], indices[i:i + bs]) for i in range(0, n, bs)]
+        torch.set_num_threads(t.threads)
         s = _model_seconds(runner, batches, t)
         acc = accumulator_figures(runner, batches[0], t.repeats)
-        e2e = len(idx) / _end_to_end_seconds(runner, manifest, transform, idx, t, False)
-        if t.device == "cuda":
-            dec["end_to_end_nvjpeg_images_per_s"] = round(
-                len(idx) / _end_to_end_seconds(runner, manifest, transform, idx, t, True), 2)
+        e2e = end_to_end(runner, manifest, transform, t)
     finally:
         torch.set_num_threads(threads)
-    ana = n / s["analysis"]
+        restore(before)
+    ana, rate = n / s["analysis"], t.images / e2e["seconds"]
     return _describe(runner, t) | dec | {
         "images": n, "forward_images_per_s": round(n / s["forward"], 2),
         "analysis_images_per_s": round(ana, 2),
         "truncated_forward_images_per_s": round(n / s["truncated"], 2),
-        "ratio": round(s["forward"] / s["analysis"], 3),
-        "end_to_end_images_per_s": round(e2e, 2),
+        "analysis_over_truncated_forward": round(s["truncated"] / s["analysis"], 3),
+        "analysis_over_full_forward": round(s["forward"] / s["analysis"], 3),
+        "end_to_end_images_per_s": round(rate, 2),
+        "worker_start_seconds": round(e2e["worker_start"], 3),
         "accumulator_ms_per_batch": acc["accumulator_ms_per_batch"],
         "accumulator_cold_ms_per_batch": acc["accumulator_cold_ms_per_batch"],
         "amax_floor_ms_per_batch": acc["amax_floor_ms_per_batch"],
@@ -293,9 +321,7 @@ def measure(runner: Any, manifest: Any, transform: Any, t: Timing) -> dict[str, 
         "accumulator_over_truncated_forward": round(
             acc["accumulator_ms_per_batch"] / 1e3 / (s["truncated"] / len(batches)), 3),
         "decode_over_analysis": round(dec["decode_images_per_s"] / ana, 3),
-        "end_to_end_over_analysis": round(e2e / ana, 3),
-        "projected_seconds_50k": round(50_000 / max(e2e, dec.get(
-            "end_to_end_nvjpeg_images_per_s", 0.0)), 1),
+        "end_to_end_over_analysis": round(rate / ana, 3),
         "worker_state_bytes": s["state_bytes"]}
 
 
@@ -303,31 +329,45 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
     """The human-readable lines of a jobs.bench result (the JSON line's keys)."""
     nv = (f"; nvJPEG {r['nvjpeg_decode_images_per_s']:.1f}"
           if "nvjpeg_decode_images_per_s" in r else "")
-    return [
+    lines = [
         f"forward   {r['forward_images_per_s']:10.1f} img/s  ({r['model']} width {r['width']}, "
-        f"{r['crop']}px, batch {r['batch_size']}, {r['device']})",
+        f"{r['crop']}px, batch {r['batch_size']}, {r['threads']} threads, {r['device']}, "
+        f"{r['precision']})",
+        f"truncated {r['truncated_forward_images_per_s']:10.1f} img/s  (the forward cut after "
+        f"{r['layers'][-1] if r['layers'] else '-'})",
         f"analysis  {r['analysis_images_per_s']:10.1f} img/s  (layers {','.join(r['layers'])}, "
-        f"top-{r['top_k']}, every accumulator)",
-        f"ratio     {r['ratio']:10.3f}",
-        f"decode    {r['decode_images_per_s']:10.1f} img/s  ({r['cpus']} threads; 1: "
+        f"top-{r['top_k']}, every accumulator; x{r['analysis_over_truncated_forward']:.3f} the "
+        f"truncated forward, x{r['analysis_over_full_forward']:.3f} the full one)",
+        f"decode    {r['decode_images_per_s']:10.1f} img/s  ({r['decode_threads']} threads; 1: "
         f"{r['decode_images_per_s_cpus1']:.1f}, 2: {r['decode_images_per_s_cpus2']:.1f}, "
         f"x{r['decode_scaling_2_over_1']:.2f}){nv}",
-        f"end to end {r['end_to_end_images_per_s']:9.1f} img/s  (files to accumulator state; "
-        f"50,000 images in {r['projected_seconds_50k']:.0f} s)",
+        f"end to end {r['end_to_end_images_per_s']:9.1f} img/s  (files to accumulator state "
+        f"through the worker's ShardFeed; worker start {r['worker_start_seconds']:.2f} s)",
         f"accumulators {r['accumulator_ms_per_batch']:.2f} ms/batch, steady state (fresh: "
         f"{r['accumulator_cold_ms_per_batch']:.2f}; reading the activations once: "
         f"{r['amax_floor_ms_per_batch']:.2f} ms, x{r['accumulator_over_amax_floor']:.2f})",
         f"worker state {r['worker_state_bytes'] / 2**20:.2f} MiB here; paper layers of a "
         f"full-size resnet34 at 224: {r['paper_worker_state_bytes'] / 2**20:.2f} MiB"]
+    if "fixed_seconds" in r:
+        fixed = ", ".join(f"{k} {v:.2f}" for k, v in r["fixed_seconds"].items() if v is not None)
+        lines += [f"fixed     {r['fixed_seconds_50k']:10.1f} s      (50,000 images on "
+                  f"{r['workers']} worker(s), {r['shards_50k']} shards: {fixed})",
+                  f"50,000 images in {r['projected_seconds_50k']:.0f} s ({r['fixed_seconds_50k']:.1f} s "
+                  f"fixed + {r['compute_seconds_50k']:.0f} s at the end-to-end rate)"]
+    return lines
 
 
 def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
                  channels: int = 64, size: int = 224, steps: int = 31,
                  no_crop: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Seconds for all `channels` of `layer` batched (forward stopped at the layer, RF window
-    crop) vs ONE channel through the full network (batch 1, whole input, forward to the
-    logits); `ratio` = batched / one-channel, the issue's "no more than about four" figure.
-    Any supported model; `layer` a paper name or module path (`width` applies to ResNets)."""
+    crop: `batched_s`, the Adam steps of a jobs.actmax task) vs ONE channel through the full
+    network (batch 1, whole input, forward to the logits); `ratio` = batched / one-channel, the
+    issue's "no more than about four" figure. Where a task's other time goes: building the model
+    (`model_build_s`, BN calibrated as for an untrained model), its first call (`first_call_s`:
+    the geometry trace and the kernels' first run) and the whole chunk with its PNGs and rows
+    (`chunk_s`). Any supported model; `layer` a paper name or module path (`width` applies to
+    ResNets)."""
     from dataclasses import replace
 
     from pipeline.actmax.optimize import Settings, calibrate_bn, maximize_channels, neuron, optimize, pixel
@@ -335,25 +375,33 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
     from pipeline.models.zoo import build_model, width_for
     from pipeline.data.preprocess import IMAGENET
 
+    from pipeline.actmax.optimize import timed_chunk
+    from pipeline.results.png import png_bytes
+
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
+    t = time.perf_counter()
     net = calibrate_bn(build_model(model, width=width_for(model, width)), size,
                        images=4, batch=4)
+    build = time.perf_counter() - t
     lay = resolve_layers(net, layer)[0]
     channels = min(channels, lay.channels)
     settings = Settings(steps=steps)
-    # warm-up outside the clock: Adam's first step imports torch._dynamo (seconds, once)
-    maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
+    # a task's first call: the geometry trace, the kernels' first run, Adam's first step
     t = time.perf_counter()
-    maximize_channels(net, lay, range(channels), size, IMAGENET, settings)
-    batched = time.perf_counter() - t
+    maximize_channels(net, lay, [0], size, IMAGENET, replace(settings, steps=1))
+    first = time.perf_counter() - t
+    _, chunk = timed_chunk(net, model, IMAGENET, lay, list(range(channels)), size, settings,
+                           encode=png_bytes)
+    batched = chunk["steps"]
     t = time.perf_counter()
     params, image_fn = pixel((1, 3, size, size))
     optimize(net, neuron(lay.name, 0), params, image_fn, steps=steps, stop=False)
     one = time.perf_counter() - t
     out = {"model": model, "width": net.width, "layer": lay.name, "channels": channels,
            "size": size, "steps": steps, "threads": torch.get_num_threads(),
+           "model_build_s": build, "first_call_s": first, "chunk_s": chunk["total"],
            "batched_s": batched, "one_channel_full_s": one, "ratio": batched / one}
     if no_crop:
         t = time.perf_counter()

@@ -1,90 +1,77 @@
 """Top-k stimulus patches: cut the RF squares of the final top-k from their images, as PNG.
 
-Pure compute on decoded images (`render_group`, a task's body, decodes them through
-pipeline.data.decode): rows are grouped per image so that each image is decoded once, and per patch
-size so that one `cut_patches` gather serves many rows.
+The driver decodes each image that a top-k row points at once (`pipeline.data.decode`, a thread
+pool), cuts each distinct RF square once (`pipeline.stats.patches`: every `center` row of a
+layer and image shares one square, `any` rows often repeat), and has the PNGs encoded in
+groups of about equal work: by `encode_groups` (jobs.analyze: Ray tasks in light workers that
+import numpy and Pillow only), else here in turn.
 
-    groups = image_groups(topk_table, parts=8)         # [array of image_index, ...]
-    for rows in patch_groups(topk_table, parts=8):    # one task each decodes its images once
-        pngs = render_rows(rows, batch.images, batch.indices)  # {row id: PNG bytes}
-    table = with_patches(topk_table, pngs)             # stimuli/topk.parquet (DESIGN.md)
+    pngs = patch_pngs(manifest, transform, topk, threads=8)   # {row: PNG bytes}
+    table = with_patches(topk, pngs)                           # stimuli/topk.parquet (DESIGN.md)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torch import Tensor
 
-from pipeline.models.geometry import cut_patches
 from pipeline.results import catalog
-from pipeline.results.png import png_bytes
+from pipeline.stats.patches import Piece, cut, distinct, encode, parts
 
-__all__ = ["TOPK_TABLE_SCHEMA", "image_groups", "patch_groups", "render_rows",
-           "render_group", "with_patches"]
+__all__ = ["TOPK_TABLE_SCHEMA", "patch_pngs", "with_patches", "DECODE_CHUNK", "GROUP_PIXELS"]
 
 TOPK_TABLE_SCHEMA = catalog.TOPK.schema
 TOPK_GEOMETRY_SCHEMA = catalog.TOPK.without("patch")     # the rows before their patches
+DECODE_CHUNK = 256          # images decoded (and held) at a time while the squares are cut
+# PNG work per group: Pillow encodes ~50 M square pixels a second on one core of the build
+# machine, so a group is ~0.5 s of work, worth a task of its own (a light worker starts in less)
+GROUP_PIXELS = 25_000_000
+
+EncodeGroups = Callable[[list[list[Piece]]], list[list[bytes]]]
 
 
-def image_groups(topk: pa.Table, parts: int) -> list[np.ndarray]:
-    """The distinct image_index values of `topk`, sorted, cut into <= `parts` contiguous groups."""
-    ids = np.unique(topk.column("image_index").to_numpy())
-    if ids.size == 0:
-        return []
-    return [g for g in np.array_split(ids, max(1, min(parts, ids.size))) if g.size]
+def _pieces(manifest: Any, transform: Any, keys: np.ndarray, threads: int | None
+            ) -> dict[int, Piece]:
+    """The `Piece` of each distinct square `keys` (image_index, top, left, size), images decoded
+    DECODE_CHUNK at a time; squares of images that no longer decode are left out."""
+    from pipeline.data.decode import Decoder
 
-
-def patch_groups(topk: pa.Table, parts: int) -> list[pa.Table]:
-    """The rows `render_rows` needs (row, image_index, top, left, size), one table per group of
-    `image_groups`: each group is one task that decodes its images once."""
-    import pyarrow.compute as pc
-
-    rows = topk.select(["image_index", "top", "left", "size"]).append_column(
-        "row", pa.array(range(topk.num_rows), pa.int64()))
-    return [rows.filter(pc.is_in(rows["image_index"], pa.array(g)))
-            for g in image_groups(topk, parts)]
-
-
-def render_rows(rows: pa.Table, images: Tensor, indices: np.ndarray) -> dict[int, bytes]:
-    """PNG of every row of `rows` (columns row, image_index, top, left, size) from `images`.
-
-    images: uint8 (N, 3, H, W) whose image_index values are `indices`. A row whose image is
-    missing (unreadable since the analysis) gets no entry.
-    """
-    pos = {int(i): k for k, i in enumerate(np.asarray(indices))}
-    row_ids = rows.column("row").to_numpy()
-    img = rows.column("image_index").to_numpy()
-    tops, lefts = rows.column("top").to_numpy(), rows.column("left").to_numpy()
-    sizes = rows.column("size").to_numpy()
-    out: dict[int, bytes] = {}
-    for size in np.unique(sizes):
-        sel = np.nonzero((sizes == size) & np.isin(img, list(pos)))[0]
-        if sel.size == 0:
-            continue
-        which = torch.as_tensor([pos[int(i)] for i in img[sel]], dtype=torch.int64)
-        patches, _ = cut_patches(images[which], torch.as_tensor(tops[sel]),
-                                 torch.as_tensor(lefts[sel]), int(size))
-        for k, r in enumerate(sel):
-            # lossless: the pixels the network saw
-            out[int(row_ids[r])] = png_bytes(patches[k].permute(1, 2, 0).cpu().numpy())
+    ids = np.unique(keys[:, 0])
+    out: dict[int, Piece] = {}
+    with Decoder(transform, cpus=threads) as dec:
+        for a in range(0, len(ids), DECODE_CHUNK):
+            batch = dec.load(manifest, ids[a:a + DECODE_CHUNK])
+            images = batch.images.permute(0, 2, 3, 1).numpy()          # (N, H, W, 3) views
+            pos = {int(i): k for k, i in enumerate(batch.indices)}
+            for k in np.nonzero(np.isin(keys[:, 0], ids[a:a + DECODE_CHUNK]))[0]:
+                i, top, left, size = (int(v) for v in keys[k])
+                if i in pos:
+                    out[int(k)] = cut(images[pos[i]], top, left, size)
     return out
 
 
-def render_group(manifest: Any, transform: Any, rows: pa.Table,
-                 demo_root: str | None = None) -> dict[int, bytes]:
-    """A patch task's body: decode the images of `rows` (one `patch_groups` table) once through
-    pipeline.data.decode, then `render_rows`. `demo_root`: make this node's copy of the demo data."""
-    from pipeline.data.decode import load_batch
-
-    if demo_root is not None:
-        from pipeline.data.demo import ensure_demo_data
-
-        ensure_demo_data(demo_root)
-    batch = load_batch(manifest, sorted(set(rows.column("image_index").to_pylist())), transform)
-    return render_rows(rows, batch.images, batch.indices)
+def patch_pngs(manifest: Any, transform: Any, topk: pa.Table, *, threads: int | None = None,
+               max_groups: int = 1, encode_groups: EncodeGroups | None = None
+               ) -> dict[int, bytes]:
+    """PNG bytes of each row of `topk` (columns image_index, top, left, size): row position ->
+    bytes; a row whose image no longer decodes gets no entry. The distinct squares go in
+    groups of about GROUP_PIXELS of work (at most `max_groups`) to `encode_groups` (default:
+    encoded here, one after the other)."""
+    if topk.num_rows == 0:
+        return {}
+    rows = np.stack([topk.column(c).to_numpy().astype(np.int64)
+                     for c in ("image_index", "top", "left", "size")], 1)
+    keys, inverse = distinct(rows)
+    pieces = _pieces(manifest, transform, keys, threads)
+    order = sorted(pieces)
+    work = sum(p.work for p in pieces.values())
+    n = max(1, min(max_groups, -(-work // GROUP_PIXELS)))
+    split = [[order[k] for k in g] for g in parts([pieces[k] for k in order], n)]
+    run = encode_groups or (lambda gs: [encode(g) for g in gs])
+    pngs = {k: b for g, out in zip(split, run([[pieces[k] for k in g] for g in split]))
+            for k, b in zip(g, out)}
+    return {r: pngs[int(k)] for r, k in enumerate(inverse) if int(k) in pngs}
 
 
 def with_patches(topk: pa.Table, pngs: dict[int, bytes]) -> pa.Table:

@@ -1,51 +1,19 @@
 """The one evaluation path against the truth: PIL's decoder, training's validation dataset, and a
-Prefetcher that runs across shard boundaries. CUDA tests (names contain `cuda`) run where a GPU is."""
+Prefetcher that runs across shard boundaries, the nvJPEG batch route rehearsed on the CPU. The
+CUDA tests are in test_decode_cuda.py."""
 from __future__ import annotations
 
-import io
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.data.decode import (Batch, Decoder, EvalTransform, Prefetcher, decode_rgb, jpeg_info,
                              load_batch)
 from pipeline.data.listing import build_manifest
-
-CUDA = torch.cuda.is_available()
-
-
-def _image(seed: int, h: int, w: int) -> np.ndarray:
-    # smooth + noise: JPEG-like content whose resize rounds differently somewhere
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(xx / (5 + c) + yy / 9 + seed) * 90 + 128 for c in range(3)], -1)
-    return (base + rng.normal(0, 20, (h, w, 3))).clip(0, 255).astype(np.uint8)
-
-
-def _encode(arr: np.ndarray, mode: str = "RGB", fmt: str = "JPEG", **kw) -> bytes:
-    buf = io.BytesIO()
-    opts = {"quality": 90, **kw} if fmt == "JPEG" else kw
-    Image.fromarray(arr).convert(mode).save(buf, format=fmt, **opts)
-    return buf.getvalue()
-
-
-def _pil(data: bytes) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-
-
-KINDS = {
-    "rgb": lambda a: _encode(a),
-    "gray": lambda a: _encode(a, "L"),
-    "progressive": lambda a: _encode(a, progressive=True),
-    "subsampling444": lambda a: _encode(a, subsampling=0),
-    "cmyk": lambda a: _encode(a, "CMYK"),
-    "png": lambda a: _encode(a, fmt="PNG"),
-}
+from tests.images import KINDS, encode as _encode, folder as _folder, image as _image, pil_rgb as _pil
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -67,16 +35,6 @@ def test_jpeg_info_routes_only_complete_jpegs():
     assert jpeg_info(_encode(a, fmt="PNG")) is None and jpeg_info(b"") is None
     with pytest.raises(Exception):
         decode_rgb(good[: len(good) // 2])
-
-
-def _folder(tmp_path, sizes=((300, 200), (64, 90), (72, 72), (120, 80), (50, 61))) -> list[bytes]:
-    kinds = ["rgb", "gray", "cmyk", "png", "progressive"]
-    blobs = []
-    for i, (h, w) in enumerate(sizes):
-        d = KINDS[kinds[i % len(kinds)]](_image(i, h, w))
-        (tmp_path / f"img_{i:02d}.JPEG").write_bytes(d)
-        blobs.append(d)
-    return blobs
 
 
 def test_validation_and_analysis_see_the_same_pixels(tmp_path):
@@ -183,24 +141,23 @@ def test_prefetcher_hands_over_a_units_last_batch_before_the_next_unit_arrives(t
                                                           ([4], True)]
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_nvjpeg_matches_cpu_path_and_falls_back(tmp_path):
-    good = _folder(tmp_path, sizes=[(300, 200), (64, 90), (72, 72), (120, 80), (50, 61), (480, 640)])
+def test_nvjpeg_route_rehearsed_on_the_cpu_equals_the_per_image_path(tmp_path):
+    """The nvJPEG path (files routed by the threads, one batched decode call, one resize per
+    image size, CPU rows staged and copied over, rows stacked in order), run on the CPU, where
+    libjpeg-turbo does the batched call: bit-identical to the per-image path, skips included.
+    On a GPU only nvJPEG's own rounding differs (test_decode_cuda.py)."""
+    sizes = [(300, 200), (64, 90), (72, 72), (120, 80), (50, 61), (300, 200), (300, 200), (90, 64)]
+    good = _folder(tmp_path, sizes)        # rgb, gray, cmyk, png, progressive, rgb, gray, cmyk
     (tmp_path / "z_truncated.JPEG").write_bytes(good[0][: len(good[0]) // 2])
     (tmp_path / "z_text.JPEG").write_bytes(b"not an image")
     m = build_manifest(str(tmp_path))
     tf = EvalTransform(64, 56)
-    cpu = load_batch(m, range(len(m)), tf)
-    with Decoder(tf, cpus=2, device="cuda", nvjpeg=True) as gpu_dec, \
-            Decoder(tf, cpus=2, device="cuda") as pinned:
-        gpu = gpu_dec.load(m, range(len(m)))
-        host = pinned.load(m, range(len(m)))
-        streamed = list(Prefetcher(m, gpu_dec, batch_size=3).run([(0, 4), (4, len(m))]))
-    assert gpu.images.is_cuda and host.images.is_cuda
-    assert gpu.indices.tolist() == cpu.indices.tolist() == host.indices.tolist()
-    assert [s[:2] for s in gpu.skipped] == [s[:2] for s in cpu.skipped]
-    assert torch.equal(host.images.cpu(), cpu.images)              # pinned copy: same bytes
-    # nvJPEG's IDCT/upsampling differ from libjpeg-turbo's by a few levels; never more.
-    diff = (gpu.images.cpu().int() - cpu.images.int()).abs()
-    assert diff.max().item() <= 8 and diff.float().mean().item() < 1.0
-    assert torch.equal(torch.cat([b.images for b in streamed]), gpu.images)
+    with Decoder(tf, cpus=2) as per_image, Decoder(tf, cpus=2) as batched:
+        batched.nvjpeg = True     # the GPU route on the CPU: the same code, libjpeg-turbo decodes
+        a, b = per_image.load(m, range(len(m))), batched.load(m, range(len(m)))
+        streamed = list(Prefetcher(m, batched, batch_size=3).run([(0, 4), (4, len(m))]))
+    assert torch.equal(a.images, b.images) and a.indices.tolist() == b.indices.tolist()
+    assert [s[:2] for s in a.skipped] == [s[:2] for s in b.skipped] == [
+        (8, "z_text.JPEG"), (9, "z_truncated.JPEG")]
+    assert torch.equal(torch.cat([x.images for x in streamed]), a.images)
+    assert [x.indices.tolist() for x in streamed] == [[0, 1, 2], [3], [4, 5, 6], [7]]

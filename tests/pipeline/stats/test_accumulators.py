@@ -459,3 +459,21 @@ def test_top_k_position_breaks_a_tie_at_the_kth_entry_of_a_full_state():
     acc = TopK(1, 2, "any").update(a, [7, 9]).update(b, [9])
     assert _as_rows(acc) == [[(-5.0, 7, 1, 1), (-3.0, 9, 1, 0)]]
     assert _as_rows(acc) == _brute_topk(torch.cat([a, b]), [7, 9, 9], 2, "any")
+
+
+def test_centre_mean_int8_product_equals_the_float_product():
+    """On the CPU uint8 crops are summed by an int8 product (int32 sums, crops shifted by 128);
+    float images take the float32 matmul: the same integers, the same float64 state."""
+    g = torch.Generator().manual_seed(11)
+    acts = torch.relu(torch.randn(37, 5, 7, 7, generator=g))
+    images = torch.randint(0, 256, (37, 3, 30, 30), generator=g, dtype=torch.uint8)
+    images[:3] = 255                                   # the extremes: 255 and 0
+    images[3:5] = 0
+    ints, floats = (PositiveMean(5, 11, 4, -3, "center") for _ in range(2))
+    for a in range(0, 37, 8):
+        assert accumulators._int8_sums_apply(images[a:a + 8])
+        ints.update(acts[a:a + 8], images[a:a + 8])
+        floats.update(acts[a:a + 8], images[a:a + 8].float())
+    assert not accumulators._int8_sums_apply(images.float())
+    _assert_same(ints, floats)
+    assert ints.count.sum() > 0 and ints.sum.max() > 255
