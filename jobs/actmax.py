@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from jobs.runtime import engine
 from jobs.runtime.inputs import check_writable, model_choices
-from jobs.runtime.console import Console, init_ray
+from jobs.runtime.console import Console, init_ray, no_cluster
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import write_run
 from pipeline.actmax.optimize import TABLE_SCHEMA as SCHEMA
@@ -165,6 +165,21 @@ def _where_time_went(con: Console, ran: list[dict]) -> dict[str, float]:
             round(max(0.0, con.wall - tasks), 3)}
 
 
+def _where(cfg: ActmaxConfig) -> tuple[engine.Device, engine.Plan, bool]:
+    """(device, plan, here): without a cluster (console.no_cluster) a job that one worker would
+    run (one GPU, or fewer than 16 CPUs, and no --workers above 1) runs in this process: Ray's
+    start and a worker's interpreter were most of a small run's seconds (the Adam steps of
+    conv3's 64 channels take ~0.4 s at 224 px). Otherwise Ray, started or joined here."""
+    if no_cluster() and (cfg.workers or 1) == 1:
+        device = engine.resolve_device(cfg.device, cluster=False)
+        plan = device.plan(cfg.workers or None, cpus_per_worker=8)
+        if plan.workers == 1:
+            return device, plan, True
+    init_ray(cfg.out)
+    device = engine.resolve_device(cfg.device)
+    return device, device.plan(cfg.workers or None, cpus_per_worker=8), False
+
+
 def units(cfg: ActmaxConfig, setup: _Setup) -> list[engine.Unit]:
     """One unit per (layer, chunk of --chunk channels), named layer-first-last."""
     out = []
@@ -194,13 +209,12 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         if setup.untrained:
             con.warn(f"no --checkpoint: visualising an UNTRAINED {setup.model_name} (BN "
                      f"statistics from noise); pass --checkpoint for real results")
-        init_ray(cfg.out)
-        device = engine.resolve_device(cfg.device)
-        plan = device.plan(cfg.workers or None, cpus_per_worker=8)
+        device, plan, here = _where(cfg)
         todo, st = units(cfg, setup), store(cfg, setup, device)
     total = sum(u.size for u in todo)
     con.info(f"{len(setup.layers)} layer(s), {total} channel(s), {len(todo)} unit(s) on "
-             f"{device.kind} x{plan.workers}")
+             f"{device.kind} x{plan.workers}" + (" in this process (no Ray cluster needed)"
+                                                  if here else ""))
     with con.stage("optimize"):
         work = engine.Task(_chunk, setup.model, setup.model_name, setup.preprocess,
                            setup.input_size, cfg.settings(), device.kind,
@@ -208,7 +222,7 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         ran: list[dict] = []                  # marker infos of the units computed now
         stats = engine.run_units(todo, work, st, plan=plan,
                                  progress=con.progress(total, "channels"),
-                                 on_done=lambda u, i: ran.append(i))
+                                 on_done=lambda u, i: ran.append(i), here=here)
     with con.stage("write"):
         table = sort_rows(engine.merge(st, stats.names, lambda a, b: pa.concat_tables([a, b])),
                           [lay.name for lay in setup.layers])
@@ -218,7 +232,8 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
         fingerprint=st.fingerprint, seconds=con.seconds, total_seconds=con.wall,
         counts={**stats.counts(), "layers": len(setup.layers), "channels": table.num_rows},
         work=table.num_rows, unit="channels", warnings=con.warnings,
-        details={**setup.details, "time": _where_time_went(con, ran)})
+        details={**setup.details, "time": _where_time_went(con, ran),
+                 "executor": "this process" if here else "ray"})
     st.clear()
     con.info(f"wrote {table.num_rows} rows to {url} in "
              f"{con.wall:.1f} s")

@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Iterator
 
-__all__ = ["log", "Console", "Progress", "init_ray", "format_seconds", "relay", "LOOPBACK"]
+__all__ = ["log", "Console", "Progress", "init_ray", "no_cluster", "format_seconds", "relay", "LOOPBACK"]
 
 _NESTING: list[str] = []     # the chain stages now running (Console.nest), innermost last
 
@@ -218,6 +218,17 @@ def _loopback_env() -> None:
         log("ray was imported before init_ray: the local Ray listens on this machine's address, "
             "not on loopback only")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def no_cluster() -> bool:
+    """Whether this job has no Ray cluster to use: RAY_ADDRESS unset (not under `ray job
+    submit`) and no Ray started in this process (tests, jobs.reproduce). Such a job may run
+    its units in this process (`engine.run_units(..., here=True)`) when one worker would do
+    all of them anyway: starting Ray and a worker process would only add their seconds."""
+    if os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    return ray is None or not ray.is_initialized()
 
 
 def init_ray(out: str | None = None, num_cpus: int | None = None, quiet: bool = True,

@@ -405,11 +405,35 @@ def _dispatch(todo: list[Unit], workers: _Workers, stats: RunStats, attempts: in
         workers.release_idle(pending)
 
 
+def _run_here(todo: list[Unit], work: Task | Pool, store: Store, run: str, stats: RunStats,
+              progress: Progress | None, on_done: Callable | None) -> None:
+    """Every unit in this process, in order, through the same partial-then-marker path (a
+    Pool's object built once). No retries: an error ends the job with its traceback, and a
+    rerun resumes from the units already done."""
+    obj = None if isinstance(work, Task) else work.cls(*work.init_args)
+    call = functools.partial(work.fn, *work.shared) if obj is None else obj.run
+    try:
+        for u in todo:
+            info = _execute(call, u, store, run)
+            stats.computed += 1
+            stats.infos[u.name] = info
+            if progress is not None:
+                progress.update(u.size)
+            if on_done is not None:
+                on_done(u, info)
+    finally:
+        if hasattr(obj, "close"):
+            obj.close()
+
+
 def run_units(units: Sequence[Unit], work: Task | Pool, store: Store, *, plan: Plan,
               resume: bool = True, attempts: int = 3,
               retry_on: tuple[type[BaseException], ...] = (), progress: Progress | None = None,
-              on_done: Callable[[Unit, dict], None] | None = None) -> RunStats:
-    """Compute every unit without a marker (module docstring); returns counts and marker infos."""
+              on_done: Callable[[Unit, dict], None] | None = None,
+              here: bool = False) -> RunStats:
+    """Compute every unit without a marker (module docstring); returns counts and marker infos.
+    `here`: in this process, one unit after the other, without Ray (`_run_here`; for a job
+    with no cluster whose units one worker would run anyway: console.no_cluster)."""
     names = [u.name for u in units]
     if len(set(names)) != len(names):
         raise ValueError("unit names must be unique")
@@ -427,6 +451,10 @@ def run_units(units: Sequence[Unit], work: Task | Pool, store: Store, *, plan: P
     if not todo:
         return stats
     run = uuid.uuid4().hex[:12]
+    if here:
+        _run_here(todo, work, store, run, stats, progress, on_done)
+        store.tries(run)                              # the try records go: nothing was retried
+        return stats
     workers = _Workers(work, store, plan, attempts, retry_on, run, len(todo))
     try:
         _dispatch(todo, workers, stats, attempts, retry_on, progress, on_done)

@@ -133,6 +133,33 @@ def test_job_end_to_end(ray_cluster, checkpoint, tmp_path):
     assert list((out / "_partials").iterdir()) == []
 
 
+def test_without_a_cluster_one_worker_runs_in_the_jobs_own_process(checkpoint, tmp_path):
+    """No RAY_ADDRESS, no Ray in the process, one worker (--workers 1): the units run in
+    the job's process, Ray is never started, and the rows are the batched call's."""
+    import os
+    import subprocess
+    import sys
+
+    url, model, zca = checkpoint
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "jobs.actmax", "--out", str(out), "--checkpoint",
+                           url, "--layers", "conv3", "--channels", "1-6", "--chunk", "4",
+                           "--workers", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "in this process" in done.stdout + done.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["details"]["executor"] == "this process"
+    assert run["counts"]["units_computed"] == 2 and run["counts"]["retries"] == 0
+    assert not (out / "_logs").exists()                   # Ray never started: no Ray log
+    rows = pq.read_table(out / "actmax.parquet").to_pylist()
+    want = am.maximize_channels(model, catalogue(model)["conv3"], range(1, 7), SIZE, zca)
+    np.testing.assert_allclose(np.array([r["input"] for r in rows], dtype=np.float32),
+                               want.input.reshape(6, -1).numpy(), atol=1e-3)
+    np.testing.assert_allclose([r["objective_end"] for r in rows], want.end.numpy(), rtol=1e-4)
+
+
 def test_job_resumes_from_partials(ray_cluster, checkpoint, tmp_path):
     """A partial of the same configuration is reused, not recomputed (marker values survive)."""
     url, model, zca = checkpoint

@@ -104,6 +104,47 @@ def test_units_run_partial_then_marker_then_resume(ray_cluster, tmp_path, work):
     assert (done.computed, done.resumed) == (0, 5)
 
 
+class Closing(Squarer):
+    closed: list = []
+
+    def close(self) -> None:
+        Closing.closed.append(self.offset)
+
+
+@pytest.mark.parametrize("work", [Task(square, 10), Pool(Closing, 10)], ids=["task", "pool"])
+def test_units_run_here_write_what_ray_writes_and_resume(tmp_path, work):
+    """here=True (no Ray): the same partials and markers, resume, and a Pool's object closed."""
+    store = Store(str(tmp_path / "here"), "fp1")
+    bar = Progress("t: ", total=15, unit="items")
+    run = engine.run_units(_units(), work, store, plan=PLAN, progress=bar, here=True)
+    assert run.counts() == {"units": 5, "units_computed": 5, "units_resumed": 0, "retries": 0}
+    assert bar.done == 15
+    for i in range(5):
+        assert store.load(f"u{i:02d}") == {"y": i * i + 10} and run.infos[f"u{i:02d}"]["x"] == i
+    assert not [p for p in (tmp_path / "here" / "_partials" / "fp1").iterdir()
+                if p.name.startswith("_tries")]
+    if isinstance(work, Pool):
+        assert Closing.closed[-1] == 10
+    (tmp_path / "here" / "_partials" / "fp1" / "u02.done").unlink()
+    again = engine.run_units(_units(), work, store, plan=PLAN, here=True)
+    assert (again.computed, again.resumed) == (1, 4) and store.load("u02") == {"y": 14}
+
+
+def square_but_one(x: int) -> Result:
+    if x == 1:
+        raise ZeroDivisionError(f"bad unit {x}")
+    return square(0, x)
+
+
+def test_a_unit_error_here_keeps_its_traceback_and_the_units_before_it(tmp_path):
+    store = Store(str(tmp_path), "fp")
+    with pytest.raises(ZeroDivisionError, match="bad unit 1"):
+        engine.run_units(_units(3), Task(square_but_one), store, plan=PLAN, here=True)
+    assert store.finished() == {"u00"}                   # finished work persists
+    again = engine.run_units(_units(3), Task(square, 0), store, plan=PLAN, here=True)
+    assert (again.computed, again.resumed) == (2, 1)
+
+
 def test_resume_lists_the_folder_once(ray_cluster, tmp_path, monkeypatch):
     """Finished units are found by one listing of <fingerprint>/, not one probe per unit."""
     import fsspec.implementations.local as local
