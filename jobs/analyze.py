@@ -110,7 +110,7 @@ class Prepared:
 
 def prepare(cfg: Config) -> Prepared:
     """Source, model, layers and their geometry in one pass; nothing is written."""
-    from pipeline.models.layers import catalogue
+    from pipeline.models.layers import rf_layers
     from pipeline.models.rf_catalogue import rf_table
     from pipeline.models.study import resolve
     from pipeline.stats.analysis import AnalysisOptions, default_batch_size, layer_specs
@@ -121,7 +121,7 @@ def prepare(cfg: Config) -> Prepared:
         s = resolve(cfg.data, cfg.checkpoint, cfg.model, cfg.layers, resize=cfg.resize,
                     crop=cfg.crop, limit=cfg.limit, seed=cfg.seed)
         specs = layer_specs(s.model.model, s.layers, s.transform.crop)
-        cat = catalogue(s.model.model)
+        cat = rf_layers(s.model.model)
         rf = rf_table(s.model.model, s.model.name, s.transform.crop,
                       [*cat.values(), *(la for la in s.layers if la.name not in cat)])
     options = AnalysisOptions(top_k=cfg.top_k,

@@ -5,6 +5,7 @@
     python -m jobs.bench --synthetic 256 --images 256 --resize 256 --crop 224 --width 64 --json
     python -m jobs.bench --synthetic 5000 --images 5000 --device cuda --json   # ImageNet-size JPEGs
     python -m jobs.bench --model mobilenet_v3_small --layers features.1.block.0.2,features.3
+    python -m jobs.bench --compare --crop 224 --resize 256 --json   # jobs.compare's worker
 
 The benchmark is the job: its batch size, torch and decode threads (one worker's share of this
 machine, as jobs.analyze plans it), strict fp32, and its worker's body (`ShardFeed`) end to end,
@@ -17,6 +18,10 @@ process's interpreter and imports, building the worker, saving and loading a sha
 merging two, cutting and encoding the top-k patches, writing the tables. The JSON names every
 ratio by what it divides and projects 50,000 images on this machine's workers with the fixed
 costs included. Human-readable lines go to stdout first, stage lines to stderr.
+`--compare` times jobs.compare's worker instead (`pipeline.compare.benchmark`): --model and its
+PlainNet (or the same architecture with another seed) on the same images, the comparison step
+against the two truncated forwards alone (torch threads: --threads, else --cpus), and its peak
+memory against the Gram and cross-sum sizes (minibatch --batch-size, default 256).
 """
 from __future__ import annotations
 
@@ -69,6 +74,9 @@ class Config(Options):
                                      "jobs.analyze's)", check=at_least(1))
     scaling_images: int = opt(256, "images decoded with 1 and with 2 threads (decode scaling)",
                               check=at_least(1))
+    compare: bool = opt(False, "time jobs.compare's worker: --model against its PlainNet on the "
+                        "same images, the comparison step against the two truncated forwards, "
+                        "and its peak memory (minibatch: --batch-size, default 256)")
     ray: bool = opt(True, "measure Ray's start too (a local Ray in a subprocess)",
                     flag="--no-ray")
     actmax: str | None = opt(None, "time jobs.actmax instead: every channel of this layer "
@@ -180,6 +188,8 @@ def run(cfg: Config) -> dict[str, Any]:
             with bad_input(ValueError, FileNotFoundError, first_line=True):
                 data = read_source(url)
                 transform = eval_transform(cfg.resize, cfg.crop, demo=data.demo)
+        if cfg.compare:
+            return _compare(cfg, con, data, transform, device, cfg.threads or cpus)
         batch = cfg.batch_size or default_batch_size(transform.crop, device)
         with bad_input(first_line=True):   # the message lists what is allowed
             runner, setup = _timed(
@@ -255,8 +265,37 @@ def actmax_lines(r: dict[str, Any]) -> list[str]:
             f"{100 * r['steps_fraction']:.0f} % in the steps"]
 
 
+def _compare(cfg: Config, con: Console, data: Any, transform: Any, device: str,
+             cpus: int) -> dict[str, Any]:
+    """`--compare`: jobs.compare's worker on --images decoded images (pipeline.compare.benchmark)."""
+    import numpy as np
+
+    from pipeline.compare.benchmark import CompareBench, bench_pair, measure_compare
+    from pipeline.data.decode import load_batch
+    from pipeline.data.demo import DEMO_CROP, DEMO_WIDTH
+    from pipeline.models.zoo import is_resnet
+
+    plain = cfg.model.replace("resnet", "plainnet", 1) if cfg.model.startswith("resnet") else None
+    b = CompareBench((cfg.model, plain or cfg.model), cfg.layers, transform.crop,
+                     cfg.width or (DEMO_WIDTH if transform.crop <= DEMO_CROP else 64),
+                     cfg.batch_size or 256, "float32", device, cfg.repeats, cpus)
+    idx = np.arange(cfg.images) % len(data.manifest)
+    with bad_input(first_line=True):   # an unknown layer: the message lists what is allowed
+        pair = bench_pair(b)
+    if not is_resnet(cfg.model):
+        con.info(f"{cfg.model} has no PlainNet: B is {cfg.model} with another seed")
+    with con.stage("decode", quiet=True):
+        batch = load_batch(data.manifest, idx, transform)
+    with con.stage("measure"):
+        res = measure_compare(b, batch.images, np.maximum(batch.labels, 0) % b.classes,
+                              pair=pair)
+    return res | {"resize": transform.resize, "files": len(data.manifest),
+                  "data": "demo" if data.demo else ("synthetic" if cfg.synthetic else "files")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def body(cfg: Config) -> None:
+        from pipeline.compare.benchmark import compare_summary
         from pipeline.stats.benchmark import summary_lines
 
         if cfg.actmax:
@@ -266,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(res, sort_keys=True))
             return
         res = run(cfg)
-        print("\n".join(summary_lines(res)))
+        print("\n".join(compare_summary(res) if cfg.compare else summary_lines(res)))
         if cfg.json:
             print(json.dumps(res, sort_keys=True))
     return run_cli(PROG, __doc__, Config, body, argv)

@@ -44,7 +44,8 @@ class Link(NamedTuple):
 
 LINKS = (Link("train", "train", "seed"), Link("analyze", "analyze", "seed"),
          Link("ablate", "ablate", "seed"), Link("actmax", "actmax", "model"),
-         Link("neuron_types", "neuron_types", "once"), Link("report", "report", "once"))
+         Link("neuron_types", "neuron_types", "once"), Link("compare", "compare", "once"),
+         Link("report", "report", "once"))
 STAGES = tuple(link.stage for link in LINKS)
 
 

@@ -5,8 +5,8 @@
 
 Arithmetic on the module graph (pipeline.models.geometry, no Ray), for any supported torchvision CNN
 and the PlainNets at any input size. Prints the table; writes it as Parquet to a `.parquet`
---out, or as receptive_fields.parquet (with run.json) into a folder --out. Rows: paper names for
-the ResNet family, module paths otherwise; columns as RF_SCHEMA (the contract's, then per axis
+--out, or as receptive_fields.parquet (with run.json) into a folder --out. Rows: paper names and
+block outputs (layer1.0 ...) for the ResNet family, module paths otherwise; columns as RF_SCHEMA (the contract's, then per axis
 and global_context). `--list` prints every layer `--layers` accepts and writes nothing.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The whole chain in one command: data -> train -> analyze -> ablate -> actmax -> types -> report.
+"""The whole chain in one command: data -> train -> analyze -> ablate -> actmax -> types -> compare
+-> report.
 
     python -m jobs.reproduce                    # embedded demo, ./results, ~5 min on 2 CPUs
     python -m jobs.reproduce --preset paper --train-data s3://b/imagenet/train \\
@@ -14,7 +15,8 @@ s3://); an interrupted stage resumes from its own partials. Every stage's Config
 before anything runs, so a bad option stops the chain before --out exists. The command that
 runs a stage alone goes to run.json (details.commands), and to the console when it fails. --out has
 pipeline/results/layout.py's layout; training seeds s >= 1 (--seeds) go under seeds/<s>/, the combined
-census, ablation and Table 1 cover every seed, actmax, neuron types and the report use seed 0.
+census, ablation and Table 1 cover every seed, actmax, neuron types, the comparison of the
+first two models (jobs.compare: A×B, A×A and B×B) and the report use seed 0.
 Per-model options take a comma list in which `MODEL=` starts that model's items (items before
 any `MODEL=` apply to every model). Ray's log: <out>/_logs/ray.log; commands run: run.json.
 """

@@ -21,7 +21,13 @@ where a path has the same name (`conv1` is the stem after its ReLU).
     cat["conv3"].module == "layer1.0.conv2"
     resolve_layers(model, "pool1,conv3")   # validated list, ValueError on unknown names
     resolve_layers(vgg, "features.28")     # any model: module paths
+    rf_layers(model)                       # the catalogue plus the ResNets' block outputs
     analysable_layers(model)               # the catalogue plus every module path
+
+Block outputs (ResNet family, `layer1.0` … `layer4.2` for ResNet34): the output of each residual
+block, which layer-similarity comparisons commonly use. It is the measurement point of the
+block's last numbered conv (`layer1.2` = `conv7`: the ReLU after the addition), so it shares that
+layer's module, hook and geometry; `receptive_fields.parquet` lists it beside the paper names.
 """
 from __future__ import annotations
 
@@ -30,8 +36,8 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-__all__ = ["Layer", "catalogue", "module_layers", "analysable_layers", "resolve_layers",
-           "PAPER_LAYERS", "has_paper_names"]
+__all__ = ["Layer", "catalogue", "module_layers", "block_outputs", "rf_layers",
+           "analysable_layers", "resolve_layers", "PAPER_LAYERS", "has_paper_names"]
 
 PAPER_LAYERS = ("pool1", "conv3", "conv7")
 CATALOGUE_INPUT_SIZE = 224  # input size at which module paths are traced (channels, call count)
@@ -130,12 +136,41 @@ def catalogue(model: nn.Module) -> dict[str, Layer]:
     return _paper_catalogue(model) if has_paper_names(model) else module_layers(model)
 
 
-def analysable_layers(model: nn.Module) -> dict[str, Layer]:
-    """The catalogue, then every module path not already named by it (what `--list` prints)."""
-    cat = catalogue(model)
+def block_outputs(model: nn.Module) -> dict[str, Layer]:
+    """The ResNet family's residual block outputs by module path (`layer1.0` ...), in forward
+    order, each measured where its block's last conv is (same point, pre-ReLU point and index);
+    empty for other models (their catalogue already holds every module path)."""
     if not has_paper_names(model):
-        return cat
-    out = dict(cat)
+        return {}
+    by_module = {layer.module: layer for layer in _paper_catalogue(model).values()}
+    out = {}
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for i, block in enumerate(getattr(model, stage)):
+            path = f"{stage}.{i}"
+            conv = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)][-1]
+            last = by_module[f"{path}.{conv}"]
+            out[path] = Layer(path, path, last.channels, last.point, last.pre, last.index)
+    return out
+
+
+def rf_layers(model: nn.Module) -> dict[str, Layer]:
+    """What `receptive_fields.parquet` lists: the catalogue in forward order, each block output
+    right after its block's last conv (ResNet family)."""
+    blocks = {layer.index: layer for layer in block_outputs(model).values()}
+    out: dict[str, Layer] = {}
+    for name, layer in catalogue(model).items():
+        out[name] = layer
+        if layer.index in blocks and layer.name.startswith("conv"):
+            out[blocks[layer.index].name] = blocks[layer.index]
+    return out
+
+
+def analysable_layers(model: nn.Module) -> dict[str, Layer]:
+    """The catalogue and the block outputs, then every module path not already named by them
+    (what `--list` prints)."""
+    if not has_paper_names(model):
+        return catalogue(model)
+    out = rf_layers(model)
     for path, layer in module_layers(model).items():
         out.setdefault(path, layer)
     return out

@@ -5,6 +5,7 @@ Above both `geometry` (the arithmetic) and `layers` (the names): RF per named la
     rfs = receptive_fields(build_model("resnet34"), input_size=224)
     rfs["pool1"].size, rfs["conv3"].size, rfs["conv7"].size      # 11, 27, 59
     table = rf_table(model, "resnet34")                            # receptive_fields.parquet rows
+    rfs["layer1.2"] == rfs["conv7"]                                # a block output: its last conv's
 
     table = rf_catalogue(["resnet34", "vgg16"], input_size=224)    # RF_SCHEMA rows
     print(format_rf_table(table)); [print(n) for n in rf_notes(table)]
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.models.geometry import RF, module_fields
-from pipeline.models.layers import analysable_layers, catalogue
+from pipeline.models.layers import analysable_layers, rf_layers
 from pipeline.results import catalog
 
 __all__ = ["COLUMNS", "LIST_COLUMNS", "RF_SCHEMA", "skeleton", "rf_catalogue", "format_rf_table",
@@ -44,13 +45,14 @@ def skeleton(name: str) -> nn.Module:
 
 
 def rf_catalogue(models: Sequence[str], input_size: int, all_layers: bool = False) -> pa.Table:
-    """The concatenated RF table of `models` (in that order); with `all_layers`, every
-    analysable layer (what `--layers` accepts) instead of the catalogue."""
+    """The concatenated RF table of `models` (in that order): the catalogue and the ResNets'
+    block outputs (`rf_layers`); with `all_layers`, every analysable layer (what `--layers`
+    accepts)."""
 
     tables = []
     for name in models:
         model = skeleton(name)
-        layers = analysable_layers(model) if all_layers else catalogue(model)
+        layers = analysable_layers(model) if all_layers else rf_layers(model)
         tables.append(rf_table(model, name, input_size, list(layers.values())))
     return pa.concat_tables(tables)
 
@@ -87,16 +89,18 @@ RF_SCHEMA = catalog.RECEPTIVE_FIELDS.schema
 
 
 def receptive_fields(model: nn.Module, input_size: int = 224) -> dict[str, RF]:
-    """RF of every catalogue layer keyed by layer name (`pipeline.models.layers.catalogue`).
+    """RF of every catalogue layer and block output keyed by layer name
+    (`pipeline.models.layers.rf_layers`).
 
     For the ResNet family these are the paper names (conv1, pool1, conv2..convN, fc): a layer's
     RF is that of its measurement point (the ReLU after it; for the last conv of a residual
     block, the ReLU after the addition, so the RF is the union of both paths); `fc` sees the
-    whole input. For other models, every analysable module path.
+    whole input; and the block outputs (`layer1.2`: the same point as conv7). For other models,
+    every analysable module path.
     """
     fields = module_fields(model, input_size)
     out = {}
-    for name, layer in catalogue(model).items():
+    for name, layer in rf_layers(model).items():
         if layer.point not in fields:
             raise ValueError(f"layer {name}: module {layer.point} is never called by the model")
         out[name] = fields[layer.point]
@@ -124,7 +128,8 @@ def rf_table(model: nn.Module, model_name: str, input_size: int = 224,
              layers: Sequence[Any] | None = None) -> pa.Table:
     """The `receptive_fields.parquet` rows of one model, in forward order (schema RF_SCHEMA).
 
-    Default rows: the catalogue (paper names for the ResNet family, module paths otherwise).
+    Default rows: `rf_layers` (paper names and block outputs for the ResNet family, module
+    paths otherwise).
     """
-    layers = list(catalogue(model).values()) if layers is None else list(layers)
+    layers = list(rf_layers(model).values()) if layers is None else list(layers)
     return pa.Table.from_pylist(rf_rows(model, model_name, layers, input_size), schema=RF_SCHEMA)

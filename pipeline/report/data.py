@@ -38,6 +38,9 @@ class ReportInputs:
     neuron_types: pa.Table | None = None  # neuron_types/summary.parquet
     properties: pa.Table | None = None    # neuron_types/properties.parquet
     type_rows: pa.Table | None = None     # neuron_types.parquet: model, layer, source, channel, type
+    cka: pa.Table | None = None           # compare/cka.parquet (jobs.compare)
+    matches: pa.Table | None = None       # compare/matches.parquet
+    selectivity: pa.Table | None = None   # compare/selectivity.parquet
     filters: dict[str, np.ndarray] = field(default_factory=dict)   # model -> first conv (C,3,k,k)
     metrics: dict[str, pa.Table] = field(default_factory=dict)     # model -> train metrics
     runs: dict[str, dict] = field(default_factory=dict)            # model -> analysis run.json

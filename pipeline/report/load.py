@@ -115,6 +115,15 @@ def _load_results(out: str, inputs: ReportInputs) -> None:
                                                      "type"])
 
 
+def _load_compare(out: str, inputs: ReportInputs) -> None:
+    """jobs.compare's tables: under compare/ (reproduce layout), else at the top (its --out)."""
+    for table in (catalog.CKA, catalog.MATCHES, catalog.SELECTIVITY):
+        setattr(inputs, table.name, _first(layout.compare_table(out, table.name), table.at(out)))
+    if inputs.cka is None:
+        inputs.missing["compare"] = (f"no {layout.compare_table(out, 'cka')}: the chain compares "
+                                     "two ResNet-family models; else run python -m jobs.compare")
+
+
 def _load_train(out: str, inputs: ReportInputs, warn: Callable[[str], None],
                 filters: Filters | None) -> None:
     """Per trained model: its metrics and (with `filters`) its checkpoint's first-conv filters."""
@@ -143,13 +152,15 @@ def load_inputs(out: str, warn: Callable[[str], None] = lambda msg: None,
     inputs = ReportInputs(source=out)
     _load_analysis(out, inputs)
     _load_results(out, inputs)
+    _load_compare(out, inputs)
     _load_train(out, inputs, warn, filters)
     tables = [inputs.rf, inputs.topk, inputs.mean, inputs.channels, inputs.actmax, inputs.table1,
-              inputs.ablation, inputs.neuron_types]
+              inputs.ablation, inputs.neuron_types, inputs.cka]
     if all(t is None for t in tables) and not inputs.metrics and not inputs.filters:
         expected = [layout.stimuli(".", "<model>", "topk"), layout.combined(".", "ablation", "table1"),
                     layout.combined(".", "actmax", "actmax"), layout.train_dir(".", "<model>"),
-                    layout.neuron_types_table(".", "summary")]
+                    layout.neuron_types_table(".", "summary"),
+                    layout.compare_table(".", "cka")]
         raise ReportInputError(f"no results under {out}: expected "
                                + ", ".join(e.removeprefix("./") for e in expected))
     return inputs

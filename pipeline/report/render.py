@@ -2,10 +2,12 @@
 pages, then index.html last (so that an index.html on disk is always complete)."""
 from __future__ import annotations
 
+from itertools import chain
 from typing import Iterator
 
 from pipeline.report import sections as s
 from pipeline.report.atlas import atlas_pages
+from pipeline.report.compare import compare_section
 from pipeline.report.data import ReportData, ReportInputs, ReportOptions, prepare
 from pipeline.report.images import ImageSink
 from pipeline.report.templating import render
@@ -38,7 +40,7 @@ def render_report(inputs: ReportInputs, options: ReportOptions = ReportOptions()
     for part in parts:
         done.append(part())
         yield from imgs.drain()   # hand images out as they are made, not all at the end
-    for item in _atlas_section(d, options, imgs):
+    for item in chain(compare_section(inputs, d, imgs), _atlas_section(d, options, imgs)):
         if isinstance(item, s.Section):
             done.append(item)
         else:

@@ -27,7 +27,7 @@ from pipeline.results.urls import join
 
 __all__ = ["Table", "TABLES", "MANIFEST", "RECEPTIVE_FIELDS", "TOPK", "MEAN", "CHANNELS",
            "BASELINE", "CENSUS", "ABLATION", "TABLE1", "ACTMAX", "NEURON_TYPES", "SUMMARY",
-           "PROPERTIES", "METRICS", "markdown"]
+           "PROPERTIES", "METRICS", "CKA", "MATCHES", "SELECTIVITY", "markdown"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def _schema(*fields: tuple) -> pa.Schema:
 
 MANIFEST = Table("manifest", _schema(
     ("image_index", _I64, False), ("path", _STR, False), ("label", _I64, True),
-), sort=("image_index",), job="analyze, ablate",
+), sort=("image_index",), job="analyze, ablate, compare",
     about="one image of the data source: 0-based position in path order, relative path, label "
           "(index into the sorted synset ids / class folders; null if unknown)")
 
@@ -251,9 +251,37 @@ METRICS = Table("metrics", _schema(
 ), sort=("epoch",), job="train",
     about="one training epoch: losses, accuracies, learning rate, throughput")
 
+CKA = Table("cka", _schema(
+    ("net_a", _STR), ("layer_a", _STR), ("net_b", _STR), ("layer_b", _STR), ("cka", _F64),
+    ("hsic_ab", _F64), ("hsic_aa", _F64), ("hsic_bb", _F64), ("n_images", _I64),
+    ("n_batches", _I64),
+), sort=("net_a", "net_b", "layer_a", "layer_b"), job="compare",
+    about="one (network, layer) pair of the grids A×B, A×A, B×B: linear CKA from the unbiased "
+          "HSIC averaged over minibatches (hsic_*: the means), the images and minibatches counted "
+          "(docs/compare.md)")
+
+MATCHES = Table("matches", _schema(
+    ("net_a", _STR), ("net_b", _STR), ("layer", _STR), ("channel_a", _I32), ("best_b", _I32),
+    ("best_r", _F64), ("matched_b", _I32), ("matched_r", _F64), ("samples", _I64),
+    ("per", _STR),
+), sort=("net_a", "net_b", "layer", "channel_a"), job="compare",
+    about="a channel of A and its partner in B at the same layer name: the most correlated "
+          "channel (best) and the one-to-one assignment maximising the summed Pearson r "
+          "(matched); null / NaN for a constant channel; samples per image and position, or per "
+          "image (`per`) when the maps differ in size")
+
+SELECTIVITY = Table("selectivity", _schema(
+    ("net", _STR), ("layer", _STR), ("channel", _I32), ("selectivity", _F64),
+    ("top_class", _I64), ("n_classes", _I64), ("images", _I64), ("mu_max", _F64),
+    ("mu_rest", _F64),
+), sort=("net", "layer", "channel"), job="compare",
+    about="a channel's class selectivity index (Morcos et al. 2018) on the manifest's labels: "
+          "(μ_max − μ_rest)/(μ_max + μ_rest) of its per-image spatial mean of max(activation, 0), "
+          "the top class, the classes with images")
+
 TABLES: dict[str, Table] = {t.name: t for t in (
     MANIFEST, RECEPTIVE_FIELDS, TOPK, MEAN, CHANNELS, BASELINE, CENSUS, ABLATION, TABLE1,
-    ACTMAX, NEURON_TYPES, SUMMARY, PROPERTIES, METRICS)}
+    ACTMAX, NEURON_TYPES, SUMMARY, PROPERTIES, METRICS, CKA, MATCHES, SELECTIVITY)}
 
 
 def markdown() -> str:

@@ -12,6 +12,7 @@ run.json, live at the top level only.
     <out>/ablation/{census,ablation,table1}.parquet  (all models, all training seeds)
     <out>/actmax/<model>/actmax.parquet, <out>/actmax/actmax.parquet
     <out>/neuron_types/{neuron_types,summary}.parquet, <out>/report/index.html, <out>/run.json
+    <out>/compare/{cka,matches,selectivity}.parquet  (the first two models)  compare_table(out, "cka")
     <out>/seeds/<s>/train/<model>/model.pt, .../analysis/<model>/..., .../ablation/<model>/...
 """
 from __future__ import annotations
@@ -22,10 +23,10 @@ from pipeline.results.urls import join
 __all__ = ["SEEDS_DIR", "STAGE_DIRS", "join", "seed_root", "stage_dir", "model_dir", "train_dir",
            "checkpoint", "metrics", "analysis_dir", "stimuli", "stimuli_table", "ablation_dir",
            "combined", "actmax_dir", "neuron_types_dir", "report_index", "run_json",
-           "ablation_table", "actmax_table", "neuron_types_table"]
+           "ablation_table", "actmax_table", "neuron_types_table", "compare_dir", "compare_table"]
 
 SEEDS_DIR = "seeds"
-STAGE_DIRS = ("train", "analysis", "ablation", "actmax", "neuron_types", "report")
+STAGE_DIRS = ("train", "analysis", "ablation", "actmax", "neuron_types", "compare", "report")
 
 
 def _table(name: str) -> catalog.Table:
@@ -119,3 +120,13 @@ def actmax_table(out: str, model: str, train_seed: int = 0) -> str:
 def neuron_types_table(out: str, table: str) -> str:
     """neuron_types/<table>.parquet; table: neuron_types or summary."""
     return _table(table).at(neuron_types_dir(out))
+
+
+def compare_dir(out: str) -> str:
+    """compare/: jobs.compare's --out (the chain compares its first two models, seed 0)."""
+    return stage_dir(out, "compare")
+
+
+def compare_table(out: str, table: str) -> str:
+    """compare/<table>.parquet; table: cka, matches or selectivity (jobs.compare's outputs)."""
+    return _table(table).at(compare_dir(out))

@@ -25,9 +25,10 @@ accumulator updated from the same `Batch`, merged, stored (`state()`: plain arra
 
 A `Batch` holds one batch of images as every accumulator of the collection sees it: the uint8
 images, their image_index (checked once), each layer's activations reduced once (`Scan`,
-keyed by the layer's name), and what is shared and computed on first use (`image_sum`). A job
-that feeds two models (one image read, two forwards) names the layers of both apart (e.g.
-`resnet34/conv3`) and passes both models' activations in one `Batch`. An accumulator class may
+keyed by the layer's name), and what is shared and computed on first use (`image_sum`; any
+other figure through `shared(key, compute)`). A job that feeds two models (one image read, two
+forwards) names the layers of both apart (e.g. `resnet34/conv3`) and passes both models'
+activations in one `Batch` (`pipeline.compare` does). An accumulator class may
 also override `add_all` (several of its instances from one batch at once: `TopK` stacks every
 layer's update into one) and `for_layers` (instances for something other than one layer each,
 e.g. a pair of layers).
@@ -35,7 +36,7 @@ e.g. a pair of layers).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -79,11 +80,18 @@ class Batch:
     index: "ImageIndex"                # image_index of each image, checked once
     scans: dict[str, "Scan"]           # per layer name: its (N, C, h, w) activations, scanned once
     labels: Tensor | None = None       # (N,) class labels, when the job has them
-    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
         return int(self.images.shape[0])
+
+    def shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per batch for every accumulator that asks under `key` (e.g. one
+        per-image reduction of a layer that several accumulators read)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     def image_sum(self) -> Tensor:
         """(3, H, W) int64 sum of the batch's images on their device: exact, computed once

@@ -132,3 +132,32 @@ def test_synthetic_jpegs_are_deterministic():
 
     assert synthetic_jpeg(3, seed=1) == synthetic_jpeg(3, seed=1) != synthetic_jpeg(3, seed=2)
     assert synthetic_name(0) == "ILSVRC2012_val_00000001.JPEG"
+
+
+COMPARE_KEYS = {"activation_bytes", "batch_size", "class_sum_bytes", "compare_float64_images_per_s",
+                "compare_images_per_s", "compare_layers", "compare_models", "cpus", "crop",
+                "cross_sum_bytes", "data", "device", "files", "forwards_images_per_s",
+                "gram_bytes", "hsic_bytes", "images", "peak_rss_compare_bytes",
+                "peak_rss_compare_extra_bytes", "peak_rss_forwards_bytes",
+                "peak_rss_models_bytes", "precision", "ratio", "ratio_float64", "resize", "width"}
+
+
+def test_bench_compare_times_the_pair_and_sizes_its_state(capsys):
+    assert bench.main(["--compare", "--images", "8", "--batch-size", "4", "--repeats", "1",
+                       "--device", "cpu", "--cpus", "1", "--width", "8", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert set(res) == COMPARE_KEYS
+    assert res["compare_models"] == ["resnet34", "plainnet34"]
+    assert res["compare_layers"] == ["pool1", "conv3", "conv7"] and res["images"] == 8
+    assert res["ratio"] == pytest.approx(res["compare_images_per_s"] / res["forwards_images_per_s"],
+                                         rel=0.01)
+    assert lines[0].startswith("forwards") and lines[1].startswith("compare")
+    # width 8 at 64 px: pool1, conv3, conv7 all (8, 16, 16); M = 6 Grams of 4 x 4 float64
+    assert res["gram_bytes"] == 6 * 4 * 4 * 8 and res["hsic_bytes"] == 6 * 6 * 8
+    assert res["cross_sum_bytes"] == 3 * (8 * 8 + 6 * 8) * 8
+    assert res["class_sum_bytes"] == 6 * (1000 * 8 * 8 + 1000 * 8)
+    assert res["activation_bytes"] == 2 * 3 * 4 * 8 * 16 * 16 * 4
+    assert res["peak_rss_compare_bytes"] >= res["peak_rss_models_bytes"] > 0
+    assert res["peak_rss_compare_extra_bytes"] == (res["peak_rss_compare_bytes"]
+                                                   - res["peak_rss_forwards_bytes"])

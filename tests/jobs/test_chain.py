@@ -34,8 +34,9 @@ def test_per_model_items_before_any_model_name_are_common():
 def test_stage_names_and_tags():
     assert chain.stage_name("train", "resnet34") == "train:resnet34"
     assert chain.stage_name("ablate", "vgg16", 2) == "ablate:vgg16:seed2"
-    assert chain.stage_tag("ablate:vgg16:seed2") == "[3/6] ablate:vgg16:seed2"
-    assert chain.stage_tag("report") == "[6/6] report"
+    assert chain.stage_tag("ablate:vgg16:seed2") == "[3/7] ablate:vgg16:seed2"
+    assert chain.stage_tag("compare") == "[6/7] compare"
+    assert chain.stage_tag("report") == "[7/7] report"
 
 
 def test_checks_name_the_flag_and_what_is_allowed():
@@ -127,5 +128,43 @@ def test_neuron_types_names_only_checkpoints_outside_out():
 
 
 def test_the_links_are_the_stages_in_order():
-    assert chain.STAGES == ("train", "analyze", "ablate", "actmax", "neuron_types", "report")
-    assert [link.per for link in chain.LINKS] == ["seed", "seed", "seed", "model", "once", "once"]
+    assert chain.STAGES == ("train", "analyze", "ablate", "actmax", "neuron_types", "compare",
+                            "report")
+    assert [link.per for link in chain.LINKS] == ["seed", "seed", "seed", "model", "once", "once",
+                                                  "once"]
+
+
+def test_compare_runs_once_on_the_first_two_resnet_family_models():
+    from jobs import compare
+
+    ckpts = {("resnet34", 0): "s3://b/r/train/resnet34/model.pt",
+             ("plainnet34", 0): "s3://b/r/train/plainnet34/model.pt"}
+    recipe = {"eval_resize": 256, "eval_crop": 224}
+    ctx = _ctx(opts(), checkpoints=dict(ckpts),
+               recipes={("resnet34", 0): recipe, ("plainnet34", 0): recipe})
+    # the paper preset: the job's default layers (pool1, conv2 ... conv33) and minibatch (256)
+    cfg, done = compare.chained(ctx, None, 0)
+    assert cfg.argv() == [
+        "--models", "resnet34,plainnet34", "--checkpoints",
+        "s3://b/r/train/resnet34/model.pt,s3://b/r/train/plainnet34/model.pt",
+        "--data", "s3://b/val", "--out", "s3://b/r/compare", "--resize", "256", "--crop", "224"]
+    assert done == "s3://b/r/compare/cka.parquet"
+    assert _rerun(compare, cfg) == cfg
+    # the demo: the analysed layers both share, the stage outputs, minibatches of 64
+    demo = opts(preset="demo", train_data=None, data=None,
+                layers="pool1,conv3,plainnet34=pool1,conv7")
+    cfg, _ = compare.chained(_ctx(demo), None, 0)
+    assert (cfg.layers, cfg.batch_size, cfg.checkpoints, cfg.data) == (
+        "pool1,layer2,layer3,layer4", 64, None, None)
+    cfg, _ = compare.chained(_ctx(opts(preset="demo", limit=30)), None, 0)
+    assert (cfg.batch_size, cfg.limit) == (7, 30)
+    # not two ResNet-family models, or one checkpoint missing: no comparison
+    assert compare.chained(_ctx(opts(models=("resnet50", "vgg16"), layers="features.4",
+                                     ablate_layer="features.4")), None, 0) is None
+    assert compare.chained(_ctx(opts(models=("resnet34",))), None, 0) is None
+    cfg, _ = compare.chained(_ctx(opts(models=("resnet18", "plainnet18", "vgg16"),
+                                       layers="vgg16=features.4",
+                                       ablate_layer="vgg16=features.4")), None, 0)
+    assert cfg.models == ("resnet18", "plainnet18")
+    half = _ctx(opts(), checkpoints={("resnet34", 0): "a.pt", ("plainnet34", 0): None})
+    assert compare.chained(half, None, 0) is None

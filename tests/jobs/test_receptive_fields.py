@@ -29,11 +29,14 @@ def test_subprocess_prints_and_writes_both_models(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].split() == DESIGN_COLUMNS
     rows = {(ln.split()[0], ln.split()[1]): ln.split() for ln in lines[1:]}
-    assert len(rows) == 70  # 35 layers (conv1, pool1, conv2..conv33, fc) per model
+    # per model 35 layers (conv1, pool1, conv2..conv33, fc) and 16 block outputs
+    assert len(rows) == 2 * (35 + 16)
     for model in ("resnet34", "plainnet34"):
         assert rows[(model, "pool1")][4] == "11"
         assert rows[(model, "conv3")][2:5] == ["layer1.0.conv2", "64", "27"]
         assert rows[(model, "conv7")][4:] == ["59", "4", "0", "56"]
+        assert rows[(model, "layer1.2")][2:] == ["layer1.2", *rows[(model, "conv7")][3:]]
+        assert rows[(model, "layer3.5")][4:] == rows[(model, "conv27")][4:]
 
     table = pq.read_table(out / "receptive_fields.parquet")
     assert table.schema.names[:8] == DESIGN_COLUMNS
@@ -52,7 +55,7 @@ def test_subprocess_prints_and_writes_both_models(tmp_path):
                  ("offset", "offset_x"), ("feature_size", "feature_width")):
         assert res[a].equals(res[b])
     flagged = res.filter(res["global_context"])["layer"].to_pylist()
-    assert flagged == ["fc"] and "1 of 35 layers also depend on the whole image" in proc.stderr
+    assert flagged == ["fc"] and "1 of 51 layers also depend on the whole image" in proc.stderr
 
 
 def test_list_prints_every_analysable_layer_and_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -144,7 +144,41 @@ def make_results(root: Path, with_train: bool = True, rng_seed: int = 0) -> Path
         [dict(model=m, layer=l, source=src, channel=c, type="no structure" if c == 1 else "other")
          for m in MODELS for l, src in [*((l, "mean") for l in LAYERS), ("conv1", "filter")]
          for c in range(8)]), str(root / "neuron_types" / "neuron_types.parquet"))
+    write_compare(root / "compare")
     return root
+
+
+def cka_value(net_a: str, la: str, net_b: str, lb: str) -> float:
+    """The fake CKA of a pair of (network, layer): 1 on a grid's diagonal, known elsewhere."""
+    i, j = list(LAYERS).index(la), list(LAYERS).index(lb)
+    return 1.0 if (net_a, i) == (net_b, j) else round(0.2 + 0.1 * i + 0.05 * j
+                                                     + 0.3 * (net_a == net_b), 4)
+
+
+def matched(layer: str, c: int) -> tuple[int, float]:
+    """Channel c of resnet34 is matched to plainnet34's (c + 1) % C with r falling with c."""
+    channels = LAYERS[layer][4]
+    return (c + 1) % channels, round(0.95 - 0.04 * c, 4)
+
+
+def write_compare(out: Path) -> None:
+    """jobs.compare's three tables for the fake pair, written through the catalog."""
+    from pipeline.results import catalog
+    from pipeline.results.tables import write
+
+    cka = [dict(net_a=a, layer_a=x, net_b=b, layer_b=y, cka=cka_value(a, x, b, y), hsic_ab=1.0,
+                hsic_aa=1.0, hsic_bb=1.0, n_images=96, n_batches=3)
+           for a, b in (MODELS, (MODELS[0],) * 2, (MODELS[1],) * 2) for x in LAYERS for y in LAYERS]
+    matches = [dict(net_a=MODELS[0], net_b=MODELS[1], layer=l, channel_a=c,
+                    best_b=matched(l, c)[0], best_r=matched(l, c)[1], matched_b=matched(l, c)[0],
+                    matched_r=matched(l, c)[1], samples=100, per="position")
+               for l in LAYERS for c in range(LAYERS[l][4])]
+    sel = [dict(net=m, layer=l, channel=c, selectivity=(c + 1) / (LAYERS[l][4] + 1) / (k + 1),
+                top_class=c % 3, n_classes=3, images=100, mu_max=1.0, mu_rest=0.5)
+           for k, m in enumerate(MODELS) for l in LAYERS for c in range(LAYERS[l][4])]
+    for table, rows in ((catalog.CKA, cka), (catalog.MATCHES, matches),
+                        (catalog.SELECTIVITY, sel)):
+        write(table, pa.Table.from_pylist(rows, schema=table.schema), str(out))
 
 
 # Any torchvision model: module-path layer names, a layer with global context, training seeds.
@@ -247,7 +281,8 @@ def built(tmp_path_factory) -> Path:
 def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
     index = _parse(built / "index.html")
     pages = sorted(set(index.links))
-    assert pages == sorted(f"atlas_{m}_{l}.html" for m in MODELS for l in LAYERS)
+    assert pages == sorted([f"atlas_{m}_{l}.html" for m in MODELS for l in LAYERS]
+                           + ["compare.html"])
     n_imgs = 0
     for page in ["index.html", *pages]:
         for tag in _parse(built / page).imgs:
@@ -269,6 +304,95 @@ def test_every_page_and_image_exists_and_matches_its_tag(built: Path):
                    "Properties, each on its own", "no structure",
                    "Receptive fields", "mod.conv7", *TYPES, "1, 5"):
         assert needle in text
+
+
+class _Svgs(html.parser.HTMLParser):
+    """Each <svg> of a page: its attributes, its texts by class, its rects (with their <title>)
+    and its <g class="box"> groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.svgs: list[dict] = []
+        self._text: str | None = None
+        self._title: dict | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "svg":
+            self.svgs.append({"attrs": a, "texts": {}, "rects": [], "boxes": []})
+        elif self.svgs and tag == "text":
+            self._text = a.get("class", "")
+            self.svgs[-1]["texts"].setdefault(self._text, []).append("")
+        elif self.svgs and tag == "rect":
+            self.svgs[-1]["rects"].append({**a, "title": ""})
+            self._title = self.svgs[-1]["rects"][-1]
+        elif self.svgs and tag == "g" and a.get("class") == "box":
+            self.svgs[-1]["boxes"].append(a)
+
+    def handle_endtag(self, tag):
+        if tag == "text":
+            self._text = None
+        elif tag == "rect":
+            self._title = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self.svgs[-1]["texts"][self._text][-1] += data
+        elif self._title is not None:
+            self._title["title"] += data
+
+
+def test_comparison_page_heatmaps_pairs_and_selectivity(built: Path):
+    from pipeline.report.compare import PAIRS, STRIP_PATCHES, colour
+
+    text = (built / "compare.html").read_text()
+    index = (built / "index.html").read_text()
+    assert '<a href="compare.html">' in index and "Not available" not in index
+    p = _Svgs()
+    p.feed(text)
+    maps = [s for s in p.svgs if s["attrs"].get("aria-label", "").startswith("CKA ")]
+    assert [(s["attrs"]["data-net-a"], s["attrs"]["data-net-b"]) for s in maps] == [
+        MODELS, (MODELS[0],) * 2, (MODELS[1],) * 2]
+    for s in maps:
+        a, b = s["attrs"]["data-net-a"], s["attrs"]["data-net-b"]
+        assert s["texts"]["row"] == list(LAYERS) and s["texts"]["col"] == list(LAYERS)
+        assert len(s["rects"]) == len(LAYERS) ** 2
+        for k, rect in enumerate(s["rects"]):         # row-major: A's layer, then B's
+            x, y = list(LAYERS)[k // len(LAYERS)], list(LAYERS)[k % len(LAYERS)]
+            v = cka_value(a, x, b, y)
+            assert rect["fill"] == colour(v) and rect["title"] == f"{a} {x} × {b} {y}: CKA {v:.3f}"
+    assert colour(0.0) != colour(1.0) and colour(float("nan")) == "#dddddd"
+    # matched pairs: best = highest r first, worst = lowest first; each strip shows A's
+    # channel (mean, then its top-k patches), a gap, then B's matched channel
+    page = _parse(built / "compare.html")
+    for layer, (*_geometry, channels) in LAYERS.items():
+        strips = [t for t in page.imgs if f"resnet34 {layer} channel" in t["alt"]]
+        assert len(strips) == 2 * PAIRS
+        order = sorted(range(channels), key=lambda c: -matched(layer, c)[1])
+        want = order[:PAIRS] + order[::-1][:PAIRS]
+        for tag, ca in zip(strips, want):
+            cb = matched(layer, ca)[0]
+            assert tag["alt"] == f"resnet34 {layer} channel {ca} and plainnet34 channel {cb}"
+            img = decode_png((built / tag["src"]).read_bytes())
+            cell = (img.shape[0] - 4)
+            assert img.shape[1] == 2 + (2 * (1 + STRIP_PATCHES) + 1) * (cell + 2)
+            for side, (model, ch) in enumerate((("resnet34", ca), ("plainnet34", cb))):
+                for r in range(STRIP_PATCHES):
+                    x = 2 + (side * (2 + STRIP_PATCHES) + 1 + r) * (cell + 2)
+                    assert (img[2:2 + cell, x:x + cell] == patch_colour(model, layer, ch, r)).all()
+    pairs = _tables_with(text, "resnet34")
+    assert [int(r["resnet34"]) for r in pairs[0]] == sorted(
+        range(LAYERS["pool1"][4]), key=lambda c: -matched("pool1", c)[1])[:PAIRS]
+    assert [r["r"] for r in pairs[0]] == [f"{matched('pool1', int(r['resnet34']))[1]:.3f}"
+                                          for r in pairs[0]]
+    # selectivity: a box per layer and network at the median of its channels
+    box = next(s for s in p.svgs if s["attrs"].get("class") == "boxplots")
+    assert [(b["data-layer"], b["data-net"]) for b in box["boxes"]] == [
+        (l, m) for l in LAYERS for m in MODELS]
+    for b in box["boxes"]:
+        c = LAYERS[b["data-layer"]][4]
+        vals = [(ch + 1) / (c + 1) / (MODELS.index(b["data-net"]) + 1) for ch in range(c)]
+        assert b["data-median"] == f"{np.median(vals):.3f}"
 
 
 def test_run_json_has_the_shared_shape(built: Path):

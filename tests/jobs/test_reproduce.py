@@ -77,7 +77,8 @@ def test_chain_writes_every_table_to_s3_without_leaking_credentials(run, chain):
         "analysis/resnet34/stimuli/topk.parquet", "analysis/plainnet34/stimuli/mean.parquet",
         "analysis/plainnet34/stimuli/channels.parquet", "analysis/resnet34/receptive_fields.parquet",
         "ablation/ablation.parquet", "ablation/table1.parquet", "actmax/actmax.parquet",
-        "neuron_types/summary.parquet", "report/index.html", "run.json",
+        "neuron_types/summary.parquet", "compare/cka.parquet", "compare/matches.parquet",
+        "compare/selectivity.parquet", "report/index.html", "report/compare.html", "run.json",
     ]
     missing = [p for p in expected if not fs.exists(f"{root}/{p}")]
     assert not missing, missing
@@ -95,10 +96,12 @@ def test_chain_writes_every_table_to_s3_without_leaking_credentials(run, chain):
         if path.endswith(".json"):
             text += fs.cat(path).decode()
     assert SECRET_KEY not in text and SECRET_ID not in text
-    assert re.search(r"\[6/6\] report done", chain)
+    assert re.search(r"\[7/7\] report done", chain)
     info = read_json(f"{run['out']}/run.json")
     assert_run_shape(info)
-    assert info["counts"]["stages_run"] == 2 * 4 + 2     # train, analyze, ablate, actmax x 2
+    assert info["counts"]["stages_run"] == 2 * 4 + 3     # train, analyze, ablate, actmax x 2
+    compare = info["details"]["commands"]["compare"]    # and neuron_types, compare, report
+    assert "--models resnet34,plainnet34" in compare and "--batch-size 4" in compare
     ablate = info["details"]["commands"]["ablate:resnet34"]
     assert ablate.startswith("python -m jobs.ablate ") and " --layer " not in ablate  # its pool1
 
@@ -116,7 +119,8 @@ def test_chain_console_is_one_screen_of_stage_epoch_and_progress_lines(chain):
     assert all(line[11:].startswith("reproduce: ") for line in lines), chain
     progress = [line for line in lines if PROGRESS.search(line)]
     assert all(re.search(r"reproduce: (train|analyze|ablate|actmax):\w+: \w+ \d+/", line)
-               or "reproduce: neuron_types: " in line for line in progress), progress
+               or re.search(r"reproduce: (neuron_types|compare): ", line) for line in progress), \
+        progress
     others = [line[len("[00:00:00] reproduce: "):] for line in lines
               if line not in progress and "WARNING" not in line]
     epochs = [o for o in others if re.fullmatch(r"train:\w+: epoch 1/1 .*", o)]
@@ -126,9 +130,9 @@ def test_chain_console_is_one_screen_of_stage_epoch_and_progress_lines(chain):
     assert sorted(c.split(":")[1] for c in census) == sorted(MODELS), others   # one line each
     rest = [o for o in others if o not in epochs and o not in census]
     stages = [f"{s}:{m}" for s in ("train", "analyze", "ablate", "actmax") for m in MODELS]
-    assert len(rest) == 2 * (len(stages) + 2) + 1, rest     # + neuron_types, report, done
-    for name in [*stages, "neuron_types", "report"]:
-        assert sum(bool(re.fullmatch(rf"\[\d/6\] {name} (\.\.\.|done in .* s)", o))
+    assert len(rest) == 2 * (len(stages) + 3) + 1, rest  # + neuron_types, compare, report, done
+    for name in [*stages, "neuron_types", "compare", "report"]:
+        assert sum(bool(re.fullmatch(rf"\[\d/7\] {name} (\.\.\.|done in .* s)", o))
                    for o in rest) == 2, (name, rest)
 
 
@@ -169,9 +173,9 @@ def test_a_job_run_alone_prints_table1_and_nested_prints_none(run, chain):
 
 def test_rerun_skips_every_finished_stage(run, chain):
     # the report is rebuilt on every run: left out here, it is what the first run tested
-    err = _reproduce(run, "--stages", "train,analyze,ablate,actmax,neuron_types")
+    err = _reproduce(run, "--stages", "train,analyze,ablate,actmax,neuron_types,compare")
     for stage in ("train:resnet34", "train:plainnet34", "analyze:resnet34", "ablate:plainnet34",
-                  "actmax:resnet34", "neuron_types"):
+                  "actmax:resnet34", "neuron_types", "compare"):
         assert f"{stage}: already complete" in err, err
 
 

@@ -147,9 +147,16 @@ def test_tables_of_residual_and_plain_nets_are_equal():
         res = rf_table(build_model(f"resnet{depth}", width=4), f"resnet{depth}", size)
         plain = rf_table(build_model(f"plainnet{depth}", width=4), f"plainnet{depth}", size)
         assert res.schema == RF_SCHEMA
-        assert res.num_rows == (35 if depth == 34 else 19)  # conv1, pool1, conv2..convN, fc
-        assert res.column("layer").to_pylist()[:3] == ["conv1", "pool1", "conv2"]
-        assert res.column("module").to_pylist()[3] == "layer1.0.conv2"
+        # conv1, pool1, conv2..convN, fc, and a block output after each block's last conv
+        assert res.num_rows == (35 + 16 if depth == 34 else 19 + 8)
+        assert res.column("layer").to_pylist()[:6] == ["conv1", "pool1", "conv2", "conv3",
+                                                      "layer1.0", "conv4"]
+        assert res.column("module").to_pylist()[3:5] == ["layer1.0.conv2", "layer1.0"]
+        rows = {r["layer"]: r for r in res.to_pylist()}
+        last = "layer4.2" if depth == 34 else "layer4.1"
+        for block, conv in (("layer1.0", "conv3"), (last, f"conv{depth - 1}")):
+            assert {k: v for k, v in rows[block].items() if k not in ("layer", "module")} == \
+                {k: v for k, v in rows[conv].items() if k not in ("layer", "module")}
         assert res.column("channels").to_pylist()[:3] == [4, 4, 4]
         assert set(res.column("input_size").to_pylist()) == {size}
         assert set(res.column("model").to_pylist()) == {f"resnet{depth}"}
@@ -441,6 +448,10 @@ def test_rf_table_is_a_pyarrow_table_in_forward_order():
     table = rf_table(build_model("plainnet18", width=4, num_classes=3), "plainnet18", 64)
     assert isinstance(table, pa.Table)
     rows = table.to_pylist()
-    assert [r["layer"] for r in rows] == list(catalogue(build_model("plainnet18")))
+    names = [r["layer"] for r in rows]
+    assert [n for n in names if not n.startswith("layer")] == \
+        list(catalogue(build_model("plainnet18")))
+    assert [n for n in names if n.startswith("layer")] == [f"layer{s}.{b}" for s in (1, 2, 3, 4)
+                                                           for b in (0, 1)]
     assert rows[-1]["layer"] == "fc" and rows[-1]["feature_size"] == 1
     assert rows[-1]["channels"] == 3
