@@ -218,7 +218,7 @@ def run(cfg: AblateConfig) -> dict[str, Any]:
     con = Console("ablate")
     with con.stage("setup", quiet=True):
         s, warnings = prepare(cfg)           # every bad input surfaces here, nothing written
-        check_writable(cfg.out)
+        check_writable(cfg.out, device=cfg.device)
         for w in warnings:
             con.warn(w)
         init_ray(cfg.out)

@@ -205,7 +205,7 @@ def run(cfg: ActmaxConfig, setup: _Setup | None = None) -> dict[str, Any]:
     con = Console("actmax")
     with con.stage("setup", quiet=True):
         setup = setup or prepare(cfg)            # all bad input surfaces here, before any write
-        check_writable(cfg.out)
+        check_writable(cfg.out, device=cfg.device)
         if setup.untrained:
             con.warn(f"no --checkpoint: visualising an UNTRAINED {setup.model_name} (BN "
                      f"statistics from noise); pass --checkpoint for real results")

@@ -217,7 +217,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     con = Console("analyze")
     with con.stage("setup", quiet=True):
         prep = prep or prepare(cfg)              # every bad input surfaces here, nothing written
-        check_writable(cfg.out)
+        check_writable(cfg.out, device=cfg.device)
         if prep.study.model.warning:
             con.warn(prep.study.model.warning)
         init_ray(cfg.out)

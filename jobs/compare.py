@@ -294,7 +294,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     con = Console("compare")
     with con.stage("setup", quiet=True):
         prep = prep or prepare(cfg)              # every bad input surfaces here, nothing written
-        check_writable(cfg.out)
+        check_writable(cfg.out, device=cfg.device)
         for w in prep.warnings:
             con.warn(w)
         init_ray(cfg.out)

@@ -12,11 +12,21 @@ from jobs.runtime.options import BadInput
 __all__ = ["check_writable", "model_choices"]
 
 
-def check_writable(url: str) -> None:
-    """Fail early (BadInput) when `url` cannot be created or written. It creates the folder:
-    call it after the inputs are resolved."""
+def check_writable(url: str, device: str | None = None) -> None:
+    """Fail early (BadInput) when `url` cannot be created or written, or when `device` is
+    `cuda` while no cluster is given (no RAY_ADDRESS, no Ray in this process) and this machine
+    has no CUDA device: the local Ray that the job would start could not have one either, and
+    that is known before anything is written (on a cluster, `resolve_device` checks its GPUs
+    once Ray is up). It creates the folder: call it after the inputs are resolved."""
+    from jobs.runtime.console import no_cluster
     from pipeline.results.tables import fs_path
 
+    if device == "cuda" and no_cluster():
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BadInput("--device cuda asked for, but this machine has no CUDA device and "
+                           "no cluster is given (RAY_ADDRESS); use auto or cpu")
     try:
         fs, path = fs_path(url)
         fs.makedirs(path, exist_ok=True)
