@@ -257,7 +257,7 @@ def actmax_lines(r: dict[str, Any]) -> list[str]:
     return [f"actmax    {r['channels']} channels of {r['layer']} ({r['model']} width {r['width']}, "
             f"{r['size']} px, {r['steps']} steps, {r['threads']} threads)",
             f"steps     {r['batched_s']:8.2f} s  (one channel through the whole network: "
-            f"{r['one_channel_full_s']:.2f} s, x{r['ratio']:.2f})",
+            f"{r['one_channel_full_s']:.2f} s, x{r['batched_over_one_channel_full']:.2f})",
             f"start-up  ray {f['ray_start'] or 0:.2f} s, worker process {f['worker_process']:.2f} s, "
             f"model {r['model_build_s']:.2f} s, first call {r['first_call_s']:.2f} s, rest of "
             f"the task {r['chunk_s'] - r['batched_s']:.2f} s, write {f['write']:.2f} s",

@@ -186,8 +186,9 @@ def measure_compare(b: CompareBench, images: torch.Tensor, labels: np.ndarray,
            "forwards_images_per_s": round(n / best["forwards"], 2),
            "compare_images_per_s": round(n / best["compare"], 2),
            "compare_float64_images_per_s": round(n / best["compare64"], 2),
-           "ratio": round(best["forwards"] / best["compare"], 3),
-           "ratio_float64": round(best["forwards"] / best["compare64"], 3), **sizes(plan)}
+           "compare_over_two_truncated_forwards": round(best["forwards"] / best["compare"], 3),
+           "compare_float64_over_two_truncated_forwards": round(
+               best["forwards"] / best["compare64"], 3), **sizes(plan)}
     if b.device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
         out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -208,8 +209,9 @@ def compare_summary(r: dict[str, Any]) -> list[str]:
         f"{r['cpus']} threads; truncated after {r['compare_layers'][-1]})",
         f"compare   {r['compare_images_per_s']:10.1f} img/s  (layers "
         f"{','.join(r['compare_layers'])}; {r['precision']} Grams, float64 sums)",
-        f"ratio     {r['ratio']:10.3f}  (float64 Grams: {r['compare_float64_images_per_s']:.1f} "
-        f"img/s, ratio {r['ratio_float64']:.3f})",
+        f"ratio     {r['compare_over_two_truncated_forwards']:10.3f}  (float64 Grams: "
+        f"{r['compare_float64_images_per_s']:.1f} img/s, ratio "
+        f"{r['compare_float64_over_two_truncated_forwards']:.3f})",
         f"sizes     Grams {r['gram_bytes'] / mib:.1f} MiB per minibatch, cross sums "
         f"{r['cross_sum_bytes'] / mib:.2f} MiB, class sums {r['class_sum_bytes'] / mib:.2f} MiB, "
         f"activations {r['activation_bytes'] / mib:.1f} MiB per minibatch"]

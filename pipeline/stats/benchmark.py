@@ -362,7 +362,7 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
                  no_crop: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Seconds for all `channels` of `layer` batched (forward stopped at the layer, RF window
     crop: `batched_s`, the Adam steps of a jobs.actmax task) vs ONE channel through the full
-    network (batch 1, whole input, forward to the logits); `ratio` = batched / one-channel, the
+    network (batch 1, whole input, forward to the logits); `batched_over_one_channel_full` = batched / one-channel, the
     issue's "no more than about four" figure. Where a task's other time goes: building the model
     (`model_build_s`, BN calibrated as for an untrained model), its first call (`first_call_s`:
     the geometry trace and the kernels' first run) and the whole chunk with its PNGs and rows
@@ -402,7 +402,7 @@ def bench_actmax(model: str = "resnet34", width: int = 64, layer: str = "conv3",
     out = {"model": model, "width": net.width, "layer": lay.name, "channels": channels,
            "size": size, "steps": steps, "threads": torch.get_num_threads(),
            "model_build_s": build, "first_call_s": first, "chunk_s": chunk["total"],
-           "batched_s": batched, "one_channel_full_s": one, "ratio": batched / one}
+           "batched_s": batched, "one_channel_full_s": one, "batched_over_one_channel_full": batched / one}
     if no_crop:
         t = time.perf_counter()
         maximize_channels(net, lay, range(channels), size, IMAGENET, replace(settings, crop=False))

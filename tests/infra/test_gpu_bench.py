@@ -13,16 +13,28 @@ SCRIPT = ROOT / "infra" / "gpu-bench.sh"
 
 
 def _run(env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "BENCH_DEVICE": "cpu", **env}
-    env.pop("PYTHONPATH", None)        # the script sets it: nothing is installed on a GPU host
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # the script sets PYTHONPATH itself: nothing is installed on a GPU host
+    env = {**base, "PYTHON": sys.executable, "BENCH_DEVICE": "cpu", **env}
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _without(tmp_path: Path, *packages: str) -> str:
+    """A folder whose stand-ins for `packages` refuse to import: the GPU hosts have neither
+    Ray nor s3fs, so the device check must never import them (this machine has both)."""
+    for name in packages:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is not on the GPU hosts: the device check must not "
+            f"import it')\n")
+    return str(tmp_path)
 
 
 def test_device_check_rehearsal_on_cpu(tmp_path):
     out = tmp_path / "out"
     p = _run({"OUT": str(out), "BENCH_IMAGES": "260", "BENCH_DATA": str(tmp_path / "jpegs"),
-              "BENCH_WIDTH": "16"})
+              "BENCH_WIDTH": "16", "PYTHONPATH": _without(tmp_path / "blocked", "ray", "s3fs")})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "device-check.json").read_text())
     log = (out / "device-check.log").read_text()
