@@ -90,6 +90,7 @@ class Prepared:
     rf_table: Any
     batch_size: int              # --batch-size, else pipeline.stats.analysis.default_batch_size
                                  # (the CPU's here; run() takes the device's)
+    compiled: bool | None = None  # torch.compile'd scans: run() decides (compile_by_default)
 
     @property
     def manifest(self) -> Any:
@@ -143,7 +144,7 @@ def store(prep: Prepared, device: engine.Device, precision: dict | None = None) 
                 "collection": prep.options.collection().describe(),   # the accumulators run
                 "precision": setting() if precision is None else precision,
                 # eager and compiled scans differ in the last bits of the float sums
-                "compiled_scan": use_compile()}
+                "compiled_scan": use_compile() if prep.compiled is None else prep.compiled}
     return engine.Store(prep.cfg.out, engine.fingerprint(
         prep.cfg, resolved, engine.digest(prep.blob["state_dict"]), prep.study.source.digest(),
         device=device))
@@ -210,6 +211,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
     from pipeline.data.listing import write_manifest
     from pipeline.results import catalog
     from pipeline.results.tables import write
+    from pipeline.stats.accumulators import compile_by_default
     from pipeline.stats.analysis import default_batch_size
     from pipeline.stats.worker import FeedSpec
     from pipeline.stats.stimuli import with_patches
@@ -226,6 +228,9 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
             prep.batch_size = default_batch_size(prep.transform.crop, device.kind,
                                                  len(prep.manifest))
         pl, dec = device.decode_plan(cfg.workers)
+        # compiled scans where a worker analyses enough images to pay the compile back
+        prep.compiled = compile_by_default(-(-len(prep.manifest) // pl.workers),
+                                           prep.transform.crop, device.kind)
         todo, st = units(prep, pl), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
         write_manifest(prep.manifest, catalog.MANIFEST.at(cfg.out))
@@ -236,7 +241,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
              f"{','.join(s.name for s in prep.specs)}")
     coll = prep.options.collection()          # the accumulators: their tables are the outputs
     work = FeedSpec(prep.specs, coll, prep.manifest, prep.transform, prep.demo_root,
-                    device.kind, prep.batch_size, pl.threads, dec)
+                    device.kind, prep.batch_size, pl.threads, dec, compile=prep.compiled)
     fresh: list[int] = []                       # images of the shards computed by this run
     with con.stage("analyze"):
         stats = engine.run_units(todo, engine.Pool(ShardWorker, prep.blob, work, inflight=2), st,
@@ -282,7 +287,8 @@ def _report(cfg: Config, prep: Prepared, con: Console, device: engine.Device, wo
                  "layers": [asdict(s) for s in prep.specs],
                  "worker_state_bytes": max((i.get("state_bytes", 0) for i in m.infos), default=0),
                  "precision": m.precision(),
-                 "decode": {"threads": dec, "nvjpeg": device.kind == "cuda", "prefetch": 2}})
+                 "decode": {"threads": dec, "nvjpeg": device.kind == "cuda", "prefetch": 2},
+                 "compiled_scan": bool(prep.compiled)})
 
 
 def chained(ctx: Any, model: str, seed: int) -> tuple[Config, str]:

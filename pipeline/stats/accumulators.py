@@ -24,7 +24,8 @@ one matmul (`PositiveMean.flush`, called by everything that reads the state). Ac
 state lives on the activations' device (moved there on the first update) and crosses to the
 host only in `state()` / `to_table()`: no per-batch device-to-host copy, and top-k merges on
 the device. `Scan(acts, compiled=True)` (or `PREFERRED_STIMULI_COMPILE=1`, see `use_compile`)
-fuses the max, sum and count into one torch.compile'd kernel. Timings: docs/analysis.md.
+fuses the max, sum and count into one torch.compile'd kernel; `compile_by_default` is the
+job's rule (a CPU worker past its break-even). Timings: docs/analysis.md.
 
 Exactness (results are the same for any split of the data and any merge order):
 - `TopK` keeps, per channel, the k best under (activation desc, image_index asc, y asc, x asc):
@@ -70,6 +71,7 @@ from pipeline.results import catalog
 from pipeline.stats.collection import Accumulator, Batch, LayerSpec
 
 __all__ = ["TopK", "update_topk", "PositiveMean", "ChannelStats", "Scan", "ImageIndex", "use_compile",
+           "compile_by_default", "COMPILE_BREAK_EVEN_PIXELS",
            "COMPILE_ENV", "TOPK_SCHEMA", "MEAN_SCHEMA", "CHANNELS_SCHEMA"]
 
 TOPK_NEURONS = ("any", "center")
@@ -93,6 +95,23 @@ def use_compile() -> bool:
     if v in ("", "0", "false", "off", "no"):
         return False
     raise ValueError(f"{COMPILE_ENV}={v!r}; allowed: 0, 1")
+
+
+# A CPU worker's break-even for torch.compile'd scans, in image pixels: compiling costs 4 s (warm
+# cache) to 13 s (cold) per process and saves ~65 us per 224-px image at one thread (the saving
+# grows with the activations, i.e. with the crop's pixels), so the cold case pays off after
+# ~200,000 images of 224 px (docs/analysis.md, "the accumulators").
+COMPILE_BREAK_EVEN_PIXELS = 200_000 * 224 * 224
+
+
+def compile_by_default(images_per_worker: int, crop: int, device: str) -> bool:
+    """Whether a worker's scans are compiled: PREFERRED_STIMULI_COMPILE when it is set (0 or
+    1), else on for a CPU worker that analyses at least its break-even of image pixels
+    (COMPILE_BREAK_EVEN_PIXELS: 200,000 images at 224 px), never elsewhere (no GPU figure of
+    compile time and saving exists yet)."""
+    if os.environ.get(COMPILE_ENV, "").strip():
+        return use_compile()
+    return device == "cpu" and images_per_worker * crop * crop >= COMPILE_BREAK_EVEN_PIXELS
 
 
 def _fused(acts: Tensor) -> tuple[Tensor, Tensor, Tensor]:

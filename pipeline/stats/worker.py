@@ -36,14 +36,15 @@ def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str,
 
 def runner_from_blob(blob: dict[str, Any], specs: list[LayerSpec],
                      collection: "Collection | AnalysisOptions", device: str = "cpu",
-                     batch_size: int = 64) -> "ShardRunner":
-    """The model of `model_blob` on `device`, wrapped in a ShardRunner for `specs`."""
+                     batch_size: int = 64, compile: bool | None = None) -> "ShardRunner":
+    """The model of `model_blob` on `device`, wrapped in a ShardRunner for `specs` (`compile`:
+    the scans, None = PREFERRED_STIMULI_COMPILE)."""
     from pipeline.models.checkpoint import model_from_state_dict
     from pipeline.data.preprocess import preprocess_from_state
 
     model = model_from_state_dict(blob["state_dict"], blob["model"])
     return ShardRunner(model, preprocess_from_state(blob["preprocess"]), specs, collection,
-                       device=device, batch_size=batch_size)
+                       device=device, batch_size=batch_size, compile=compile)
 
 
 def run_unit(runner: "ShardRunner", batches: Iterator[Any]) -> tuple[AnalysisResult, dict]:
@@ -75,6 +76,7 @@ class FeedSpec:
     threads: int                 # torch threads (CPU)
     decode_cpus: int             # decode threads (reserved by the worker besides `threads`)
     prefetch: int = 2            # decoded batches queued ahead of the computation
+    compile: bool | None = None  # torch.compile'd scans (None: PREFERRED_STIMULI_COMPILE)
 
 
 class ShardFeed:
@@ -100,7 +102,7 @@ class ShardFeed:
 
             ensure_demo_data(spec.demo_root)
         self.runner = runner_from_blob(blob, spec.specs, spec.collection, spec.device,
-                                       spec.batch_size)
+                                       spec.batch_size, spec.compile)
         self.decoder = Decoder(spec.transform, cpus=spec.decode_cpus, device=spec.device,
                                nvjpeg=spec.device == "cuda")
         self.units: queue.Queue = queue.Queue()

@@ -128,6 +128,7 @@ def test_one_shard_equals_many_shards_and_workers_on_s3(single, data, s3_bucket)
         assert r["throughput"]["analyze"] > 0 and r["throughput"]["total"] > 0
         assert r["versions"]["torch"] and r["config"]["top_k"] == 3
         assert not r["details"]["untrained"] and r["details"]["model"] == "resnet18"
+        assert r["details"]["compiled_scan"] is False        # a few images: never worth it
 
 
 def test_actors_run_in_strict_fp32_and_the_fingerprint_records_it(single, data):

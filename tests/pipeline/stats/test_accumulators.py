@@ -477,3 +477,41 @@ def test_centre_mean_int8_product_equals_the_float_product():
     assert not accumulators._int8_sums_apply(images.float())
     _assert_same(ints, floats)
     assert ints.count.sum() > 0 and ints.sum.max() > 255
+
+
+def test_scans_compile_by_default_only_past_a_cpu_workers_break_even(monkeypatch):
+    """compile_by_default: the environment decides when set; else a CPU worker with at least
+    200,000 images' worth of 224-px pixels compiles, a smaller one or a GPU worker does not."""
+    from pipeline.stats.accumulators import COMPILE_BREAK_EVEN_PIXELS, compile_by_default
+
+    monkeypatch.delenv(accumulators.COMPILE_ENV, raising=False)
+    assert COMPILE_BREAK_EVEN_PIXELS == 200_000 * 224 * 224
+    assert not compile_by_default(199_999, 224, "cpu")
+    assert compile_by_default(200_000, 224, "cpu")
+    assert not compile_by_default(50_000, 224, "cpu")                 # ImageNet val, one worker
+    assert compile_by_default(2_450_000, 64, "cpu")                   # (224 / 64)^2 = 12.25x
+    assert not compile_by_default(2_449_999, 64, "cpu")
+    assert not compile_by_default(10 ** 9, 224, "cuda")
+    monkeypatch.setenv(accumulators.COMPILE_ENV, "0")
+    assert not compile_by_default(10 ** 9, 224, "cpu")
+    monkeypatch.setenv(accumulators.COMPILE_ENV, "1")
+    assert compile_by_default(1, 64, "cuda")
+
+
+def test_a_workers_compile_setting_reaches_its_scans(monkeypatch):
+    """FeedSpec.compile -> runner_from_blob -> ShardRunner -> AnalysisResult -> Scan, over the
+    environment's setting."""
+    from pipeline.data.preprocess import IMAGENET
+    from pipeline.models.layers import resolve_layers
+    from pipeline.models.zoo import build_model
+    from pipeline.stats.analysis import AnalysisOptions, layer_specs
+    from pipeline.stats.worker import model_blob, runner_from_blob
+
+    monkeypatch.setenv(accumulators.COMPILE_ENV, "1")
+    model = build_model("resnet18", num_classes=4, width=8)
+    specs = layer_specs(model, resolve_layers(model, ["conv3"]), 32)
+    runner = runner_from_blob(model_blob(model, "resnet18", IMAGENET), specs, AnalysisOptions(),
+                              compile=False)
+    result = runner.new_result()
+    runner.step(result, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), np.arange(2))
+    assert runner.compile is False and result.compile is False
