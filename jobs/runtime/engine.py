@@ -396,13 +396,19 @@ def _dispatch(todo: list[Unit], workers: _Workers, stats: RunStats, attempts: in
                 for ready in [r for r, j in workers.starting.items() if j == i]:
                     workers.started(ready, attempts, retry_on)   # a build failure says so
                 _stop(u, e, attempts, retry_on)
-            stats.computed += 1
-            stats.infos[u.name] = info
-            if progress is not None:
-                progress.update(u.size)
-            if on_done is not None:
-                on_done(u, info)
+            _finished(u, info, stats, progress, on_done)
         workers.release_idle(pending)
+
+
+def _finished(u: Unit, info: dict, stats: RunStats, progress: Progress | None,
+              on_done: Callable | None) -> None:
+    """A unit's partial and marker are written: count it, report it."""
+    stats.computed += 1
+    stats.infos[u.name] = info
+    if progress is not None:
+        progress.update(u.size)
+    if on_done is not None:
+        on_done(u, info)
 
 
 def _run_here(todo: list[Unit], work: Task | Pool, store: Store, run: str, stats: RunStats,
@@ -414,13 +420,7 @@ def _run_here(todo: list[Unit], work: Task | Pool, store: Store, run: str, stats
     call = functools.partial(work.fn, *work.shared) if obj is None else obj.run
     try:
         for u in todo:
-            info = _execute(call, u, store, run)
-            stats.computed += 1
-            stats.infos[u.name] = info
-            if progress is not None:
-                progress.update(u.size)
-            if on_done is not None:
-                on_done(u, info)
+            _finished(u, _execute(call, u, store, run), stats, progress, on_done)
     finally:
         if hasattr(obj, "close"):
             obj.close()

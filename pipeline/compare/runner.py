@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from pipeline.compare.collection import ComparePlan
 from pipeline.stats.analysis import AnalysisResult
+from pipeline.stats.worker import DecodeFeed
 
 __all__ = ["PairRunner", "PairFeedSpec", "PairFeed", "runner_from_blobs", "same_network"]
 
@@ -119,48 +120,16 @@ class PairFeedSpec:
     prefetch: int = 2            # decoded minibatches queued ahead of the computation
 
 
-class PairFeed:
-    """The body of one compare worker: both models once, one decode pipeline for its shards.
-
-    `feed(start, stop)` queues a shard for the decode thread as soon as the worker hears of it;
-    `run` takes the shards in the order they were fed (a shard never fed is fed by `run`)."""
+class PairFeed(DecodeFeed):
+    """The body of one compare worker: both models once, one decode pipeline for its shards
+    (`pipeline.stats.worker.DecodeFeed`: shards fed ahead, computed in the order fed)."""
 
     def __init__(self, blobs: tuple[dict, dict], spec: PairFeedSpec) -> None:
-        import queue
-        from collections import deque
-
-        from pipeline.data.decode import Decoder, Prefetcher
-        from pipeline.models.precision import set_strict_fp32
-
-        set_strict_fp32()              # no TF32: the Grams and sums are the reference numbers
-        if spec.device == "cpu":
-            torch.set_num_threads(spec.threads)
-        if spec.demo_root is not None:
-            from pipeline.data.demo import ensure_demo_data
-
-            ensure_demo_data(spec.demo_root)
         self.spec = spec
+        self.start_feed(spec.manifest, spec.transform, spec.plan.batch_size, device=spec.device,
+                        threads=spec.threads, decode_cpus=spec.decode_cpus,
+                        demo_root=spec.demo_root, prefetch=spec.prefetch)
         self.runner = runner_from_blobs(blobs, (spec.plan.layers,) * 2, spec.device)
-        self.decoder = Decoder(spec.transform, cpus=spec.decode_cpus, device=spec.device,
-                               nvjpeg=spec.device == "cuda")
-        self.units: queue.Queue = queue.Queue()
-        self.fed: deque = deque()
-        self.batches = Prefetcher(spec.manifest, self.decoder, spec.plan.batch_size,
-                                  spec.prefetch).run(iter(self.units.get, None))
-
-    def feed(self, start: int, stop: int) -> None:
-        self.fed.append((start, stop))
-        self.units.put((start, stop))
-
-    def close(self) -> None:
-        """End the decode thread (it waits for the next shard) and the decoder's threads."""
-        self.units.put(None)
-        self.batches.close()
-        self.decoder.close()
-
-    def __del__(self) -> None:
-        if hasattr(self, "batches"):
-            self.close()
 
     def run(self, start: int, stop: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state, marker info) of shard [start, stop), which must start a minibatch."""
@@ -172,12 +141,7 @@ class PairFeed:
         if start % plan.batch_size:
             raise ValueError(f"shard {start}-{stop} does not start a minibatch of "
                              f"{plan.batch_size}")
-        if not self.fed:
-            self.feed(start, stop)
-        if self.fed[0] != (start, stop):   # the decode thread is on another shard: never mix
-            raise RuntimeError(f"shard {start}-{stop} asked for while {self.fed[0]} was fed "
-                               "first; shards must run in the order they are fed")
-        self.fed.popleft()
+        self.take(start, stop)
         result, skipped, wait = AnalysisResult(plan.specs, plan.collection()), [], 0.0
         while True:
             t = time.perf_counter()

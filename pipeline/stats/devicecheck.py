@@ -2,7 +2,7 @@
 
     python -m pipeline.stats.devicecheck --out ./bench-out --images 5000    # what gpu-bench.sh runs
 
-It runs the code a Ray analysis actor runs (`pipeline.stats.analysis.ShardFeed`: one decode
+It runs the code a Ray analysis actor runs (`pipeline.stats.worker.ShardFeed`: one decode
 pipeline, the model, the accumulators) without Ray, on synthetic JPEGs of ImageNet's typical
 size (`pipeline.stats.benchmark.synthetic_jpeg`: ~500x375, quality 90, 1 in 100 grayscale, 1 in
 1000 CMYK, 1 in 1000 a PNG named .JPEG) made on the spot, at 224 px (shorter side 256), the

@@ -22,7 +22,7 @@ from pipeline.data.preprocess import Preprocess
 from pipeline.stats.analysis import AnalysisOptions, AnalysisResult, LayerSpec, ShardRunner
 from pipeline.stats.collection import Collection
 
-__all__ = ["model_blob", "runner_from_blob", "run_unit", "FeedSpec", "ShardFeed"]
+__all__ = ["model_blob", "runner_from_blob", "run_unit", "FeedSpec", "DecodeFeed", "ShardFeed"]
 
 
 def model_blob(model: nn.Module, name: str, preprocess: Preprocess) -> dict[str, Any]:
@@ -79,40 +79,51 @@ class FeedSpec:
     compile: bool | None = None  # torch.compile'd scans (None: PREFERRED_STIMULI_COMPILE)
 
 
-class ShardFeed:
-    """The body of one analysis worker: the model once, ONE Decoder and ONE Prefetcher for all
-    its shards. Files are read through pipeline.data.decode (the source); no Ray here.
+class DecodeFeed:
+    """A worker's ONE Decoder and ONE Prefetcher for all its shards (files read through
+    pipeline.data.decode, the source; no Ray here). `feed(start, stop)` queues a shard for the
+    decode thread as soon as the worker hears of it, so decoding runs on into the next shard
+    while the current one computes; `take(start, stop)` is the shard's turn: shards are computed
+    in the order they were fed (a shard never fed is fed then). Subclasses: `ShardFeed` (one
+    model), `pipeline.compare.runner.PairFeed` (two)."""
 
-    `feed(start, stop)` queues a shard for the decode thread as soon as the worker hears of it,
-    so decoding runs on into the next shard while `run` computes the current one; `run` takes
-    the shards in the order they were fed (a shard never fed is fed by `run` itself)."""
-
-    def __init__(self, blob: dict[str, Any], spec: FeedSpec) -> None:
+    def start_feed(self, manifest: Any, transform: Any, batch_size: int, *, device: str,
+                   threads: int, decode_cpus: int, demo_root: str | None,
+                   prefetch: int = 2) -> None:
+        """Strict fp32 (measured numbers are the reference: no TF32 in a worker), the CPU's
+        torch threads, this node's copy of the demo data, then the decode pipeline."""
         import queue
         from collections import deque
 
         from pipeline.data.decode import Decoder, Prefetcher
         from pipeline.models.precision import set_strict_fp32
 
-        set_strict_fp32()              # the census's max == 0 is exact: no TF32 in this worker
-        if spec.device == "cpu":
-            torch.set_num_threads(spec.threads)
-        if spec.demo_root is not None:
+        set_strict_fp32()
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        if demo_root is not None:
             from pipeline.data.demo import ensure_demo_data
 
-            ensure_demo_data(spec.demo_root)
-        self.runner = runner_from_blob(blob, spec.specs, spec.collection, spec.device,
-                                       spec.batch_size, spec.compile)
-        self.decoder = Decoder(spec.transform, cpus=spec.decode_cpus, device=spec.device,
-                               nvjpeg=spec.device == "cuda")
+            ensure_demo_data(demo_root)
+        self.decoder = Decoder(transform, cpus=decode_cpus, device=device,
+                               nvjpeg=device == "cuda")
         self.units: queue.Queue = queue.Queue()
         self.fed: deque = deque()
-        self.batches = Prefetcher(spec.manifest, self.decoder, spec.batch_size,
-                                  spec.prefetch).run(iter(self.units.get, None))
+        self.batches = Prefetcher(manifest, self.decoder, batch_size,
+                                  prefetch).run(iter(self.units.get, None))
 
     def feed(self, start: int, stop: int) -> None:
         self.fed.append((start, stop))
         self.units.put((start, stop))
+
+    def take(self, start: int, stop: int) -> None:
+        """Shard [start, stop)'s turn: the decode thread's batches are now its own."""
+        if not self.fed:
+            self.feed(start, stop)
+        if self.fed[0] != (start, stop):   # the decode thread is on another shard: never mix
+            raise RuntimeError(f"shard {start}-{stop} asked for while {self.fed[0]} was fed "
+                               "first; shards must run in the order they are fed")
+        self.fed.popleft()
 
     def close(self) -> None:
         """End the decode thread (it waits for the next shard) and the decoder's threads."""
@@ -124,15 +135,22 @@ class ShardFeed:
         if hasattr(self, "batches"):
             self.close()
 
+
+class ShardFeed(DecodeFeed):
+    """The body of one analysis worker: the model once, one decode pipeline for all its shards
+    (`DecodeFeed`)."""
+
+    def __init__(self, blob: dict[str, Any], spec: FeedSpec) -> None:
+        self.start_feed(spec.manifest, spec.transform, spec.batch_size, device=spec.device,
+                        threads=spec.threads, decode_cpus=spec.decode_cpus,
+                        demo_root=spec.demo_root, prefetch=spec.prefetch)
+        self.runner = runner_from_blob(blob, spec.specs, spec.collection, spec.device,
+                                       spec.batch_size, spec.compile)
+
     def run(self, start: int, stop: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state, marker info) of shard [start, stop)."""
         from pipeline.models.precision import current
 
-        if not self.fed:
-            self.feed(start, stop)
-        if self.fed[0] != (start, stop):   # the decode thread is on another shard: never mix
-            raise RuntimeError(f"shard {start}-{stop} asked for while {self.fed[0]} was fed "
-                               "first; shards must run in the order they are fed")
-        self.fed.popleft()
+        self.take(start, stop)
         result, info = run_unit(self.runner, self.batches)
         return result.state(), {"start": start, "stop": stop, **info, "precision": current()}
