@@ -204,17 +204,44 @@ def units(prep: Prepared, plan: engine.Plan) -> list[engine.Unit]:
     return engine.range_units("shard-", ranges)
 
 
-def run(cfg: Config, prep: Prepared | None = None) -> dict:
-    """The whole job after argument parsing (Ray is started if needed); returns run.json."""
+def _for_device(cfg: Config, prep: Prepared, device: str, workers: int) -> None:
+    """The choices that wait for the device: its default batch (prepare() assumed the CPU's)
+    and compiled scans where a worker analyses enough images to pay the compile back."""
+    from pipeline.stats.accumulators import compile_by_default
+    from pipeline.stats.analysis import default_batch_size
+
+    n, crop = len(prep.manifest), prep.transform.crop
+    if cfg.batch_size is None:
+        prep.batch_size = default_batch_size(crop, device, n)
+    prep.compiled = compile_by_default(-(-n // workers), crop, device)
+
+
+def _tables(con: Console, prep: Prepared, coll: Any, st: engine.Store, names: list[str],
+            cpus: int) -> tuple[dict, dict[int, bytes]]:
+    """The merge (on the driver, into one result: a partial is a few MiB and merging it
+    milliseconds, less than a worker process's start, which a tree of Ray tasks paid per leaf),
+    then the top-k patches: every table of the collection, and the PNGs."""
     from functools import partial
 
+    from pipeline.results import catalog
+    from pipeline.stats.stimuli import with_patches
+
+    with con.stage("merge"):
+        merged = _as_result(engine.merge(st, names, partial(_fold, coll)), coll)
+        tables = merged.tables(prep.model_name)
+    with con.stage("patches"):
+        topk = tables[catalog.TOPK.name]
+        pngs = render_patches(prep, topk, cpus)
+        tables[catalog.TOPK.name] = with_patches(topk, pngs)
+    return tables, pngs
+
+
+def run(cfg: Config, prep: Prepared | None = None) -> dict:
+    """The whole job after argument parsing (Ray is started if needed); returns run.json."""
     from pipeline.data.listing import write_manifest
     from pipeline.results import catalog
     from pipeline.results.tables import write
-    from pipeline.stats.accumulators import compile_by_default
-    from pipeline.stats.analysis import default_batch_size
     from pipeline.stats.worker import FeedSpec
-    from pipeline.stats.stimuli import with_patches
 
     con = Console("analyze")
     with con.stage("setup", quiet=True):
@@ -224,13 +251,8 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
             con.warn(prep.study.model.warning)
         init_ray(cfg.out)
         device = engine.resolve_device(cfg.device)
-        if cfg.batch_size is None:      # the device's default (prepare() assumed the CPU's)
-            prep.batch_size = default_batch_size(prep.transform.crop, device.kind,
-                                                 len(prep.manifest))
         pl, dec = device.decode_plan(cfg.workers)
-        # compiled scans where a worker analyses enough images to pay the compile back
-        prep.compiled = compile_by_default(-(-len(prep.manifest) // pl.workers),
-                                           prep.transform.crop, device.kind)
+        _for_device(cfg, prep, device.kind, pl.workers)
         todo, st = units(prep, pl), store(prep, device)
         pl = engine.Plan(min(pl.workers, len(todo)), pl.resources, pl.threads)
         write_manifest(prep.manifest, catalog.MANIFEST.at(cfg.out))
@@ -247,15 +269,7 @@ def run(cfg: Config, prep: Prepared | None = None) -> dict:
         stats = engine.run_units(todo, engine.Pool(ShardWorker, prep.blob, work, inflight=2), st,
                                  plan=pl, resume=cfg.resume, progress=con.progress(n, "images"),
                                  on_done=lambda u, i: fresh.append(i["images"]))
-    with con.stage("merge"):
-        # on the driver, into one result: a partial is a few MiB and merging it milliseconds,
-        # less than a worker process's start (a tree of Ray tasks paid one per leaf)
-        merged = _as_result(engine.merge(st, stats.names, partial(_fold, coll)), coll)
-        tables = merged.tables(prep.model_name)
-    with con.stage("patches"):
-        topk = tables[catalog.TOPK.name]
-        pngs = render_patches(prep, topk, device.cpus)
-        tables[catalog.TOPK.name] = with_patches(topk, pngs)
+    tables, pngs = _tables(con, prep, coll, st, stats.names, device.cpus)
     with con.stage("write"):
         for table in coll.tables:
             write(table, tables[table.name], cfg.out)

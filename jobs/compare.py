@@ -30,6 +30,7 @@ from jobs.runtime import engine
 from jobs.runtime.console import Console, init_ray
 from jobs.runtime.inputs import check_writable, model_choices
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
+from pipeline.compare.runner import PairFeed
 
 PROG = "python -m jobs.compare"
 PAIR = ("resnet34", "plainnet34")
@@ -233,19 +234,12 @@ def store(prep: Prepared, device: engine.Device) -> engine.Store:
         prep.source.digest(), device=device))
 
 
-class CompareWorker:
-    """A Pool worker: pipeline.compare.runner.PairFeed (both models, one decode pipeline)."""
-
-    def __init__(self, blobs: tuple[dict, dict], spec: Any) -> None:
-        from pipeline.compare.runner import PairFeed
-
-        self.feed_ = PairFeed(blobs, spec)
-
-    def feed(self, start: int, stop: int) -> None:
-        self.feed_.feed(start, stop)
+class CompareWorker(PairFeed):
+    """A Pool worker: PairFeed (both models, one decode pipeline across its shards), results as
+    Result."""
 
     def run(self, start: int, stop: int) -> engine.Result:
-        return engine.Result(*self.feed_.run(start, stop))
+        return engine.Result(*super().run(start, stop))
 
 
 def units(prep: Prepared, workers: int) -> list[engine.Unit]:

@@ -27,7 +27,7 @@ from jobs.runtime.inputs import check_writable
 from jobs.runtime.console import Console, init_ray
 from jobs.runtime.options import BadInput, Options, at_least, bad_input, opt, run_cli
 from jobs.runtime.runinfo import write_run
-from pipeline.census.patterns import (OUT_SCHEMA, PROPERTY_SCHEMA, SOURCES, SUMMARY_SCHEMA,
+from pipeline.census.patterns import (OUT_SCHEMA, SOURCES, SUMMARY_SCHEMA,
                                       PatternError, format_summary, properties, sort_rows,
                                       summarise)
 

@@ -201,7 +201,7 @@ class AnalysisResult:
         """Rows of every table of the collection, keyed by table name (`catalog.Table.name`),
         layer by layer in the order of the layers, accumulators in collection order; columns
         typed as the catalog declares them (topk: without its `patch`, added later)."""
-        parts: dict[Table, list] = {t: [] for t in self.collection.tables}
+        parts: dict[Any, list] = {t: [] for t in self.collection.tables}   # catalog.Table
         rank: dict[str, int] = {}            # layers in the order the entries first name them
         entries = sorted(self.entries.values(),
                          key=lambda e: rank.setdefault(e[1].name, len(rank)))

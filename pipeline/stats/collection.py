@@ -48,8 +48,6 @@ from pipeline.results.catalog import Table
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from pipeline.stats.accumulators import ImageIndex, Scan
-
 __all__ = ["LayerSpec", "Batch", "Accumulator", "Use", "Collection"]
 
 
@@ -77,8 +75,10 @@ class Batch:
     """One batch as every accumulator of a collection sees it."""
 
     images: Tensor                     # uint8 (N, 3, H, W) RGB: the analysed crops
-    index: "ImageIndex"                # image_index of each image, checked once
-    scans: dict[str, "Scan"]           # per layer name: its (N, C, h, w) activations, scanned once
+    # the accumulators' own types (pipeline.stats.accumulators builds them; named here only,
+    # so that the contract module imports nothing above it)
+    index: Any                         # ImageIndex: image_index of each image, checked once
+    scans: dict[str, Any]              # per layer name: its Scan of (N, C, h, w), read once
     labels: Tensor | None = None       # (N,) class labels, when the job has them
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
